@@ -1,0 +1,1 @@
+"""slipstream: consumers package."""

@@ -1,0 +1,133 @@
+"""The weight-update process group and bucket format shared by trainer publishers and engines.
+
+The weight group is *not* the trainer's torch.distributed world (DESIGN §8).  It is a standalone
+process group made from its own TCPStore rendezvous at an address the trainer announces, exactly
+like SGLang's ``/init_weights_update_group``: the publisher is rank 0 and engine ``i`` is rank
+``rank_offset + tp_rank``.  Because it never touches the default group, engines in other processes
+or hosts can join, and a restarted engine can rejoin without restarting the trainer.
+
+A bucket travels as one flat ``uint8`` tensor holding the concatenated bytes of its tensors
+(SGLang's ``load_format="flattened_bucket"``); ``names``/``dtypes``/``shapes`` in the HTTP request
+describe how to cut it.
+
+    group = init_weight_group("127.0.0.1", port, rank=0, world_size=2, backend="gloo")
+    flat = flatten_bucket(tensors); group.broadcast(flat, src=0)
+    tensors = unflatten_bucket(flat, dtypes, shapes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP_NAME = "weight_update_group"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float32 -> "float32" (the spelling SGLang's request carries)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dt
+
+
+def init_weight_group(
+    master_address: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    backend: str = "gloo",
+    group_name: str = DEFAULT_GROUP_NAME,
+    timeout_s: float = 60.0,
+) -> WeightGroup:
+    """Join (rank > 0) or host (rank 0) the weight-update group. Blocks until all ranks joined or
+    ``timeout_s`` passes; the TimeoutError names the rendezvous address to check."""
+    log.info(
+        "weight group %r: rank %d/%d joining rendezvous at %s:%d (%s, timeout %.0fs)",
+        group_name, rank, world_size, master_address, master_port, backend, timeout_s,
+    )
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(
+            master_address, master_port, world_size, is_master=(rank == 0), timeout=timeout,
+            wait_for_workers=False,
+        )
+        prefix = dist.PrefixStore(f"{group_name}/", store)
+        if backend == "gloo":
+            pg = dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
+        elif backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            pg = dist.ProcessGroupNCCL(prefix, rank, world_size, opts)
+        else:
+            raise ValueError(f"unknown weight-group backend {backend!r} (use 'gloo' or 'nccl')")
+    except (RuntimeError, dist.DistStoreError) as e:
+        raise TimeoutError(
+            f"weight group {group_name!r}: rank {rank} could not rendezvous with {world_size} ranks at "
+            f"{master_address}:{master_port} within {timeout_s:.0f}s ({e}). Check that every engine was told to "
+            "join (init_weights_update_group) and that the address is reachable from the engines."
+        ) from e
+    return WeightGroup(pg=pg, store=store, rank=rank, world_size=world_size, name=group_name)
+
+
+@dataclass
+class WeightGroup:
+    """A joined weight-update group. Holds the TCPStore so it lives as long as the group."""
+
+    pg: dist.ProcessGroup
+    store: dist.Store
+    rank: int
+    world_size: int
+    name: str
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        opts.rootTensor = 0
+        self.pg.broadcast([tensor], opts).wait()
+
+
+def flatten_bucket(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors' raw bytes into one uint8 tensor (on the tensors' device)."""
+    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+
+def unflatten_bucket(flat: torch.Tensor, dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[torch.Tensor]:
+    """Inverse of flatten_bucket: views into ``flat`` (no copy)."""
+    out, offset = [], 0
+    for dtype, shape in zip(dtypes, shapes, strict=True):
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        out.append(flat[offset : offset + nbytes].view(dtype).view(shape))
+        offset += nbytes
+    if offset != flat.numel():
+        raise ValueError(f"bucket has {flat.numel()} bytes, the tensor list describes {offset}")
+    return out
+
+
+def weights_checksum(named: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) in sorted name order: equal on trainer and engine
+    exactly when every published tensor arrived bit for bit."""
+    h = hashlib.sha256()
+    for name in sorted(named):
+        t = named[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(dtype_name(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,258 @@
+"""Encode/decode slipstream messages as ZeroMQ multipart frames.
+
+Frame 0 is a msgpack header: a dict with ``schema_version`` and ``type``.  Data messages
+(``group``, ``batch``) add five raw little-endian array frames per group: the concatenation, over
+the group's trajectories, of prompt tokens, response tokens, log-probs, versions and loss masks.
+The header lists each frame's name, dtype and byte length, and each trajectory's lengths, so the
+decoder can check everything before it slices.  Arrays are decoded with ``np.frombuffer`` over the
+received frame: zero copies.
+
+Unknown types are refused, never pickled.  Every failure is a :class:`WireError` whose ``code`` is a
+short, bounded reason (used as a metric label) and whose message says exactly what was wrong.
+
+    frames = encode(msg)           # list of bytes / buffers for socket.send_multipart
+    msg = decode(frames, limits)   # raises WireError
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from schemas.messages import (
+    ARRAY_DTYPES,
+    CONTROL_TYPES,
+    SCHEMA_VERSION,
+    Batch,
+    Message,
+    Trajectory,
+    TrajectoryGroup,
+)
+from schemas.validate import Limits, WireError, validate_group
+
+FRAMES_PER_GROUP = len(ARRAY_DTYPES)
+_ARRAY_NAMES = tuple(ARRAY_DTYPES)
+
+
+def _pack(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def _group_header_and_frames(group: TrajectoryGroup) -> tuple[dict[str, Any], list[Any]]:
+    trajs = []
+    for t in group.trajectories:
+        trajs.append(
+            {
+                "trajectory_id": t.trajectory_id,
+                "reward": float(t.reward),
+                "finish_reason": t.finish_reason,
+                "timings": t.timings,
+                "metadata": t.metadata,
+                "n_prompt": len(t.prompt_tokens),
+                "n_response": len(t.response_tokens),
+            }
+        )
+    frames: list[Any] = []
+    frame_desc = []
+    for name in _ARRAY_NAMES:
+        dtype = ARRAY_DTYPES[name]
+        parts = [np.ascontiguousarray(getattr(t, name), dtype=dtype) for t in group.trajectories]
+        buf = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype)
+        frames.append(memoryview(buf).cast("B") if buf.nbytes else b"")
+        frame_desc.append([name, dtype.str, int(buf.nbytes)])
+    header = {
+        "group_id": group.group_id,
+        "prompt_id": group.prompt_id,
+        "producer_id": group.producer_id,
+        "epoch": group.epoch,
+        "seq": group.seq,
+        "metadata": group.metadata,
+        "trajectories": trajs,
+        "frames": frame_desc,
+    }
+    return header, frames
+
+
+def encode(msg: Message) -> list[Any]:
+    """Message dataclass -> list of frames (bytes or buffers) for ``send_multipart``."""
+    mtype = getattr(type(msg), "TYPE", None)
+    if isinstance(msg, TrajectoryGroup):
+        header, frames = _group_header_and_frames(msg)
+        return [_pack({"schema_version": SCHEMA_VERSION, "type": "group", **header}), *frames]
+    if isinstance(msg, Batch):
+        groups, frames = [], []
+        for g in msg.groups:
+            h, f = _group_header_and_frames(g)
+            groups.append(h)
+            frames.extend(f)
+        header = {
+            "schema_version": SCHEMA_VERSION,
+            "type": "batch",
+            "step": msg.step,
+            "lease_id": msg.lease_id,
+            "shards": msg.shards,
+            "dropped": msg.dropped,
+            "groups": groups,
+        }
+        return [_pack(header), *frames]
+    if mtype in CONTROL_TYPES:
+        return [_pack({"schema_version": SCHEMA_VERSION, "type": mtype, **dataclasses.asdict(msg)})]
+    raise TypeError(f"refusing to encode {type(msg).__name__}: not a slipstream message type")
+
+
+def _buffer(frame: Any) -> memoryview:
+    # zmq.Frame (copy=False) exposes .buffer; bytes/memoryview pass through.
+    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+
+
+def _need(header: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+    if key not in header:
+        raise WireError("bad_field", f"{where}: missing field '{key}'")
+    value = header[key]
+    if isinstance(value, bool) and types in (int, float, (int, float)):
+        raise WireError("bad_field", f"{where}: field '{key}' must be {types}, got bool")
+    if not isinstance(value, types):
+        raise WireError("bad_field", f"{where}: field '{key}' must be {types}, got {type(value).__name__}")
+    return value
+
+
+def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits, where: str) -> TrajectoryGroup:
+    trajs_h = _need(header, "trajectories", list, where)
+    desc = _need(header, "frames", list, where)
+    if len(frames) != FRAMES_PER_GROUP:
+        raise WireError("frame_count", f"{where}: expected {FRAMES_PER_GROUP} array frames, got {len(frames)}")
+    if len(desc) != FRAMES_PER_GROUP:
+        raise WireError("frame_count", f"{where}: header describes {len(desc)} frames, expected {FRAMES_PER_GROUP}")
+    if not trajs_h:
+        raise WireError("bad_field", f"{where}: a group needs at least one trajectory")
+    if len(trajs_h) > limits.max_group_size:
+        raise WireError("oversize", f"{where}: {len(trajs_h)} trajectories > limit {limits.max_group_size}")
+    arrays: dict[str, np.ndarray] = {}
+    for (name, dtype), d, frame in zip(ARRAY_DTYPES.items(), desc, frames, strict=True):
+        if not (isinstance(d, list) and len(d) == 3 and d[0] == name):
+            raise WireError("bad_field", f"{where}: frame descriptor {d!r} should be ['{name}', dtype, nbytes]")
+        if d[1] != dtype.str:
+            raise WireError("bad_dtype", f"{where}: frame '{name}' has dtype {d[1]!r}, expected {dtype.str!r}")
+        buf = _buffer(frame)
+        if buf.nbytes != d[2] or buf.nbytes % dtype.itemsize:
+            raise WireError("length_mismatch", f"{where}: frame '{name}' has {buf.nbytes} bytes, header says {d[2]}")
+        arrays[name] = np.frombuffer(buf, dtype=dtype)
+    n_prompt = [_need(t, "n_prompt", int, f"{where}.trajectories[{i}]") for i, t in enumerate(trajs_h)]
+    n_resp = [_need(t, "n_response", int, f"{where}.trajectories[{i}]") for i, t in enumerate(trajs_h)]
+    if any(n < 0 for n in n_prompt + n_resp):
+        raise WireError("length_mismatch", f"{where}: negative length")
+    if sum(n_prompt) != len(arrays["prompt_tokens"]):
+        raise WireError("length_mismatch", f"{where}: prompt lengths sum to {sum(n_prompt)}, frame has {len(arrays['prompt_tokens'])}")
+    for name in ("response_tokens", "logprobs", "versions", "loss_mask"):
+        if sum(n_resp) != len(arrays[name]):
+            raise WireError("length_mismatch", f"{where}: response lengths sum to {sum(n_resp)}, frame '{name}' has {len(arrays[name])}")
+    trajectories = []
+    po = ro = 0
+    for i, (th, np_, nr) in enumerate(zip(trajs_h, n_prompt, n_resp, strict=True)):
+        tw = f"{where}.trajectories[{i}]"
+        trajectories.append(
+            Trajectory(
+                trajectory_id=_need(th, "trajectory_id", str, tw),
+                prompt_tokens=arrays["prompt_tokens"][po : po + np_],
+                response_tokens=arrays["response_tokens"][ro : ro + nr],
+                logprobs=arrays["logprobs"][ro : ro + nr],
+                versions=arrays["versions"][ro : ro + nr],
+                loss_mask=arrays["loss_mask"][ro : ro + nr],
+                reward=float(_need(th, "reward", (int, float), tw)),
+                finish_reason=_need(th, "finish_reason", str, tw),
+                timings=_need(th, "timings", dict, tw),
+                metadata=_need(th, "metadata", dict, tw),
+            )
+        )
+        po += np_
+        ro += nr
+    group = TrajectoryGroup(
+        group_id=_need(header, "group_id", str, where),
+        prompt_id=_need(header, "prompt_id", str, where),
+        producer_id=_need(header, "producer_id", str, where),
+        epoch=_need(header, "epoch", int, where),
+        seq=_need(header, "seq", int, where),
+        trajectories=trajectories,
+        metadata=_need(header, "metadata", dict, where),
+    )
+    validate_group(group, limits)
+    return group
+
+
+def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
+    """Frames -> message dataclass. Raises WireError with a precise reason on any defect."""
+    limits = limits or Limits()
+    if not frames:
+        raise WireError("frame_count", "empty message")
+    total = sum(_buffer(f).nbytes for f in frames)
+    if total > limits.max_message_bytes:
+        raise WireError(
+            "oversize",
+            f"message is {total} bytes > limit {limits.max_message_bytes} (queue.max_message_bytes)",
+        )
+    try:
+        header = msgpack.unpackb(_buffer(frames[0]), raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several exception types for garbage
+        raise WireError("malformed", f"header is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(header, dict):
+        raise WireError("malformed", f"header must be a map, got {type(header).__name__}")
+    sv = header.get("schema_version")
+    if sv != SCHEMA_VERSION:
+        raise WireError("schema_version", f"schema_version {sv!r} is not supported (this peer speaks {SCHEMA_VERSION})")
+    mtype = header.get("type")
+    if mtype == "group":
+        return _decode_group(header, frames[1:], limits, "group")
+    if mtype == "batch":
+        ghs = _need(header, "groups", list, "batch")
+        if len(frames) - 1 != FRAMES_PER_GROUP * len(ghs):
+            raise WireError("frame_count", f"batch: {len(ghs)} groups need {FRAMES_PER_GROUP * len(ghs)} array frames, got {len(frames) - 1}")
+        groups = []
+        for i, gh in enumerate(ghs):
+            if not isinstance(gh, dict):
+                raise WireError("bad_field", f"batch.groups[{i}] must be a map")
+            lo = 1 + i * FRAMES_PER_GROUP
+            groups.append(_decode_group(gh, frames[lo : lo + FRAMES_PER_GROUP], limits, f"batch.groups[{i}]"))
+        return Batch(
+            step=_need(header, "step", int, "batch"),
+            lease_id=_need(header, "lease_id", str, "batch"),
+            groups=groups,
+            shards=_need(header, "shards", list, "batch"),
+            dropped=_need(header, "dropped", int, "batch"),
+        )
+    cls = CONTROL_TYPES.get(mtype) if isinstance(mtype, str) else None
+    if cls is None:
+        raise WireError("unknown_type", f"unknown message type {mtype!r}")
+    if len(frames) != 1:
+        raise WireError("frame_count", f"'{mtype}' carries no array frames, got {len(frames) - 1}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in header.items():
+        if key in ("schema_version", "type"):
+            continue
+        if key not in names:
+            raise WireError("bad_field", f"{mtype}: unknown field '{key}'")
+        kwargs[key] = value
+    try:
+        msg = cls(**kwargs)
+    except TypeError as e:
+        raise WireError("bad_field", f"{mtype}: {e}") from None
+    _check_control_types(msg)
+    return msg
+
+
+_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_control_types(msg: Any) -> None:
+    for f in dataclasses.fields(msg):
+        want = _FIELD_TYPES.get(str(f.type))
+        value = getattr(msg, f.name)
+        if want is None:
+            continue
+        bad = not isinstance(value, want) or (want in (int, (int, float)) and isinstance(value, bool))
+        if bad:
+            raise WireError("bad_field", f"{msg.TYPE}: field '{f.name}' must be {f.type}, got {type(value).__name__}")

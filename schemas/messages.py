@@ -1,0 +1,252 @@
+"""Typed wire messages of slipstream (DESIGN §4).
+
+Every message is a small msgpack header (a dict with ``schema_version`` and ``type``) plus, for the
+data-carrying messages, raw little-endian array frames.  These dataclasses are what the rest of
+the code handles; :mod:`schemas.codec` turns them into ZeroMQ multipart frames and back, and
+:mod:`schemas.validate` checks them at the boundary.
+
+Per-token arrays of one trajectory all have the response length:
+``response_tokens`` (int32), ``logprobs`` (float32, behaviour log-probs, ≤ 0, finite where
+``loss_mask`` is 1), ``versions`` (int32, the policy version that sampled each token) and
+``loss_mask`` (uint8, 0 for tool/environment tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# The dtype of each per-trajectory array on the wire (little-endian, fixed).
+ARRAY_DTYPES: dict[str, np.dtype] = {
+    "prompt_tokens": np.dtype("<i4"),
+    "response_tokens": np.dtype("<i4"),
+    "logprobs": np.dtype("<f4"),
+    "versions": np.dtype("<i4"),
+    "loss_mask": np.dtype("u1"),
+}
+PER_TOKEN_ARRAYS = ("response_tokens", "logprobs", "versions", "loss_mask")
+
+
+@dataclass
+class Trajectory:
+    """One sampled response to one prompt, with everything the loss needs."""
+
+    trajectory_id: str
+    prompt_tokens: np.ndarray
+    response_tokens: np.ndarray
+    logprobs: np.ndarray
+    versions: np.ndarray
+    loss_mask: np.ndarray
+    reward: float
+    finish_reason: str = "stop"
+    timings: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def min_version(self) -> int:
+        """The oldest policy version among its tokens: staleness is measured from here."""
+        return int(self.versions.min()) if len(self.versions) else -1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_tokens) + len(self.response_tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in ARRAY_DTYPES)
+
+
+@dataclass
+class TrajectoryGroup:
+    """All samples of one prompt (a GRPO group). Groups are the unit of delivery: never split.
+
+    ``(producer_id, epoch, seq)`` identifies a group for at-least-once delivery with dedup:
+    ``epoch`` changes each time a producer process starts, ``seq`` counts groups within an epoch.
+    """
+
+    TYPE: ClassVar[str] = "group"
+    group_id: str
+    prompt_id: str
+    producer_id: str
+    epoch: int
+    seq: int
+    trajectories: list[Trajectory]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def min_version(self) -> int:
+        return min(t.min_version for t in self.trajectories)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(t.num_tokens for t in self.trajectories)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.trajectories)
+
+    @property
+    def dedup_key(self) -> tuple[str, int, int]:
+        return (self.producer_id, self.epoch, self.seq)
+
+
+# ---------------------------------------------------------------- control messages (header only)
+
+
+@dataclass
+class Hello:
+    """First message of every peer. The broker answers :class:`Welcome` or :class:`Error`."""
+
+    TYPE: ClassVar[str] = "hello"
+    role: str  # "producer" | "trainer"
+    peer_id: str
+    epoch: int = 0
+    pid: int = 0
+    policy_version: int = 0  # trainers: the version their weights are at (resume-aware)
+
+
+@dataclass
+class Welcome:
+    TYPE: ClassVar[str] = "welcome"
+    policy_version: int
+    max_staleness: int
+    groups_per_step: int
+    max_message_bytes: int
+    heartbeat_interval_s: float
+
+
+@dataclass
+class Heartbeat:
+    TYPE: ClassVar[str] = "heartbeat"
+    peer_id: str = ""
+    sent_at: float = 0.0
+
+
+@dataclass
+class CreditRequest:
+    """Producer asks to start ``want`` more groups (admission control, DESIGN §3)."""
+
+    TYPE: ClassVar[str] = "credit_request"
+    want: int
+
+
+@dataclass
+class Credit:
+    """Broker grants ``granted`` group starts, valid against policy ``policy_version``."""
+
+    TYPE: ClassVar[str] = "credit"
+    granted: int
+    policy_version: int
+
+
+@dataclass
+class Ack:
+    """Broker has accepted (or already had: ``duplicate``) the group with this seq."""
+
+    TYPE: ClassVar[str] = "ack"
+    epoch: int
+    seq: int
+    group_id: str
+    duplicate: bool = False
+
+
+@dataclass
+class Error:
+    """A rejection or failure, sent back to the peer that caused it. ``code`` is a bounded enum
+    (also the ``reason`` label of the rejection counter); ``message`` is for humans."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    seq: int = -1
+    epoch: int = -1
+
+
+@dataclass
+class VersionAnnouncement:
+    """The policy version the trainers have published (broker -> producers)."""
+
+    TYPE: ClassVar[str] = "version"
+    policy_version: int
+
+
+@dataclass
+class Requeue:
+    """Broker -> producer: regenerate this prompt (its group went stale past ``max_staleness``)."""
+
+    TYPE: ClassVar[str] = "requeue"
+    prompt_id: str
+    prompt_tokens: list[int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchRequest:
+    """Trainer asks for the groups of one step. ``policy_version`` is the version it trains from."""
+
+    TYPE: ClassVar[str] = "batch_request"
+    step: int
+    policy_version: int
+    num_groups: int
+    dp_size: int = 1
+
+
+@dataclass
+class Batch:
+    """Broker -> trainer: ``groups`` for one step, on lease ``lease_id`` until :class:`Commit`.
+    ``shards[r]`` lists the indexes of the groups for data-parallel rank ``r`` (token-balanced)."""
+
+    TYPE: ClassVar[str] = "batch"
+    step: int
+    lease_id: str
+    groups: list[TrajectoryGroup]
+    shards: list[list[int]]
+    dropped: int = 0  # groups dropped or requeued for staleness while forming this batch
+
+
+@dataclass
+class Commit:
+    """Trainer -> broker: the step on ``lease_id`` is done and weights ``policy_version`` are
+    published to every engine. The broker then counts the groups consumed and announces it."""
+
+    TYPE: ClassVar[str] = "commit"
+    lease_id: str
+    step: int
+    policy_version: int
+
+
+@dataclass
+class CommitAck:
+    TYPE: ClassVar[str] = "commit_ack"
+    lease_id: str
+    policy_version: int
+
+
+@dataclass
+class Shutdown:
+    """Broker -> peers: the run is over (all steps done); exit cleanly."""
+
+    TYPE: ClassVar[str] = "shutdown"
+    reason: str = ""
+
+
+CONTROL_TYPES: dict[str, type] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, Welcome, Heartbeat, CreditRequest, Credit, Ack, Error, VersionAnnouncement, Requeue,
+        BatchRequest, Commit, CommitAck, Shutdown,
+    )
+}
+DATA_TYPES: dict[str, type] = {TrajectoryGroup.TYPE: TrajectoryGroup, Batch.TYPE: Batch}
+ALL_TYPES = {**CONTROL_TYPES, **DATA_TYPES}
+
+Message = Any  # any of the dataclasses above
+
+
+def control_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
