@@ -19,7 +19,7 @@ from http.server import ThreadingHTTPServer
 
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
 
-from prometheus_client import (  # noqa: E402  (the env var above must be set first)
+from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Gauge,
@@ -27,7 +27,7 @@ from prometheus_client import (  # noqa: E402  (the env var above must be set fi
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.exposition import MetricsHandler  # noqa: E402
+from prometheus_client.exposition import MetricsHandler
 
 VERSION = "0.1.0"
 

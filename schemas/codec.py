@@ -96,6 +96,7 @@ def encode(msg: Message) -> list[Any]:
             "lease_id": msg.lease_id,
             "shards": msg.shards,
             "dropped": msg.dropped,
+            "queue_depth": msg.queue_depth,
             "groups": groups,
         }
         return [_pack(header), *frames]
@@ -222,6 +223,7 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
             groups=groups,
             shards=_need(header, "shards", list, "batch"),
             dropped=_need(header, "dropped", int, "batch"),
+            queue_depth=_need(header, "queue_depth", int, "batch"),
         )
     cls = CONTROL_TYPES.get(mtype) if isinstance(mtype, str) else None
     if cls is None:

@@ -207,16 +207,27 @@ class Batch:
     groups: list[TrajectoryGroup]
     shards: list[list[int]]
     dropped: int = 0  # groups dropped or requeued for staleness while forming this batch
+    queue_depth: int = 0  # groups still queued after this batch was taken
 
 
 @dataclass
 class Commit:
-    """Trainer -> broker: the step on ``lease_id`` is done and weights ``policy_version`` are
-    published to every engine. The broker then counts the groups consumed and announces it."""
+    """Trainer -> broker: the optimizer step on ``lease_id`` is done and produced
+    ``policy_version``, which is about to be published. The broker counts the groups consumed and
+    accepts tokens of that version from now on (they may arrive before :class:`Published`)."""
 
     TYPE: ClassVar[str] = "commit"
     lease_id: str
     step: int
+    policy_version: int
+
+
+@dataclass
+class Published:
+    """Trainer -> broker: weights ``policy_version`` are live on every engine. Only now does the
+    broker open credits for it and announce it to producers (η = 0 relies on this order)."""
+
+    TYPE: ClassVar[str] = "published"
     policy_version: int
 
 
@@ -239,7 +250,7 @@ CONTROL_TYPES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Heartbeat, CreditRequest, Credit, Ack, Error, VersionAnnouncement, Requeue,
-        BatchRequest, Commit, CommitAck, Shutdown,
+        BatchRequest, Commit, Published, CommitAck, Shutdown,
     )
 }
 DATA_TYPES: dict[str, type] = {TrajectoryGroup.TYPE: TrajectoryGroup, Batch.TYPE: Batch}

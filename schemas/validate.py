@@ -31,6 +31,7 @@ REJECT_REASONS = (
     "oversize",
     "unexpected",
     "not_registered",
+    "queue_full",
 )
 
 

@@ -1,0 +1,213 @@
+"""The trainer's main loop: batch from the broker -> Megatron step -> commit -> publish weights.
+
+Runs in every trainer rank (one process, or several under torchrun).  Global rank 0 is the
+publisher: it talks to the broker, broadcasts each batch to the other ranks over the trainer's
+torch.distributed world, streams the new weights to the engines over the weight group, and writes
+``steps.jsonl`` (one line per step) and ``consumed.jsonl`` (one line per consumed trajectory with
+its token-version range, which proves the staleness bound).
+
+Order per step (η = 0 relies on it): train -> ``Commit`` (broker counts the groups consumed) ->
+publish weights to every engine -> ``Published`` (broker opens credits for the new version).
+
+    slipstream train --config run/config.json --broker tcp://127.0.0.1:5556 --engine-url http://...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+import torch.distributed as dist
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline.config import SlipstreamConfig
+from pipeline.metrics import SECONDS_BUCKETS, new_registry, serve_metrics
+from pipeline.rundir import port_file, write_json_atomic
+from pipeline.transport import TrainerClient
+from schemas.codec import decode, encode
+from schemas.messages import Batch
+from schemas.validate import Limits
+
+log = logging.getLogger(__name__)
+
+STAT_GAUGES = {
+    "reward_mean": "Mean reward of the step's batch.",
+    "loss": "Policy loss of the step.",
+    "grad_norm": "Gradient norm before clipping.",
+    "is_weight_mean": "Mean truncated importance weight (train vs behaviour policy).",
+    "is_weight_max": "Largest importance weight before truncation.",
+    "is_clip_fraction": "Fraction of tokens whose importance weight hit the cap.",
+    "logprob_mismatch": "Mean |train log-prob - rollout log-prob| over trained tokens.",
+    "entropy": "Mean token entropy of the policy on trained tokens.",
+    "kl": "Mean KL estimate to the behaviour policy (k3).",
+    "clip_fraction": "PPO clip fraction.",
+}
+
+
+class TrainerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = new_registry("trainer")
+        self.step_seconds = Histogram("slipstream_trainer_step_seconds", "Optimizer step time (forward, backward, update).", buckets=SECONDS_BUCKETS, registry=r)
+        self.wait_seconds = Counter("slipstream_trainer_wait_seconds_total", "Time spent waiting for batches (starvation).", registry=r)
+        self.busy_seconds = Counter("slipstream_trainer_busy_seconds_total", "Time spent training and publishing.", registry=r)
+        self.tokens = Counter("slipstream_trainer_tokens_trained_total", "Response tokens trained on.", registry=r)
+        self.trajectories = Counter("slipstream_trainer_trajectories_consumed_total", "Trajectories trained on.", registry=r)
+        self.steps = Counter("slipstream_trainer_steps_total", "Optimizer steps completed.", registry=r)
+        self.publish_seconds = Histogram("slipstream_trainer_weight_publish_seconds", "Time to stream one version to every engine.", buckets=SECONDS_BUCKETS, registry=r)
+        self.publish_bytes = Counter("slipstream_trainer_weight_publish_bytes_total", "Bytes of weights streamed to engines.", registry=r)
+        self.version = Gauge("slipstream_policy_version", "Policy version this process knows to be published.", ["role"], registry=r)
+        self.staleness_mean = Gauge("slipstream_trainer_batch_staleness_mean", "Mean staleness of the step's trajectories.", registry=r)
+        self.staleness_max = Gauge("slipstream_trainer_batch_staleness_max", "Max staleness of the step's trajectories.", registry=r)
+        self.stats = {k: Gauge(f"slipstream_trainer_{k}", doc, registry=r) for k, doc in STAT_GAUGES.items()}
+
+
+@dataclass
+class StepRecord:
+    step: int
+    policy_version: int
+    reward_mean: float
+    staleness_mean: float
+    staleness_max: int
+    tokens_trained: int
+    trajectories: int
+    trajectories_dropped: int
+    queue_depth: int
+    wall_time_s: float
+    wait_s: float
+    train_s: float
+    publish_s: float
+    publish_bytes: int
+    weights_checksum: str
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in self.__dict__.items() if k != "stats"}
+        d.update({k: v for k, v in self.stats.items() if k not in d})
+        return json.dumps(d)
+
+
+def broadcast_batch(batch: Batch | None, src: int = 0) -> Batch:
+    """Send the batch from ``src`` to every trainer rank over the default group (our codec, no pickle)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        assert batch is not None
+        return batch
+    if dist.get_rank() == src:
+        assert batch is not None
+        payload = msgpack.packb([bytes(f) for f in encode(batch)])
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+    else:
+        payload, size = b"", torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(size, src)
+    buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(buf, src)
+    if dist.get_rank() == src:
+        assert batch is not None
+        return batch
+    frames = msgpack.unpackb(buf.numpy().tobytes())
+    return decode(frames, Limits(max_message_bytes=2**62))
+
+
+def _staleness(batch: Batch, version: int) -> list[int]:
+    return [version - t.min_version for g in batch.groups for t in g.trajectories]
+
+
+def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str], batch_timeout_s: float = 600.0) -> int:
+    from consumers.publisher import WeightPublisher
+    from consumers.trainer import TrainerRank, init_distributed
+
+    init_distributed()
+    rank = TrainerRank(cfg.trainer, cfg.model.path)
+    is_pub = rank.is_publisher
+    version = 0
+    client: TrainerClient | None = None
+    publisher: WeightPublisher | None = None
+    metrics: TrainerMetrics | None = None
+    if is_pub:
+        metrics = TrainerMetrics()
+        if cfg.metrics.enabled:
+            _, port = serve_metrics(metrics.registry, cfg.metrics.host, 0)
+            write_json_atomic(port_file(run_dir, "trainer"), {"metrics_port": port})
+        publisher = WeightPublisher(
+            engine_urls, master_address=cfg.queue.host, backend=cfg.trainer.weight_backend,
+            bucket_bytes=cfg.trainer.publish_bucket_bytes, timeout_s=cfg.trainer.weight_group_timeout_s,
+        )
+        publisher.connect()
+        client = TrainerClient(broker_endpoint, "trainer-0", Limits(max_message_bytes=cfg.queue.max_message_bytes), hwm=cfg.queue.socket_hwm,
+                               heartbeat_interval_s=cfg.queue.heartbeat_interval_s)
+        client.hello(version, timeout_s=cfg.run.startup_timeout_s)
+        metrics.version.labels("trainer").set(version)
+    steps_path = run_dir / "steps.jsonl"
+    consumed_path = run_dir / "consumed.jsonl"
+    t_start = time.monotonic()
+    for step in range(1, cfg.run.steps + 1):
+        t0 = time.monotonic()
+        batch = None
+        if is_pub:
+            assert client is not None
+            batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, batch_timeout_s)
+        batch = broadcast_batch(batch)
+        t1 = time.monotonic()
+        stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
+        t2 = time.monotonic()
+        trained_from = version
+        version += 1
+        named = rank.export_hf_state()
+        if is_pub:
+            assert client is not None and publisher is not None and metrics is not None
+            client.commit(batch.lease_id, step, version, timeout_s=cfg.run.startup_timeout_s)
+            pub = publisher.publish(named, version)
+            client.published(version)
+            t3 = time.monotonic()
+            stale = _staleness(batch, trained_from)
+            rewards = [t.reward for g in batch.groups for t in g.trajectories]
+            rec = StepRecord(
+                step=step, policy_version=version, reward_mean=sum(rewards) / len(rewards),
+                staleness_mean=sum(stale) / len(stale), staleness_max=max(stale),
+                tokens_trained=int(stats.get("tokens_trained", 0)), trajectories=len(stale), trajectories_dropped=batch.dropped,
+                queue_depth=batch.queue_depth, wall_time_s=t3 - t_start, wait_s=t1 - t0, train_s=t2 - t1,
+                publish_s=float(pub["seconds"]), publish_bytes=int(pub["bytes"]), weights_checksum=str(pub["checksum"]),
+                stats={k: float(v) for k, v in stats.items()},
+            )
+            with steps_path.open("a") as f:
+                f.write(rec.to_json() + "\n")
+            with consumed_path.open("a") as f:
+                for g in batch.groups:
+                    for t in g.trajectories:
+                        f.write(json.dumps({
+                            "trajectory_id": t.trajectory_id, "group_id": g.group_id, "step": step,
+                            "trained_from_version": trained_from, "min_version": int(t.versions.min()),
+                            "max_version": int(t.versions.max()), "num_tokens": len(t.response_tokens),
+                        }) + "\n")
+            _observe(metrics, rec, t2 - t1, pub)
+        del named
+    if is_pub and client is not None:
+        client.close()
+    log.info("trainer finished %d steps at policy version %d", cfg.run.steps, version)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _observe(m: TrainerMetrics, rec: StepRecord, train_s: float, pub: dict[str, Any]) -> None:
+    m.step_seconds.observe(train_s)
+    m.wait_seconds.inc(rec.wait_s)
+    m.busy_seconds.inc(rec.train_s + rec.publish_s)
+    m.tokens.inc(rec.tokens_trained)
+    m.trajectories.inc(rec.trajectories)
+    m.steps.inc()
+    m.publish_seconds.observe(rec.publish_s)
+    m.publish_bytes.inc(rec.publish_bytes)
+    m.version.labels("trainer").set(rec.policy_version)
+    m.staleness_mean.set(rec.staleness_mean)
+    m.staleness_max.set(rec.staleness_max)
+    m.stats["reward_mean"].set(rec.reward_mean)
+    for k, g in m.stats.items():
+        if k in rec.stats:
+            g.set(rec.stats[k])

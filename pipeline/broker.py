@@ -1,0 +1,424 @@
+"""The broker: slipstream's bounded, staleness-aware queue behind two ZeroMQ ROUTER sockets.
+
+Producers connect to one socket (hello, credit requests, trajectory groups, heartbeats) and get
+welcomes, credits, acks, errors, version announcements and requeues back.  Trainers connect to the
+other (hello, batch requests, commits, "published" notices).  The queue semantics live in
+:class:`pipeline.queue.StalenessQueue`; this module does the I/O, validation at the boundary,
+liveness, and metrics.  Bad input never crashes it: every rejected message gets an ``Error`` reply
+(where there is a sender) and a ``slipstream_broker_rejected_messages_total{reason}`` increment.
+
+    slipstream broker --config run/config.json --ports-file run/broker.ports.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline.config import QueueConfig
+from pipeline.metrics import STALENESS_BUCKETS, new_registry
+from pipeline.queue import DROP_REASONS, StalenessQueue
+from pipeline.transport import bind, configure_socket
+from schemas.codec import decode, encode
+from schemas.messages import (
+    Ack,
+    Batch,
+    BatchRequest,
+    Commit,
+    CommitAck,
+    Credit,
+    CreditRequest,
+    Error,
+    Heartbeat,
+    Hello,
+    Published,
+    Requeue,
+    Shutdown,
+    TrajectoryGroup,
+    VersionAnnouncement,
+    Welcome,
+)
+from schemas.validate import REJECT_REASONS, Limits, WireError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Peer:
+    identity: bytes
+    peer_id: str
+    epoch: int
+    last_seen: float
+    want: int = 0
+
+
+class BrokerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = new_registry("broker")
+        self.depth_groups = Gauge("slipstream_queue_depth_groups", "Groups waiting in the queue.", registry=r)
+        self.depth = Gauge("slipstream_queue_depth_trajectories", "Trajectories waiting in the queue.", registry=r)
+        self.bytes = Gauge("slipstream_queue_bytes", "Bytes of trajectory arrays in the queue.", registry=r)
+        self.in_flight = Gauge("slipstream_queue_credits_in_flight", "Group starts granted whose group has not arrived.", registry=r)
+        self.capacity = Gauge("slipstream_queue_credits_available", "Group starts admission control would grant now.", registry=r)
+        self.leased = Gauge("slipstream_queue_leased_groups", "Groups handed to a trainer and not yet committed.", registry=r)
+        self.accepted = Counter("slipstream_broker_trajectories_accepted_total", "Trajectories accepted into the queue.", registry=r)
+        self.consumed = Counter("slipstream_broker_trajectories_consumed_total", "Trajectories consumed by committed trainer steps.", registry=r)
+        self.dropped = Counter("slipstream_broker_trajectories_dropped_total", "Trajectories removed without training, by reason.", ["reason"], registry=r)
+        self.duplicates = Counter("slipstream_broker_duplicate_groups_total", "Resent groups recognised as already accepted.", registry=r)
+        self.lease_expiries = Counter("slipstream_broker_lease_expiries_total", "Leases returned to the queue uncommitted.", registry=r)
+        self.rejected = Counter("slipstream_broker_rejected_messages_total", "Messages rejected at the boundary, by reason.", ["reason"], registry=r)
+        self.staleness = Histogram(
+            "slipstream_broker_consumed_staleness", "Staleness (policy versions) of each consumed trajectory.",
+            buckets=STALENESS_BUCKETS, registry=r,
+        )
+        self.producers_alive = Gauge("slipstream_broker_producers_alive", "Producers heard from within peer_timeout_s.", registry=r)
+        self.producer_deaths = Counter("slipstream_broker_producer_deaths_total", "Producers declared dead (silent past peer_timeout_s).", registry=r)
+        self.trainer_alive = Gauge("slipstream_broker_trainer_alive", "1 if a trainer was heard from within peer_timeout_s.", registry=r)
+        self.version = Gauge("slipstream_policy_version", "Policy version this process knows to be published.", ["role"], registry=r)
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+
+class Broker:
+    def __init__(self, cfg: QueueConfig, group_size: int, vocab_size: int | None = None, policy_version: int = 0) -> None:
+        self.cfg = cfg
+        self.group_size = group_size
+        self.limits = Limits(max_message_bytes=cfg.max_message_bytes, vocab_size=vocab_size)
+        self.queue = StalenessQueue(
+            cfg.max_staleness, cfg.groups_per_step, cfg.max_queued_trajectories, cfg.max_queued_bytes,
+            cfg.stale_policy, policy_version,
+        )
+        self.metrics = BrokerMetrics()
+        self.producers: dict[bytes, Peer] = {}
+        self.trainer: Peer | None = None
+        self.pending: tuple[bytes, BatchRequest] | None = None
+        self.ctx = zmq.asyncio.Context()
+        self.psock = self.ctx.socket(zmq.ROUTER)
+        self.tsock = self.ctx.socket(zmq.ROUTER)
+        for s in (self.psock, self.tsock):
+            configure_socket(s, cfg.socket_hwm, cfg.max_message_bytes)
+            s.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.producer_port = bind(self.psock, cfg.host, cfg.producer_port)
+        self.trainer_port = bind(self.tsock, cfg.host, cfg.trainer_port)
+        self._stopping = asyncio.Event()
+
+    # ----------------------------------------------------------------- plumbing
+    async def _send(self, sock: zmq.asyncio.Socket, identity: bytes, msg: Any) -> None:
+        try:
+            await sock.send_multipart([identity, *encode(msg)], copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("send buffer full (HWM %d): dropped a %s reply to a peer that is not reading", self.cfg.socket_hwm, type(msg).__name__)
+
+    def _reject(self, code: str) -> None:
+        self.metrics.rejected.labels(code).inc()
+
+    def _decode(self, frames: list[Any], sender: str) -> Any:
+        limits = dataclasses.replace(self.limits, max_version=self.queue.committed_version)
+        return decode(frames, limits)
+
+    # ----------------------------------------------------------------- producers
+    async def _on_producer(self, identity: bytes, frames: list[Any]) -> None:
+        peer = self.producers.get(identity)
+        try:
+            msg = self._decode(frames, "producer")
+        except WireError as e:
+            self._reject(e.code)
+            seq, epoch = _peek_seq(frames)
+            log.warning("rejected message from producer %s: %s", peer.peer_id if peer else identity.hex(), e)
+            if peer is not None and seq >= 0:
+                self.queue.credit_returned(peer.peer_id)  # that group will never be accepted
+            await self._send(self.psock, identity, Error(code=e.code, message=e.message, seq=seq, epoch=epoch))
+            return
+        if isinstance(msg, Hello):
+            await self._register_producer(identity, msg)
+            return
+        if peer is None:
+            self._reject("not_registered")
+            await self._send(self.psock, identity, Error(code="not_registered", message="send hello before anything else"))
+            return
+        peer.last_seen = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            return
+        if isinstance(msg, CreditRequest):
+            peer.want = max(0, msg.want)
+            await self._grant_credits()
+        elif isinstance(msg, TrajectoryGroup):
+            await self._on_group(identity, peer, msg)
+        else:
+            self._reject("unexpected")
+            await self._send(self.psock, identity, Error(code="unexpected", message=f"producers may not send '{msg.TYPE}'"))
+
+    async def _register_producer(self, identity: bytes, hello: Hello) -> None:
+        if hello.role != "producer":
+            self._reject("unexpected")
+            await self._send(self.psock, identity, Error(code="unexpected", message=f"this is the producer socket; role {hello.role!r}"))
+            return
+        for other_id, other in list(self.producers.items()):
+            if other.peer_id == hello.peer_id and other_id != identity:
+                log.info("producer %s reconnected (epoch %d -> %d); reclaiming old credits", hello.peer_id, other.epoch, hello.epoch)
+                self.queue.release_producer(other.peer_id)
+                del self.producers[other_id]
+        self.producers[identity] = Peer(identity, hello.peer_id, hello.epoch, time.monotonic())
+        log.info("producer %s (pid %d, epoch %d) registered", hello.peer_id, hello.pid, hello.epoch)
+        await self._send(self.psock, identity, self._welcome())
+
+    def _welcome(self) -> Welcome:
+        return Welcome(
+            policy_version=self.queue.published_version, max_staleness=self.cfg.max_staleness,
+            groups_per_step=self.cfg.groups_per_step, max_message_bytes=self.cfg.max_message_bytes,
+            heartbeat_interval_s=self.cfg.heartbeat_interval_s,
+        )
+
+    async def _on_group(self, identity: bytes, peer: Peer, group: TrajectoryGroup) -> None:
+        if group.producer_id != peer.peer_id:
+            self._reject("bad_field")
+            self.queue.credit_returned(peer.peer_id)
+            await self._send(self.psock, identity, Error(code="bad_field", message=f"producer_id {group.producer_id!r} does not match hello {peer.peer_id!r}", seq=group.seq, epoch=group.epoch))
+            return
+        result = self.queue.accept(group)
+        if result == "full":
+            self._reject("queue_full")
+            await self._send(self.psock, identity, Error(code="queue_full", message="queue is at its trajectory/byte bound; resend later", seq=group.seq, epoch=group.epoch))
+            return
+        if result == "duplicate":
+            self.metrics.duplicates.inc()
+        else:
+            self.metrics.accepted.inc(len(group.trajectories))
+        await self._send(self.psock, identity, Ack(epoch=group.epoch, seq=group.seq, group_id=group.group_id, duplicate=result == "duplicate"))
+        await self._try_fulfil()
+
+    async def _grant_credits(self) -> None:
+        for peer in sorted(self.producers.values(), key=lambda p: self.queue.in_flight.get(p.peer_id, 0)):
+            if peer.want <= 0:
+                continue
+            granted = self.queue.grant(peer.peer_id, peer.want, self.group_size)
+            if granted:
+                peer.want -= granted
+                await self._send(self.psock, peer.identity, Credit(granted=granted, policy_version=self.queue.published_version))
+        self._update_gauges()
+
+    # ----------------------------------------------------------------- trainers
+    async def _on_trainer(self, identity: bytes, frames: list[Any]) -> None:
+        try:
+            msg = self._decode(frames, "trainer")
+        except WireError as e:
+            self._reject(e.code)
+            log.warning("rejected message from trainer: %s", e)
+            await self._send(self.tsock, identity, Error(code=e.code, message=e.message))
+            return
+        if isinstance(msg, Hello):
+            self.trainer = Peer(identity, msg.peer_id, msg.epoch, time.monotonic())
+            self.queue.publish(msg.policy_version)
+            log.info("trainer %s registered at policy version %d", msg.peer_id, msg.policy_version)
+            await self._send(self.tsock, identity, self._welcome())
+            await self._announce()
+            return
+        if self.trainer is None or identity != self.trainer.identity:
+            self._reject("not_registered")
+            await self._send(self.tsock, identity, Error(code="not_registered", message="send hello before anything else"))
+            return
+        self.trainer.last_seen = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            return
+        if isinstance(msg, BatchRequest):
+            self.pending = (identity, msg)
+            await self._try_fulfil()
+        elif isinstance(msg, Commit):
+            if msg.lease_id not in self.queue.leases:
+                self._reject("bad_field")
+                await self._send(self.tsock, identity, Error(code="bad_field", message=f"unknown or expired lease {msg.lease_id!r}"))
+                return
+            lease = self.queue.commit(msg.lease_id, msg.policy_version)
+            self.metrics.consumed.inc(sum(len(g.trajectories) for g in lease.groups))
+            await self._send(self.tsock, identity, CommitAck(lease_id=msg.lease_id, policy_version=msg.policy_version))
+            self._update_gauges()
+        elif isinstance(msg, Published):
+            self.queue.publish(msg.policy_version)
+            await self._announce()
+        else:
+            self._reject("unexpected")
+            await self._send(self.tsock, identity, Error(code="unexpected", message=f"trainers may not send '{msg.TYPE}'"))
+
+    async def _announce(self) -> None:
+        v = self.queue.published_version
+        self.metrics.version.labels("broker").set(v)
+        for peer in self.producers.values():
+            await self._send(self.psock, peer.identity, VersionAnnouncement(policy_version=v))
+        await self._grant_credits()
+        await self._try_fulfil()
+
+    async def _try_fulfil(self) -> None:
+        if self.pending is None:
+            return
+        identity, req = self.pending
+        stale = self.queue.remove_stale(req.policy_version)
+        for g in stale:
+            await self._handle_stale(g, req.policy_version)
+        if not self.queue.ready(req.num_groups):
+            if stale:
+                await self._grant_credits()
+            return
+        result = self.queue.take_batch(req.step, req.policy_version, req.num_groups, req.dp_size)
+        for s in result.staleness:
+            self.metrics.staleness.observe(s)
+        batch = Batch(
+            step=req.step, lease_id=result.lease.lease_id, groups=result.lease.groups, shards=result.shards,
+            dropped=sum(self.queue.stats.trajectories_dropped.values()), queue_depth=len(self.queue.groups),
+        )
+        self.pending = None
+        await self._send(self.tsock, identity, batch)
+        self._update_gauges()
+        await self._grant_credits()
+
+    async def _handle_stale(self, group: TrajectoryGroup, version: int) -> None:
+        reason = "stale_requeued" if self.cfg.stale_policy == "requeue" else "stale_dropped"
+        self.metrics.dropped.labels(reason).inc(len(group.trajectories))
+        log.info("group %s is %d versions stale (> %d): %s", group.group_id, version - group.min_version, self.cfg.max_staleness, reason)
+        if reason == "stale_requeued":
+            target = next((p for p in self.producers.values() if p.peer_id == group.producer_id), None)
+            target = target or next(iter(self.producers.values()), None)
+            if target is None:
+                log.warning("no live producer to requeue prompt %s to; it is lost from this run", group.prompt_id)
+                return
+            t0 = group.trajectories[0]
+            await self._send(self.psock, target.identity, Requeue(
+                prompt_id=group.prompt_id, prompt_tokens=[int(x) for x in t0.prompt_tokens], metadata=group.metadata,
+            ))
+
+    # ----------------------------------------------------------------- housekeeping
+    def _update_gauges(self) -> None:
+        q, m = self.queue, self.metrics
+        m.depth_groups.set(len(q.groups))
+        m.depth.set(q.queued_trajectories)
+        m.bytes.set(q.queued_bytes)
+        m.in_flight.set(q.in_flight_groups)
+        m.capacity.set(q.capacity(self.group_size))
+        m.leased.set(q.leased_groups)
+        m.producers_alive.set(len(self.producers))
+
+    async def _housekeeping(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+            now = time.monotonic()
+            for identity, peer in list(self.producers.items()):
+                if now - peer.last_seen > self.cfg.peer_timeout_s:
+                    reclaimed = self.queue.release_producer(peer.peer_id)
+                    del self.producers[identity]
+                    self.metrics.producer_deaths.inc()
+                    log.warning("producer %s silent for %.1fs: declared dead, %d credits reclaimed", peer.peer_id, now - peer.last_seen, reclaimed)
+                else:
+                    await self._send(self.psock, identity, Heartbeat(peer_id="broker", sent_at=time.time()))
+            if self.trainer is not None:
+                alive = now - self.trainer.last_seen <= self.cfg.peer_timeout_s
+                self.metrics.trainer_alive.set(1 if alive else 0)
+                await self._send(self.tsock, self.trainer.identity, Heartbeat(peer_id="broker", sent_at=time.time()))
+            for lease in self.queue.expire_leases(self.cfg.lease_timeout_s):
+                self.metrics.lease_expiries.inc()
+                log.warning("lease %s (step %d, %d groups) expired uncommitted: groups returned to the queue", lease.lease_id, lease.step, len(lease.groups))
+            await self._grant_credits()
+            await self._try_fulfil()
+
+    async def _recv_loop(self, sock: zmq.asyncio.Socket, handler: Any) -> None:
+        while not self._stopping.is_set():
+            frames = await sock.recv_multipart(copy=False)
+            if len(frames) < 2:
+                self._reject("frame_count")
+                continue
+            try:
+                await handler(frames[0].bytes, frames[1:])
+            except Exception:  # a bug must not take the queue down; it is logged and counted
+                log.exception("unexpected error handling a message")
+                self._reject("unexpected")
+
+    async def serve(self) -> None:
+        tasks = [
+            asyncio.create_task(self._recv_loop(self.psock, self._on_producer)),
+            asyncio.create_task(self._recv_loop(self.tsock, self._on_trainer)),
+            asyncio.create_task(self._housekeeping()),
+        ]
+        self._update_gauges()
+        try:
+            await self._stopping.wait()
+        finally:
+            for peer in self.producers.values():
+                await self._send(self.psock, peer.identity, Shutdown(reason="broker stopping"))
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def close(self) -> None:
+        self.psock.close()
+        self.tsock.close()
+        self.ctx.term()
+
+    def final_stats(self) -> dict[str, Any]:
+        q = self.queue
+        s = q.stats
+        return {
+            "trajectories_accepted": s.trajectories_accepted,
+            "groups_accepted": s.groups_accepted,
+            "trajectories_consumed": s.trajectories_consumed,
+            "groups_consumed": s.groups_consumed,
+            "trajectories_dropped": dict(s.trajectories_dropped),
+            "groups_duplicate": s.groups_duplicate,
+            "trajectories_still_queued": q.queued_trajectories + sum(len(g.trajectories) for lease in q.leases.values() for g in lease.groups),
+            "leases_expired": s.leases_expired,
+            "rejected_messages": {k: int(v) for k, v in _counter_values(self.metrics.rejected).items() if v},
+            "policy_version": q.published_version,
+        }
+
+
+def _counter_values(counter: Counter) -> dict[str, float]:
+    out = {}
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                out[sample.labels.get("reason", "")] = sample.value
+    return out
+
+
+def _peek_seq(frames: list[Any]) -> tuple[int, int]:
+    """Best effort: the (seq, epoch) of a rejected group, so the producer can match the error."""
+    try:
+        header = msgpack.unpackb(memoryview(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]), raw=False)
+        if isinstance(header, dict) and header.get("type") == "group":
+            seq, epoch = header.get("seq", -1), header.get("epoch", -1)
+            if isinstance(seq, int) and isinstance(epoch, int):
+                return seq, epoch
+    except Exception:
+        pass
+    return -1, -1
+
+
+async def run_broker(broker: Broker, ports_file: Path | None, stats_file: Path | None, stop: asyncio.Event) -> None:
+    if ports_file is not None:
+        tmp = ports_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"producer_port": broker.producer_port, "trainer_port": broker.trainer_port}))
+        tmp.rename(ports_file)
+    log.info("broker listening: producers tcp://%s:%d, trainers tcp://%s:%d", broker.cfg.host, broker.producer_port, broker.cfg.host, broker.trainer_port)
+    serve = asyncio.create_task(broker.serve())
+    await stop.wait()
+    broker.stop()
+    await serve
+    if stats_file is not None:
+        stats_file.write_text(json.dumps(broker.final_stats(), indent=2))
+    log.info("broker stopped: %s", json.dumps(broker.final_stats()))

@@ -1,0 +1,171 @@
+"""The run configuration: one small dataclass per component, composed into :class:`SlipstreamConfig`.
+
+A run is configured by a TOML file plus ``--set a.b=c`` overrides (and ``--megatron-*`` /
+``--sglang-*`` flags, which are the same as ``--set trainer.megatron.*`` / ``producer.sglang.*``).
+Every field has a doc string and every value is validated; a bad config raises one
+:class:`~pipeline.configbase.ConfigError` naming the dotted key.
+
+    cfg = load_config("examples/tiny/config.toml", overrides=["queue.max_staleness=2"])
+    slipstream config --help      # prints every key with its default and doc
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from consumers.config import TrainerConfig
+from pipeline.configbase import ConfigError, apply_override, check, doc, from_dict, parse_override
+from producers.config import ProducerConfig
+from producers.engine.config import EngineConfig
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("Run name; the default run directory is runs/<name>-<timestamp>.", "run")
+    seed: int = doc("Seed for every process (model init, sampling, prompt order).", 0)
+    steps: int = doc("Trainer steps (= published policy versions) before the run ends.", 200)
+    run_dir: str = doc("Run directory; empty = runs/<name>-<timestamp>.", "")
+    log_level: str = doc("Log level of every process (DEBUG, INFO, WARNING).", "INFO")
+    log_format: Literal["text", "json"] = doc("Process log format: 'text' or 'json' (one JSON object a line).", "text")
+    startup_timeout_s: float = doc("How long the launcher waits for each process to come up.", 120.0)
+    shutdown_timeout_s: float = doc("Grace period after SIGTERM before a child is killed.", 15.0)
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, "steps", "must be >= 1")
+        check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
+        check(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
+        check(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    path: str = doc("Hugging Face checkpoint directory (config.json, safetensors, tokenizer).", "")
+    make_tiny_if_missing: bool = doc("Create the tiny example checkpoint at 'path' if it does not exist.", False)
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "path", "a model checkpoint directory is required")
+
+
+@dataclass
+class QueueConfig:
+    max_staleness: int = doc(
+        "η: the most policy versions a consumed trajectory may lag the trainer (0 = synchronous on-policy).", 1
+    )
+    groups_per_step: int = doc("GRPO groups (prompts) consumed per trainer step.", 8)
+    stale_policy: Literal["requeue", "drop"] = doc(
+        "What happens to a group found staler than max_staleness when a batch is formed: 'requeue' sends "
+        "its prompt back to a producer to regenerate (keeps the prompt distribution), 'drop' discards it. "
+        "Both are counted by reason.",
+        "requeue",
+    )
+    max_queued_trajectories: int = doc("Queue bound in trajectories (enforced by credits and at admission).", 4096)
+    max_queued_bytes: int = doc("Queue bound in bytes of trajectory arrays.", 256 * MiB)
+    max_message_bytes: int = doc("Largest accepted ZeroMQ message; larger ones are rejected with 'oversize'.", 16 * MiB)
+    host: str = doc("Address the broker binds (loopback by default).", "127.0.0.1")
+    producer_port: int = doc("Broker port for producers (0 = pick a free port).", 0)
+    trainer_port: int = doc("Broker port for trainers (0 = pick a free port).", 0)
+    socket_hwm: int = doc("ZeroMQ send/receive high-water mark in messages (finite, never 0).", 1000)
+    heartbeat_interval_s: float = doc("Heartbeat period, both directions.", 1.0)
+    peer_timeout_s: float = doc("A producer silent this long is declared dead and its credits reclaimed.", 10.0)
+    lease_timeout_s: float = doc("A batch not committed within this time returns to the queue.", 300.0)
+
+    def __post_init__(self) -> None:
+        check(self.max_staleness >= 0, "max_staleness", "must be >= 0")
+        check(self.groups_per_step >= 1, "groups_per_step", "must be >= 1")
+        check(self.max_queued_trajectories >= 1, "max_queued_trajectories", "must be >= 1")
+        check(self.max_queued_bytes >= 1024, "max_queued_bytes", "must be >= 1024")
+        check(1024 <= self.max_message_bytes <= 2**31 - 1, "max_message_bytes", "must be in [1024, 2**31-1]")
+        check(0 <= self.producer_port < 65536, "producer_port", "must be a TCP port or 0")
+        check(0 <= self.trainer_port < 65536, "trainer_port", "must be a TCP port or 0")
+        check(self.socket_hwm >= 1, "socket_hwm", "must be >= 1 (0 would mean an unbounded queue)")
+        check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
+        check(self.peer_timeout_s > 2 * self.heartbeat_interval_s, "peer_timeout_s", "must exceed 2 x heartbeat_interval_s")
+        check(self.lease_timeout_s > 0, "lease_timeout_s", "must be > 0")
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = doc("Serve Prometheus /metrics from every process.", True)
+    host: str = doc("Address the metrics endpoints bind.", "127.0.0.1")
+
+    def __post_init__(self) -> None:
+        check(bool(self.host), "host", "must not be empty")
+
+
+@dataclass
+class SlipstreamConfig:
+    run: RunConfig = doc("Run-wide settings.", default_factory=RunConfig)
+    model: ModelConfig = doc("The policy checkpoint.", default_factory=lambda: ModelConfig(path="runs/model"))
+    queue: QueueConfig = doc("The broker's queue.", default_factory=QueueConfig)
+    producer: ProducerConfig = doc("Rollout producers.", default_factory=ProducerConfig)
+    engine: EngineConfig = doc("The embedded inference engine.", default_factory=EngineConfig)
+    trainer: TrainerConfig = doc("Megatron-core trainer ranks.", default_factory=TrainerConfig)
+    metrics: MetricsConfig = doc("Prometheus endpoints.", default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        max_traj = self.queue.groups_per_step * self.producer.group_size
+        check(
+            self.queue.max_queued_trajectories >= max_traj,
+            "queue.max_queued_trajectories",
+            f"must hold at least one step of data (groups_per_step x group_size = {max_traj})",
+        )
+
+
+def flag_overrides(argv: list[str]) -> list[str]:
+    """Turn ``--megatron-lr 1e-4`` / ``--sglang-mem-fraction-static 0.8`` into ``--set`` overrides."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        for prefix, section in (("--megatron-", "trainer.megatron"), ("--sglang-", "producer.sglang")):
+            if arg.startswith(prefix):
+                key, _, value = arg[len(prefix):].partition("=")
+                if not _:
+                    if i + 1 >= len(argv):
+                        raise ConfigError(f"{section}.{key.replace('-', '_')}", f"flag {arg} needs a value")
+                    i += 1
+                    value = argv[i]
+                out.append(f"{section}.{key.replace('-', '_')}={value}")
+                break
+        else:
+            raise ConfigError(arg, "unrecognised argument")
+        i += 1
+    return out
+
+
+def load_config_dict(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError("<file>", f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else _load_json(p)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("<file>", f"{p} is not valid TOML: {e}") from None
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    return data
+
+
+def _load_json(p: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("<file>", f"{p} is not valid JSON: {e}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> SlipstreamConfig:
+    return from_dict(SlipstreamConfig, load_config_dict(path, overrides))
+
+
+def replace(cfg: SlipstreamConfig, **sections: Any) -> SlipstreamConfig:
+    return dataclasses.replace(cfg, **sections)

@@ -1,0 +1,316 @@
+"""``slipstream run``: start every role of a one-machine run as separate processes and supervise them.
+
+Order: broker -> engines -> producers -> trainer.  Each child runs in its own process group (so a
+terminal Ctrl-C reaches only the launcher, which then stops the children in order) and gets
+``PR_SET_PDEATHSIG`` so it cannot outlive a killed launcher.  Each child's command line is written
+to ``cmds/NAME.sh`` so it can be re-run by hand, and ``processes.json`` lists role, pid, command,
+log and metrics URL of every process.  The console shows a progress bar and one line per step,
+read from ``steps.jsonl``.  The run ends when the trainer finishes its steps (exit 0), when any
+child fails (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipeline.config import SlipstreamConfig
+from pipeline.configbase import to_dict
+from pipeline.rundir import port_file, stats_file, wait_for_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+PY = sys.executable
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str
+    role: str
+    cmd: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    metrics_url: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    _log: TextIO | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")  # type: ignore[assignment]
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, preexec_fn=_set_pdeathsig,
+        )
+        log.info("started %s (pid %d): log %s", self.name, self.proc.pid, self.log_path)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)  # its own process group: torchrun workers included
+
+    def wait(self, timeout_s: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+
+def child_env(cfg: SlipstreamConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    return env
+
+
+class Launcher:
+    def __init__(self, cfg: SlipstreamConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.children: list[Child] = []
+        self.env = child_env(cfg)
+        self.config_path = run_dir / "config.json"
+        self._stop_reason: str | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _cli(self, *args: str) -> list[str]:
+        return [PY, "-m", "pipeline.cli", *args]
+
+    def _spawn(self, name: str, role: str, cmd: list[str]) -> Child:
+        child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log")
+        script = self.run_dir / "cmds" / f"{name}.sh"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text("#!/bin/sh\n# re-run this process by hand (same environment as the launcher gave it)\n"
+                          "OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 exec " + shlex.join(cmd) + "\n")
+        script.chmod(0o755)
+        child.start(self.env)
+        self.children.append(child)
+        return child
+
+    def _ready(self, child: Child, name: str) -> dict[str, Any]:
+        return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
+
+    def _write_processes(self) -> None:
+        write_json_atomic(self.run_dir / "processes.json", [
+            {"name": c.name, "role": c.role, "pid": c.proc.pid if c.proc else None, "cmd": c.cmd,
+             "log": str(c.log_path), "metrics_url": c.metrics_url, **c.extra}
+            for c in self.children
+        ])
+
+    # ------------------------------------------------------------------ start
+    def start_all(self) -> None:
+        cfg, rd, host = self.cfg, self.run_dir, self.cfg.metrics.host
+        broker = self._spawn("broker", "broker", self._cli("broker", "--config", str(self.config_path), "--run-dir", str(rd)))
+        ports = self._ready(broker, "broker")
+        broker.metrics_url = f"http://{host}:{ports['metrics_port']}/metrics"
+        broker.extra = {"producer_endpoint": f"tcp://{cfg.queue.host}:{ports['producer_port']}", "trainer_endpoint": f"tcp://{cfg.queue.host}:{ports['trainer_port']}"}
+
+        engine_urls = list(cfg.producer.engine_urls)
+        if cfg.producer.engine == "embedded":
+            engines = []
+            for i in range(cfg.producer.num_engines):
+                cmd = self._cli("engine", "--model", cfg.model.path, "--host", host, "--port", "0",
+                                "--port-file", str(port_file(rd, f"engine-{i}")), "--seed", str(cfg.run.seed + 1000 * i),
+                                "--log-level", cfg.run.log_level)
+                for key, value in to_dict(cfg.engine).items():
+                    cmd += ["--set", f"{key}={json.dumps(value)}"]
+                engines.append(self._spawn(f"engine-{i}", "engine", cmd))
+            engine_urls = []
+            for i, e in enumerate(engines):
+                info = self._ready(e, f"engine-{i}")
+                url = f"http://{host}:{info['port']}"
+                e.metrics_url = f"{url}/metrics"
+                engine_urls.append(url)
+
+        for p in range(cfg.producer.num_producers):
+            mine = engine_urls[p::cfg.producer.num_producers] or engine_urls
+            cmd = self._cli("produce", "--config", str(self.config_path), "--run-dir", str(rd), "--producer-id", f"producer-{p}",
+                            "--broker", broker.extra["producer_endpoint"], *[a for u in mine for a in ("--engine-url", u)])
+            child = self._spawn(f"producer-{p}", "producer", cmd)
+            child.metrics_url = f"http://{host}:{self._ready(child, f'producer-{p}')['metrics_port']}/metrics"
+
+        nproc = self.cfg.trainer.world_size
+        args = ["train", "--config", str(self.config_path), "--run-dir", str(rd), "--broker", broker.extra["trainer_endpoint"],
+                *[a for u in engine_urls for a in ("--engine-url", u)]]
+        if nproc > 1:
+            cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *args]
+        else:
+            cmd = self._cli(*args)
+        trainer = self._spawn("trainer", "trainer", cmd)
+        trainer.metrics_url = f"http://{host}:{self._ready(trainer, 'trainer')['metrics_port']}/metrics"
+        self._write_processes()
+
+    # ------------------------------------------------------------------ supervise
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = reason
+
+    def supervise(self, console: Console) -> int:
+        trainer = next(c for c in self.children if c.role == "trainer")
+        while True:
+            console.poll()
+            if self._stop_reason is not None:
+                log.warning("stopping: %s", self._stop_reason)
+                return 130
+            code = trainer.proc.poll() if trainer.proc else None
+            if code is not None:
+                console.poll()
+                if code == 0:
+                    return 0
+                log.error("trainer exited with code %d; see %s", code, trainer.log_path)
+                return 1
+            for c in self.children:
+                if c.role != "trainer" and not c.alive():
+                    assert c.proc is not None
+                    log.error("%s exited unexpectedly with code %s; see %s", c.name, c.proc.returncode, c.log_path)
+                    return 1
+            time.sleep(0.2)
+
+    def shutdown(self) -> None:
+        """SIGTERM in dependency order (producers, trainer, broker, engines), then SIGKILL stragglers."""
+        order = {"producer": 0, "trainer": 1, "broker": 2, "engine": 3}
+        for c in sorted(self.children, key=lambda c: order[c.role]):
+            if not c.alive():
+                continue
+            c.signal(signal.SIGTERM)
+            if c.wait(self.cfg.run.shutdown_timeout_s) is None:
+                log.warning("%s did not exit %.0fs after SIGTERM: killing it", c.name, self.cfg.run.shutdown_timeout_s)
+                c.signal(signal.SIGKILL)
+                c.wait(5)
+        for c in self.children:
+            c.close()
+
+    def summary(self, exit_code: int, wall_s: float) -> dict[str, Any]:
+        rd = self.run_dir
+        broker = _read_json(stats_file(rd, "broker"))
+        producers = [_read_json(p) for p in sorted((rd / "stats").glob("producer-*.json"))]
+        steps = [json.loads(line) for line in (rd / "steps.jsonl").read_text().splitlines()] if (rd / "steps.jsonl").exists() else []
+        dropped = broker.get("trajectories_dropped", {})
+        accepted = broker.get("trajectories_accepted")
+        out: dict[str, Any] = {
+            "exit_code": exit_code,
+            "wall_time_s": round(wall_s, 2),
+            "steps_completed": len(steps),
+            "final_policy_version": steps[-1]["policy_version"] if steps else 0,
+            "trajectories": {
+                "generated": sum(p.get("trajectories_generated", 0) for p in producers),
+                "accepted": accepted,
+                "consumed": broker.get("trajectories_consumed"),
+                "dropped": dropped,
+                "duplicates_rejected_groups": broker.get("groups_duplicate"),
+                "still_queued": broker.get("trajectories_still_queued"),
+            },
+            "rejected_messages": broker.get("rejected_messages", {}),
+            "restarts": {role: 0 for role in ("broker", "engine", "producer", "trainer")},
+        }
+        if accepted is not None:
+            out["trajectories"]["balanced"] = accepted == broker["trajectories_consumed"] + sum(dropped.values()) + broker["trajectories_still_queued"]
+        if len(steps) >= 20:
+            first = [s["reward_mean"] for s in steps[:10]]
+            last = [s["reward_mean"] for s in steps[-10:]]
+            out["reward_first10_mean"] = sum(first) / 10
+            out["reward_last10_mean"] = sum(last) / 10
+        write_json_atomic(rd / "summary.json", out)
+        return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+class Console:
+    """Progress bar + one line per step, from ``steps.jsonl`` as the trainer appends to it."""
+
+    def __init__(self, path: Path, total: int, max_staleness: int, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.path = path
+        self.max_staleness = max_staleness
+        self.offset = 0
+        self.last_wall = 0.0
+        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open() as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        lines = chunk.split("\n")
+        complete, rest = lines[:-1], lines[-1]
+        self.offset += len(chunk) - len(rest)
+        for line in complete:
+            if line.strip():
+                self._show(json.loads(line))
+
+    def _show(self, s: dict[str, Any]) -> None:
+        dt = max(s["wall_time_s"] - self.last_wall, 1e-9)
+        self.last_wall = s["wall_time_s"]
+        self.bar.write(
+            f"step {s['step']:>4} | v{s['policy_version']:<4} | reward {s['reward_mean']:.3f} | "
+            f"tokens/s {s['tokens_trained'] / dt:7.0f} | queue {s['queue_depth']:>3} | "
+            f"staleness {s['staleness_mean']:.2f}/{s['staleness_max']} (max {self.max_staleness}) | "
+            f"dropped {s['trajectories_dropped']}"
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None) -> int:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", to_dict(cfg))
+    if source is not None and source.exists():
+        (run_dir / "config.toml").write_text(source.read_text())
+    if cfg.model.make_tiny_if_missing:
+        from pipeline.tiny import ensure_tiny_model
+
+        ensure_tiny_model(cfg.model.path, seed=cfg.run.seed)
+    launcher = Launcher(cfg, run_dir)
+    previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
+    console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty() or True)
+    t0 = time.monotonic()
+    code = 1
+    try:
+        launcher.start_all()
+        log.info("run directory: %s (processes.json lists every process and its metrics URL)", run_dir)
+        code = launcher.supervise(console)
+    except (TimeoutError, RuntimeError) as e:
+        log.error("%s", e)
+        code = 1
+    finally:
+        console.close()
+        launcher.shutdown()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    summary = launcher.summary(code, time.monotonic() - t0)
+    log.info("summary: %s", json.dumps(summary))
+    return code

@@ -1,0 +1,250 @@
+"""The staleness-aware trajectory queue: pure state, no sockets (the broker wraps it).
+
+Semantics (DESIGN §3, §5):
+
+- **Admission control.** A producer may start a group only with a credit. Credits are granted while
+  ``consumed + queued + leased + in_flight < (η + v + 1) × groups_per_step`` (AReaL's bound), where
+  ``v`` is the *published* policy version, and while the queue's trajectory/byte bounds leave room.
+  All of these counters are derived from the queue's contents and the trainer's version, so a
+  restart can rebuild them (AReaL #1345 inflated a stored budget after recovery).
+- **Exactly-once enqueue.** Groups are keyed by ``(producer_id, epoch, seq)``; a resend of an
+  accepted group is acknowledged as a duplicate and not enqueued again.
+- **Group-atomic, staleness-checked batches.** A batch for a trainer at version ``v`` takes whole
+  groups in FIFO order, skipping (and handing to the stale policy) any group with
+  ``v - min(token versions) > η``.  Nothing staler than η is ever handed out.
+- **Leases.** A batch is leased until committed; an expired or abandoned lease returns its groups
+  to the front of the queue, where the staleness check applies again.
+- **Token-balanced sharding** across data-parallel ranks (greedy: largest group to the lightest rank).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from schemas.messages import TrajectoryGroup
+
+DROP_REASONS = ("stale_dropped", "stale_requeued")
+
+
+class SeenSeqs:
+    """Which ``seq`` numbers of each ``(producer_id, epoch)`` were accepted, in O(gaps) memory:
+    a watermark below which every seq was seen, plus the seen seqs above it."""
+
+    def __init__(self) -> None:
+        self._low: dict[tuple[str, int], int] = {}
+        self._above: dict[tuple[str, int], set[int]] = collections.defaultdict(set)
+
+    def __contains__(self, key: tuple[str, int, int]) -> bool:
+        producer, epoch, seq = key
+        return seq < self._low.get((producer, epoch), 0) or seq in self._above.get((producer, epoch), ())
+
+    def add(self, key: tuple[str, int, int]) -> None:
+        producer, epoch, seq = key
+        pe = (producer, epoch)
+        above = self._above[pe]
+        above.add(seq)
+        low = self._low.get(pe, 0)
+        while low in above:
+            above.discard(low)
+            low += 1
+        self._low[pe] = low
+
+    def __len__(self) -> int:
+        return sum(self._low.values()) + sum(len(s) for s in self._above.values())
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    step: int
+    policy_version: int
+    groups: list[TrajectoryGroup]
+    issued_at: float
+
+
+@dataclass
+class QueueStats:
+    """Monotonic counters in groups and trajectories (the summary and metrics read these)."""
+
+    groups_accepted: int = 0
+    trajectories_accepted: int = 0
+    groups_consumed: int = 0
+    trajectories_consumed: int = 0
+    groups_duplicate: int = 0
+    groups_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    trajectories_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    leases_expired: int = 0
+    groups_rejected_full: int = 0
+
+
+@dataclass
+class BatchResult:
+    lease: Lease
+    shards: list[list[int]]
+    stale: list[TrajectoryGroup]  # removed for staleness while forming this batch
+    staleness: list[int]  # per consumed trajectory: v - min(token versions)
+
+
+class StalenessQueue:
+    def __init__(
+        self,
+        max_staleness: int,
+        groups_per_step: int,
+        max_trajectories: int,
+        max_bytes: int,
+        stale_policy: str = "requeue",
+        policy_version: int = 0,
+    ) -> None:
+        self.max_staleness = max_staleness
+        self.groups_per_step = groups_per_step
+        self.max_trajectories = max_trajectories
+        self.max_bytes = max_bytes
+        self.stale_policy = stale_policy
+        self.published_version = policy_version  # live on every engine: credits use this
+        self.committed_version = policy_version  # produced by the last optimizer step
+        self.groups: collections.deque[TrajectoryGroup] = collections.deque()
+        self.leases: dict[str, Lease] = {}
+        self.in_flight: dict[str, int] = collections.defaultdict(int)  # credits granted, group not yet arrived
+        self._seen = SeenSeqs()
+        self._lease_ids = itertools.count(1)
+        self.stats = QueueStats()
+        self.queued_trajectories = 0
+        self.queued_bytes = 0
+
+    # ------------------------------------------------------------------ derived counters
+    @property
+    def leased_groups(self) -> int:
+        return sum(len(lease.groups) for lease in self.leases.values())
+
+    @property
+    def in_flight_groups(self) -> int:
+        return sum(self.in_flight.values())
+
+    def capacity(self, group_size: int) -> int:
+        """How many more group starts may be granted now (admission control)."""
+        budget = (self.max_staleness + self.published_version + 1) * self.groups_per_step
+        used = self.stats.groups_consumed + len(self.groups) + self.leased_groups + self.in_flight_groups
+        # The trajectory bound: groups queued or in flight must fit.
+        traj_room = self.max_trajectories - self.queued_trajectories - self.in_flight_groups * group_size
+        return max(0, min(budget - used, traj_room // max(group_size, 1)))
+
+    def grant(self, producer_id: str, want: int, group_size: int) -> int:
+        granted = max(0, min(want, self.capacity(group_size)))
+        self.in_flight[producer_id] += granted
+        return granted
+
+    def release_producer(self, producer_id: str) -> int:
+        """A producer died: reclaim its in-flight credits. Returns how many."""
+        return self.in_flight.pop(producer_id, 0)
+
+    # ------------------------------------------------------------------ producer side
+    def accept(self, group: TrajectoryGroup) -> str:
+        """Enqueue a validated group: returns 'accepted', 'duplicate' or 'full'."""
+        if group.dedup_key in self._seen:
+            self.stats.groups_duplicate += 1
+            return "duplicate"
+        n, nbytes = len(group.trajectories), group.nbytes
+        if self.queued_trajectories + n > self.max_trajectories or self.queued_bytes + nbytes > self.max_bytes:
+            self.stats.groups_rejected_full += 1
+            return "full"
+        self._seen.add(group.dedup_key)
+        if self.in_flight.get(group.producer_id, 0) > 0:
+            self.in_flight[group.producer_id] -= 1
+        self.groups.append(group)
+        self.queued_trajectories += n
+        self.queued_bytes += nbytes
+        self.stats.groups_accepted += 1
+        self.stats.trajectories_accepted += n
+        return "accepted"
+
+    def credit_returned(self, producer_id: str) -> None:
+        """A started group will never arrive (rejected by validation, or generation failed)."""
+        if self.in_flight.get(producer_id, 0) > 0:
+            self.in_flight[producer_id] -= 1
+
+    # ------------------------------------------------------------------ trainer side
+    def _pop_left(self) -> TrajectoryGroup:
+        g = self.groups.popleft()
+        self.queued_trajectories -= len(g.trajectories)
+        self.queued_bytes -= g.nbytes
+        return g
+
+    def staleness_of(self, group: TrajectoryGroup, version: int) -> int:
+        return version - group.min_version
+
+    def remove_stale(self, version: int) -> list[TrajectoryGroup]:
+        """Remove every queued group staler than η for a trainer at ``version``."""
+        stale, keep = [], collections.deque()
+        while self.groups:
+            g = self._pop_left()
+            if self.staleness_of(g, version) > self.max_staleness:
+                stale.append(g)
+            else:
+                keep.append(g)
+        for g in keep:
+            self.groups.append(g)
+            self.queued_trajectories += len(g.trajectories)
+            self.queued_bytes += g.nbytes
+        reason = "stale_requeued" if self.stale_policy == "requeue" else "stale_dropped"
+        for g in stale:
+            self.stats.groups_dropped[reason] += 1
+            self.stats.trajectories_dropped[reason] += len(g.trajectories)
+        return stale
+
+    def ready(self, num_groups: int) -> bool:
+        return len(self.groups) >= num_groups
+
+    def take_batch(self, step: int, version: int, num_groups: int, dp_size: int) -> BatchResult:
+        """Lease ``num_groups`` fresh-enough groups (call ``remove_stale`` and ``ready`` first)."""
+        if len(self.groups) < num_groups:
+            raise RuntimeError(f"take_batch: only {len(self.groups)} groups queued, {num_groups} needed")
+        groups = [self._pop_left() for _ in range(num_groups)]
+        staleness = [version - t.min_version for g in groups for t in g.trajectories]
+        if max(staleness) > self.max_staleness:  # remove_stale must have run: this is an invariant
+            raise AssertionError(f"staleness {max(staleness)} > bound {self.max_staleness}")
+        lease = Lease(f"lease-{next(self._lease_ids)}", step, version, groups, time.monotonic())
+        self.leases[lease.lease_id] = lease
+        return BatchResult(lease=lease, shards=shard_by_tokens(groups, dp_size), stale=[], staleness=staleness)
+
+    def commit(self, lease_id: str, new_version: int) -> Lease:
+        lease = self.leases.pop(lease_id)
+        self.stats.groups_consumed += len(lease.groups)
+        self.stats.trajectories_consumed += sum(len(g.trajectories) for g in lease.groups)
+        self.committed_version = max(self.committed_version, new_version)
+        return lease
+
+    def publish(self, version: int) -> None:
+        self.published_version = max(self.published_version, version)
+        self.committed_version = max(self.committed_version, version)
+
+    def expire_leases(self, timeout_s: float, now: float | None = None) -> list[Lease]:
+        now = time.monotonic() if now is None else now
+        expired = [lease for lease in self.leases.values() if now - lease.issued_at > timeout_s]
+        for lease in expired:
+            self.return_lease(lease.lease_id)
+        return expired
+
+    def return_lease(self, lease_id: str) -> Lease:
+        """Give a lease's groups back to the front of the queue (its step did not commit)."""
+        lease = self.leases.pop(lease_id)
+        for g in reversed(lease.groups):
+            self.groups.appendleft(g)
+            self.queued_trajectories += len(g.trajectories)
+            self.queued_bytes += g.nbytes
+        self.stats.leases_expired += 1
+        return lease
+
+
+def shard_by_tokens(groups: list[TrajectoryGroup], dp_size: int) -> list[list[int]]:
+    """Assign whole groups to ``dp_size`` ranks, balancing tokens greedily (largest first).
+    Every rank gets at least one group when there are enough groups."""
+    loads = [0] * dp_size
+    shards: list[list[int]] = [[] for _ in range(dp_size)]
+    for i in sorted(range(len(groups)), key=lambda i: -groups[i].num_tokens):
+        r = min(range(dp_size), key=lambda r: (loads[r], len(shards[r])))
+        shards[r].append(i)
+        loads[r] += groups[i].num_tokens
+    return [sorted(s) for s in shards]

@@ -1,0 +1,52 @@
+"""Config of the rollout producers (:class:`ProducerConfig`).
+
+A producer takes prompts from a prompt source, asks an engine (the embedded engine or SGLang, over
+SGLang's HTTP API) for ``group_size`` samples each, scores them with a reward function and pushes
+the group to the broker.  Plug-ins are named by import path (``module:attribute``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.configbase import check, doc
+
+
+@dataclass
+class ProducerConfig:
+    num_producers: int = doc("Producer processes to start (each drives its share of the engines).", 1)
+    engine: Literal["embedded", "attach"] = doc(
+        "'embedded': the launcher starts slipstream's own engine servers; 'attach': use running servers "
+        "(SGLang or embedded) at engine_urls.",
+        "embedded",
+    )
+    num_engines: int = doc("Embedded engine servers to start (engine = 'embedded').", 1)
+    engine_urls: list[str] = doc("Engine base URLs for engine = 'attach' (an SGLang router URL works too).", default_factory=list)
+    group_size: int = doc("Samples per prompt (the GRPO group).", 8)
+    max_inflight_groups: int = doc("Groups one producer generates concurrently (also bounded by credits).", 8)
+    prompts: str = doc("Prompt source plug-in: import path of a callable(seed) -> iterator of Prompt.", "producers.tasks.maxdigit:prompts")
+    reward: str = doc("Reward plug-in: import path of a callable(Sample) -> float.", "producers.tasks.maxdigit:reward")
+    temperature: float = doc("Sampling temperature (the trainer uses the same for its log-probs).", 1.0)
+    top_p: float = doc("Nucleus sampling threshold (1.0 = off; off keeps behaviour log-probs exact).", 1.0)
+    max_new_tokens: int = doc("Most tokens sampled per response.", 7)
+    request_timeout_s: float = doc("Timeout of one /generate call.", 300.0)
+    ack_timeout_s: float = doc("Resend a group the broker has not acked within this time.", 10.0)
+    outbox_limit: int = doc("Most unacked groups a producer holds before it stops starting new ones.", 64)
+    sglang: dict[str, Any] = doc("Pass-through flags for SGLang servers slipstream launches (key -> --key value).", default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(self.num_producers >= 1, "num_producers", "must be >= 1")
+        check(self.num_engines >= 1, "num_engines", "must be >= 1")
+        check(self.engine != "attach" or bool(self.engine_urls), "engine_urls", "engine = 'attach' needs at least one URL")
+        check(all(u.startswith(("http://", "https://")) for u in self.engine_urls), "engine_urls", "URLs must start with http:// or https://")
+        check(self.group_size >= 1, "group_size", "must be >= 1")
+        check(self.max_inflight_groups >= 1, "max_inflight_groups", "must be >= 1")
+        check(":" in self.prompts, "prompts", "must be an import path 'module:attribute'")
+        check(":" in self.reward, "reward", "must be an import path 'module:attribute'")
+        check(self.temperature > 0, "temperature", "must be > 0")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
+        check(self.ack_timeout_s > 0, "ack_timeout_s", "must be > 0")
+        check(self.outbox_limit >= self.max_inflight_groups, "outbox_limit", "must be >= max_inflight_groups")

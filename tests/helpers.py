@@ -1,0 +1,66 @@
+"""Shared test helpers: start real slipstream processes, wait for their port files, read /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def wait_json(path: Path, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before writing {path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} not written within {timeout_s}s")
+        time.sleep(0.05)
+    return json.loads(path.read_text())
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], log_path: Path, timeout_s: float = 15.0) -> Iterator[subprocess.Popen]:
+    """Run ``cmd`` for the duration of the block; SIGTERM (then SIGKILL) it afterwards."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Parse a Prometheus text exposition into {'name{labels}': value}."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def slipstream(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *args]

@@ -1,0 +1,130 @@
+"""The staleness-aware queue's semantics, as pure state (the broker's sockets are tested elsewhere)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.queue import SeenSeqs, StalenessQueue, shard_by_tokens
+from schemas.messages import Trajectory, TrajectoryGroup
+
+
+def group(seq: int, version: int, producer: str = "p0", n: int = 2, length: int = 3, epoch: int = 1) -> TrajectoryGroup:
+    trajs = [
+        Trajectory(f"{producer}-{seq}-{i}", np.zeros(2, np.int32), np.zeros(length, np.int32), np.zeros(length, np.float32),
+                   np.full(length, version, np.int32), np.ones(length, np.uint8), 0.0)
+        for i in range(n)
+    ]
+    return TrajectoryGroup(f"g{producer}{seq}", f"prompt{seq}", producer, epoch, seq, trajs)
+
+
+def test_admission_bound_is_eta_plus_v_plus_one_steps() -> None:
+    q = StalenessQueue(max_staleness=1, groups_per_step=2, max_trajectories=1000, max_bytes=10**9)
+    assert q.capacity(group_size=2) == (1 + 0 + 1) * 2
+    assert q.grant("p0", 10, 2) == 4
+    assert q.grant("p0", 10, 2) == 0
+    for s in range(4):
+        assert q.accept(group(s, 0)) == "accepted"
+    assert q.capacity(2) == 0  # accepted groups still count until consumed
+    b = q.take_batch(1, 0, 2, 1)
+    q.commit(b.lease.lease_id, 1)
+    assert q.capacity(2) == 0  # committed but not yet published: credits stay closed
+    q.publish(1)
+    assert q.capacity(2) == 2
+
+
+def test_synchronous_mode_grants_exactly_one_step() -> None:
+    q = StalenessQueue(max_staleness=0, groups_per_step=3, max_trajectories=1000, max_bytes=10**9)
+    assert q.grant("p0", 100, 2) == 3
+
+
+def test_capacity_respects_trajectory_bound() -> None:
+    q = StalenessQueue(max_staleness=8, groups_per_step=4, max_trajectories=10, max_bytes=10**9)
+    assert q.grant("p0", 100, 4) == 2  # 2 groups x 4 trajectories fit in 10
+
+
+def test_duplicates_are_enqueued_once() -> None:
+    q = StalenessQueue(1, 2, 100, 10**9)
+    assert q.accept(group(0, 0)) == "accepted"
+    assert q.accept(group(0, 0)) == "duplicate"
+    assert q.accept(group(0, 0, epoch=2)) == "accepted"  # a new epoch is a new producer life
+    assert len(q.groups) == 2 and q.stats.groups_duplicate == 1
+
+
+def test_seen_seqs_compacts_to_a_watermark() -> None:
+    s = SeenSeqs()
+    order = list(range(1000))
+    random.Random(0).shuffle(order)
+    for i in order:
+        s.add(("p", 1, i))
+    assert all(("p", 1, i) in s for i in range(1000))
+    assert ("p", 1, 1000) not in s and ("p", 2, 0) not in s
+    assert s._above[("p", 1)] == set()  # only the watermark is kept
+
+
+def test_stale_groups_are_removed_and_never_batched() -> None:
+    q = StalenessQueue(max_staleness=1, groups_per_step=1, max_trajectories=100, max_bytes=10**9)
+    q.accept(group(0, 0))
+    q.accept(group(1, 2))
+    stale = q.remove_stale(version=2)  # group 0 is 2 versions behind
+    assert [g.seq for g in stale] == [0]
+    assert q.stats.trajectories_dropped["stale_requeued"] == 2
+    b = q.take_batch(1, 2, 1, 1)
+    assert [g.seq for g in b.lease.groups] == [1] and b.staleness == [0, 0]
+
+
+def test_expired_lease_returns_groups_to_the_front() -> None:
+    q = StalenessQueue(1, 2, 100, 10**9)
+    for s in range(3):
+        q.accept(group(s, 0))
+    b = q.take_batch(1, 0, 2, 1)
+    assert q.expire_leases(timeout_s=10.0, now=b.lease.issued_at + 5) == []
+    assert [lease.lease_id for lease in q.expire_leases(timeout_s=10.0, now=b.lease.issued_at + 11)] == [b.lease.lease_id]
+    assert [g.seq for g in q.groups] == [0, 1, 2]
+    assert q.stats.leases_expired == 1
+
+
+def test_token_balanced_sharding_keeps_groups_whole() -> None:
+    groups = [group(i, 0, length=length) for i, length in enumerate([10, 1, 1, 1, 9, 2])]
+    shards = shard_by_tokens(groups, 2)
+    assert sorted(i for s in shards for i in s) == list(range(6))
+    loads = [sum(groups[i].num_tokens for i in s) for s in shards]
+    assert max(loads) - min(loads) <= max(g.num_tokens for g in groups) // 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    eta=st.integers(0, 3),
+    b=st.integers(1, 4),
+    ops=st.lists(st.tuples(st.sampled_from(["produce", "train", "lag"]), st.integers(0, 3)), min_size=5, max_size=120),
+)
+def test_random_schedules_never_exceed_the_bound_and_always_balance(eta: int, b: int, ops: list[tuple[str, int]]) -> None:
+    """Whatever the interleaving of producers and trainer, consumed staleness <= η and
+    accepted = consumed + dropped + queued."""
+    q = StalenessQueue(eta, b, 10_000, 10**12)
+    version, step, seq = 0, 0, 0
+    started: list[int] = []  # versions at which granted groups started
+    for op, k in ops:
+        if op == "produce":
+            for _ in range(q.grant("p0", k + 1, 2)):
+                started.append(version)
+        elif op == "lag" and started:
+            # Finish the oldest started group: its tokens carry the version it started at.
+            v0 = started.pop(0)
+            assert q.accept(group(seq, v0)) == "accepted"
+            seq += 1
+        elif op == "train":
+            q.remove_stale(version)
+            if q.ready(b):
+                step += 1
+                res = q.take_batch(step, version, b, 1)
+                assert max(res.staleness) <= eta
+                version += 1
+                q.commit(res.lease.lease_id, version)
+                q.publish(version)
+        s = q.stats
+        assert s.trajectories_accepted == s.trajectories_consumed + sum(s.trajectories_dropped.values()) + q.queued_trajectories + sum(
+            len(g.trajectories) for lease in q.leases.values() for g in lease.groups)
