@@ -1,0 +1,101 @@
+"""Configuration of the embedded inference engine (``producers/engine``).
+
+What: :class:`EngineConfig`, the behaviour knobs of one engine process (batch cap, sampling seed,
+dtype/device, threads, weight-update behaviour, timeouts).  Where the model lives and which
+address the HTTP server binds are command-line arguments, not config, because the launcher picks
+them per process.
+
+Why: the launcher builds this from ``[producer.engine]`` in the run's TOML (plus ``--set``
+overrides) with :func:`pipeline.configbase.from_dict`, and the engine CLI accepts the same keys as
+``--set key=value``.  A bad value raises one :class:`~pipeline.configbase.ConfigError` naming the key.
+
+How to run::
+
+    python -m producers.engine --model DIR --port 0 --set max_running_requests=16 --set dtype=bfloat16
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.configbase import check, doc
+
+DType = Literal["float32", "bfloat16", "float16"]
+Device = Literal["cpu", "cuda", "auto"]
+
+
+@dataclass
+class EngineConfig:
+    """Behaviour of one embedded engine process."""
+
+    max_running_requests: int = doc(
+        "Most sequences decoded together (continuous-batching cap). Further requests wait in a FIFO queue.",
+        default=32,
+    )
+    max_new_tokens_cap: int = doc(
+        "Largest sampling_params.max_new_tokens a request may ask for; larger values get HTTP 400.",
+        default=4096,
+    )
+    default_max_new_tokens: int = doc(
+        "max_new_tokens used when a request does not give one (SGLang's default is 128).",
+        default=128,
+    )
+    seed: int = doc(
+        "Engine seed. A request without sampling_params.sampling_seed samples with a generator seeded from "
+        "(seed, running request counter), so a fresh engine replays the same stream of requests identically.",
+        default=0,
+    )
+    dtype: DType = doc("Dtype the model is loaded and run in. float32 gives exact log-probs on CPU.", default="float32")
+    device: Device = doc("Where the model runs: cpu, cuda, or auto (cuda when available).", default="auto")
+    threads: int = doc("torch intra-op threads (torch.set_num_threads). 1 suits many small engines per host.", default=1)
+    attn_implementation: Literal["sdpa", "eager"] = doc(
+        "transformers attention implementation used for prefill and decode.", default="sdpa"
+    )
+    weight_version: int = doc(
+        "Policy version of the weights loaded from --model (0 for the initial checkpoint; a restarted engine "
+        "that loads a published checkpoint passes that checkpoint's version).",
+        default=0,
+    )
+    recompute_kv_on_update: bool = doc(
+        "After a weight swap, recompute the KV cache of in-flight sequences with the new weights (one prefill "
+        "over prompt+output per running sequence). False (default) keeps the old KV: tokens sampled after the "
+        "swap are scored by the new weights but attend to keys/values of the prefix computed by the old ones, "
+        "so they are slightly off-policy; the per-token versions still tell the trainer which weights sampled "
+        "each token. True removes that mismatch at the cost of a prefill per update, which lengthens the "
+        "generation pause roughly by the time of one prefill over all running contexts.",
+        default=False,
+    )
+    weight_group_timeout_s: float = doc(
+        "Timeout of the weight-group rendezvous (init_weights_update_group) and of each broadcast.",
+        default=120.0,
+    )
+    request_timeout_s: float = doc(
+        "Longest a /generate request may take (queued + decoding). When it passes, the request is aborted and "
+        "returns what it has with finish_reason {type: abort}. 0 disables the limit.",
+        default=1800.0,
+    )
+    shutdown_timeout_s: float = doc(
+        "On SIGTERM/SIGINT: how long in-flight HTTP responses get to drain before the server closes.",
+        default=3.0,
+    )
+    max_request_bytes: int = doc("Largest accepted HTTP request body in bytes.", default=64 * 1024 * 1024)
+
+    def __post_init__(self) -> None:
+        check(self.max_running_requests >= 1, "max_running_requests", "must be at least 1")
+        check(self.max_new_tokens_cap >= 1, "max_new_tokens_cap", "must be at least 1")
+        check(
+            0 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
+            "default_max_new_tokens",
+            f"must be between 0 and max_new_tokens_cap ({self.max_new_tokens_cap})",
+        )
+        check(0 <= self.seed < 2**63, "seed", "must be a non-negative 63-bit integer")
+        check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+        check(self.device in ("cpu", "cuda", "auto"), "device", "must be cpu, cuda or auto")
+        check(1 <= self.threads <= 1024, "threads", "must be between 1 and 1024")
+        check(self.attn_implementation in ("sdpa", "eager"), "attn_implementation", "must be sdpa or eager")
+        check(self.weight_version >= 0, "weight_version", "must be >= 0")
+        check(self.weight_group_timeout_s > 0, "weight_group_timeout_s", "must be > 0 seconds")
+        check(self.request_timeout_s >= 0, "request_timeout_s", "must be >= 0 seconds (0 disables)")
+        check(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0 seconds")
+        check(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1024")

@@ -1,0 +1,483 @@
+"""HTTP server of the embedded engine: SGLang's HTTP API subset over aiohttp, plus ``main()``.
+
+What: loads a Hugging Face causal LM through transformers, starts the decode scheduler
+(``decode.py``) and the weight receiver (``weights.py``) and serves:
+
+- ``POST /generate`` (``input_ids`` single or batch, ``sampling_params``, ``return_logprob``, ``rid``);
+- ``GET /health``, ``/health_generate``, ``/get_model_info``, ``/get_server_info``, ``/metrics``;
+- ``POST /pause_generation`` (``abort`` | ``retract`` | ``in_place``), ``/continue_generation``,
+  ``/abort_request``, ``/flush_cache`` (GET too; a no-op: there is no prefix cache);
+- ``POST /init_weights_update_group``, ``/destroy_weights_update_group``,
+  ``/update_weights_from_distributed``, ``/update_weight_version``;
+- ``GET /slipstream/weights_checksum`` (slipstream extension, for tests and debugging).
+
+Why: the producer's HTTP client is the one used against real SGLang servers, so the embedded
+engine must speak the same fields (``notes/sglang-0.5.23-api.md``).  The event loop only parses,
+validates and waits: the model runs on the scheduler thread and broadcasts are received on the
+weight-receive thread, so neither blocks HTTP nor decoding.
+
+Contract notes (where this engine differs from, or extends, SGLang):
+- ``text`` in responses is always ``""`` (no detokenization); text prompts are refused (400).
+- ``meta_info`` adds ``output_token_weight_versions`` (policy version per token) and
+  ``output_token_times`` (engine monotonic clock per token).  Update replies add ``pause_seconds``.
+- ``pause_generation`` mode ``retract`` drops the KV caches of running sequences and re-prefills
+  them on ``continue_generation`` (with the weights live at that time); ``in_place`` keeps them.
+- ``ignore_eos`` disables both EOS and ``stop_token_ids`` (SGLang's rule); ``max_new_tokens`` wins
+  over a stop token sampled at the last position.  prompt + max_new_tokens must fit the context.
+- ``flush_cache`` is accepted and has nothing to flush (no prefix cache).  A client that
+  disconnects does not abort its request (use ``/abort_request``); ``request_timeout_s`` bounds it.
+
+How to run::
+
+    python -m producers.engine --model DIR --host 127.0.0.1 --port 0 --port-file /tmp/port \\
+        [--seed N] [--max-running-requests N] [--weight-version V] [--set key=value]...
+
+``--port 0`` binds a free port, logs ``engine listening on http://HOST:PORT`` and writes the port
+to ``--port-file``.  SIGTERM/SIGINT abort running requests and exit 0 within a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures as cf
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from aiohttp import web
+
+from pipeline.configbase import ConfigError, apply_override, from_dict, parse_override
+from pipeline.metrics import VERSION, exposition, new_registry
+from pipeline.weightsync import DEFAULT_GROUP_NAME, weights_checksum
+from producers.engine.config import EngineConfig
+from producers.engine.decode import GenRequest, Scheduler
+from producers.engine.metrics import EngineMetrics
+from producers.engine.sampling import RequestError, parse_generate_request
+from producers.engine.weights import WeightReceiver, WeightUpdateError, parse_update_request
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PAUSE_MODES = ("abort", "retract", "in_place")
+
+
+def _daemon_call(fn: Callable[[], T], name: str) -> cf.Future[T]:
+    """Run a blocking call on a daemon thread (a hung rendezvous must not hold up process exit)."""
+    fut: cf.Future[T] = cf.Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
+
+
+def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """``body[key]`` checked against ``kind``; missing (or null) gives ``default``, or 400 when required."""
+    value = body.get(key)
+    if value is None:
+        if default is ...:
+            raise RequestError(key, "is required")
+        return default
+    bool_ok = kind is bool or (isinstance(kind, tuple) and bool in kind)
+    if not isinstance(value, kind) or (isinstance(value, bool) and not bool_ok):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise RequestError(key, f"expected {names}, got {value!r}")
+    return value
+
+
+def load_model(model_path: str, cfg: EngineConfig) -> tuple[torch.nn.Module, torch.device]:
+    """Load the checkpoint with transformers in cfg.dtype on cfg.device, frozen, in eval mode."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation
+    )
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, device
+
+
+class EngineClosing(Exception):
+    """Raised into handlers still waiting on a blocking weight operation when the engine shuts down."""
+
+
+class EngineServer:
+    """The model, the scheduler, the weight receiver and the aiohttp application around them."""
+
+    def __init__(self, cfg: EngineConfig, model_path: str) -> None:
+        self.cfg = cfg
+        self.model_path = model_path
+        self.model, self.device = load_model(model_path, cfg)
+        self.registry = new_registry("engine")
+        self.metrics = EngineMetrics(self.registry)
+        self.scheduler = Scheduler(self.model, cfg, self.metrics, self.device)
+        self.receiver = WeightReceiver(self.model, self.device, self.metrics, cfg.weight_group_timeout_s)
+        self._inflight: set[str] = set()
+        self._counter = 0
+        self._closing = asyncio.Event()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("loaded %s: %d parameters, %s on %s, context %d, weight version %d", model_path, n_params,
+                 cfg.dtype, self.device, self.scheduler.context_len, cfg.weight_version)
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        """Blocking: abort every request, stop the scheduler, leave the weight groups."""
+        self.scheduler.stop(timeout=self.cfg.shutdown_timeout_s)
+        self.receiver.close()
+
+    def closing(self) -> None:
+        """Release handlers blocked on a rendezvous or a broadcast (they answer 503)."""
+        self._closing.set()
+
+    async def _until_closing(self, fut: cf.Future[T]) -> T:
+        waiter = asyncio.wrap_future(fut)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({waiter, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if not waiter.done():
+            waiter.cancel()
+            raise EngineClosing
+        return waiter.result()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_request_bytes, middlewares=[self._errors])
+        r = app.router
+        r.add_post("/generate", self.generate)
+        r.add_put("/generate", self.generate)
+        r.add_get("/health", self.health)
+        r.add_get("/health_generate", self.health)
+        r.add_get("/get_model_info", self.model_info)
+        r.add_get("/get_server_info", self.server_info)
+        r.add_get("/metrics", self.prometheus)
+        r.add_get("/flush_cache", self.flush_cache)
+        r.add_post("/flush_cache", self.flush_cache)
+        r.add_post("/pause_generation", self.pause)
+        r.add_post("/continue_generation", self.resume)
+        r.add_post("/abort_request", self.abort)
+        r.add_post("/init_weights_update_group", self.init_group)
+        r.add_post("/destroy_weights_update_group", self.destroy_group)
+        r.add_post("/update_weights_from_distributed", self.update_weights)
+        r.add_post("/update_weight_version", self.update_version)
+        r.add_get("/slipstream/weights_checksum", self.checksum)
+        return app
+
+    # ------------------------------------------------------------------ plumbing
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RequestError as e:
+            self.metrics.bad_requests.inc()
+            msg = f"{e.field}: {e.message}"
+            log.info("400 %s %s: %s", request.method, request.path, msg)
+            body: dict[str, Any] = {"error": {"message": msg, "field": e.field}}
+            if request.path in ("/init_weights_update_group", "/update_weights_from_distributed",
+                                "/destroy_weights_update_group", "/update_weight_version"):
+                body.update(success=False, message=msg)
+            return web.json_response(body, status=400)
+        except EngineClosing:
+            return web.json_response({"success": False, "message": "engine shutting down",
+                                      "error": {"message": "engine shutting down"}}, status=503)
+        except web.HTTPException:
+            raise
+        except Exception as e:
+            log.exception("%s %s failed", request.method, request.path)
+            return web.json_response({"error": {"message": f"internal error: {e}"}}, status=500)
+
+    async def _json(self, request: web.Request, allow_empty: bool = False) -> dict[str, Any]:
+        raw = await request.read()
+        if not raw.strip():
+            if allow_empty:
+                return {}
+            raise RequestError("body", "a JSON object is required")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError("body", f"invalid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
+        return body
+
+    def _new_rid(self) -> str:
+        self._counter += 1
+        return f"engine-{os.getpid()}-{self._counter}"
+
+    # ------------------------------------------------------------------ generation
+    def _requests(self, body: dict[str, Any]) -> tuple[list[GenRequest], bool]:
+        sched = self.scheduler
+        items, batch = parse_generate_request(
+            body, vocab_size=sched.vocab_size, context_len=sched.context_len,
+            max_new_tokens_cap=self.cfg.max_new_tokens_cap, default_max_new_tokens=self.cfg.default_max_new_tokens,
+        )
+        reqs: list[GenRequest] = []
+        for i, item in enumerate(items):
+            rid = item.rid if item.rid is not None else self._new_rid()
+            if rid in self._inflight or any(r.rid == rid for r in reqs):
+                raise RequestError(f"rid[{i}]" if batch else "rid", f"request id {rid!r} is already in flight")
+            reqs.append(GenRequest(rid=rid, input_ids=item.input_ids, params=item.params,
+                                   return_logprob=item.return_logprob))
+        return reqs, batch
+
+    async def generate(self, request: web.Request) -> web.Response:
+        reqs, batch = self._requests(await self._json(request))
+        self._inflight.update(r.rid for r in reqs)
+        try:
+            futs = [asyncio.wrap_future(self.scheduler.submit(r)) for r in reqs]
+            results = await asyncio.gather(*futs)
+        except asyncio.CancelledError:
+            for r in reqs:
+                self.scheduler.abort(r.rid, "client disconnected")
+            raise
+        finally:
+            self._inflight.difference_update(r.rid for r in reqs)
+        return web.json_response(results if batch else results[0])
+
+    # ------------------------------------------------------------------ info
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def _eos(self) -> int | list[int] | None:
+        ids = sorted(self.scheduler.eos_ids)
+        return None if not ids else ids[0] if len(ids) == 1 else ids
+
+    async def model_info(self, request: web.Request) -> web.Response:
+        mcfg = self.model.config
+        return web.json_response({
+            "model_path": self.model_path,
+            "tokenizer_path": self.model_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": str(self.scheduler.version),
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": getattr(mcfg, "model_type", None),
+            "architectures": getattr(mcfg, "architectures", None),
+            "vocab_size": self.scheduler.vocab_size,
+            "eos_token_id": self._eos(),
+            "context_length": self.scheduler.context_len,
+            "dtype": self.cfg.dtype,
+        })
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "version": f"slipstream-engine {VERSION}",
+            "engine": "slipstream",
+            "model_path": self.model_path,
+            "device": str(self.device),
+            "max_running_requests": self.cfg.max_running_requests,
+            "context_length": self.scheduler.context_len,
+            **self.scheduler.state(),
+        })
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        body, ctype = exposition(self.registry)
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    async def checksum(self, request: web.Request) -> web.Response:
+        def compute() -> dict[str, Any]:
+            named = dict(self.model.named_parameters())
+            return {"weight_version": str(self.scheduler.version), "checksum": weights_checksum(named),
+                    "num_tensors": len(named)}
+
+        return web.json_response(await asyncio.wrap_future(self.scheduler.call(compute)))
+
+    # ------------------------------------------------------------------ control
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        return web.json_response({"success": True, "message": "Cache flushed (the embedded engine keeps no prefix cache)."})
+
+    async def pause(self, request: web.Request) -> web.Response:
+        body = await self._json(request, allow_empty=True)
+        mode = _field(body, "mode", str, "abort")
+        if mode not in PAUSE_MODES:
+            raise RequestError("mode", f"must be one of {list(PAUSE_MODES)}, got {mode!r}")
+        await asyncio.wrap_future(self.scheduler.pause(mode))
+        return web.json_response({"success": True, "message": f"Generation paused (mode={mode})."})
+
+    async def resume(self, request: web.Request) -> web.Response:
+        await self._json(request, allow_empty=True)
+        await asyncio.wrap_future(self.scheduler.resume())
+        return web.json_response({"success": True, "message": "Generation continued."})
+
+    async def abort(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        if _field(body, "abort_all", bool, False):
+            self.scheduler.abort(None, "aborted by /abort_request abort_all")
+            return web.json_response({"success": True, "message": "Aborted all requests."})
+        rid = _field(body, "rid", str)
+        self.scheduler.abort(rid, "aborted by /abort_request")
+        return web.json_response({"success": True, "message": f"Abort of {rid!r} requested."})
+
+    # ------------------------------------------------------------------ weights
+    async def init_group(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        address = _field(body, "master_address", str)
+        port = _field(body, "master_port", int)
+        rank = _field(body, "rank_offset", int)
+        world = _field(body, "world_size", int)
+        group_name = _field(body, "group_name", str, DEFAULT_GROUP_NAME)
+        backend = _field(body, "backend", str, "nccl")
+        if not 0 < port < 65536:
+            raise RequestError("master_port", f"must be a TCP port, got {port}")
+        if world < 2:
+            raise RequestError("world_size", f"must be >= 2 (trainer rank 0 plus engines), got {world}")
+        if not 1 <= rank < world:
+            raise RequestError("rank_offset", f"must be in [1, world_size={world}), got {rank}")
+        if backend not in ("gloo", "nccl"):
+            raise RequestError("backend", f"must be 'gloo' or 'nccl', got {backend!r}")
+        fut = _daemon_call(lambda: self.receiver.init_group(address, port, rank, world, backend, group_name),
+                           "engine-weight-group-init")
+        try:
+            message = await self._until_closing(fut)
+        except EngineClosing:
+            raise
+        except Exception as e:
+            log.error("init_weights_update_group failed: %s", e)
+            return web.json_response({"success": False, "message": f"Failed to init weight group: {e}"}, status=400)
+        return web.json_response({"success": True, "message": message})
+
+    async def destroy_group(self, request: web.Request) -> web.Response:
+        body = await self._json(request, allow_empty=True)
+        name = _field(body, "group_name", str, DEFAULT_GROUP_NAME)
+        ok = await asyncio.to_thread(self.receiver.destroy_group, name)
+        return web.json_response({"success": ok, "message": "destroyed" if ok else f"no weight group {name!r}"},
+                                 status=200 if ok else 400)
+
+    async def update_weights(self, request: web.Request) -> web.Response:
+        spec = parse_update_request(await self._json(request))
+        if spec.abort_all_requests:
+            self.scheduler.abort(None, "aborted for a weight update (abort_all_requests)")
+        try:
+            result = await self._until_closing(self.receiver.submit_bucket(spec))
+        except WeightUpdateError as e:
+            self.metrics.updates.labels("failed").inc()
+            log.error("weight update refused: %s", e)
+            return web.json_response({"success": False, "message": str(e)}, status=400)
+        if spec.weight_version is None or result.staged_update is None:
+            return web.json_response({"success": True, "message": f"staged {result.num_tensors} tensors "
+                                      f"({result.nbytes} bytes) in {result.receive_s * 1e3:.1f} ms"})
+        pause = await asyncio.wrap_future(self.scheduler.swap_weights(result.staged_update, spec.weight_version))
+        self.metrics.updates.labels("success").inc()
+        return web.json_response({
+            "success": True,
+            "message": f"updated {len(result.staged_update)} tensors to version {spec.weight_version}; "
+                       f"generation paused {pause * 1e3:.2f} ms",
+            "weight_version": str(spec.weight_version),
+            "pause_seconds": pause,  # slipstream extension: time decoding stopped for the swap
+        })
+
+    async def update_version(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        raw = _field(body, "new_version", (str, int))
+        try:
+            version = int(raw)
+            assert version >= 0
+        except (ValueError, AssertionError):
+            raise RequestError("new_version", f"expected a non-negative integer version, got {raw!r}") from None
+        if _field(body, "abort_all_requests", bool, True):
+            self.scheduler.abort(None, "aborted for a weight-version change")
+        pause = await asyncio.wrap_future(self.scheduler.swap_weights({}, version))
+        return web.json_response({"success": True, "message": f"version set to {version}",
+                                  "weight_version": str(version), "pause_seconds": pause})
+
+
+# ---------------------------------------------------------------------- entry point
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m producers.engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=30000, help="port to bind; 0 picks a free one")
+    p.add_argument("--port-file", default=None, help="write the bound port to this file once listening")
+    p.add_argument("--seed", type=int, default=None, help="engine seed (config key 'seed')")
+    p.add_argument("--max-running-requests", type=int, default=None, help="batch cap (config key)")
+    p.add_argument("--weight-version", type=int, default=None, help="policy version of --model (default 0)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EngineConfig override")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> EngineConfig:
+    data: dict[str, Any] = {}
+    for text in args.set:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    for key in ("seed", "max_running_requests", "weight_version"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    return from_dict(EngineConfig, data)
+
+
+async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        engine = EngineServer(cfg, args.model)
+    except Exception as e:
+        log.error("could not load model %s: %s", args.model, e)
+        return 1
+    engine.start()
+    runner = web.AppRunner(engine.app(), shutdown_timeout=cfg.shutdown_timeout_s, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("could not bind %s:%d: %s", args.host, args.port, e)
+        await asyncio.to_thread(engine.stop)
+        await runner.cleanup()
+        return 1
+    port = int(runner.addresses[0][1])
+    log.info("engine listening on http://%s:%d", args.host, port)
+    if args.port_file:
+        tmp = Path(f"{args.port_file}.tmp")
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, args.port_file)
+    await stop.wait()
+    log.info("shutting down: aborting running requests")
+    engine.closing()
+    await asyncio.to_thread(engine.stop)  # in-flight /generate calls get their abort responses
+    await runner.cleanup()
+    log.info("engine stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = build_config(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    try:
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve(cfg, args))

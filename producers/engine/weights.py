@@ -1,0 +1,303 @@
+"""Weight receiver of the embedded engine: joins the weight group, receives buckets into staging.
+
+What: :class:`WeightReceiver` serves ``/init_weights_update_group`` (join the trainer's weight group
+via :func:`pipeline.weightsync.init_weight_group`, on a thread of its own because the rendezvous
+blocks until the trainer joins) and ``/update_weights_from_distributed`` (receive one bucket by
+broadcast from rank 0 on a background receive thread, into *staging* tensors, never into the live
+model).  Buckets accumulate in staging until the request that carries ``weight_version``: that
+last bucket's result hands the whole staged update to the scheduler, which copies it into the
+live parameters between two decode steps (``Scheduler.swap_weights``).
+
+Why: the network transfer of a large model takes far longer than a device copy; receiving into
+staging lets decoding continue during the transfer, so generation pauses only for the swap
+(DESIGN §8).  The price is one extra copy of the updated tensors while an update is in flight.
+
+Failure semantics (explicit, because a half-applied update would silently mislabel versions):
+- A bucket whose names/shapes/dtypes do not match the model is still *received* (the trainer's
+  broadcast must be matched or the collective hangs), then rejected: ``success: false`` with a
+  message naming the tensor.  The whole pending update is then *poisoned*: staged tensors are
+  dropped and every further bucket up to and including the one with ``weight_version`` is received
+  and discarded with ``success: false``.  Nothing is swapped; the engine keeps its old version and
+  weights.  The update after that starts clean.
+- A request whose bucket size cannot even be computed (names/dtypes/shapes of different lengths,
+  unknown dtype, missing group) is refused before receiving; the trainer's broadcast then fails
+  by its weight-group timeout.
+
+Run: not on its own; the engine server owns one receiver.  The trainer side is
+``pipeline.weightsync``: ``group.broadcast(flatten_bucket(tensors), src=0)``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from pipeline.weightsync import (
+    DEFAULT_GROUP_NAME,
+    WeightGroup,
+    dtype_from_name,
+    init_weight_group,
+    unflatten_bucket,
+)
+from producers.engine.metrics import EngineMetrics
+from producers.engine.sampling import RequestError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class WeightUpdateError(RuntimeError):
+    """An update that was (or must be) refused; the message goes back as ``success: false``."""
+
+
+@dataclass
+class BucketSpec:
+    """A parsed ``/update_weights_from_distributed`` request."""
+
+    names: list[str]
+    dtypes: list[torch.dtype]
+    shapes: list[list[int]]
+    group_name: str = DEFAULT_GROUP_NAME
+    load_format: str | None = None
+    weight_version: int | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for dt, shape in zip(self.dtypes, self.shapes, strict=True):
+            numel = 1
+            for s in shape:
+                numel *= s
+            total += numel * torch.empty((), dtype=dt).element_size()
+        return total
+
+
+@dataclass
+class BucketResult:
+    nbytes: int
+    receive_s: float
+    num_tensors: int
+    staged_update: dict[str, torch.Tensor] | None = None  # set on the last bucket: the whole update
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_update_request(body: Any) -> BucketSpec:
+    """Validate the JSON of ``/update_weights_from_distributed``; RequestError names the bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("body", "expected a JSON object")
+    lists: dict[str, list[Any]] = {}
+    for key in ("names", "dtypes", "shapes"):
+        if not isinstance(body.get(key), list):
+            raise RequestError(key, f"required, a list (got {body.get(key)!r})")
+        lists[key] = body[key]
+    n = len(lists["names"])
+    for key in ("dtypes", "shapes"):
+        if len(lists[key]) != n:
+            raise RequestError(key, f"has {len(lists[key])} entries but names has {n}")
+    names: list[str] = []
+    for i, name in enumerate(lists["names"]):
+        if not isinstance(name, str) or not name:
+            raise RequestError(f"names[{i}]", f"expected a parameter name, got {name!r}")
+        names.append(name)
+    dtypes: list[torch.dtype] = []
+    for i, dt in enumerate(lists["dtypes"]):
+        try:
+            dtypes.append(dtype_from_name(str(dt)))
+        except ValueError:
+            raise RequestError(f"dtypes[{i}]", f"unknown dtype {dt!r}") from None
+    shapes: list[list[int]] = []
+    for i, shape in enumerate(lists["shapes"]):
+        if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+            raise RequestError(f"shapes[{i}]", f"expected a list of non-negative ints, got {shape!r}")
+        shapes.append(list(shape))
+    group_name = body.get("group_name") or DEFAULT_GROUP_NAME
+    if not isinstance(group_name, str):
+        raise RequestError("group_name", f"expected a string, got {group_name!r}")
+    load_format = body.get("load_format")
+    if load_format not in (None, "flattened_bucket"):
+        raise RequestError("load_format", f"must be null or 'flattened_bucket', got {load_format!r}")
+    version = body.get("weight_version")
+    if version is not None:
+        try:
+            if isinstance(version, bool):
+                raise ValueError
+            version = int(version)
+            if version < 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise RequestError("weight_version", f"expected a non-negative integer version, got {version!r}") from None
+    flags = {}
+    for key, default in (("flush_cache", True), ("abort_all_requests", False)):
+        flags[key] = body.get(key, default) if body.get(key) is not None else default
+        if not isinstance(flags[key], bool):
+            raise RequestError(key, f"expected true/false, got {flags[key]!r}")
+    return BucketSpec(names, dtypes, shapes, group_name, load_format, version, flags["flush_cache"],
+                      flags["abort_all_requests"])
+
+
+class _SerialWorker:
+    """One daemon thread running submitted callables in order (buckets must be received in order)."""
+
+    def __init__(self, name: str) -> None:
+        self._q: queue.Queue[tuple[Callable[[], Any], cf.Future[Any]]] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T]) -> cf.Future[T]:
+        fut: cf.Future[T] = cf.Future()
+        self._q.put((fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            fn, fut = self._q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+
+class WeightReceiver:
+    """Weight groups + staging for one engine (single TP rank: engine rank = rank_offset)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, metrics: EngineMetrics, timeout_s: float) -> None:
+        params = dict(model.named_parameters())
+        self._specs = {name: (list(p.shape), p.dtype) for name, p in params.items()}
+        self._aliases = {k for k in model.state_dict() if k not in params}  # tied weights, buffers
+        self._device = device
+        self._metrics = metrics
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._groups: dict[str, tuple[WeightGroup, str]] = {}  # name -> (group, backend)
+        self._staged: dict[str, torch.Tensor] = {}
+        self._poisoned: str | None = None
+        self._worker = _SerialWorker("engine-weight-recv")
+
+    # ------------------------------------------------------------------ groups
+    def init_group(self, master_address: str, master_port: int, rank: int, world_size: int, backend: str,
+                   group_name: str) -> str:
+        """Blocking: join the group (call from a thread). Raises on failure with a precise message."""
+        if backend == "nccl" and self._device.type != "cuda":
+            raise WeightUpdateError("backend 'nccl' needs the engine on a CUDA device; use backend 'gloo' on CPU")
+        self.destroy_group(group_name)
+        group = init_weight_group(master_address, master_port, rank=rank, world_size=world_size, backend=backend,
+                                  group_name=group_name, timeout_s=self._timeout_s)
+        with self._lock:
+            self._groups[group_name] = (group, backend)
+        msg = f"joined weight group {group_name!r} as rank {rank}/{world_size} ({backend}) at {master_address}:{master_port}"
+        log.info(msg)
+        return msg
+
+    def destroy_group(self, group_name: str) -> bool:
+        with self._lock:
+            entry = self._groups.pop(group_name, None)
+        if entry is None:
+            return False
+        _close_group(entry[0])
+        log.info("left weight group %r", group_name)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            groups, self._groups = list(self._groups.values()), {}
+        for group, _ in groups:
+            _close_group(group)
+
+    # ------------------------------------------------------------------ buckets
+    def submit_bucket(self, spec: BucketSpec) -> cf.Future[BucketResult]:
+        """Receive one bucket on the receive thread; see the module docstring for the failure rules."""
+        with self._lock:
+            if spec.group_name not in self._groups:
+                known = ", ".join(repr(g) for g in self._groups) or "none"
+                raise WeightUpdateError(
+                    f"no weight group named {spec.group_name!r} (joined: {known}); call /init_weights_update_group first"
+                )
+        return self._worker.submit(lambda: self._receive(spec))
+
+    def _receive(self, spec: BucketSpec) -> BucketResult:
+        with self._lock:
+            group, backend = self._groups[spec.group_name]
+        recv_device = torch.device("cpu") if backend == "gloo" else self._device
+        problem = self._check(spec)
+        t0 = time.perf_counter()
+        try:
+            tensors = _broadcast_recv(group, spec, recv_device)
+        except Exception as e:
+            with self._lock:  # a broken transfer poisons the pending update like a bad bucket does
+                self._poisoned, self._staged = self._poisoned or f"receive failed: {e}", {}
+                if spec.weight_version is not None:
+                    self._poisoned = None
+            raise WeightUpdateError(f"receiving the bucket over group {spec.group_name!r} failed: {e}") from e
+        receive_s = time.perf_counter() - t0
+        self._metrics.receive_seconds.observe(receive_s)
+        self._metrics.update_bytes.inc(spec.nbytes)
+        log.info("received bucket: %d tensors, %d bytes in %.1f ms (version=%s)", len(tensors), spec.nbytes,
+                 receive_s * 1e3, spec.weight_version)
+        result = BucketResult(nbytes=spec.nbytes, receive_s=receive_s, num_tensors=len(tensors))
+        with self._lock:
+            if problem is not None and self._poisoned is None:
+                self._poisoned = problem
+                self._staged = {}
+            poisoned = self._poisoned
+            if poisoned is None:
+                for name, t in zip(spec.names, tensors, strict=True):
+                    self._staged[name] = t.to(self._device)
+            if spec.weight_version is not None:  # last bucket: hand over (or drop) the whole update
+                result.staged_update, self._staged, self._poisoned = self._staged, {}, None
+        if poisoned is not None:
+            if problem is None:
+                problem = f"an earlier bucket of this weight update was rejected ({poisoned}); bucket discarded"
+            if spec.weight_version is not None:
+                problem += f"; update to version {spec.weight_version} abandoned, nothing was swapped"
+            raise WeightUpdateError(problem)
+        return result
+
+    def _check(self, spec: BucketSpec) -> str | None:
+        """A precise description of the first mismatch with the model, or None."""
+        for name, dt, shape in zip(spec.names, spec.dtypes, spec.shapes, strict=True):
+            if name not in self._specs:
+                hint = " (a tied/aliased weight: send the parameter it is tied to)" if name in self._aliases else ""
+                return f"unknown parameter name {name!r}{hint}; the model has {len(self._specs)} parameters"
+            want_shape, want_dtype = self._specs[name]
+            if list(shape) != want_shape:
+                return f"parameter {name!r}: shape {list(shape)} sent, the model has {want_shape}"
+            if dt != want_dtype:
+                return f"parameter {name!r}: dtype {_dn(dt)} sent, the model has {_dn(want_dtype)}"
+        return None
+
+
+def _broadcast_recv(group: WeightGroup, spec: BucketSpec, device: torch.device) -> list[torch.Tensor]:
+    """Take part in rank 0's broadcast(s) of one bucket; returns the received tensors."""
+    if spec.load_format == "flattened_bucket":
+        flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
+        group.broadcast(flat, src=0)
+        return unflatten_bucket(flat, spec.dtypes, spec.shapes)
+    tensors = [torch.empty(shape, dtype=dt, device=device) for dt, shape in zip(spec.dtypes, spec.shapes, strict=True)]
+    for t in tensors:
+        group.broadcast(t, src=0)
+    return tensors
+
+
+def _dn(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _close_group(group: WeightGroup) -> None:
+    for method in ("abort", "shutdown"):
+        try:
+            getattr(group.pg, method)()
+            return
+        except Exception:  # not implemented by every backend / torch version
+            continue
