@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class StepRecord:
     publish_s: float
     publish_bytes: int
     weights_checksum: str
+    engine_checksums: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -117,7 +119,22 @@ def _staleness(batch: Batch, version: int) -> list[int]:
     return [version - t.min_version for g in batch.groups for t in g.trajectories]
 
 
-def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str], batch_timeout_s: float = 600.0) -> int:
+def engine_checksums(engine_urls: list[str], expected: str, version: int, timeout_s: float) -> list[str]:
+    """Each engine's checksum of the weights it serves; raise if any differs from ``expected``."""
+    out = []
+    for url in engine_urls:
+        with urllib.request.urlopen(f"{url}/slipstream/weights_checksum", timeout=timeout_s) as r:
+            info = json.loads(r.read())
+        if info["checksum"] != expected or str(info["weight_version"]) != str(version):
+            raise RuntimeError(
+                f"engine {url} serves weights v{info['weight_version']} with checksum {info['checksum'][:16]}..., "
+                f"but the trainer published v{version} with checksum {expected[:16]}... (run.verify_weights)"
+            )
+        out.append(info["checksum"])
+    return out
+
+
+def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
     from consumers.publisher import WeightPublisher
     from consumers.trainer import TrainerRank, init_distributed
 
@@ -134,7 +151,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             _, port = serve_metrics(metrics.registry, cfg.metrics.host, 0)
             write_json_atomic(port_file(run_dir, "trainer"), {"metrics_port": port})
         publisher = WeightPublisher(
-            engine_urls, master_address=cfg.queue.host, backend=cfg.trainer.weight_backend,
+            engine_urls, master_address=cfg.queue.host, backend=cfg.trainer.resolved_weight_backend(torch.cuda.is_available()),
             bucket_bytes=cfg.trainer.publish_bucket_bytes, timeout_s=cfg.trainer.weight_group_timeout_s,
         )
         publisher.connect()
@@ -150,7 +167,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         batch = None
         if is_pub:
             assert client is not None
-            batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, batch_timeout_s)
+            batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s)
         batch = broadcast_batch(batch)
         t1 = time.monotonic()
         stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
@@ -162,6 +179,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             assert client is not None and publisher is not None and metrics is not None
             client.commit(batch.lease_id, step, version, timeout_s=cfg.run.startup_timeout_s)
             pub = publisher.publish(named, version)
+            checks = engine_checksums(engine_urls, pub["checksum"], version, 60.0) if cfg.run.verify_weights else []
             client.published(version)
             t3 = time.monotonic()
             stale = _staleness(batch, trained_from)
@@ -171,7 +189,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
                 staleness_mean=sum(stale) / len(stale), staleness_max=max(stale),
                 tokens_trained=int(stats.get("tokens_trained", 0)), trajectories=len(stale), trajectories_dropped=batch.dropped,
                 queue_depth=batch.queue_depth, wall_time_s=t3 - t_start, wait_s=t1 - t0, train_s=t2 - t1,
-                publish_s=float(pub["seconds"]), publish_bytes=int(pub["bytes"]), weights_checksum=str(pub["checksum"]),
+                publish_s=float(pub["seconds"]), publish_bytes=int(pub["bytes"]), weights_checksum=str(pub["checksum"]), engine_checksums=checks,
                 stats={k: float(v) for k, v in stats.items()},
             )
             with steps_path.open("a") as f:

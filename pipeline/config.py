@@ -35,12 +35,19 @@ class RunConfig:
     log_format: Literal["text", "json"] = doc("Process log format: 'text' or 'json' (one JSON object a line).", "text")
     startup_timeout_s: float = doc("How long the launcher waits for each process to come up.", 120.0)
     shutdown_timeout_s: float = doc("Grace period after SIGTERM before a child is killed.", 15.0)
+    verify_weights: bool = doc(
+        "After each publish, fetch every engine's weight checksum and fail the run if it differs from the "
+        "trainer's (a debugging aid: hashing costs about a second per GB of weights).",
+        False,
+    )
+    batch_timeout_s: float = doc("How long the trainer waits for one batch before it gives up (it logs while it waits).", 600.0)
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "must be >= 1")
         check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
         check(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
         check(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
+        check(self.batch_timeout_s > 0, "batch_timeout_s", "must be > 0")
 
 
 @dataclass

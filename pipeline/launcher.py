@@ -142,8 +142,8 @@ class Launcher:
                 engines.append(self._spawn(f"engine-{i}", "engine", cmd))
             engine_urls = []
             for i, e in enumerate(engines):
-                info = self._ready(e, f"engine-{i}")
-                url = f"http://{host}:{info['port']}"
+                info = self._ready(e, f"engine-{i}")  # the engine writes its bare port number
+                url = f"http://{host}:{info['port'] if isinstance(info, dict) else int(info)}"
                 e.metrics_url = f"{url}/metrics"
                 engine_urls.append(url)
 
@@ -154,7 +154,8 @@ class Launcher:
             child = self._spawn(f"producer-{p}", "producer", cmd)
             child.metrics_url = f"http://{host}:{self._ready(child, f'producer-{p}')['metrics_port']}/metrics"
 
-        nproc = self.cfg.trainer.world_size
+        t = self.cfg.trainer
+        nproc = t.tensor_parallel * t.pipeline_parallel * getattr(t, "data_parallel", 1)
         args = ["train", "--config", str(self.config_path), "--run-dir", str(rd), "--broker", broker.extra["trainer_endpoint"],
                 *[a for u in engine_urls for a in ("--engine-url", u)]]
         if nproc > 1:
@@ -296,7 +297,7 @@ def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None) -> int:
         ensure_tiny_model(cfg.model.path, seed=cfg.run.seed)
     launcher = Launcher(cfg, run_dir)
     previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
-    console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty() or True)
+    console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty())
     t0 = time.monotonic()
     code = 1
     try:
