@@ -178,7 +178,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         if is_pub:
             assert client is not None and publisher is not None and metrics is not None
             client.commit(batch.lease_id, step, version, timeout_s=cfg.run.startup_timeout_s)
-            pub = publisher.publish(named, version)
+            pub = publisher.publish(named, version, checksum=cfg.run.verify_weights)
             checks = engine_checksums(engine_urls, pub["checksum"], version, 60.0) if cfg.run.verify_weights else []
             client.published(version)
             t3 = time.monotonic()
@@ -201,6 +201,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
                             "trajectory_id": t.trajectory_id, "group_id": g.group_id, "step": step,
                             "trained_from_version": trained_from, "min_version": int(t.versions.min()),
                             "max_version": int(t.versions.max()), "num_tokens": len(t.response_tokens),
+                            "prompt_id": g.prompt_id, "reward": t.reward, "masked_tokens": int((t.loss_mask == 0).sum()), "mask_spans": _mask_spans(t.loss_mask),
                         }) + "\n")
             _observe(metrics, rec, t2 - t1, pub)
         del named
@@ -211,6 +212,21 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _mask_spans(mask: Any, limit: int = 16) -> list[list[int]]:
+    """``[start, end)`` of the first ``limit`` runs of loss_mask 0 (tool/environment tokens)."""
+    spans: list[list[int]] = []
+    start = None
+    for i, m in enumerate([*mask.tolist(), 1]):
+        if m == 0 and start is None:
+            start = i
+        elif m != 0 and start is not None:
+            spans.append([start, i])
+            start = None
+            if len(spans) >= limit:
+                break
+    return spans
 
 
 def _observe(m: TrainerMetrics, rec: StepRecord, train_s: float, pub: dict[str, Any]) -> None:

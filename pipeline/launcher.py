@@ -6,11 +6,18 @@ terminal Ctrl-C reaches only the launcher, which then stops the children in orde
 to ``cmds/NAME.sh`` so it can be re-run by hand, and ``processes.json`` lists role, pid, command,
 log and metrics URL of every process.  The console shows a progress bar and one line per step,
 read from ``steps.jsonl``.  The run ends when the trainer finishes its steps (exit 0), when any
-child fails (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130).
+child fails for good (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130).
+
+A crashed broker or producer is restarted, up to ``run.max_restarts`` times per process, after
+``run.restart_backoff_s`` (doubling per restart).  The broker comes back on the ports (and metrics
+port) it first bound and recovers its queue from RUN_DIR/journal; producers and the trainer
+reconnect on their own.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
+and ``summary.json`` counts restarts per role.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import json
@@ -96,6 +103,8 @@ class Launcher:
         self.env = child_env(cfg)
         self.config_path = run_dir / "config.json"
         self._stop_reason: str | None = None
+        self.restarts: collections.Counter[str] = collections.Counter()  # per process name
+        self.restarts_by_role: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ helpers
     def _cli(self, *args: str) -> list[str]:
@@ -125,9 +134,17 @@ class Launcher:
     # ------------------------------------------------------------------ start
     def start_all(self) -> None:
         cfg, rd, host = self.cfg, self.run_dir, self.cfg.metrics.host
+        journal = rd / "journal"
+        if journal.is_dir() and any(journal.iterdir()):
+            aside = rd / f"journal.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+            log.warning("%s holds an earlier run's queue journal; a fresh run starts with an empty queue: moved it to %s", journal, aside)
+            journal.rename(aside)
         broker = self._spawn("broker", "broker", self._cli("broker", "--config", str(self.config_path), "--run-dir", str(rd)))
         ports = self._ready(broker, "broker")
         broker.metrics_url = f"http://{host}:{ports['metrics_port']}/metrics"
+        # A restarted broker binds these same ports, so producers and the trainer reconnect by themselves.
+        broker.cmd = [*broker.cmd, "--set", f"queue.producer_port={ports['producer_port']}", "--set", f"queue.trainer_port={ports['trainer_port']}",
+                      "--metrics-port", str(ports["metrics_port"])]
         broker.extra = {"producer_endpoint": f"tcp://{cfg.queue.host}:{ports['producer_port']}", "trainer_endpoint": f"tcp://{cfg.queue.host}:{ports['trainer_port']}"}
 
         engine_urls = list(cfg.producer.engine_urls)
@@ -155,7 +172,7 @@ class Launcher:
             child.metrics_url = f"http://{host}:{self._ready(child, f'producer-{p}')['metrics_port']}/metrics"
 
         t = self.cfg.trainer
-        nproc = t.tensor_parallel * t.pipeline_parallel * getattr(t, "data_parallel", 1)
+        nproc = t.tensor_parallel * t.pipeline_parallel * t.data_parallel
         args = ["train", "--config", str(self.config_path), "--run-dir", str(rd), "--broker", broker.extra["trainer_endpoint"],
                 *[a for u in engine_urls for a in ("--engine-url", u)]]
         if nproc > 1:
@@ -169,6 +186,33 @@ class Launcher:
     # ------------------------------------------------------------------ supervise
     def request_stop(self, reason: str) -> None:
         self._stop_reason = reason
+
+    def restart(self, child: Child) -> bool:
+        """Restart a crashed broker or producer in place (bounded, with backoff). False: give up."""
+        n = self.restarts[child.name]
+        if child.role not in ("broker", "producer") or n >= self.cfg.run.max_restarts:
+            if child.role in ("broker", "producer"):
+                log.error("%s crashed again and was already restarted %d times (run.max_restarts): giving up", child.name, n)
+            return False
+        backoff = self.cfg.run.restart_backoff_s * 2**n
+        log.warning("%s exited with code %s; restarting it in %.1fs (restart %d of at most %d); see %s",
+                    child.name, child.proc.returncode if child.proc else None, backoff, n + 1, self.cfg.run.max_restarts, child.log_path)
+        deadline = time.monotonic() + backoff
+        while time.monotonic() < deadline and self._stop_reason is None:
+            time.sleep(0.05)
+        if self._stop_reason is not None:
+            return True  # supervise() sees the stop request next
+        child.close()
+        with contextlib.suppress(FileNotFoundError):
+            port_file(self.run_dir, child.name).unlink()
+        self.restarts[child.name] += 1
+        self.restarts_by_role[child.role] += 1
+        child.start(self.env)
+        info = self._ready(child, child.name)  # raises TimeoutError/RuntimeError if it cannot come up
+        child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
+        self._write_processes()
+        log.warning("%s restarted (pid %d)", child.name, child.proc.pid if child.proc else -1)
+        return True
 
     def supervise(self, console: Console) -> int:
         trainer = next(c for c in self.children if c.role == "trainer")
@@ -187,7 +231,9 @@ class Launcher:
             for c in self.children:
                 if c.role != "trainer" and not c.alive():
                     assert c.proc is not None
-                    log.error("%s exited unexpectedly with code %s; see %s", c.name, c.proc.returncode, c.log_path)
+                    if self.restart(c):
+                        continue
+                    log.error("%s exited unexpectedly with code %s; see %s%s", c.name, c.proc.returncode, c.log_path, _fatal_line(c.log_path))
                     return 1
             time.sleep(0.2)
 
@@ -226,7 +272,7 @@ class Launcher:
                 "still_queued": broker.get("trajectories_still_queued"),
             },
             "rejected_messages": broker.get("rejected_messages", {}),
-            "restarts": {role: 0 for role in ("broker", "engine", "producer", "trainer")},
+            "restarts": {role: self.restarts_by_role[role] for role in ("broker", "engine", "producer", "trainer")},
         }
         if accepted is not None:
             out["trajectories"]["balanced"] = accepted == broker["trajectories_consumed"] + sum(dropped.values()) + broker["trajectories_still_queued"]
@@ -237,6 +283,15 @@ class Launcher:
             out["reward_last10_mean"] = sum(last) / 10
         write_json_atomic(rd / "summary.json", out)
         return out
+
+
+def _fatal_line(log_path: Path) -> str:
+    """The child's last 'slipstream: ...' line (a config or plug-in error), to repeat in our message."""
+    try:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines()[-200:] if ln.startswith("slipstream: ")]
+    except OSError:
+        return ""
+    return f": {lines[-1]}" if lines else ""
 
 
 def _read_json(path: Path) -> dict[str, Any]:

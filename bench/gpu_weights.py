@@ -1,0 +1,238 @@
+"""GPU benchmark of weight streaming (issue 4): publish throughput vs raw NCCL, generation kept
+while weights stream, and the pause per update. Needs 2 GPUs; results go to one JSON file.
+
+What it measures, all in one run on the same two GPUs:
+1. raw NCCL: a bare broadcast GPU0 -> GPU1 of the same bytes, in the same bucket sizes (baseline);
+2. publish: ``consumers.publisher.WeightPublisher`` on GPU0 streaming a >= 0.5B Qwen3-shaped model
+   (bf16) to the embedded engine on GPU1 over HTTP + NCCL, including its staging and swap;
+3. generation: the engine's tokens/s under a fixed concurrent /generate load, first with no
+   updates, then with a new version streamed back to back (every "step");
+4. pause: the engine's swap time per update (``slipstream_engine_weight_update_pause_seconds``).
+
+    python bench/gpu_weights.py --out results.json          # on a machine with >= 2 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.weightsync import init_weight_group  # noqa: E402
+
+
+def model_config(vocab: int = 151936) -> dict:
+    # Qwen3-0.6B shape (random weights): ~0.6B parameters with tied embeddings.
+    return dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=vocab, hidden_size=1024,
+        intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        tie_word_embeddings=True, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
+    )
+
+
+def make_model(path: Path) -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(**model_config())
+    with torch.device("cuda:0"):
+        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def _raw_receiver(port: int, sizes: list[int], reps: int) -> None:
+    torch.cuda.set_device(1)
+    g = init_weight_group("127.0.0.1", port, rank=1, world_size=2, backend="nccl")
+    bufs = [torch.empty(n, dtype=torch.uint8, device="cuda:1") for n in sizes]
+    for _ in range(reps + 1):
+        for b in bufs:
+            g.broadcast(b, 0)
+    torch.cuda.synchronize()
+
+
+def raw_nccl(sizes: list[int], reps: int) -> dict:
+    port = random.randint(20000, 40000)
+    p = mp.get_context("spawn").Process(target=_raw_receiver, args=(port, sizes, reps))
+    p.start()
+    g = init_weight_group("127.0.0.1", port, rank=0, world_size=2, backend="nccl")
+    bufs = [torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda:0") for n in sizes]
+    for b in bufs:  # warm-up
+        g.broadcast(b, 0)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for b in bufs:
+            g.broadcast(b, 0)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    p.join(60)
+    total = sum(sizes)
+    best = min(times)
+    return {"bytes": total, "seconds": times, "GBps_best": total / best / 1e9, "GBps_median": total / sorted(times)[len(times) // 2] / 1e9}
+
+
+def start_engine(model: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
+    port_file = workdir / "engine.port"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "producers.engine", "--model", str(model), "--port", "0", "--port-file", str(port_file),
+           "--set", 'device="cuda"', "--set", 'dtype="bfloat16"', "--set", "max_running_requests=512",
+           "--set", "weight_group_timeout_s=300"]
+    log = open(workdir / "engine.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not port_file.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError("engine failed to start: " + (workdir / "engine.log").read_text()[-3000:])
+        time.sleep(0.5)
+    return proc, f"http://127.0.0.1:{int(port_file.read_text().strip())}"
+
+
+def scrape(url: str) -> dict[str, float]:
+    import urllib.request
+
+    out = {}
+    for line in urllib.request.urlopen(url + "/metrics", timeout=10).read().decode().splitlines():
+        if line and not line.startswith("#"):
+            k, _, v = line.rpartition(" ")
+            out[k] = float(v)
+    return out
+
+
+async def load(url: str, seconds: float, concurrency: int, new_tokens: int, prompt_len: int) -> dict:
+    import aiohttp
+
+    stop = time.monotonic() + seconds
+    tokens = 0
+    requests = 0
+
+    async def worker(i: int) -> None:
+        nonlocal tokens, requests
+        rng = random.Random(i)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+            while time.monotonic() < stop:
+                body = {"input_ids": [rng.randrange(3, 1000) for _ in range(prompt_len)],
+                        "sampling_params": {"temperature": 1.0, "max_new_tokens": new_tokens, "ignore_eos": True},
+                        "return_logprob": True}
+                async with s.post(url + "/generate", json=body) as r:
+                    data = await r.json()
+                if time.monotonic() <= stop:
+                    tokens += int(data["meta_info"]["completion_tokens"])
+                    requests += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*[worker(i) for i in range(concurrency)])
+    return {"tokens": tokens, "requests": requests, "seconds": time.monotonic() - t0, "tokens_per_s": tokens / seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--bucket-mb", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--load-seconds", type=float, default=40)
+    ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    args = ap.parse_args()
+    from consumers.publisher import WeightPublisher, plan_buckets
+
+    result: dict = {
+        "benchmark": "weight streaming (issue 4)",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": " ".join(["python", *sys.argv]),
+        "device": {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                   "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())), "python": platform.python_version()},
+    }
+    out = Path(args.out)
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2))
+
+    work = Path(tempfile.mkdtemp())
+    model = make_model(work / "model")
+    named = {n: p.detach() for n, p in model.named_parameters()}
+    nbytes = sum(t.numel() * t.element_size() for t in named.values())
+    result["model"] = {"shape": "Qwen3-0.6B (random)", "parameters": sum(t.numel() for t in named.values()), "bytes": nbytes, "dtype": "bfloat16"}
+    buckets = plan_buckets(named, args.bucket_mb << 20)
+    sizes = [sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets]
+    result["bucket_bytes"] = args.bucket_mb << 20
+    result["raw_nccl_broadcast"] = raw_nccl(sizes, args.reps)
+    save()
+    print("raw", result["raw_nccl_broadcast"]["GBps_best"], flush=True)
+
+    proc, url = start_engine(work / "model", work)
+    try:
+        pub = WeightPublisher([url], backend="nccl", bucket_bytes=args.bucket_mb << 20, timeout_s=300)
+        pub.connect()
+        version = 0
+        times = []
+        for _ in range(args.reps + 1):
+            version += 1
+            t0 = time.perf_counter()
+            pub.publish(named, version, checksum=False)
+            times.append(time.perf_counter() - t0)
+        times = times[1:]
+        result["publish"] = {"bytes": nbytes, "seconds": times, "GBps_best": nbytes / min(times) / 1e9,
+                             "GBps_median": nbytes / sorted(times)[len(times) // 2] / 1e9}
+        result["publish_vs_raw"] = result["publish"]["GBps_best"] / result["raw_nccl_broadcast"]["GBps_best"]
+        save()
+        print("publish", result["publish"]["GBps_best"], flush=True)
+
+        asyncio.run(load(url, 10, args.concurrency, args.new_tokens, 32))  # warm-up
+        base = asyncio.run(load(url, args.load_seconds, args.concurrency, args.new_tokens, 32))
+        result["generation_no_updates"] = base
+        save()
+        m0 = scrape(url)
+        stop = threading.Event()
+        published = []
+
+        def streamer() -> None:
+            nonlocal version
+            while not stop.is_set():
+                version += 1
+                t0 = time.perf_counter()
+                pub.publish(named, version, checksum=False)
+                published.append(time.perf_counter() - t0)
+
+        th = threading.Thread(target=streamer, daemon=True)
+        th.start()
+        with_updates = asyncio.run(load(url, args.load_seconds, args.concurrency, args.new_tokens, 32))
+        stop.set()
+        th.join(120)
+        m1 = scrape(url)
+        psum = "slipstream_engine_weight_update_pause_seconds_sum"
+        pcnt = "slipstream_engine_weight_update_pause_seconds_count"
+        n = m1.get(pcnt, 0) - m0.get(pcnt, 0)
+        result["generation_with_updates"] = {**with_updates, "updates": len(published), "update_seconds": published}
+        result["generation_retained"] = with_updates["tokens_per_s"] / base["tokens_per_s"]
+        result["pause_per_update_s"] = {"mean": (m1.get(psum, 0) - m0.get(psum, 0)) / n if n else None, "updates": n,
+                                        "histogram": {k: v for k, v in m1.items() if k.startswith("slipstream_engine_weight_update_pause_seconds_bucket")}}
+        save()
+        pub.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        result["engine_log_tail"] = (work / "engine.log").read_text()[-4000:]
+        save()
+    print(json.dumps({k: v for k, v in result.items() if k != "engine_log_tail"}, indent=1)[:4000])
+
+
+if __name__ == "__main__":
+    main()

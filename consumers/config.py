@@ -1,0 +1,260 @@
+"""Trainer configuration: the ``[trainer]`` table of a slipstream run config.
+
+What: :class:`TrainerConfig`, a validated dataclass (see :mod:`pipeline.configbase`) with the
+optimiser, parallelism, loss and weight-publishing knobs, plus ``megatron``: a pass-through table
+whose keys are field names of megatron-core's ``TransformerConfig``, ``OptimizerConfig`` or
+``DistributedDataParallelConfig`` (DESIGN §10, as in slime).
+
+Why validate without importing Megatron: importing megatron-core takes ~7 s, and the launcher
+validates the whole config (``slipstream run --dry-run``) before any trainer starts.  So the
+field names and annotations of those three dataclasses are read from the installed
+megatron-core *source* with :mod:`ast` (cached).  The trainer later builds the real dataclasses
+with :func:`megatron_overrides`, which converts dtype names ("bfloat16") to ``torch.dtype``.
+
+How:
+
+    from pipeline.configbase import from_dict
+    cfg = from_dict(TrainerConfig, {"lr": 1e-4, "megatron": {"recompute_granularity": "full"}})
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.configbase import ConfigError, check, doc
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+
+#: megatron dataclass -> (source file relative to megatron/core, base classes to include)
+_MEGATRON_CLASSES: dict[str, tuple[str, ...]] = {
+    "TransformerConfig": ("transformer/transformer_config.py", "model_parallel_config.py:ModelParallelConfig"),
+    "OptimizerConfig": ("optimizer/optimizer_config.py",),
+    "DistributedDataParallelConfig": ("distributed/distributed_data_parallel_config.py",),
+}
+
+#: Megatron fields slipstream sets itself; the value says where to set it instead.
+RESERVED_MEGATRON_KEYS: dict[str, str] = {
+    **{
+        k: "derived from the Hugging Face checkpoint's config.json"
+        for k in (
+            "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+            "ffn_hidden_size", "normalization", "layernorm_epsilon", "gated_linear_unit", "activation_func",
+            "add_bias_linear", "add_qkv_bias", "qk_layernorm", "rotary_base",
+        )
+    },
+    "tensor_model_parallel_size": "use trainer.tensor_parallel",
+    "pipeline_model_parallel_size": "use trainer.pipeline_parallel",
+    "lr": "use trainer.lr",
+    "adam_beta1": "use trainer.adam_beta1",
+    "adam_beta2": "use trainer.adam_beta2",
+    "weight_decay": "use trainer.weight_decay",
+    "clip_grad": "use trainer.grad_clip",
+    "calculate_per_token_loss": "the GRPO loss is a global token mean; slipstream sets it",
+    "variable_seq_lengths": "slipstream sets it (every microbatch has its own padded length)",
+    "finalize_model_grads_func": "slipstream sets it",
+    "sequence_parallel": "not supported by slipstream's padded [b, s] batches yet",
+}
+
+
+@dataclass
+class TrainerConfig:
+    """The ``[trainer]`` table."""
+
+    lr: float = doc("Adam learning rate (constant; no schedule).", default=3e-4)
+    adam_beta1: float = doc("Adam beta1.", default=0.9)
+    adam_beta2: float = doc("Adam beta2.", default=0.99)
+    weight_decay: float = doc("Decoupled (AdamW) weight decay.", default=0.0)
+    grad_clip: float = doc("Clip the global gradient norm to this value; 0 disables clipping.", default=1.0)
+    tensor_parallel: int = doc("Tensor-parallel size (TP).", default=1)
+    pipeline_parallel: int = doc(
+        "Pipeline-parallel size (PP). Data-parallel size is world_size / (TP * PP).", default=1
+    )
+    data_parallel: int = doc(
+        "Data-parallel size (DP). `slipstream run` starts TP x PP x DP trainer ranks under torchrun.", default=1
+    )
+    temperature: float = doc(
+        "Sampling temperature of the producers: the trainer computes log-probs from logits / temperature "
+        "so they are comparable with the behaviour log-probs.",
+        default=1.0,
+    )
+    loss: Literal["grpo"] = doc(
+        "Policy loss: 'grpo' = group-normalised advantages, token-mean policy gradient with truncated "
+        "importance sampling against the behaviour log-probs (tis_cap).",
+        default="grpo",
+    )
+    advantage_std_norm: bool = doc(
+        "Divide group advantages by the group's reward std (GRPO); false = mean-centring only (Dr. GRPO).",
+        default=True,
+    )
+    tis_cap: float = doc(
+        "Truncated importance sampling cap C: token weight min(pi/mu, C) with mu the behaviour policy. "
+        "0 turns the correction off (weight 1; the ratio is still reported).",
+        default=2.0,
+    )
+    micro_batch_size: int = doc("Sequences per microbatch (forward/backward chunk).", default=64)
+    publish_bucket_bytes: int = doc(
+        "Weight publishing bucket size in bytes (a tensor larger than this travels alone).", default=64 * MIB
+    )
+    weight_backend: Literal["auto", "nccl", "gloo"] = doc(
+        "Backend of the weight-update group: 'auto' = nccl with CUDA, gloo without.", default="auto"
+    )
+    weight_group_timeout_s: float = doc(
+        "Timeout for the weight-update group rendezvous and each HTTP call to an engine.", default=60.0
+    )
+    seed: int = doc("Random seed (the same on every rank; CPU init builds full weights then slices).", default=1234)
+    compute_entropy: bool = doc(
+        "Report the policy's token entropy (one extra no-grad pass over the logits).", default=True
+    )
+    megatron: dict[str, Any] = doc(
+        "Pass-through settings: keys are field names of megatron-core's TransformerConfig, OptimizerConfig "
+        "or DistributedDataParallelConfig, applied to each that has the field (e.g. bf16 = true, "
+        "recompute_granularity = 'full', use_distributed_optimizer = true).",
+        default_factory=dict,
+    )
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.adam_beta1 < 1, "adam_beta1", f"must be in [0, 1), got {self.adam_beta1}")
+        check(0 <= self.adam_beta2 < 1, "adam_beta2", f"must be in [0, 1), got {self.adam_beta2}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        check(self.tensor_parallel >= 1, "tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
+        check(self.pipeline_parallel >= 1, "pipeline_parallel", f"must be >= 1, got {self.pipeline_parallel}")
+        check(self.data_parallel >= 1, "data_parallel", f"must be >= 1, got {self.data_parallel}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.loss == "grpo", "loss", f"must be 'grpo', got {self.loss!r}")
+        check(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", f"must be 0 (off) or >= 1, got {self.tis_cap}")
+        check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        check(self.publish_bucket_bytes >= 1, "publish_bucket_bytes", f"must be >= 1, got {self.publish_bucket_bytes}")
+        check(
+            self.weight_backend in ("auto", "nccl", "gloo"), "weight_backend",
+            f"must be 'auto', 'nccl' or 'gloo', got {self.weight_backend!r}",
+        )
+        check(self.weight_group_timeout_s > 0, "weight_group_timeout_s", f"must be > 0, got {self.weight_group_timeout_s}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check(isinstance(self.megatron, dict), "megatron", "must be a table")
+        for key, value in self.megatron.items():
+            validate_megatron_key(key, value)
+
+    def resolved_weight_backend(self, cuda: bool) -> str:
+        """``weight_backend`` with 'auto' resolved (nccl with CUDA, gloo without)."""
+        if self.weight_backend != "auto":
+            return self.weight_backend
+        return "nccl" if cuda else "gloo"
+
+
+# ------------------------------------------------------------------ megatron pass-through
+
+
+@functools.cache
+def megatron_fields() -> dict[str, dict[str, str]]:
+    """``{class name: {field: annotation source}}`` for the three pass-through dataclasses, read
+    from the installed megatron-core source without importing it."""
+    spec = importlib.util.find_spec("megatron.core")
+    if spec is None or spec.origin is None:
+        raise ConfigError("megatron", "megatron-core is not installed; cannot validate trainer.megatron")
+    root = os.path.dirname(spec.origin)
+    out: dict[str, dict[str, str]] = {}
+    for cls, sources in _MEGATRON_CLASSES.items():
+        fields: dict[str, str] = {}
+        for src in reversed(sources):  # base classes first, the subclass's annotations win
+            path, _, name = src.partition(":")
+            fields.update(_class_fields(os.path.join(root, path), name or cls))
+        out[cls] = fields
+    return out
+
+
+def _class_fields(path: str, cls: str) -> dict[str, str]:
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return {
+                st.target.id: ast.unparse(st.annotation)
+                for st in node.body
+                if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)
+            }
+    raise ConfigError("megatron", f"class {cls} not found in {path}: unsupported megatron-core version?")
+
+
+def _matches(value: Any, ann: ast.expr) -> bool | None:
+    """Does ``value`` fit the annotation?  None = cannot tell (accept)."""
+    if isinstance(ann, ast.Constant) and ann.value is None:
+        return value is None
+    name = ast.unparse(ann)
+    if name == "bool":
+        return isinstance(value, bool)
+    if name == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if name == "str":
+        return isinstance(value, str)
+    if name == "torch.dtype":
+        return isinstance(value, str) and _dtype_or_none(value) is not None
+    if isinstance(ann, ast.Subscript):
+        head = ast.unparse(ann.value)
+        args = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
+        if head == "Optional":
+            return value is None or _matches(value, args[0]) is not False
+        if head == "Union":
+            results = [_matches(value, a) for a in args]
+            return any(r is not False for r in results)
+        if head == "Literal":
+            return value in [a.value for a in args if isinstance(a, ast.Constant)]
+        if head in ("List", "list"):
+            return isinstance(value, list) and all(_matches(v, args[0]) is not False for v in value)
+    return None
+
+
+def _dtype_or_none(name: str) -> Any:
+    import torch
+
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    return dt if isinstance(dt, torch.dtype) else None
+
+
+def validate_megatron_key(key: str, value: Any) -> None:
+    """Raise ConfigError('megatron.<key>') unless ``key`` is a field of one of the pass-through
+    dataclasses, not reserved by slipstream, and ``value`` fits its annotation."""
+    full = f"megatron.{key}"
+    fields = megatron_fields()
+    owners = {cls: f[key] for cls, f in fields.items() if key in f}
+    if not owners:
+        known = sorted({k for f in fields.values() for k in f})
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            full,
+            f"not a field of megatron-core's TransformerConfig, OptimizerConfig or DistributedDataParallelConfig{hint}",
+        )
+    if key in RESERVED_MEGATRON_KEYS:
+        raise ConfigError(full, f"set by slipstream: {RESERVED_MEGATRON_KEYS[key]}")
+    for cls, ann_src in owners.items():
+        ann = ast.parse(ann_src, mode="eval").body
+        if _matches(value, ann) is False:
+            raise ConfigError(full, f"{cls}.{key} is annotated {ann_src}; got {type(value).__name__} {value!r}")
+
+
+def megatron_overrides(megatron: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Split the pass-through table per dataclass: ``{"TransformerConfig": {...}, "OptimizerConfig":
+    {...}, "DistributedDataParallelConfig": {...}}``, dtype names converted to ``torch.dtype``.
+    A key goes to every dataclass that has it (e.g. ``bf16``)."""
+    fields = megatron_fields()
+    out: dict[str, dict[str, Any]] = {cls: {} for cls in fields}
+    for key, value in megatron.items():
+        validate_megatron_key(key, value)
+        for cls, f in fields.items():
+            if key in f:
+                conv = _dtype_or_none(value) if "torch.dtype" in f[key] and isinstance(value, str) else value
+                out[cls][key] = conv
+    return out

@@ -1,0 +1,177 @@
+"""Build a trainable megatron-core GPTModel (+ DDP + Megatron optimizer) from a HF checkpoint.
+
+What: :func:`build_trainable_model` is the one place that turns a :class:`TrainerConfig` and a
+Hugging Face checkpoint directory into ``(model, optimizer, spec, transformer_config)`` on this
+rank: TP/PP from the config, weights from the checkpoint through :mod:`consumers.bridge`, Megatron
+DDP around it, and Megatron's optimizer (Adam, fp32 master weights) over it.
+:func:`initialize_parallel` sets up ``parallel_state`` (DP = world / (TP * PP)).
+
+Why these settings (shared/notes/megatron-on-cpu.md):
+- ``calculate_per_token_loss=True``: loss functions return a *sum* plus a token count; Megatron
+  divides the gradients by the global (all-DP) token count, which is the GRPO token mean.
+- ``variable_seq_lengths=True`` (each microbatch is padded to its own length) needs
+  ``moe_token_dispatcher_type="alltoall"`` even for dense models.
+- ``finalize_model_grads_func=finalize_model_grads``: DP all-reduce, TP all-reduce of the
+  replicated qk-norm grads and embedding sync between PP stages.
+- ``perform_initialization`` stays True although every weight is then overwritten: with False,
+  megatron-core 0.16 also skips tagging TP-sharded params (``tensor_model_parallel``), and the
+  grad norm silently drops the shards of TP ranks > 0 (the bridge re-tags them anyway).
+- CPU only: the :mod:`consumers.shim`, ``use_cpu_initialization=True`` and the same seed on all
+  ranks with the no-op CUDA RNG tracker.
+
+How: called by :class:`consumers.trainer.TrainerRank`; tests call it directly after
+``init_distributed()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from consumers import bridge
+from consumers.config import TrainerConfig, megatron_overrides
+from consumers.shim import apply_cpu_shim
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainableModel:
+    """What :func:`build_trainable_model` returns."""
+
+    model: Any  # megatron DistributedDataParallel around the GPTModel (or Float16Module)
+    optimizer: Any  # megatron MegatronOptimizer
+    spec: bridge.HFModelSpec
+    config: Any  # megatron TransformerConfig
+
+
+def seed_all(seed: int) -> None:
+    """The same seed on every rank (CPU init builds full weights on every rank, then slices)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)  # no-op tracker, no CUDA RNG
+
+
+def initialize_parallel(tp: int, pp: int) -> None:
+    """``parallel_state.initialize_model_parallel`` (idempotent for the same sizes)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by tensor_parallel*pipeline_parallel = {tp}*{pp}")
+    if ps.model_parallel_is_initialized():
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        if have != (tp, pp):
+            raise RuntimeError(f"parallel_state already initialised with TP,PP={have}, asked for {(tp, pp)}")
+        return
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    log.info(
+        "parallel state: world %d = TP %d x PP %d x DP %d (rank %d: tp %d, pp %d, dp %d)",
+        world, tp, pp, ps.get_data_parallel_world_size(), dist.get_rank(),
+        ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
+    )
+
+
+def build_transformer_config(cfg: TrainerConfig, spec: bridge.HFModelSpec) -> Any:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    over = megatron_overrides(cfg.megatron)["TransformerConfig"]
+    cuda = torch.cuda.is_available()
+    bf16, fp16 = bool(over.get("bf16")), bool(over.get("fp16"))
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    kwargs: dict[str, Any] = {
+        **bridge.transformer_config_kwargs(spec),
+        "tensor_model_parallel_size": cfg.tensor_parallel,
+        "pipeline_model_parallel_size": cfg.pipeline_parallel,
+        "sequence_parallel": False,
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        "use_cpu_initialization": not cuda,
+        "variable_seq_lengths": True,
+        "moe_token_dispatcher_type": "alltoall",
+        "calculate_per_token_loss": True,
+        "batch_p2p_sync": cuda,
+        "cross_entropy_loss_fusion": False,
+    }
+    kwargs.update(over)
+    return TransformerConfig(**kwargs)
+
+
+def _use_foreach(optimizer: Any) -> None:
+    """torch's Adam picks the slow per-tensor loop for CPU params unless told otherwise; the
+    multi-tensor (foreach) path is the same maths and ~3x faster for many small tensors."""
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    for opt in inner:
+        for group in getattr(opt, "param_groups", []):
+            if "foreach" in group:
+                group["foreach"] = True
+
+
+def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableModel:
+    """Build this rank's model stage, load the checkpoint, wrap in DDP, make the optimizer.
+    ``torch.distributed`` must be initialised; parallel_state is initialised here if needed."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    apply_cpu_shim()
+    initialize_parallel(cfg.tensor_parallel, cfg.pipeline_parallel)
+    seed_all(cfg.seed)
+    spec = bridge.load_hf_spec(hf_path)
+    bridge.check_parallel_sizes(spec, cfg.tensor_parallel, cfg.pipeline_parallel)
+    tconfig = build_transformer_config(cfg, spec)
+    gpt = GPTModel(
+        tconfig,
+        **bridge.gpt_model_kwargs(spec),
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    hf_state = bridge.load_hf_state(hf_path)
+    n = bridge.load_hf_into_megatron(gpt, hf_state, ps.get_tensor_model_parallel_rank(), cfg.tensor_parallel, spec)
+    del hf_state
+    bridge.apply_padding_idx(gpt, spec)
+    log.info("loaded %s (%d parameters on this rank) from %s", spec.model_type, n, hf_path)
+    module: Any = Float16Module(tconfig, gpt) if (tconfig.bf16 or tconfig.fp16) else gpt
+
+    over = megatron_overrides(cfg.megatron)
+    ddp_kwargs: dict[str, Any] = {"grad_reduce_in_fp32": True, "overlap_grad_reduce": False}
+    ddp_kwargs.update(over["DistributedDataParallelConfig"])
+    model = DistributedDataParallel(tconfig, DistributedDataParallelConfig(**ddp_kwargs), module)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+
+    opt_kwargs: dict[str, Any] = {
+        "optimizer": "adam",
+        "lr": cfg.lr,
+        "min_lr": cfg.lr,
+        "adam_beta1": cfg.adam_beta1,
+        "adam_beta2": cfg.adam_beta2,
+        "weight_decay": cfg.weight_decay,
+        "clip_grad": cfg.grad_clip,
+        "bf16": tconfig.bf16,
+        "fp16": tconfig.fp16,
+        "params_dtype": tconfig.params_dtype,
+        "use_distributed_optimizer": model.ddp_config.use_distributed_optimizer,
+    }
+    opt_kwargs.update(over["OptimizerConfig"])
+    optimizer = get_megatron_optimizer(OptimizerConfig(**opt_kwargs), [model])
+    tconfig.grad_scale_func = optimizer.scale_loss
+    if not torch.cuda.is_available():
+        _use_foreach(optimizer)
+    return TrainableModel(model=model, optimizer=optimizer, spec=spec, config=tconfig)

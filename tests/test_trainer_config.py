@@ -1,0 +1,89 @@
+"""TrainerConfig validation, including the megatron pass-through table (no Megatron import)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from consumers.config import RESERVED_MEGATRON_KEYS, TrainerConfig, megatron_fields, megatron_overrides
+from pipeline.configbase import ConfigError, field_docs, from_dict
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = TrainerConfig()
+    assert (cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.grad_clip, cfg.tis_cap) == (3e-4, 0.9, 0.99, 1.0, 2.0)
+    assert cfg.micro_batch_size == 64 and cfg.publish_bucket_bytes == 64 << 20
+    assert all(doc for _, _, _, doc in field_docs(TrainerConfig))
+    assert cfg.resolved_weight_backend(cuda=False) == "gloo" and cfg.resolved_weight_backend(cuda=True) == "nccl"
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"lr": 0}, "trainer.lr"),
+        ({"adam_beta2": 1.0}, "trainer.adam_beta2"),
+        ({"grad_clip": -1}, "trainer.grad_clip"),
+        ({"tensor_parallel": 0}, "trainer.tensor_parallel"),
+        ({"temperature": 0}, "trainer.temperature"),
+        ({"loss": "ppo"}, "trainer.loss"),
+        ({"tis_cap": 0.5}, "trainer.tis_cap"),
+        ({"micro_batch_size": 0}, "trainer.micro_batch_size"),
+        ({"weight_backend": "mpi"}, "trainer.weight_backend"),
+        ({"weight_group_timeout_s": 0}, "trainer.weight_group_timeout_s"),
+        ({"lrr": 1e-4}, "trainer.lrr"),
+    ],
+)
+def test_bad_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        from_dict(TrainerConfig, data, "trainer")
+    assert e.value.key == key
+
+
+def test_megatron_keys_validated_with_did_you_mean():
+    with pytest.raises(ConfigError) as e:
+        from_dict(TrainerConfig, {"megatron": {"recompute_granularty": "full"}}, "trainer")
+    assert e.value.key == "trainer.megatron.recompute_granularty"
+    assert "did you mean 'recompute_granularity'" in e.value.message
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("bf16", 1), ("recompute_granularity", "partial"), ("params_dtype", "float33"), ("bucket_size", "big")],
+)
+def test_megatron_values_checked_against_annotations(key, value):
+    with pytest.raises(ConfigError) as e:
+        TrainerConfig(megatron={key: value})
+    assert e.value.key == f"megatron.{key}"
+
+
+@pytest.mark.parametrize("key", ["num_layers", "tensor_model_parallel_size", "lr", "clip_grad"])
+def test_reserved_megatron_keys_point_elsewhere(key):
+    with pytest.raises(ConfigError, match="set by slipstream"):
+        TrainerConfig(megatron={key: 1})
+    assert key in RESERVED_MEGATRON_KEYS
+
+
+def test_megatron_overrides_split_per_dataclass():
+    import torch
+
+    cfg = TrainerConfig(megatron={"bf16": True, "params_dtype": "bfloat16", "use_distributed_optimizer": True,
+                                  "recompute_granularity": "full", "adam_eps": 1e-6})
+    over = megatron_overrides(cfg.megatron)
+    assert over["TransformerConfig"] == {"bf16": True, "params_dtype": torch.bfloat16, "recompute_granularity": "full"}
+    assert over["OptimizerConfig"]["adam_eps"] == 1e-6 and over["OptimizerConfig"]["bf16"] is True
+    assert over["DistributedDataParallelConfig"] == {"use_distributed_optimizer": True}
+
+
+def test_fields_read_without_importing_megatron():
+    fields = megatron_fields()
+    assert "num_query_groups" in fields["TransformerConfig"]
+    assert "tensor_model_parallel_size" in fields["TransformerConfig"]  # from ModelParallelConfig
+    assert "adam_beta2" in fields["OptimizerConfig"]
+    assert "overlap_grad_reduce" in fields["DistributedDataParallelConfig"]
+    if "megatron.core.transformer.transformer_config" in sys.modules:
+        import dataclasses
+
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        assert set(fields["TransformerConfig"]) == {f.name for f in dataclasses.fields(TransformerConfig)}
