@@ -95,7 +95,7 @@ def start_engine(model: Path, workdir: Path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "producers.engine", "--model", str(model), "--port", "0", "--port-file", str(port_file),
            "--set", 'device="cuda"', "--set", 'dtype="bfloat16"', "--set", "max_running_requests=512",
            "--set", "weight_group_timeout_s=300"]
-    log = open(workdir / "engine.log", "wb")
+    log = open(workdir / "engine.log", "wb")  # noqa: SIM115  (the engine process writes it for its whole life)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while not port_file.exists():
@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     args = ap.parse_args()
+    torch.cuda.set_device(0)
     from consumers.publisher import WeightPublisher, plan_buckets
 
     result: dict = {
@@ -158,7 +159,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(["python", *sys.argv]),
         "device": {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                   "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())), "python": platform.python_version()},
+                   "torch": torch.__version__, "nccl": str(torch.cuda.nccl.version()), "python": platform.python_version()},
     }
     out = Path(args.out)
 
