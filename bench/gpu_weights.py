@@ -145,7 +145,8 @@ async def load(url: str, seconds: float, concurrency: int, new_tokens: int, prom
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--bucket-mb", type=int, default=512)
+    ap.add_argument("--bucket-mb", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--update-interval-s", type=float, default=1.0, help="time between updates (a trainer step)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--load-seconds", type=float, default=40)
     ap.add_argument("--concurrency", type=int, default=128)
@@ -171,33 +172,39 @@ def main() -> None:
     named = {n: p.detach() for n, p in model.named_parameters()}
     nbytes = sum(t.numel() * t.element_size() for t in named.values())
     result["model"] = {"shape": "Qwen3-0.6B (random)", "parameters": sum(t.numel() for t in named.values()), "bytes": nbytes, "dtype": "bfloat16"}
-    buckets = plan_buckets(named, args.bucket_mb << 20)
-    sizes = [sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets]
-    result["bucket_bytes"] = args.bucket_mb << 20
-    result["raw_nccl_broadcast"] = raw_nccl(sizes, args.reps)
-    save()
-    print("raw", result["raw_nccl_broadcast"]["GBps_best"], flush=True)
+    result["raw_nccl_broadcast"] = {}
+    for mb in args.bucket_mb:
+        sizes = [sum(named[n].numel() * named[n].element_size() for n in b) for b in plan_buckets(named, mb << 20)]
+        result["raw_nccl_broadcast"][f"{mb}MiB"] = raw_nccl(sizes, args.reps)
+        save()
 
     proc, url = start_engine(work / "model", work)
     try:
-        pub = WeightPublisher([url], backend="nccl", bucket_bytes=args.bucket_mb << 20, timeout_s=300)
+        pub = WeightPublisher([url], backend="nccl", bucket_bytes=args.bucket_mb[0] << 20, timeout_s=300)
         pub.connect()
         version = 0
-        times = []
-        for _ in range(args.reps + 1):
-            version += 1
-            t0 = time.perf_counter()
-            pub.publish(named, version, checksum=False)
-            times.append(time.perf_counter() - t0)
-        times = times[1:]
-        result["publish"] = {"bytes": nbytes, "seconds": times, "GBps_best": nbytes / min(times) / 1e9,
-                             "GBps_median": nbytes / sorted(times)[len(times) // 2] / 1e9}
-        result["publish_vs_raw"] = result["publish"]["GBps_best"] / result["raw_nccl_broadcast"]["GBps_best"]
-        save()
-        print("publish", result["publish"]["GBps_best"], flush=True)
+        result["publish"], result["publish_vs_raw"] = {}, {}
+        for mb in args.bucket_mb:
+            pub.bucket_bytes = mb << 20
+            times = []
+            for _ in range(args.reps + 1):
+                version += 1
+                t0 = time.perf_counter()
+                pub.publish(named, version, checksum=False)
+                times.append(time.perf_counter() - t0)
+            times = times[1:]
+            key = f"{mb}MiB"
+            result["publish"][key] = {"bytes": nbytes, "seconds": times, "GBps_best": nbytes / min(times) / 1e9,
+                                      "GBps_median": nbytes / sorted(times)[len(times) // 2] / 1e9}
+            result["publish_vs_raw"][key] = result["publish"][key]["GBps_best"] / result["raw_nccl_broadcast"][key]["GBps_best"]
+            save()
+        pub.bucket_bytes = max(args.bucket_mb) << 20
 
+        gen = "slipstream_engine_generated_tokens_total"
         asyncio.run(load(url, 10, args.concurrency, args.new_tokens, 32))  # warm-up
+        b0 = scrape(url)
         base = asyncio.run(load(url, args.load_seconds, args.concurrency, args.new_tokens, 32))
+        base["engine_tokens_per_s"] = (scrape(url)[gen] - b0[gen]) / base["seconds"]
         result["generation_no_updates"] = base
         save()
         m0 = scrape(url)
@@ -211,6 +218,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 pub.publish(named, version, checksum=False)
                 published.append(time.perf_counter() - t0)
+                stop.wait(max(0.0, args.update_interval_s - (time.perf_counter() - t0)))
 
         th = threading.Thread(target=streamer, daemon=True)
         th.start()
@@ -218,11 +226,13 @@ def main() -> None:
         stop.set()
         th.join(120)
         m1 = scrape(url)
+        with_updates["engine_tokens_per_s"] = (m1[gen] - m0[gen]) / with_updates["seconds"]
         psum = "slipstream_engine_weight_update_pause_seconds_sum"
         pcnt = "slipstream_engine_weight_update_pause_seconds_count"
         n = m1.get(pcnt, 0) - m0.get(pcnt, 0)
         result["generation_with_updates"] = {**with_updates, "updates": len(published), "update_seconds": published}
-        result["generation_retained"] = with_updates["tokens_per_s"] / base["tokens_per_s"]
+        result["update_interval_s"] = args.update_interval_s
+        result["generation_retained"] = with_updates["engine_tokens_per_s"] / base["engine_tokens_per_s"]
         result["pause_per_update_s"] = {"mean": (m1.get(psum, 0) - m0.get(psum, 0)) / n if n else None, "updates": n,
                                         "histogram": {k: v for k, v in m1.items() if k.startswith("slipstream_engine_weight_update_pause_seconds_bucket")}}
         save()
