@@ -14,6 +14,7 @@ Per-token arrays of one trajectory all have the response length:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -78,15 +79,16 @@ class TrajectoryGroup:
     trajectories: list[Trajectory]
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    # Cached: a group is immutable once built, and the queue reads these on every batch.
+    @functools.cached_property
     def min_version(self) -> int:
         return min(t.min_version for t in self.trajectories)
 
-    @property
+    @functools.cached_property
     def num_tokens(self) -> int:
         return sum(t.num_tokens for t in self.trajectories)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.trajectories)
 
