@@ -86,11 +86,37 @@ class TrainerConfig:
         "so they are comparable with the behaviour log-probs.",
         default=1.0,
     )
-    loss: Literal["grpo"] = doc(
-        "Policy loss: 'grpo' = group-normalised advantages, token-mean policy gradient with truncated "
-        "importance sampling against the behaviour log-probs (tis_cap).",
+    loss: Literal["grpo", "ppo", "gspo"] = doc(
+        "Policy loss (consumers/policy_loss.py): 'grpo' = group-normalised advantages, REINFORCE "
+        "weighted by the off-policy correction; 'ppo' = clipped ratio (eps_clip_low/high); 'gspo' = "
+        "sequence-level length-normalised ratio, clipped per sequence (use loss_agg = 'seq_mean').",
         default="grpo",
     )
+    off_policy: Literal["none", "tis", "icepop", "decoupled"] = doc(
+        "Off-policy correction against the behaviour log-probs: 'none'; 'tis' = truncated importance "
+        "weight min(pi/mu, tis_cap); 'icepop' = weight pi/mu, tokens outside [icepop_low, icepop_high] "
+        "masked; 'decoupled' = decoupled PPO (ratio to a proximal policy, weight min(prox/mu, tis_cap)).",
+        default="tis",
+    )
+    proximal: Literal["recompute", "loglinear"] = doc(
+        "Decoupled PPO's proximal policy: 'recompute' = the pre-step weights (free: one step per batch); "
+        "'loglinear' = log mu + alpha (log pi - log mu), alpha from per-token versions and prox_lag.",
+        default="recompute",
+    )
+    prox_lag: int = doc("'loglinear' proximal: v_prox = v_trainer - prox_lag.", default=1)
+    eps_clip_low: float = doc("PPO/GSPO clip: ratio >= 1 - eps_clip_low.", default=0.2)
+    eps_clip_high: float = doc("PPO/GSPO clip: ratio <= 1 + eps_clip_high (asymmetric 'clip-higher').", default=0.2)
+    icepop_low: float = doc("IcePop: tokens with pi/mu below this are masked.", default=0.5)
+    icepop_high: float = doc("IcePop: tokens with pi/mu above this are masked.", default=5.0)
+    loss_agg: Literal["token_mean", "seq_mean"] = doc(
+        "Aggregation: 'token_mean' over all trained tokens, or 'seq_mean' = mean of per-sequence token means.",
+        default="token_mean",
+    )
+    kl_coef: float = doc(
+        "KL penalty to the frozen initial weights (a second model copy is kept); 0 = off (no copy).", default=0.0
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("KL(pi || ref) estimator (Schulman's k1, k2, k3).", default="k3")
+    entropy_coef: float = doc("Entropy bonus coefficient (loss -= coef * mean entropy); 0 = off.", default=0.0)
     advantage_std_norm: bool = doc(
         "Divide group advantages by the group's reward std (GRPO); false = mean-centring only (Dr. GRPO).",
         default=True,
@@ -101,6 +127,24 @@ class TrainerConfig:
         default=2.0,
     )
     micro_batch_size: int = doc("Sequences per microbatch (forward/backward chunk).", default=64)
+    max_tokens_per_microbatch: int = doc(
+        "Token-balanced microbatching: padded tokens (rows x longest row) per microbatch at most this "
+        "(a longer sequence travels alone); 0 = split by micro_batch_size only.",
+        default=0,
+    )
+    checkpoint_every: int = doc(
+        "Save a Megatron distributed checkpoint to RUN_DIR/checkpoints/step-K every N steps (and at exit); 0 = off.",
+        default=0,
+    )
+    resume_from: str = doc(
+        "Resume model, optimizer, RNG, step and policy version from 'latest' (RUN_DIR/checkpoints) or a "
+        "checkpoint directory; '' = start fresh.",
+        default="",
+    )
+    export_hf_at_end: bool = doc(
+        "Write the final weights as a Hugging Face checkpoint (safetensors + config/tokenizer) to RUN_DIR/hf-final.",
+        default=True,
+    )
     publish_bucket_bytes: int = doc(
         "Weight publishing bucket size in bytes (a tensor larger than this travels alone).", default=64 * MIB
     )
@@ -131,7 +175,22 @@ class TrainerConfig:
         check(self.pipeline_parallel >= 1, "pipeline_parallel", f"must be >= 1, got {self.pipeline_parallel}")
         check(self.data_parallel >= 1, "data_parallel", f"must be >= 1, got {self.data_parallel}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        check(self.loss == "grpo", "loss", f"must be 'grpo', got {self.loss!r}")
+        check(self.loss in ("grpo", "ppo", "gspo"), "loss", f"must be 'grpo', 'ppo' or 'gspo', got {self.loss!r}")
+        check(
+            self.off_policy in ("none", "tis", "icepop", "decoupled"), "off_policy",
+            f"must be 'none', 'tis', 'icepop' or 'decoupled', got {self.off_policy!r}",
+        )
+        check(self.proximal in ("recompute", "loglinear"), "proximal", f"must be 'recompute' or 'loglinear', got {self.proximal!r}")
+        check(self.prox_lag >= 0, "prox_lag", f"must be >= 0, got {self.prox_lag}")
+        check(0 <= self.eps_clip_low < 1, "eps_clip_low", f"must be in [0, 1), got {self.eps_clip_low}")
+        check(self.eps_clip_high >= 0, "eps_clip_high", f"must be >= 0, got {self.eps_clip_high}")
+        check(0 <= self.icepop_low <= 1 <= self.icepop_high, "icepop_low", "need icepop_low <= 1 <= icepop_high")
+        check(self.loss_agg in ("token_mean", "seq_mean"), "loss_agg", f"must be 'token_mean' or 'seq_mean', got {self.loss_agg!r}")
+        check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"must be k1, k2 or k3, got {self.kl_estimator!r}")
+        check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
+        check(self.max_tokens_per_microbatch >= 0, "max_tokens_per_microbatch", "must be >= 0")
+        check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         check(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", f"must be 0 (off) or >= 1, got {self.tis_cap}")
         check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         check(self.publish_bucket_bytes >= 1, "publish_bucket_bytes", f"must be >= 1, got {self.publish_bucket_bytes}")
@@ -150,6 +209,27 @@ class TrainerConfig:
         if self.weight_backend != "auto":
             return self.weight_backend
         return "nccl" if cuda else "gloo"
+
+
+@dataclass
+class SFTConfig:
+    """The ``[sft]`` table: a supervised warm-up run by the trainer before RL (consumers/sft.py)."""
+
+    data: str = doc(
+        "JSONL of demonstrations: {\"prompt\": text or token ids, \"response\": text or token ids} per line.",
+        default="",
+    )
+    steps: int = doc("SFT optimizer steps before RL; 0 = no SFT stage.", default=0)
+    lr: float = doc("SFT learning rate; 0 = trainer.lr.", default=0.0)
+    batch_size: int = doc("Demonstrations per SFT step (over all data-parallel ranks).", default=32)
+    seed: int = doc("Seed of the shuffle that draws SFT batches.", default=0)
+    append_eos: bool = doc("Append the model's eos_token_id to text responses.", default=True)
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
+        check(self.steps == 0 or bool(self.data), "data", "needed when steps > 0")
+        check(self.lr >= 0, "lr", f"must be >= 0, got {self.lr}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 # ------------------------------------------------------------------ megatron pass-through

@@ -8,6 +8,10 @@ its token-version range, which proves the staleness bound).
 
 Order per step (η = 0 relies on it): train -> ``Commit`` (broker counts the groups consumed) ->
 publish weights to every engine -> ``Published`` (broker opens credits for the new version).
+With ``weights.async_publish`` the publish of version v runs in a background thread
+(``consumers.publish_async``) while rank 0 asks for the next batch and trains it; ``Published(v)``
+(and step v's line in ``steps.jsonl``) still follows the end of that publish, sent from this thread,
+and version v+1 is published only after v finished.
 
     slipstream train --config run/config.json --broker tcp://127.0.0.1:5556 --engine-url http://...
 """
@@ -30,7 +34,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline.config import SlipstreamConfig
 from pipeline.metrics import SECONDS_BUCKETS, new_registry, serve_metrics
 from pipeline.rundir import port_file, write_json_atomic
-from pipeline.transport import TrainerClient
+from pipeline.transport import CurveKeys, TrainerClient
 from schemas.codec import decode, encode
 from schemas.messages import Batch
 from schemas.validate import Limits
@@ -62,6 +66,11 @@ class TrainerMetrics:
         self.steps = Counter("slipstream_trainer_steps_total", "Optimizer steps completed.", registry=r)
         self.publish_seconds = Histogram("slipstream_trainer_weight_publish_seconds", "Time to stream one version to every engine.", buckets=SECONDS_BUCKETS, registry=r)
         self.publish_bytes = Counter("slipstream_trainer_weight_publish_bytes_total", "Bytes of weights streamed to engines.", registry=r)
+        self.engine_pause = Histogram(
+            "slipstream_trainer_engine_pause_seconds",
+            "Time generation stood still on the engines for one weight update (SGLang: pause to continue; embedded: the swap).",
+            buckets=SECONDS_BUCKETS, registry=r,
+        )
         self.version = Gauge("slipstream_policy_version", "Policy version this process knows to be published.", ["role"], registry=r)
         self.staleness_mean = Gauge("slipstream_trainer_batch_staleness_mean", "Mean staleness of the step's trajectories.", registry=r)
         self.staleness_max = Gauge("slipstream_trainer_batch_staleness_max", "Max staleness of the step's trajectories.", registry=r)
@@ -86,6 +95,7 @@ class StepRecord:
     publish_bytes: int
     weights_checksum: str
     engine_checksums: list[str] = field(default_factory=list)
+    engine_pause_s: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -135,13 +145,16 @@ def engine_checksums(engine_urls: list[str], expected: str, version: int, timeou
 
 
 def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
+    from consumers.checkpoint import finish_run, maybe_checkpoint, prepare_start
+    from consumers.publish_async import AsyncPublisher
     from consumers.publisher import WeightPublisher
     from consumers.trainer import TrainerRank, init_distributed
 
     init_distributed()
     rank = TrainerRank(cfg.trainer, cfg.model.path)
     is_pub = rank.is_publisher
-    version = 0
+    start_step, version = prepare_start(rank, cfg, run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
+    initial = rank.export_hf_state() if version > 0 else None  # collective; engines start from these weights
     client: TrainerClient | None = None
     publisher: WeightPublisher | None = None
     metrics: TrainerMetrics | None = None
@@ -153,21 +166,64 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         publisher = WeightPublisher(
             engine_urls, master_address=cfg.queue.host, backend=cfg.trainer.resolved_weight_backend(torch.cuda.is_available()),
             bucket_bytes=cfg.trainer.publish_bucket_bytes, timeout_s=cfg.trainer.weight_group_timeout_s,
+            engine_kind=cfg.weights.engine_kind, pause_mode=cfg.weights.pause_mode, flush_cache=cfg.weights.flush_cache,
+            resync=cfg.weights.resync_engines, rejoin_timeout_s=cfg.weights.rejoin_timeout_s,
         )
         publisher.connect()
+        if initial is not None:  # resumed or post-SFT weights reach the engines before any rollout
+            publisher.publish(initial, version, checksum=False)
         client = TrainerClient(broker_endpoint, "trainer-0", Limits(max_message_bytes=cfg.queue.max_message_bytes), hwm=cfg.queue.socket_hwm,
-                               heartbeat_interval_s=cfg.queue.heartbeat_interval_s)
+                               heartbeat_interval_s=cfg.queue.heartbeat_interval_s, peer_timeout_s=cfg.queue.peer_timeout_s,
+                               curve=CurveKeys.from_config(cfg.queue))
         client.hello(version, timeout_s=cfg.run.startup_timeout_s)
         metrics.version.labels("trainer").set(version)
     steps_path = run_dir / "steps.jsonl"
     consumed_path = run_dir / "consumed.jsonl"
     t_start = time.monotonic()
-    for step in range(1, cfg.run.steps + 1):
+
+    def finish(version: int, pub: dict[str, Any], ctx: dict[str, Any]) -> None:
+        """Version ``version`` is on every engine: verify, announce it, write the step's records."""
+        assert client is not None and metrics is not None
+        checks = engine_checksums(engine_urls, pub["checksum"], version, 60.0) if cfg.run.verify_weights else []
+        client.published(version)
+        t3 = time.monotonic()
+        step, batch, stats, trained_from = ctx["step"], ctx["batch"], ctx["stats"], ctx["trained_from"]
+        stale = _staleness(batch, trained_from)
+        rewards = [t.reward for g in batch.groups for t in g.trajectories]
+        rec = StepRecord(
+            step=step, policy_version=version, reward_mean=sum(rewards) / len(rewards),
+            staleness_mean=sum(stale) / len(stale), staleness_max=max(stale),
+            tokens_trained=int(stats.get("tokens_trained", 0)), trajectories=len(stale), trajectories_dropped=batch.dropped,
+            queue_depth=batch.queue_depth, wall_time_s=t3 - t_start, wait_s=ctx["wait_s"], train_s=ctx["train_s"],
+            publish_s=float(pub["seconds"]), publish_bytes=int(pub["bytes"]), weights_checksum=str(pub["checksum"]), engine_checksums=checks,
+            engine_pause_s=float(pub.get("pause_s", 0.0)), stats={k: float(v) for k, v in stats.items()},
+        )
+        with steps_path.open("a") as f:
+            f.write(rec.to_json() + "\n")
+        with consumed_path.open("a") as f:
+            for g in batch.groups:
+                for t in g.trajectories:
+                    f.write(json.dumps({
+                        "trajectory_id": t.trajectory_id, "group_id": g.group_id, "step": step,
+                        "trained_from_version": trained_from, "min_version": int(t.versions.min()),
+                        "max_version": int(t.versions.max()), "num_tokens": len(t.response_tokens),
+                        "prompt_id": g.prompt_id, "reward": t.reward, "masked_tokens": int((t.loss_mask == 0).sum()), "mask_spans": _mask_spans(t.loss_mask),
+                    }) + "\n")
+        _observe(metrics, rec, ctx["train_s"], pub)
+
+    background = None
+    if is_pub and cfg.weights.async_publish:
+        assert publisher is not None
+        background = AsyncPublisher(publisher, finish, checksum=cfg.run.verify_weights,
+                                    timeout_s=cfg.trainer.weight_group_timeout_s * 4 + 60.0)
+    del initial
+    for step in range(start_step + 1, cfg.run.steps + 1):
         t0 = time.monotonic()
         batch = None
         if is_pub:
             assert client is not None
-            batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s)
+            batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
+                                         on_idle=background.poll if background is not None else None)
         batch = broadcast_batch(batch)
         t1 = time.monotonic()
         stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
@@ -178,33 +234,16 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         if is_pub:
             assert client is not None and publisher is not None and metrics is not None
             client.commit(batch.lease_id, step, version, timeout_s=cfg.run.startup_timeout_s)
-            pub = publisher.publish(named, version, checksum=cfg.run.verify_weights)
-            checks = engine_checksums(engine_urls, pub["checksum"], version, 60.0) if cfg.run.verify_weights else []
-            client.published(version)
-            t3 = time.monotonic()
-            stale = _staleness(batch, trained_from)
-            rewards = [t.reward for g in batch.groups for t in g.trajectories]
-            rec = StepRecord(
-                step=step, policy_version=version, reward_mean=sum(rewards) / len(rewards),
-                staleness_mean=sum(stale) / len(stale), staleness_max=max(stale),
-                tokens_trained=int(stats.get("tokens_trained", 0)), trajectories=len(stale), trajectories_dropped=batch.dropped,
-                queue_depth=batch.queue_depth, wall_time_s=t3 - t_start, wait_s=t1 - t0, train_s=t2 - t1,
-                publish_s=float(pub["seconds"]), publish_bytes=int(pub["bytes"]), weights_checksum=str(pub["checksum"]), engine_checksums=checks,
-                stats={k: float(v) for k, v in stats.items()},
-            )
-            with steps_path.open("a") as f:
-                f.write(rec.to_json() + "\n")
-            with consumed_path.open("a") as f:
-                for g in batch.groups:
-                    for t in g.trajectories:
-                        f.write(json.dumps({
-                            "trajectory_id": t.trajectory_id, "group_id": g.group_id, "step": step,
-                            "trained_from_version": trained_from, "min_version": int(t.versions.min()),
-                            "max_version": int(t.versions.max()), "num_tokens": len(t.response_tokens),
-                            "prompt_id": g.prompt_id, "reward": t.reward, "masked_tokens": int((t.loss_mask == 0).sum()), "mask_spans": _mask_spans(t.loss_mask),
-                        }) + "\n")
-            _observe(metrics, rec, t2 - t1, pub)
+            ctx = {"step": step, "batch": batch, "stats": stats, "trained_from": trained_from, "wait_s": t1 - t0, "train_s": t2 - t1}
+            if background is not None:
+                background.submit(named, version, ctx)  # waits for (and announces) version - 1 first
+            else:
+                finish(version, publisher.publish(named, version, checksum=cfg.run.verify_weights), ctx)
         del named
+        maybe_checkpoint(rank, cfg, run_dir, step, {"lease_id": batch.lease_id})
+    if background is not None:
+        background.wait()
+    finish_run(rank, cfg, run_dir, max(cfg.run.steps, start_step))
     if is_pub and client is not None:
         client.close()
     log.info("trainer finished %d steps at policy version %d", cfg.run.steps, version)
@@ -238,6 +277,7 @@ def _observe(m: TrainerMetrics, rec: StepRecord, train_s: float, pub: dict[str, 
     m.steps.inc()
     m.publish_seconds.observe(rec.publish_s)
     m.publish_bytes.inc(rec.publish_bytes)
+    m.engine_pause.observe(rec.engine_pause_s)
     m.version.labels("trainer").set(rec.policy_version)
     m.staleness_mean.set(rec.staleness_mean)
     m.staleness_max.set(rec.staleness_max)

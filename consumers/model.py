@@ -175,3 +175,29 @@ def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableM
     if not torch.cuda.is_available():
         _use_foreach(optimizer)
     return TrainableModel(model=model, optimizer=optimizer, spec=spec, config=tconfig)
+
+
+def build_reference_model(cfg: TrainerConfig, hf_path: str | Path, tconfig: Any) -> Any:
+    """A frozen copy of the initial weights (the KL reference): this rank's GPTModel stage loaded
+    from the same checkpoint, in eval mode, no gradients, no optimizer.  Same TP/PP layout and
+    TransformerConfig as the trained model (parallel_state must be initialised)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    spec = bridge.load_hf_spec(hf_path)
+    gpt = GPTModel(
+        tconfig,
+        **bridge.gpt_model_kwargs(spec),
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    bridge.load_hf_into_megatron(gpt, bridge.load_hf_state(hf_path), ps.get_tensor_model_parallel_rank(), cfg.tensor_parallel, spec)
+    module: Any = Float16Module(tconfig, gpt) if (tconfig.bf16 or tconfig.fp16) else gpt
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    log.info("built the frozen KL reference model from %s", hf_path)
+    return module

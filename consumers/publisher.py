@@ -14,6 +14,17 @@ server that speaks SGLang's HTTP subset (slipstream's embedded engine, or real S
    broadcasts the flattened bucket from rank 0, then waits for every engine's reply.  Only the last
    bucket carries ``weight_version``; engines reply to it after swapping the new weights in, so when
    ``publish`` returns every engine serves that version.
+3. SGLang engines (``engine_kind="sglang"``) apply an update inside their scheduler loop, so the
+   publisher brackets the buckets with ``POST /pause_generation {mode}`` and
+   ``/continue_generation`` (plus ``/flush_cache`` when configured) and reports the pause
+   (``pause_s``; for the embedded engine: the longest swap pause an engine reported).
+4. Joining: with ``resync=True`` each publish first asks every engine its ``weight_version``
+   (``GET /get_model_info``).  If one lags (restarted, or joined late) or does not answer yet, the
+   publisher waits (up to ``rejoin_timeout_s``) until every engine answers, re-creates the weight
+   group with all of them, and the publish then brings every engine to the current version.
+
+The routes and request bodies are built by the ``ROUTE_*`` constants and ``*_payload`` functions
+below; ``tests/test_sglang_contract.py`` checks them against sglang 0.5.23's source.
 
 Every HTTP call has a timeout, and every failure names the engine URL, the route and what was
 awaited.  HTTP uses the standard library (``urllib``) from daemon threads, so the trainer needs no
@@ -36,7 +47,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, as_completed
 from typing import Any
 
@@ -46,7 +57,6 @@ from pipeline.weightsync import (
     DEFAULT_GROUP_NAME,
     WeightGroup,
     dtype_name,
-    flatten_bucket,
     init_weight_group,
     weights_checksum,
 )
@@ -56,6 +66,70 @@ log = logging.getLogger(__name__)
 
 class PublishError(RuntimeError):
     """An engine refused, failed or timed out during connect/publish (the message names it)."""
+
+
+ROUTE_INIT_GROUP = "/init_weights_update_group"
+ROUTE_DESTROY_GROUP = "/destroy_weights_update_group"
+ROUTE_UPDATE = "/update_weights_from_distributed"
+ROUTE_PAUSE = "/pause_generation"
+ROUTE_CONTINUE = "/continue_generation"
+ROUTE_FLUSH = "/flush_cache"
+ROUTE_MODEL_INFO = "/get_model_info"
+#: route -> (HTTP method the publisher uses, SGLang request dataclass of its body or None)
+ROUTES: dict[str, tuple[str, str | None]] = {
+    ROUTE_INIT_GROUP: ("POST", "InitWeightsUpdateGroupReqInput"),
+    ROUTE_DESTROY_GROUP: ("POST", "DestroyWeightsUpdateGroupReqInput"),
+    ROUTE_UPDATE: ("POST", "UpdateWeightsFromDistributedReqInput"),
+    ROUTE_PAUSE: ("POST", "PauseGenerationReqInput"),
+    ROUTE_CONTINUE: ("POST", "ContinueGenerationReqInput"),
+    ROUTE_FLUSH: ("POST", None),  # SGLang reads only the query parameter 'timeout'
+    ROUTE_MODEL_INFO: ("GET", None),
+}
+#: fields of the /get_model_info reply the publisher reads
+MODEL_INFO_FIELDS = ("weight_version",)
+#: a JSON reply succeeded if it has ``"success": true`` (weight routes) or ``"status": "ok"``
+#: (SGLang's /pause_generation and /continue_generation)
+REPLY_SUCCESS = (("success", True), ("status", "ok"))
+#: routes whose reply is plain text: success is HTTP 200 (SGLang's /flush_cache)
+TEXT_REPLY_ROUTES = (ROUTE_FLUSH,)
+
+
+def reply_ok(reply: Mapping[str, Any]) -> bool:
+    return any(reply.get(key) == value for key, value in REPLY_SUCCESS)
+
+
+def init_group_payload(master_address: str, master_port: int, rank_offset: int, world_size: int,
+                       group_name: str, backend: str) -> dict[str, Any]:
+    return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend}
+
+
+def bucket_payload(tensors: Mapping[str, torch.Tensor], group_name: str, version: int | None,
+                   flush_cache: bool = False) -> dict[str, Any]:
+    """Body of /update_weights_from_distributed for one flattened bucket; only the last bucket of
+    a version carries ``weight_version`` (and ``flush_cache``)."""
+    return {
+        "names": list(tensors),
+        "dtypes": [dtype_name(t.dtype) for t in tensors.values()],
+        "shapes": [list(t.shape) for t in tensors.values()],
+        "group_name": group_name,
+        "load_format": "flattened_bucket",
+        "flush_cache": bool(flush_cache and version is not None),
+        "abort_all_requests": False,
+        "weight_version": None if version is None else str(version),
+    }
+
+
+def pause_payload(mode: str) -> dict[str, Any]:
+    return {"mode": mode}
+
+
+def continue_payload() -> dict[str, Any]:
+    return {}
+
+
+def destroy_payload(group_name: str) -> dict[str, Any]:
+    return {"group_name": group_name}
 
 
 def plan_buckets(named: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
@@ -74,6 +148,17 @@ def plan_buckets(named: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[l
     if current:
         buckets.append(current)
     return buckets
+
+
+def flatten_into(buf: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Like :func:`pipeline.weightsync.flatten_bucket`, but into the front of the persistent uint8
+    buffer ``buf`` (copying across devices as needed); returns the filled slice."""
+    offset = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        buf[offset : offset + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        offset += n
+    return buf[:offset]
 
 
 def spawn(fn: Any, *args: Any, **kwargs: Any) -> Future:
@@ -101,10 +186,13 @@ def free_port(address: str) -> int:
         return s.getsockname()[1]
 
 
-def post_json(url: str, payload: dict[str, Any], timeout_s: float, what: str) -> dict[str, Any]:
-    """POST JSON, return the decoded JSON reply, or raise PublishError naming url and ``what``."""
+def post_json(url: str, payload: dict[str, Any] | None, timeout_s: float, what: str) -> dict[str, Any]:
+    """POST JSON (GET when ``payload`` is None), return the decoded JSON reply, or raise
+    PublishError naming url and ``what``.  A plain-text reply from a route in
+    ``TEXT_REPLY_ROUTES`` becomes ``{"success": True, "message": text}`` (HTTP errors still raise)."""
     req = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        url, data=None if payload is None else json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"}, method="GET" if payload is None else "POST",
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
@@ -119,6 +207,8 @@ def post_json(url: str, payload: dict[str, Any], timeout_s: float, what: str) ->
     try:
         reply = json.loads(body) if body else {}
     except ValueError as e:
+        if url.split("?", 1)[0].endswith(TEXT_REPLY_ROUTES):
+            return {"success": True, "message": body[:500].decode(errors="replace")}
         raise PublishError(f"{url}: reply to {what} is not JSON: {body[:200]!r}") from e
     if not isinstance(reply, dict):
         raise PublishError(f"{url}: reply to {what} is not a JSON object: {reply!r}")
@@ -137,9 +227,19 @@ class WeightPublisher:
         group_name: str = DEFAULT_GROUP_NAME,
         timeout_s: float = 60.0,
         ranks_per_engine: list[int] | None = None,
+        engine_kind: str = "embedded",
+        pause_mode: str = "in_place",
+        flush_cache: bool = True,
+        resync: bool = False,
+        rejoin_timeout_s: float = 120.0,
     ) -> None:
         """``ranks_per_engine``: how many group ranks each engine brings (its TP size for SGLang,
-        which joins as ``rank_offset + tp_rank``); default 1 each."""
+        which joins as ``rank_offset + tp_rank``); default 1 each.  ``engine_kind``/``pause_mode``/
+        ``flush_cache``/``resync``: see ``consumers.weights_config.WeightSyncConfig``."""
+        if engine_kind not in ("embedded", "sglang"):
+            raise ValueError(f"engine_kind must be 'embedded' or 'sglang', got {engine_kind!r}")
+        if pause_mode not in ("in_place", "retract", "abort"):
+            raise ValueError(f"pause_mode must be 'in_place', 'retract' or 'abort', got {pause_mode!r}")
         if not engine_urls:
             raise ValueError("WeightPublisher needs at least one engine URL")
         if backend not in ("gloo", "nccl"):
@@ -155,15 +255,23 @@ class WeightPublisher:
         self.bucket_bytes = bucket_bytes
         self.group_name = group_name
         self.timeout_s = timeout_s
+        self.engine_kind = engine_kind
+        self.pause_mode = pause_mode
+        self.flush_cache = flush_cache
+        self.resync = resync
+        self.rejoin_timeout_s = rejoin_timeout_s
         self.master_port: int | None = None
+        self.version: int | None = None  # last version every engine acknowledged
+        self.rejoins = 0  # how many times the group was re-created for a lagging engine
         self._group: WeightGroup | None = None
+        self._flat: torch.Tensor | None = None  # one bucket's bytes, reused by every bucket (no re-allocation)
 
     @property
     def connected(self) -> bool:
         return self._group is not None
 
     # ------------------------------------------------------------------ helpers
-    def _post_all(self, route: str, payloads: list[dict[str, Any]], what: str) -> list[Future]:
+    def _post_all(self, route: str, payloads: list[dict[str, Any] | None], what: str) -> list[Future]:
         return [
             spawn(post_json, f"{url}{route}", payload, self.timeout_s, what)
             for url, payload in zip(self.engine_urls, payloads, strict=True)
@@ -175,7 +283,7 @@ class WeightPublisher:
         if exc is not None:
             return str(exc) if isinstance(exc, PublishError) else f"{url}{route}: {what} failed: {exc!r}"
         reply = fut.result()
-        if reply.get("success") is not True:
+        if not reply_ok(reply):
             return f"{url}{route}: {what} failed: {reply.get('message', reply)!r}"
         return None
 
@@ -204,6 +312,63 @@ class WeightPublisher:
             ) from e
         return own.result()
 
+    def _call_all(self, route: str, payload: dict[str, Any] | None, what: str) -> list[dict[str, Any]]:
+        """Send one request to every engine at once and wait (``timeout_s``) for every reply;
+        raise PublishError naming the engines that failed."""
+        futures = self._post_all(route, [payload] * len(self.engine_urls), what)
+        errors = []
+        for url, fut in zip(self.engine_urls, futures, strict=True):
+            try:
+                fut.result(timeout=self.timeout_s + 5.0)
+            except TimeoutError:
+                errors.append(f"{url}{route}: no reply within {self.timeout_s:.0f}s while waiting for {what}")
+                continue
+            except Exception:
+                pass
+            if error := self._check_reply(url, fut, route, what):
+                errors.append(error)
+        if errors:
+            raise PublishError("; ".join(errors))
+        return [f.result() for f in futures]
+
+    def engine_versions(self, timeout_s: float | None = None) -> dict[str, str | None]:
+        """Each engine's ``weight_version`` from ``GET /get_model_info`` (None: no answer)."""
+        t = timeout_s or self.timeout_s
+        futures = [spawn(post_json, f"{u}{ROUTE_MODEL_INFO}", None, t, "its model info") for u in self.engine_urls]
+        out: dict[str, str | None] = {}
+        for url, fut in zip(self.engine_urls, futures, strict=True):
+            try:
+                out[url] = str(fut.result(timeout=t + 5.0).get("weight_version"))
+            except Exception as e:
+                log.info("weight publisher: %s%s did not answer: %s", url, ROUTE_MODEL_INFO, e)
+                out[url] = None
+        return out
+
+    def _resync(self) -> None:
+        """Re-create the group when an engine lags the last published version or is unreachable
+        (restarted, or joined late); waits up to ``rejoin_timeout_s`` for every engine to answer."""
+        if self.version is None or self._group is None:
+            return
+        versions = self.engine_versions(timeout_s=min(self.timeout_s, 10.0))
+        lagging = {u: v for u, v in versions.items() if v != str(self.version)}
+        if not lagging:
+            return
+        log.warning("weight publisher: engine(s) not at v%d: %s; re-creating the weight group", self.version, lagging)
+        deadline = time.monotonic() + self.rejoin_timeout_s
+        while any(v is None for v in versions.values()):
+            silent = [u for u, v in versions.items() if v is None]
+            if time.monotonic() > deadline:
+                raise PublishError(
+                    f"engine(s) {', '.join(silent)} did not answer {ROUTE_MODEL_INFO} within {self.rejoin_timeout_s:.0f}s "
+                    "while the publisher waited for them to come back (weights.rejoin_timeout_s)"
+                )
+            log.info("weight publisher: waiting for %s to answer %s (%.0fs left)", silent, ROUTE_MODEL_INFO, deadline - time.monotonic())
+            time.sleep(0.5)
+            versions = self.engine_versions(timeout_s=min(self.timeout_s, 10.0))
+        self.close()  # best effort: engines still in the old group leave it
+        self.connect()
+        self.rejoins += 1
+
     def _reset(self) -> None:
         """After a failure the group is unusable (a collective may still block until its timeout
         in a daemon thread): drop it, so that connect() starts clean."""
@@ -217,18 +382,10 @@ class WeightPublisher:
         port = free_port(self.master_address)
         world = 1 + sum(self.ranks_per_engine)
         offsets = [1 + sum(self.ranks_per_engine[:i]) for i in range(len(self.engine_urls))]
-        payloads = [
-            {
-                "master_address": self.master_address,
-                "master_port": port,
-                "rank_offset": offset,
-                "world_size": world,
-                "group_name": self.group_name,
-                "backend": self.backend,
-            }
-            for offset in offsets
+        payloads: list[dict[str, Any] | None] = [
+            init_group_payload(self.master_address, port, offset, world, self.group_name, self.backend) for offset in offsets
         ]
-        route = "/init_weights_update_group"
+        route = ROUTE_INIT_GROUP
         what = f"joining weight group {self.group_name!r} at {self.master_address}:{port}"
         log.info("weight publisher: %d engine(s) joining %s:%d (%s)", len(self.engine_urls), self.master_address, port, self.backend)
         futures = self._post_all(route, payloads, what)
@@ -245,35 +402,74 @@ class WeightPublisher:
         log.info("weight publisher: group %r ready (world %d)", self.group_name, world)
 
     def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> dict[str, Any]:
-        """Send every tensor to every engine; returns ``{seconds, bytes, buckets, checksum, version}``.
-        When it returns, every engine has swapped in ``version``. ``checksum=False`` skips hashing
-        every byte (costly for large models; the checksum is then "")."""
+        """Send every tensor to every engine; returns ``{seconds, bytes, buckets, checksum, version,
+        pause_s, rejoined}``.  When it returns, every engine has swapped in ``version``.
+        ``checksum=False`` skips hashing every byte (costly for large models; the checksum is then "")."""
         if self._group is None:
             raise PublishError("publish() before connect()")
         if not named:
             raise ValueError("nothing to publish: the state dict is empty (not the publishing rank?)")
         t0 = time.perf_counter()
+        rejoins = self.rejoins
+        if self.resync:
+            self._resync()
         digest = weights_checksum(named) if checksum else ""
+        sglang = self.engine_kind == "sglang"
+        pause_s = 0.0
+        if sglang:
+            t_pause = time.perf_counter()
+            self._call_all(ROUTE_PAUSE, pause_payload(self.pause_mode), f"pausing generation ({self.pause_mode}) for version {version}")
+        try:
+            total, nbuckets, replies = self._send_buckets(named, version)
+        except BaseException:
+            if sglang:
+                self._continue_best_effort(version)
+            raise
+        if sglang:
+            if self.flush_cache:
+                try:
+                    self._call_all(ROUTE_FLUSH, {}, f"flushing the prefix cache after version {version}")
+                except PublishError as e:
+                    log.warning("weight publisher: prefix cache not flushed (%s)", e)
+            self._call_all(ROUTE_CONTINUE, continue_payload(), f"continuing generation after version {version}")
+            pause_s = time.perf_counter() - t_pause
+        else:
+            pause_s = max((float(r.get("pause_seconds", 0.0)) for r in replies), default=0.0)
+        self.version = version
+        seconds = time.perf_counter() - t0
+        log.info(
+            "published version %d: %.1f MiB in %d bucket(s) to %d engine(s) in %.3fs (generation paused %.2f ms)",
+            version, total / 2**20, nbuckets, len(self.engine_urls), seconds, pause_s * 1e3,
+        )
+        return {"seconds": seconds, "bytes": total, "buckets": nbuckets, "checksum": digest, "version": version,
+                "pause_s": pause_s, "rejoined": self.rejoins - rejoins}
+
+    def _continue_best_effort(self, version: int) -> None:
+        try:
+            self._call_all(ROUTE_CONTINUE, continue_payload(), f"continuing generation after the failed version {version}")
+        except PublishError as e:
+            log.error("weight publisher: could not resume generation after a failed publish: %s", e)
+
+    def _send_buckets(self, named: Mapping[str, torch.Tensor], version: int) -> tuple[int, int, list[dict[str, Any]]]:
+        """Post and broadcast every bucket; returns (bytes, buckets, the engines' replies to the last)."""
+        assert self._group is not None
         buckets = plan_buckets(named, self.bucket_bytes)
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        need = max(sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets)
+        if self._flat is None or self._flat.numel() < need or self._flat.device != device:
+            self._flat = None
+            self._flat = torch.empty(need, dtype=torch.uint8, device=device)
         total = 0
+        replies: list[dict[str, Any]] = []
+        flush = self.flush_cache and self.engine_kind == "sglang"
         for i, names in enumerate(buckets):
             last = i == len(buckets) - 1
-            tensors = [named[n] for n in names]
-            payload = {
-                "names": names,
-                "dtypes": [dtype_name(t.dtype) for t in tensors],
-                "shapes": [list(t.shape) for t in tensors],
-                "group_name": self.group_name,
-                "load_format": "flattened_bucket",
-                "flush_cache": False,
-                "abort_all_requests": False,
-                "weight_version": str(version) if last else None,
-            }
-            route = "/update_weights_from_distributed"
+            tensors = {n: named[n] for n in names}
+            payload = bucket_payload(tensors, self.group_name, version if last else None, flush_cache=flush)
+            route = ROUTE_UPDATE
             what = f"bucket {i + 1}/{len(buckets)} of version {version}" + (" (swap)" if last else "")
             futures = self._post_all(route, [payload] * len(self.engine_urls), what)
-            flat = flatten_bucket(t.to(device) for t in tensors)
+            flat = flatten_into(self._flat, tensors.values())
             own = spawn(self._group.broadcast, flat, 0)
             try:
                 self._wait(futures, own, route, what, f"broadcast of {what}")
@@ -281,19 +477,15 @@ class WeightPublisher:
                 self._reset()
                 raise
             total += flat.numel()
-        seconds = time.perf_counter() - t0
-        log.info(
-            "published version %d: %.1f MiB in %d bucket(s) to %d engine(s) in %.3fs",
-            version, total / 2**20, len(buckets), len(self.engine_urls), seconds,
-        )
-        return {"seconds": seconds, "bytes": total, "buckets": len(buckets), "checksum": digest, "version": version}
+            if last:
+                replies = [f.result() for f in futures]
+        return total, len(buckets), replies
 
     def close(self) -> None:
         """Ask engines to leave the group (best effort) and drop ours."""
         if self._group is not None:
             futures = self._post_all(
-                "/destroy_weights_update_group", [{"group_name": self.group_name}] * len(self.engine_urls),
-                "leaving the weight group",
+                ROUTE_DESTROY_GROUP, [destroy_payload(self.group_name)] * len(self.engine_urls), "leaving the weight group",
             )
             for fut in futures:
                 try:

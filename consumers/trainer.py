@@ -32,7 +32,13 @@ are all set, else a private one-process group on 127.0.0.1.  Multi-process: ``to
 Statistics (:data:`STAT_KEYS`): ``loss`` (global token mean), ``reward_mean``, ``tokens_trained``
 (response tokens with loss_mask 1), ``grad_norm`` (before clipping), ``is_weight_mean``,
 ``is_weight_max`` (raw ratio, before truncation), ``is_clip_fraction``, ``logprob_mismatch``,
-``kl`` (k3, behaviour || current), ``entropy``, ``num_sequences``, ``step_seconds``.
+``kl`` (k3, behaviour || current), ``entropy``, ``num_sequences``, ``step_seconds``, plus
+``clip_fraction`` (PPO/GSPO clip active), ``kl_ref`` (to the frozen initial weights; NaN without
+``kl_coef``) and ``policy_version``.  ``is_clip_fraction`` counts TIS/decoupled truncation or
+IcePop masking.  The loss itself is selected by the config (``loss``, ``off_policy``,
+``proximal``, ``loss_agg``, ``kl_coef``, ``entropy_coef``; :mod:`consumers.policy_loss`);
+:meth:`TrainerRank.sft_step` is the supervised step of the ``[sft]`` stage
+(:mod:`consumers.sft`), and :mod:`consumers.checkpoint` saves/resumes a rank.
 """
 
 from __future__ import annotations
@@ -42,7 +48,6 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -53,19 +58,28 @@ import torch
 import torch.distributed as dist
 
 from consumers import bridge
+from consumers.batching import PAD_TOKEN, Microbatch, build_microbatches
 from consumers.config import TrainerConfig
-from consumers.loss import group_advantages, grpo_tis_loss, vocab_parallel_entropy
-from consumers.model import build_trainable_model
-from schemas.messages import TrajectoryGroup
+from consumers.loss import vocab_parallel_entropy
+from consumers.model import build_reference_model, build_trainable_model
+from consumers.policy_loss import entropy_from_logits, policy_loss
+from schemas.messages import Trajectory, TrajectoryGroup
 
 log = logging.getLogger(__name__)
 
-PAD_TOKEN = 0  # any valid id: padded positions are masked out of the loss and never attended to
+#: per-microbatch sums the loss reports and the trainer adds up over microbatches and DP ranks
+_SUM_KEYS = (
+    "loss_sum", "loss_norm", "num_tokens", "is_weight_sum", "is_clip_count", "ppo_clip_count",
+    "logprob_mismatch_sum", "kl_sum", "kl_ref_sum", "entropy_sum",
+)
 
 STAT_KEYS = (
     "loss", "reward_mean", "tokens_trained", "grad_norm", "is_weight_mean", "is_weight_max",
     "is_clip_fraction", "logprob_mismatch", "kl", "entropy", "num_sequences", "step_seconds",
+    "clip_fraction", "kl_ref", "policy_version",
 )
+
+__all__ = ["PAD_TOKEN", "STAT_KEYS", "Microbatch", "TrainerRank", "build_microbatches", "init_distributed"]
 
 
 def _free_port() -> int:
@@ -98,76 +112,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
     log.info("torch.distributed: rank %d/%d via %s (%s)", dist.get_rank(), dist.get_world_size(), backend, where)
 
 
-@dataclass
-class Microbatch:
-    """One padded ``[b, s]`` chunk; every tensor has that shape."""
-
-    tokens: torch.Tensor  # int64 input ids
-    position_ids: torch.Tensor  # int64
-    labels: torch.Tensor  # int64 next tokens
-    loss_mask: torch.Tensor  # float32, 1 where the label is a trained response token
-    behav_logprobs: torch.Tensor  # float32, producer log-prob of the label token (0 elsewhere)
-    advantages: torch.Tensor  # float32, the sequence's advantage where loss_mask is 1, else 0
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.loss_mask.sum().item())
-
-
-def _flatten(groups: list[TrajectoryGroup], std_norm: bool) -> tuple[list[Any], np.ndarray]:
-    """Trajectories with a non-empty response, and the advantage of each."""
-    trajs, advs = [], []
-    for group in groups:
-        a = group_advantages([[t.reward for t in group.trajectories]], std_norm=std_norm)[0].tolist()
-        for traj, adv in zip(group.trajectories, a, strict=True):
-            if len(traj.response_tokens):
-                trajs.append(traj)
-                advs.append(adv)
-    return trajs, np.asarray(advs, dtype=np.float32)
-
-
-def build_microbatches(groups: list[TrajectoryGroup], micro_batch_size: int, std_norm: bool) -> list[Microbatch]:
-    """Pad this rank's trajectories into microbatches of ``micro_batch_size`` sequences.  Always at
-    least one microbatch (an all-masked dummy when there is nothing to train) so that every rank
-    takes part in the collective schedule."""
-    trajs, advs = _flatten(groups, std_norm)
-    if not trajs:
-        z = torch.zeros((1, 1), dtype=torch.int64)
-        f = torch.zeros((1, 1), dtype=torch.float32)
-        return [Microbatch(z, z.clone(), z.clone(), f, f.clone(), f.clone())]
-    mbs = []
-    for i in range(0, len(trajs), micro_batch_size):
-        chunk, chunk_adv = trajs[i : i + micro_batch_size], advs[i : i + micro_batch_size]
-        plen = np.fromiter((len(t.prompt_tokens) for t in chunk), dtype=np.int64, count=len(chunk))
-        rlen = np.fromiter((len(t.response_tokens) for t in chunk), dtype=np.int64, count=len(chunk))
-        b, s = len(chunk), int((plen + rlen).max()) - 1
-        full = np.full((b, s + 1), PAD_TOKEN, dtype=np.int64)
-        mask = np.zeros((b, s + 1), dtype=np.float32)
-        behav = np.zeros((b, s + 1), dtype=np.float32)
-        for row, t in enumerate(chunk):
-            p, r = plen[row], rlen[row]
-            full[row, :p] = t.prompt_tokens
-            full[row, p : p + r] = t.response_tokens
-            # label index of response token j is p - 1 + j; store at p + j, then shift by one
-            mask[row, p : p + r] = t.loss_mask
-            behav[row, p : p + r] = t.logprobs
-        mask[:, 0] = 0.0  # no prompt: response token 0 has nothing to predict it
-        mask_t = torch.from_numpy(mask[:, 1:].copy())
-        adv = torch.from_numpy(chunk_adv).unsqueeze(1) * (mask_t > 0)
-        pos = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(b, s).contiguous()
-        mbs.append(
-            Microbatch(
-                tokens=torch.from_numpy(full[:, :-1].copy()),
-                position_ids=pos,
-                labels=torch.from_numpy(full[:, 1:].copy()),
-                loss_mask=mask_t,
-                behav_logprobs=torch.from_numpy(behav[:, 1:].copy()),
-                advantages=adv,
-            )
-        )
-    return mbs
-
-
 class TrainerRank:
     """One trainer process: model stage + optimizer; see the module docstring."""
 
@@ -181,7 +125,9 @@ class TrainerRank:
         built = build_trainable_model(cfg, hf_path)
         self.model, self.optimizer, self.spec, self.mconfig = built.model, built.optimizer, built.spec, built.config
         self._ps = ps
-        self.steps_done = 0
+        self.steps_done = 0  # optimizer steps taken (RL and SFT)
+        self.policy_version = 0  # version of the current weights (RL steps; restored on resume)
+        self.ref_model = build_reference_model(cfg, hf_path, self.mconfig) if cfg.kl_coef > 0 else None
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         log.info(
             "trainer rank %d ready: TP %d/%d PP %d/%d DP %d/%d", dist.get_rank(),
@@ -211,54 +157,88 @@ class TrainerRank:
         return dist.get_rank() == 0
 
     # ------------------------------------------------------------------ training
-    def _loss_func(self, mb: Microbatch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss_func(
+        self, mb: Microbatch, kind: str, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         from megatron.core import tensor_parallel
 
         cfg = self.cfg
         z = logits.float()
-        if cfg.temperature != 1.0:
+        if cfg.temperature != 1.0 and kind != "sft":
             z = z / cfg.temperature
-        mask = mb.loss_mask.to(z.device)
-        if cfg.compute_entropy:
-            tp_group = self._ps.get_tensor_model_parallel_group() if cfg.tensor_parallel > 1 else None
-            entropy_sum = (vocab_parallel_entropy(z, tp_group) * mask).sum()
-        else:
-            entropy_sum = torch.zeros((), device=z.device)
+        dev = z.device
+        mask = mb.loss_mask.to(dev)
+        tp_group = self._ps.get_tensor_model_parallel_group() if cfg.tensor_parallel > 1 else None
+        entropy = None
+        if kind != "sft" and cfg.entropy_coef > 0:
+            entropy = entropy_from_logits(z, tp_group)  # differentiable: CE below must not reuse z
+            z = z.clone()
+        elif cfg.compute_entropy:
+            entropy = vocab_parallel_entropy(z, tp_group)
         # vocab-parallel CE (the op GPTModel uses when given labels); it reuses z's storage
-        logp = -tensor_parallel.vocab_parallel_cross_entropy(z, mb.labels.to(z.device))
-        loss_sum, st = grpo_tis_loss(
-            logp, mb.behav_logprobs.to(z.device), mb.advantages.to(z.device), mask, cfg.tis_cap, reduction="sum"
+        logp = -tensor_parallel.vocab_parallel_cross_entropy(z, mb.labels.to(dev))
+        loss_sum, st = policy_loss(
+            logp, mb.behav_logprobs.to(dev), mb.advantages.to(dev), mask,
+            loss=kind, correction=cfg.off_policy, tis_cap=cfg.tis_cap,  # type: ignore[arg-type]
+            eps_clip_low=cfg.eps_clip_low, eps_clip_high=cfg.eps_clip_high,
+            icepop_low=cfg.icepop_low, icepop_high=cfg.icepop_high, prox=cfg.proximal,
+            versions=mb.versions.to(dev) if mb.versions is not None else None,
+            v_theta=self.policy_version, prox_lag=cfg.prox_lag, agg=cfg.loss_agg,
+            ref_logprobs=mb.ref_logprobs.to(dev) if (mb.ref_logprobs is not None and kind != "sft") else None,
+            kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
+            entropy=entropy, entropy_coef=cfg.entropy_coef if kind != "sft" else 0.0, reduction="sum",
         )
-        report = {
-            "loss_sum": loss_sum.detach(),
-            "num_tokens": st["num_tokens"],
-            "is_weight_sum": st["is_weight_sum"],
-            "is_weight_max": st["is_weight_max"],
-            "is_clip_count": st["is_clip_count"],
-            "logprob_mismatch_sum": st["logprob_mismatch_sum"],
-            "kl_sum": st["kl_sum"],
-            "entropy_sum": entropy_sum.float(),
-        }
-        return loss_sum, st["num_tokens"].to(torch.int), report
+        report = {k: st[k] for k in _SUM_KEYS if k != "loss_sum"}
+        report["loss_sum"] = loss_sum.detach()
+        report["is_weight_max"] = st["is_weight_max"]
+        return loss_sum, st["loss_norm"].to(torch.int), report
 
-    def _forward_step(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+    def _forward_step(self, kind: str, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         mb: Microbatch = next(data_iterator)
         out = model(mb.tokens.to(self._device), mb.position_ids.to(self._device), None)
-        return out, partial(self._loss_func, mb)
+        return out, partial(self._loss_func, mb, kind)
 
-    def train_step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
-        """One optimizer step on this DP rank's ``groups`` (TP/PP peers pass the same list).
-        Collective over all trainer ranks.  Returns :data:`STAT_KEYS`, reduced over DP."""
+    def _ref_forward_step(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+        mb: Microbatch = next(data_iterator)
+        out = model(mb.tokens.to(self._device), mb.position_ids.to(self._device), None)
+
+        def loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+            from megatron.core import tensor_parallel
+
+            z = logits.float()
+            if self.cfg.temperature != 1.0:
+                z = z / self.cfg.temperature
+            lp = -tensor_parallel.vocab_parallel_cross_entropy(z, mb.labels.to(z.device))
+            return torch.zeros((), device=z.device), torch.ones((), dtype=torch.int, device=z.device), {"logp": lp.detach().cpu()}
+
+        return out, loss
+
+    def _fill_reference_logprobs(self, mbs: list[Microbatch]) -> None:
+        """Forward-only pass of the frozen reference model; sets ``mb.ref_logprobs`` on the last PP stage."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        t0 = time.perf_counter()
+        assert self.ref_model is not None
+        with torch.no_grad():
+            out = get_forward_backward_func()(
+                forward_step_func=self._ref_forward_step, data_iterator=iter(mbs), model=[self.ref_model],
+                num_microbatches=len(mbs), seq_length=max(mb.tokens.shape[1] for mb in mbs),
+                micro_batch_size=max(mb.tokens.shape[0] for mb in mbs), forward_only=True,
+            )
+        for mb, r in zip(mbs, out or [], strict=False):
+            mb.ref_logprobs = r["logp"]
+
+    def _run(self, mbs: list[Microbatch], kind: str) -> tuple[Any, Any]:
+        """Forward/backward over ``mbs`` and one optimizer step; returns (results, grad_norm)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
         cfg = self.cfg
-        mbs = build_microbatches(groups, cfg.micro_batch_size, cfg.advantage_std_norm)
+        if self.ref_model is not None and kind != "sft":
+            self._fill_reference_logprobs(mbs)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         results = get_forward_backward_func()(
-            forward_step_func=self._forward_step,
+            forward_step_func=partial(self._forward_step, kind),
             data_iterator=iter(mbs),
             model=[self.model],
             num_microbatches=len(mbs),
@@ -271,17 +251,51 @@ class TrainerRank:
             log.warning("optimizer step skipped (inf/nan gradients)")
         if cfg.grad_clip == 0 and success:
             grad_norm = self.optimizer.get_grad_norm()
+        return results, grad_norm
+
+    def train_step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
+        """One optimizer step on this DP rank's ``groups`` (TP/PP peers pass the same list).
+        Collective over all trainer ranks.  Returns :data:`STAT_KEYS`, reduced over DP.  The loss
+        sees ``self.policy_version`` as the current version (log-linear proximal policy); the step
+        increments it and ``steps_done``."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        mbs = build_microbatches(groups, cfg.micro_batch_size, cfg.advantage_std_norm, cfg.max_tokens_per_microbatch)
+        results, grad_norm = self._run(mbs, cfg.loss)
         self.steps_done += 1
+        self.policy_version += 1
         stats = self._reduce_stats(results, groups, grad_norm)
+        stats["step_seconds"] = time.perf_counter() - t0
+        stats["policy_version"] = float(self.policy_version)
+        return stats
+
+    def sft_step(self, examples: list[tuple[Any, Any]]) -> dict[str, float]:
+        """One supervised step: cross-entropy (token mean) on the response tokens of this DP rank's
+        ``(prompt_tokens, response_tokens)`` pairs.  Does not change ``policy_version``."""
+        t0 = time.perf_counter()
+        trajs = [
+            Trajectory(
+                trajectory_id=f"sft-{i}", prompt_tokens=np.asarray(p, np.int32), response_tokens=np.asarray(r, np.int32),
+                logprobs=np.zeros(len(r), np.float32), versions=np.zeros(len(r), np.int32),
+                loss_mask=np.ones(len(r), np.uint8), reward=0.0,
+            )
+            for i, (p, r) in enumerate(examples)
+        ]
+        groups = [TrajectoryGroup("sft", "sft", "sft", 0, 0, trajs)] if trajs else []
+        mbs = build_microbatches(groups, self.cfg.micro_batch_size, False, self.cfg.max_tokens_per_microbatch)
+        results, grad_norm = self._run(mbs, "sft")
+        self.steps_done += 1
+        stats = self._reduce_stats(results, [], grad_norm)
         stats["step_seconds"] = time.perf_counter() - t0
         return stats
 
     def _reduce_stats(self, results: list[dict[str, torch.Tensor]], groups: list[TrajectoryGroup], grad_norm: Any) -> dict[str, float]:
         ps = self._ps
-        keys = ("loss_sum", "num_tokens", "is_weight_sum", "is_clip_count", "logprob_mismatch_sum", "kl_sum", "entropy_sum")
+        keys = _SUM_KEYS
         rewards = [t.reward for g in groups for t in g.trajectories]
-        sums = torch.zeros(len(keys) + 2, dtype=torch.float64)
-        wmax = torch.zeros(1, dtype=torch.float64)
+        # on the compute device: NCCL (CUDA) collectives need CUDA tensors, gloo takes CPU ones
+        sums = torch.zeros(len(keys) + 2, dtype=torch.float64, device=self._device)
+        wmax = torch.zeros(1, dtype=torch.float64, device=self._device)
         for r in results or []:  # only the last PP stage has results
             for i, k in enumerate(keys):
                 sums[i] += float(r[k])
@@ -300,16 +314,18 @@ class TrainerRank:
         n = max(s["num_tokens"], 1.0)
         n_traj = float(sums[len(keys) + 1])
         return {
-            "loss": s["loss_sum"] / n,
+            "loss": s["loss_sum"] / max(s["loss_norm"], 1.0),
             "reward_mean": float(sums[len(keys)]) / n_traj if n_traj else math.nan,
             "tokens_trained": s["num_tokens"],
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "is_weight_mean": s["is_weight_sum"] / n,
             "is_weight_max": float(wmax[0]),
             "is_clip_fraction": s["is_clip_count"] / n,
+            "clip_fraction": s["ppo_clip_count"] / n,
             "logprob_mismatch": s["logprob_mismatch_sum"] / n,
             "kl": s["kl_sum"] / n,
-            "entropy": s["entropy_sum"] / n if self.cfg.compute_entropy else math.nan,
+            "kl_ref": s["kl_ref_sum"] / n if self.ref_model is not None else math.nan,
+            "entropy": s["entropy_sum"] / n if (self.cfg.compute_entropy or self.cfg.entropy_coef > 0) else math.nan,
             "num_sequences": n_traj,
         }
 

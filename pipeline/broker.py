@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,10 @@ import zmq.asyncio
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import QueueConfig
+from pipeline.journal import Journal
 from pipeline.metrics import STALENESS_BUCKETS, new_registry
-from pipeline.queue import DROP_REASONS, StalenessQueue
-from pipeline.transport import bind, configure_socket
+from pipeline.queue import DROP_REASONS, StalenessQueue, shard_by_tokens
+from pipeline.transport import CurveKeys, bind, configure_socket
 from schemas.codec import decode, encode
 from schemas.messages import (
     Ack,
@@ -87,6 +89,9 @@ class BrokerMetrics:
         self.producer_deaths = Counter("slipstream_broker_producer_deaths_total", "Producers declared dead (silent past peer_timeout_s).", registry=r)
         self.trainer_alive = Gauge("slipstream_broker_trainer_alive", "1 if a trainer was heard from within peer_timeout_s.", registry=r)
         self.version = Gauge("slipstream_policy_version", "Policy version this process knows to be published.", ["role"], registry=r)
+        self.journal_bytes = Counter("slipstream_broker_journal_written_bytes_total", "Bytes appended to the queue journal.", registry=r)
+        self.journal_torn = Counter("slipstream_broker_journal_torn_records_total", "Torn or corrupt journal records skipped on recovery.", registry=r)
+        self.recovered = Gauge("slipstream_broker_recovered_groups", "Groups this broker recovered from the journal at start.", registry=r)
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
         for reason in REJECT_REASONS:
@@ -94,27 +99,66 @@ class BrokerMetrics:
 
 
 class Broker:
-    def __init__(self, cfg: QueueConfig, group_size: int, vocab_size: int | None = None, policy_version: int = 0) -> None:
+    def __init__(
+        self, cfg: QueueConfig, group_size: int, vocab_size: int | None = None, policy_version: int = 0,
+        journal_dir: Path | None = None,
+    ) -> None:
         self.cfg = cfg
         self.group_size = group_size
         self.limits = Limits(max_message_bytes=cfg.max_message_bytes, vocab_size=vocab_size)
         self.queue = StalenessQueue(
             cfg.max_staleness, cfg.groups_per_step, cfg.max_queued_trajectories, cfg.max_queued_bytes,
-            cfg.stale_policy, policy_version,
+            cfg.stale_policy, policy_version, lease_prefix=f"lease-{uuid.uuid4().hex[:8]}",
         )
         self.metrics = BrokerMetrics()
+        self.journal: Journal | None = None
+        self.orphan_leases: dict[str, list[tuple[str, int, int]]] = {}  # issued by an earlier incarnation
+        self.recovery: dict[str, int] = {}
+        if journal_dir is not None:
+            self._recover(journal_dir)
         self.producers: dict[bytes, Peer] = {}
         self.trainer: Peer | None = None
         self.pending: tuple[bytes, BatchRequest] | None = None
         self.ctx = zmq.asyncio.Context()
         self.psock = self.ctx.socket(zmq.ROUTER)
         self.tsock = self.ctx.socket(zmq.ROUTER)
+        self.curve = CurveKeys.from_config(cfg)
         for s in (self.psock, self.tsock):
             configure_socket(s, cfg.socket_hwm, cfg.max_message_bytes)
             s.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            if self.curve is not None:
+                self.curve.server(s)
         self.producer_port = bind(self.psock, cfg.host, cfg.producer_port)
         self.trainer_port = bind(self.tsock, cfg.host, cfg.trainer_port)
         self._stopping = asyncio.Event()
+
+    def _recover(self, journal_dir: Path) -> None:
+        self.journal = Journal(journal_dir, self.cfg.journal_segment_bytes, self.cfg.journal_fsync)
+        rec = self.journal.recover()
+        if rec.segments:
+            version = max(rec.version, self.queue.published_version)
+            self.queue.restore(rec.groups, rec.seen, rec.stats, version)
+            self.orphan_leases = rec.leases
+            self.metrics.accepted.inc(rec.stats.trajectories_accepted)
+            self.metrics.consumed.inc(rec.stats.trajectories_consumed)
+            for reason, n in rec.stats.trajectories_dropped.items():
+                self.metrics.dropped.labels(reason).inc(n)
+            self.metrics.journal_torn.inc(rec.torn_records)
+            self.metrics.recovered.set(len(rec.groups))
+            log.warning(
+                "recovered from the journal (%d segments): %d unconsumed groups back in the queue, %d leases "
+                "awaiting commit, policy version %d, %d torn records skipped",
+                rec.segments, len(rec.groups), len(rec.leases), version, rec.torn_records,
+            )
+        self.recovery = {"segments": rec.segments, "groups": len(rec.groups), "torn_records": rec.torn_records}
+        self.journal.open_segment(self.queue.stats, self.queue.seen, self.queue.published_version)
+
+    def _journal_tick(self) -> None:
+        """Rotate/compact the journal. Only between events, when journal and queue agree."""
+        if self.journal is not None:
+            before = self.journal.bytes_written
+            self.journal.maybe_rotate(self.queue.stats, self.queue.seen, self.queue.published_version)
+            self.metrics.journal_bytes.inc(self.journal.bytes_written - before)
 
     # ----------------------------------------------------------------- plumbing
     async def _send(self, sock: zmq.asyncio.Socket, identity: bytes, msg: Any) -> None:
@@ -157,7 +201,7 @@ class Broker:
             peer.want = max(0, msg.want)
             await self._grant_credits()
         elif isinstance(msg, TrajectoryGroup):
-            await self._on_group(identity, peer, msg)
+            await self._on_group(identity, peer, msg, frames)
         else:
             self._reject("unexpected")
             await self._send(self.psock, identity, Error(code="unexpected", message=f"producers may not send '{msg.TYPE}'"))
@@ -183,12 +227,17 @@ class Broker:
             heartbeat_interval_s=self.cfg.heartbeat_interval_s,
         )
 
-    async def _on_group(self, identity: bytes, peer: Peer, group: TrajectoryGroup) -> None:
+    async def _on_group(self, identity: bytes, peer: Peer, group: TrajectoryGroup, frames: list[Any]) -> None:
         if group.producer_id != peer.peer_id:
             self._reject("bad_field")
             self.queue.credit_returned(peer.peer_id)
             await self._send(self.psock, identity, Error(code="bad_field", message=f"producer_id {group.producer_id!r} does not match hello {peer.peer_id!r}", seq=group.seq, epoch=group.epoch))
             return
+        if self.journal is not None and self.queue.admission(group) == "accepted":
+            # Durable before it is acked (and before anything can lease it).
+            before = self.journal.bytes_written
+            self.journal.accepted(group, [bytes(f.buffer) if hasattr(f, "buffer") else bytes(f) for f in frames])
+            self.metrics.journal_bytes.inc(self.journal.bytes_written - before)
         result = self.queue.accept(group)
         if result == "full":
             self._reject("queue_full")
@@ -222,6 +271,8 @@ class Broker:
             return
         if isinstance(msg, Hello):
             self.trainer = Peer(identity, msg.peer_id, msg.epoch, time.monotonic())
+            if self.journal is not None and msg.policy_version > self.queue.published_version:
+                self.journal.version(msg.policy_version)
             self.queue.publish(msg.policy_version)
             log.info("trainer %s registered at policy version %d", msg.peer_id, msg.policy_version)
             await self._send(self.tsock, identity, self._welcome())
@@ -235,23 +286,55 @@ class Broker:
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, BatchRequest):
+            again = next((lease for lease in self.queue.leases.values() if lease.step == msg.step and lease.policy_version == msg.policy_version), None)
+            if again is not None:  # a resend (the trainer reconnected): same lease, not a second one
+                log.info("batch request for step %d repeated: resending lease %s", msg.step, again.lease_id)
+                await self._send(self.tsock, identity, Batch(
+                    step=msg.step, lease_id=again.lease_id, groups=again.groups, shards=shard_by_tokens(again.groups, msg.dp_size),
+                    dropped=sum(self.queue.stats.trajectories_dropped.values()), queue_depth=len(self.queue.groups),
+                ))
+                return
             self.pending = (identity, msg)
             await self._try_fulfil()
         elif isinstance(msg, Commit):
-            if msg.lease_id not in self.queue.leases:
-                self._reject("bad_field")
-                await self._send(self.tsock, identity, Error(code="bad_field", message=f"unknown or expired lease {msg.lease_id!r}"))
-                return
-            lease = self.queue.commit(msg.lease_id, msg.policy_version)
-            self.metrics.consumed.inc(sum(len(g.trajectories) for g in lease.groups))
-            await self._send(self.tsock, identity, CommitAck(lease_id=msg.lease_id, policy_version=msg.policy_version))
-            self._update_gauges()
+            await self._on_commit(identity, msg)
         elif isinstance(msg, Published):
+            if self.journal is not None:
+                self.journal.version(msg.policy_version)
             self.queue.publish(msg.policy_version)
             await self._announce()
         else:
             self._reject("unexpected")
             await self._send(self.tsock, identity, Error(code="unexpected", message=f"trainers may not send '{msg.TYPE}'"))
+
+    async def _on_commit(self, identity: bytes, msg: Commit) -> None:
+        """Count a lease's groups consumed, durably, then ack. After a broker restart the trainer may
+        commit a lease the previous incarnation issued: its groups were recovered into the queue, so
+        they are removed from it and consumed (never trained twice); a commit the journal already
+        holds (its ack was lost in the crash) is acked again without counting anything twice."""
+        groups = None
+        if msg.lease_id in self.queue.leases:
+            groups = self.queue.leases[msg.lease_id].groups
+            if self.journal is not None:
+                self.journal.consumed(msg.lease_id, groups, msg.policy_version)
+            self.queue.commit(msg.lease_id, msg.policy_version)
+        elif self.journal is not None and msg.lease_id in self.journal.commits:
+            log.info("commit of %s was already journaled (its ack was lost): acknowledging again", msg.lease_id)
+            groups = []
+        elif msg.lease_id in self.orphan_leases:
+            groups = self.queue.consume_queued(self.orphan_leases[msg.lease_id], msg.policy_version)
+            if groups is not None:
+                del self.orphan_leases[msg.lease_id]
+                if self.journal is not None:
+                    self.journal.consumed(msg.lease_id, groups, msg.policy_version)
+                log.warning("commit of %s, leased before the broker restarted: its %d recovered groups are consumed", msg.lease_id, len(groups))
+        if groups is None:
+            self._reject("bad_field")
+            await self._send(self.tsock, identity, Error(code="bad_field", message=f"unknown or expired lease {msg.lease_id!r}"))
+            return
+        self.metrics.consumed.inc(sum(len(g.trajectories) for g in groups))
+        await self._send(self.tsock, identity, CommitAck(lease_id=msg.lease_id, policy_version=msg.policy_version))
+        self._update_gauges()
 
     async def _announce(self) -> None:
         v = self.queue.published_version
@@ -266,6 +349,8 @@ class Broker:
             return
         identity, req = self.pending
         stale = self.queue.remove_stale(req.policy_version)
+        if stale and self.journal is not None:
+            self.journal.dropped("stale_requeued" if self.cfg.stale_policy == "requeue" else "stale_dropped", stale)
         for g in stale:
             await self._handle_stale(g, req.policy_version)
         if not self.queue.ready(req.num_groups):
@@ -273,6 +358,8 @@ class Broker:
                 await self._grant_credits()
             return
         result = self.queue.take_batch(req.step, req.policy_version, req.num_groups, req.dp_size)
+        if self.journal is not None:  # so a commit after a broker restart can still be matched
+            self.journal.leased(result.lease.lease_id, result.lease.groups)
         for s in result.staleness:
             self.metrics.staleness.observe(s)
         batch = Batch(
@@ -331,6 +418,7 @@ class Broker:
                 log.warning("lease %s (step %d, %d groups) expired uncommitted: groups returned to the queue", lease.lease_id, lease.step, len(lease.groups))
             await self._grant_credits()
             await self._try_fulfil()
+            self._journal_tick()
 
     async def _recv_loop(self, sock: zmq.asyncio.Socket, handler: Any) -> None:
         while not self._stopping.is_set():
@@ -343,6 +431,7 @@ class Broker:
             except Exception:  # a bug must not take the queue down; it is logged and counted
                 log.exception("unexpected error handling a message")
                 self._reject("unexpected")
+            self._journal_tick()
 
     async def serve(self) -> None:
         tasks = [
@@ -366,8 +455,12 @@ class Broker:
         self._stopping.set()
 
     def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
         self.psock.close()
         self.tsock.close()
+        if self.curve is not None:
+            self.curve.close()
         self.ctx.term()
 
     def final_stats(self) -> dict[str, Any]:
@@ -384,6 +477,7 @@ class Broker:
             "leases_expired": s.leases_expired,
             "rejected_messages": {k: int(v) for k, v in _counter_values(self.metrics.rejected).items() if v},
             "policy_version": q.published_version,
+            "journal": {**self.recovery, "segments_deleted": self.journal.segments_deleted} if self.journal else None,
         }
 
 

@@ -6,7 +6,11 @@
     slipstream train   --config RUN/config.json --run-dir RUN --broker tcp://... --engine-url http://...
     slipstream engine  --model DIR --port 0 --port-file F       (the embedded engine server)
     slipstream make-tiny-model DIR
+    slipstream keys DIR                                          (CURVE server + client certificates)
     slipstream config [--markdown]                               (every config key, default and doc)
+    slipstream dashboard [--check]                               (write / check ops/grafana/slipstream.json)
+    slipstream scrape-config RUN_DIR [--out F] [--rules R.yml]   (Prometheus config for a run)
+    slipstream status RUN_DIR [--once]                           (one-screen view of a running job)
 
 A bad config prints one line naming the key (no traceback) and exits 2.
 """
@@ -45,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="validate the config and print it; start nothing")
     b = sub.add_parser("broker", help="run the queue broker")
     _common(b)
+    b.add_argument("--metrics-port", type=int, default=0, help="metrics port (0 = any free port; a restart reuses the first)")
     p = sub.add_parser("produce", help="run one rollout producer")
     _common(p)
     p.add_argument("--producer-id", required=True)
@@ -55,12 +60,56 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--broker", required=True, help="broker trainer endpoint, tcp://HOST:PORT")
     t.add_argument("--engine-url", action="append", required=True)
     sub.add_parser("engine", help="run the embedded engine server (see: slipstream engine --help)", add_help=False)
+    k = sub.add_parser("keys", help="make CURVE keys: a server and a client certificate (for a non-loopback queue.host)")
+    k.add_argument("out", type=Path)
     m = sub.add_parser("make-tiny-model", help="write the tiny example's HF checkpoint")
     m.add_argument("out", type=Path)
     m.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("config", help="print every config key with its default and doc")
     c.add_argument("--markdown", action="store_true")
+    bn = sub.add_parser("bench", help="run benchmarks (baseline side by side) and write JSON to bench/results")
+    bn.add_argument("which", choices=["queue", "async", "all"])
+    bn.add_argument("--groups", type=int, default=2000, help="queue: groups of 8 trajectories to move")
+    bn.add_argument("--steps", type=int, default=60, help="async: trainer steps per run")
+    bn.add_argument("--out", type=Path, default=Path("bench/results"))
+    _add_ops_commands(sub)
     return ap
+
+
+def _add_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    d = sub.add_parser("dashboard", help="write the Grafana dashboard generated from code (--check: verify it)")
+    d.add_argument("--check", action="store_true", help="exit 1 if the committed JSON is stale, conflicted or uses unknown metrics")
+    d.add_argument("--path", type=Path, default=None, help="dashboard file (default ops/grafana/slipstream.json)")
+    s = sub.add_parser("scrape-config", help="write a Prometheus scrape config for a run from RUN_DIR/processes.json")
+    s.add_argument("run_dir", type=Path)
+    s.add_argument("--out", type=Path, default=None, help="default RUN_DIR/prometheus.yml")
+    s.add_argument("--interval", type=float, default=1.0, help="scrape interval in seconds")
+    s.add_argument("--rules", type=Path, action="append", default=[], help="rule file to load (repeatable)")
+    st = sub.add_parser("status", help="one-screen view of a running job (from RUN_DIR/processes.json)")
+    st.add_argument("run_dir", type=Path)
+    st.add_argument("--once", action="store_true", help="print once and exit (default: refresh every 2 s)")
+    st.add_argument("--interval", type=float, default=2.0, help="refresh interval in seconds")
+
+
+def _cmd_ops(args: argparse.Namespace) -> int:
+    if args.command == "dashboard":
+        from pipeline.dashboard import DASHBOARD_PATH
+        from pipeline.dashboard import main as dashboard_main
+
+        return dashboard_main(args.check, args.path or DASHBOARD_PATH)
+    if args.command == "scrape-config":
+        from pipeline.status import write_scrape_config
+
+        try:
+            out = write_scrape_config(args.run_dir, args.out, args.interval, args.rules)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"slipstream scrape-config: {e}", file=sys.stderr)
+            return 1
+        print(out)
+        return 0
+    from pipeline.status import main as status_main
+
+    return status_main(args.run_dir, args.once, args.interval)
 
 
 def _load(path: str | Path, overrides: list[str]) -> object:
@@ -112,10 +161,11 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         vocab = _vocab_size(cfg.model.path)  # type: ignore[attr-defined]
-        broker = Broker(cfg.queue, cfg.producer.group_size, vocab_size=vocab)  # type: ignore[attr-defined]
+        journal = args.run_dir / "journal" if cfg.queue.journal else None  # type: ignore[attr-defined]
+        broker = Broker(cfg.queue, cfg.producer.group_size, vocab_size=vocab, journal_dir=journal)  # type: ignore[attr-defined]
         metrics_port = 0
         if cfg.metrics.enabled:  # type: ignore[attr-defined]
-            _, metrics_port = serve_metrics(broker.metrics.registry, cfg.metrics.host, 0)  # type: ignore[attr-defined]
+            _, metrics_port = serve_metrics(broker.metrics.registry, cfg.metrics.host, args.metrics_port)  # type: ignore[attr-defined]
         write_json_atomic(port_file(args.run_dir, "broker"), {"producer_port": broker.producer_port, "trainer_port": broker.trainer_port, "metrics_port": metrics_port})
         stop = _stop_event_on_signals(asyncio.get_running_loop())
         stats_file(args.run_dir, "broker").parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +188,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     from pipeline.logs import setup_logging
     from pipeline.metrics import serve_metrics
     from pipeline.rundir import port_file, stats_file, write_json_atomic
+    from pipeline.transport import CurveKeys
     from producers.producer import Producer, write_stats
 
     cfg = _load(args.config, args.set)
@@ -149,15 +200,27 @@ def _cmd_produce(args: argparse.Namespace) -> int:
             cfg.producer, args.producer_id, args.broker, args.engine_url, cfg.model.path,  # type: ignore[attr-defined]
             seed=cfg.run.seed * 7919 + idx, hwm=cfg.queue.socket_hwm, max_message_bytes=cfg.queue.max_message_bytes,  # type: ignore[attr-defined]
             peer_timeout_s=cfg.queue.peer_timeout_s, heartbeat_interval_s=cfg.queue.heartbeat_interval_s,  # type: ignore[attr-defined]
+            acked_log=args.run_dir / "acked" / f"{args.producer_id}.jsonl",
+            curve=CurveKeys.from_config(cfg.queue),  # type: ignore[attr-defined]
+            eval_path=args.run_dir / "eval.jsonl" if idx == 0 else None,
+            cursor_path=args.run_dir / "cursors" / f"{args.producer_id}.json",
         )
         port = 0
         if cfg.metrics.enabled:  # type: ignore[attr-defined]
             _, port = serve_metrics(producer.metrics.registry, cfg.metrics.host, 0)  # type: ignore[attr-defined]
         write_json_atomic(port_file(args.run_dir, args.producer_id), {"metrics_port": port})
         stop = _stop_event_on_signals(asyncio.get_running_loop())
+
+        async def persist_stats() -> None:  # so a killed producer's counts survive into summary.json
+            while True:
+                await asyncio.sleep(2.0)
+                write_json_atomic(stats_file(args.run_dir, args.producer_id), producer.final_stats())
+
+        persist = asyncio.create_task(persist_stats())
         try:
             await producer.run(stop, cfg.run.startup_timeout_s)  # type: ignore[attr-defined]
         finally:
+            persist.cancel()
             write_stats(stats_file(args.run_dir, args.producer_id), producer.final_stats())
 
     _run_async(main())
@@ -211,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_produce(args)
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "keys":
+            from pipeline.transport import make_keys
+
+            keys = make_keys(args.out)
+            print(f"wrote {args.out}: set queue.curve_server_key = {keys['server_secret']!r} (broker; producers and trainers "
+                  f"may use the public {keys['server_public']!r}) and queue.curve_client_key = {keys['client_secret']!r}")
+            return 0
         if args.command == "make-tiny-model":
             from pipeline.tiny import make_tiny_model
 
@@ -218,6 +288,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "config":
             return _cmd_config(args)
+        if args.command == "bench":
+            from pipeline import bench
+
+            command = "slipstream " + " ".join(argv)
+            if args.which in ("queue", "all"):
+                bench.run_queue(args.groups, args.out, command)
+            if args.which in ("async", "all"):
+                bench.run_async(args.steps, args.out, command)
+            return 0
+        if args.command in ("dashboard", "scrape-config", "status"):
+            return _cmd_ops(args)
     except ConfigError as e:
         print(f"slipstream: {e}", file=sys.stderr)
         return 2

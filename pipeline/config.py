@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from consumers.config import TrainerConfig
+from consumers.config import SFTConfig, TrainerConfig
+from consumers.weights_config import WeightSyncConfig
 from pipeline.configbase import ConfigError, apply_override, check, doc, from_dict, parse_override
 from producers.config import ProducerConfig
 from producers.engine.config import EngineConfig
@@ -41,6 +42,12 @@ class RunConfig:
         False,
     )
     batch_timeout_s: float = doc("How long the trainer waits for one batch before it gives up (it logs while it waits).", 600.0)
+    max_restarts: int = doc(
+        "How many times the launcher restarts a crashed broker or producer (each process separately) before it "
+        "fails the run. The broker comes back on the same ports and recovers its queue from the journal.",
+        3,
+    )
+    restart_backoff_s: float = doc("Wait before the first restart of a process; doubles with each further restart of it.", 1.0)
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "must be >= 1")
@@ -48,6 +55,8 @@ class RunConfig:
         check(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
         check(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0")
         check(self.batch_timeout_s > 0, "batch_timeout_s", "must be > 0")
+        check(self.max_restarts >= 0, "max_restarts", "must be >= 0")
+        check(self.restart_backoff_s >= 0, "restart_backoff_s", "must be >= 0")
 
 
 @dataclass
@@ -57,6 +66,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.path), "path", "a model checkpoint directory is required")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname or interface name: assume it is reachable from outside
 
 
 @dataclass
@@ -74,13 +94,39 @@ class QueueConfig:
     max_queued_trajectories: int = doc("Queue bound in trajectories (enforced by credits and at admission).", 4096)
     max_queued_bytes: int = doc("Queue bound in bytes of trajectory arrays.", 256 * MiB)
     max_message_bytes: int = doc("Largest accepted ZeroMQ message; larger ones are rejected with 'oversize'.", 16 * MiB)
-    host: str = doc("Address the broker binds (loopback by default).", "127.0.0.1")
+    host: str = doc(
+        "Address the broker binds (loopback by default). A non-loopback address needs CURVE keys "
+        "(curve_server_key, curve_client_key; see 'slipstream keys') unless insecure = true.",
+        "127.0.0.1",
+    )
+    insecure: bool = doc("Allow binding a non-loopback queue.host without CURVE encryption and authentication.", False)
+    curve_server_key: str = doc(
+        "CURVE server certificate: the broker needs the secret file (server.key_secret); producers and trainers "
+        "need only its public part (server.key works). Empty = no CURVE.",
+        "",
+    )
+    curve_client_key: str = doc("CURVE client certificate (secret file, client.key_secret) producers and trainers use.", "")
+    curve_authorized_dir: str = doc(
+        "Directory of client public certificates the broker accepts; empty = 'authorized_clients' next to curve_server_key.", ""
+    )
     producer_port: int = doc("Broker port for producers (0 = pick a free port).", 0)
     trainer_port: int = doc("Broker port for trainers (0 = pick a free port).", 0)
     socket_hwm: int = doc("ZeroMQ send/receive high-water mark in messages (finite, never 0).", 1000)
     heartbeat_interval_s: float = doc("Heartbeat period, both directions.", 1.0)
     peer_timeout_s: float = doc("A producer silent this long is declared dead and its credits reclaimed.", 10.0)
     lease_timeout_s: float = doc("A batch not committed within this time returns to the queue.", 300.0)
+    journal: bool = doc(
+        "Journal accepted groups, commits and drops to RUN_DIR/journal (append-only, CRC-checked segments). "
+        "The broker acks a group only once it is journaled, and a restarted broker recovers every accepted, "
+        "unconsumed group from it.",
+        True,
+    )
+    journal_segment_bytes: int = doc("Journal segment size; fully consumed segments are deleted.", 64 * MiB)
+    journal_fsync: Literal["always", "never"] = doc(
+        "'always': fsync each journal record before its ack (acked data survives power loss; one fsync per "
+        "group). 'never': write to the OS page cache only (survives a broker crash, not a machine crash; faster).",
+        "always",
+    )
 
     def __post_init__(self) -> None:
         check(self.max_staleness >= 0, "max_staleness", "must be >= 0")
@@ -94,6 +140,12 @@ class QueueConfig:
         check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
         check(self.peer_timeout_s > 2 * self.heartbeat_interval_s, "peer_timeout_s", "must exceed 2 x heartbeat_interval_s")
         check(self.lease_timeout_s > 0, "lease_timeout_s", "must be > 0")
+        check(self.journal_segment_bytes >= 4096, "journal_segment_bytes", "must be >= 4096")
+        check(bool(self.curve_server_key) == bool(self.curve_client_key), "curve_client_key",
+              "curve_server_key and curve_client_key are set together (see 'slipstream keys DIR')")
+        check(_is_loopback(self.host) or self.insecure or bool(self.curve_server_key), "host",
+              f"{self.host!r} is not a loopback address: set queue.curve_server_key and queue.curve_client_key "
+              "(make them with 'slipstream keys DIR'), or queue.insecure = true to send trajectories unencrypted")
 
 
 @dataclass
@@ -113,6 +165,8 @@ class SlipstreamConfig:
     producer: ProducerConfig = doc("Rollout producers.", default_factory=ProducerConfig)
     engine: EngineConfig = doc("The embedded inference engine.", default_factory=EngineConfig)
     trainer: TrainerConfig = doc("Megatron-core trainer ranks.", default_factory=TrainerConfig)
+    sft: SFTConfig = doc("Optional supervised warm-up the trainer runs before RL.", default_factory=SFTConfig)
+    weights: WeightSyncConfig = doc("Streaming versioned weights to the engines.", default_factory=WeightSyncConfig)
     metrics: MetricsConfig = doc("Prometheus endpoints.", default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:

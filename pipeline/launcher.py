@@ -190,6 +190,8 @@ class Launcher:
     def restart(self, child: Child) -> bool:
         """Restart a crashed broker or producer in place (bounded, with backoff). False: give up."""
         n = self.restarts[child.name]
+        if child.proc is not None and child.proc.returncode == 2:
+            return False  # a config or plug-in error (cli exit 2): a restart would fail the same way
         if child.role not in ("broker", "producer") or n >= self.cfg.run.max_restarts:
             if child.role in ("broker", "producer"):
                 log.error("%s crashed again and was already restarted %d times (run.max_restarts): giving up", child.name, n)
@@ -205,6 +207,9 @@ class Launcher:
         child.close()
         with contextlib.suppress(FileNotFoundError):
             port_file(self.run_dir, child.name).unlink()
+        if child.role == "producer":  # keep the dead incarnation's last counts: summary.json sums producer-*.json
+            with contextlib.suppress(FileNotFoundError):
+                stats_file(self.run_dir, child.name).rename(stats_file(self.run_dir, f"{child.name}.incarnation-{n}"))
         self.restarts[child.name] += 1
         self.restarts_by_role[child.role] += 1
         child.start(self.env)

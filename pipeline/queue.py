@@ -55,6 +55,19 @@ class SeenSeqs:
     def __len__(self) -> int:
         return sum(self._low.values()) + sum(len(s) for s in self._above.values())
 
+    def state(self) -> list[list]:
+        """A compact, msgpack-able snapshot (the journal's checkpoints store it)."""
+        keys = set(self._low) | {k for k, v in self._above.items() if v}
+        return [[p, e, self._low.get((p, e), 0), sorted(self._above.get((p, e), ()))] for p, e in sorted(keys)]
+
+    @classmethod
+    def from_state(cls, state: list[list]) -> SeenSeqs:
+        seen = cls()
+        for producer, epoch, low, above in state:
+            seen._low[(producer, epoch)] = int(low)
+            seen._above[(producer, epoch)] = {int(s) for s in above}
+        return seen
+
 
 @dataclass
 class Lease:
@@ -97,6 +110,7 @@ class StalenessQueue:
         max_bytes: int,
         stale_policy: str = "requeue",
         policy_version: int = 0,
+        lease_prefix: str = "lease",
     ) -> None:
         self.max_staleness = max_staleness
         self.groups_per_step = groups_per_step
@@ -110,9 +124,14 @@ class StalenessQueue:
         self.in_flight: dict[str, int] = collections.defaultdict(int)  # credits granted, group not yet arrived
         self._seen = SeenSeqs()
         self._lease_ids = itertools.count(1)
+        self.lease_prefix = lease_prefix  # unique per broker incarnation: a lease id is never reused
         self.stats = QueueStats()
         self.queued_trajectories = 0
         self.queued_bytes = 0
+
+    @property
+    def seen(self) -> SeenSeqs:
+        return self._seen
 
     # ------------------------------------------------------------------ derived counters
     @property
@@ -141,15 +160,26 @@ class StalenessQueue:
         return self.in_flight.pop(producer_id, 0)
 
     # ------------------------------------------------------------------ producer side
-    def accept(self, group: TrajectoryGroup) -> str:
-        """Enqueue a validated group: returns 'accepted', 'duplicate' or 'full'."""
+    def admission(self, group: TrajectoryGroup) -> str:
+        """What :meth:`accept` would answer, without changing anything (the broker journals a group
+        between this check and ``accept``, so it acks only durable groups)."""
         if group.dedup_key in self._seen:
-            self.stats.groups_duplicate += 1
             return "duplicate"
         n, nbytes = len(group.trajectories), group.nbytes
         if self.queued_trajectories + n > self.max_trajectories or self.queued_bytes + nbytes > self.max_bytes:
+            return "full"
+        return "accepted"
+
+    def accept(self, group: TrajectoryGroup) -> str:
+        """Enqueue a validated group: returns 'accepted', 'duplicate' or 'full'."""
+        verdict = self.admission(group)
+        if verdict == "duplicate":
+            self.stats.groups_duplicate += 1
+            return "duplicate"
+        if verdict == "full":
             self.stats.groups_rejected_full += 1
             return "full"
+        n, nbytes = len(group.trajectories), group.nbytes
         self._seen.add(group.dedup_key)
         if self.in_flight.get(group.producer_id, 0) > 0:
             self.in_flight[group.producer_id] -= 1
@@ -177,6 +207,8 @@ class StalenessQueue:
 
     def remove_stale(self, version: int) -> list[TrajectoryGroup]:
         """Remove every queued group staler than η for a trainer at ``version``."""
+        if all(version - g.min_version <= self.max_staleness for g in self.groups):
+            return []  # the common case: no rebuild
         stale, keep = [], collections.deque()
         while self.groups:
             g = self._pop_left()
@@ -205,7 +237,7 @@ class StalenessQueue:
         staleness = [version - t.min_version for g in groups for t in g.trajectories]
         if max(staleness) > self.max_staleness:  # remove_stale must have run: this is an invariant
             raise AssertionError(f"staleness {max(staleness)} > bound {self.max_staleness}")
-        lease = Lease(f"lease-{next(self._lease_ids)}", step, version, groups, time.monotonic())
+        lease = Lease(f"{self.lease_prefix}-{next(self._lease_ids)}", step, version, groups, time.monotonic())
         self.leases[lease.lease_id] = lease
         return BatchResult(lease=lease, shards=shard_by_tokens(groups, dp_size), stale=[], staleness=staleness)
 
@@ -215,6 +247,35 @@ class StalenessQueue:
         self.stats.trajectories_consumed += sum(len(g.trajectories) for g in lease.groups)
         self.committed_version = max(self.committed_version, new_version)
         return lease
+
+    def consume_queued(self, keys: list[tuple[str, int, int]], new_version: int) -> list[TrajectoryGroup] | None:
+        """Commit of a lease an earlier broker incarnation issued (recovered from the journal, so its
+        groups are back in the queue): remove exactly those groups and count them consumed.
+        Returns None (and changes nothing) unless every one of them is queued."""
+        wanted = set(keys)
+        found = [g for g in self.groups if g.dedup_key in wanted]
+        if len(found) != len(wanted):
+            return None
+        self.groups = collections.deque(g for g in self.groups if g.dedup_key not in wanted)
+        for g in found:
+            self.queued_trajectories -= len(g.trajectories)
+            self.queued_bytes -= g.nbytes
+        self.stats.groups_consumed += len(found)
+        self.stats.trajectories_consumed += sum(len(g.trajectories) for g in found)
+        self.committed_version = max(self.committed_version, new_version)
+        return found
+
+    def restore(self, groups: list[TrajectoryGroup], seen: SeenSeqs, stats: QueueStats, version: int) -> None:
+        """Load the state a journal replay rebuilt (broker restart). Every admission counter stays
+        derived: from these groups, the stats and the trainer's version (never a stored budget)."""
+        self.groups = collections.deque(groups)
+        self.queued_trajectories = sum(len(g.trajectories) for g in groups)
+        self.queued_bytes = sum(g.nbytes for g in groups)
+        self._seen = seen
+        self.stats = stats
+        self.leases.clear()
+        self.in_flight.clear()
+        self.published_version = self.committed_version = version
 
     def publish(self, version: int) -> None:
         self.published_version = max(self.published_version, version)

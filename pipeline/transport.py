@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -50,6 +51,78 @@ def configure_socket(sock: zmq.Socket, hwm: int, max_message_bytes: int) -> None
     sock.setsockopt(zmq.MAXMSGSIZE, min(2 * max_message_bytes, 2**31 - 1))
 
 
+class CurveKeys:
+    """CURVE (encryption + client authentication) keys from the ``queue.curve_*`` config keys.
+
+    The broker is a CURVE server: it needs its secret certificate, and a ZAP authenticator admits
+    only clients whose public certificate is in the authorized directory. Producers and the trainer
+    are CURVE clients: their own secret certificate plus the server's public key. A peer without
+    the right keys never completes the handshake, so it gets no reply at all."""
+
+    def __init__(self, server_key: str, client_key: str = "", authorized_dir: str = "") -> None:
+        import zmq.auth
+
+        self.server_public, self.server_secret = zmq.auth.load_certificate(server_key)
+        self.client_public, self.client_secret = zmq.auth.load_certificate(client_key) if client_key else (None, None)
+        self.authorized_dir = authorized_dir or str(os.path.join(os.path.dirname(server_key), "authorized_clients"))
+        self._auth: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> CurveKeys | None:
+        """From a ``QueueConfig``; None when CURVE is off."""
+        if not cfg.curve_server_key:
+            return None
+        return cls(cfg.curve_server_key, cfg.curve_client_key, cfg.curve_authorized_dir)
+
+    def server(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` (before bind) a CURVE server; starts the ZAP authenticator once."""
+        if self.server_secret is None:
+            raise ValueError("queue.curve_server_key must be the server's secret certificate (server.key_secret) on the broker")
+        if self._auth is None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            # The authenticator's thread needs a plain (non-asyncio) handle on the same context.
+            self._auth = ThreadAuthenticator(zmq.Context.shadow(sock.context.underlying))
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=self.authorized_dir)
+            log.info("CURVE on: clients must hold a certificate from %s", self.authorized_dir)
+        sock.curve_secretkey = self.server_secret
+        sock.curve_publickey = self.server_public
+        sock.curve_server = True
+
+    def client(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` (before connect) a CURVE client of the broker."""
+        if self.client_secret is None:
+            raise ValueError("queue.curve_client_key must be a client secret certificate (client.key_secret)")
+        sock.curve_secretkey = self.client_secret
+        sock.curve_publickey = self.client_public
+        sock.curve_serverkey = self.server_public
+
+    def close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+
+def make_keys(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """``slipstream keys DIR``: a server and a client keypair, the client authorized."""
+    import shutil
+
+    import zmq.auth
+
+    os.makedirs(directory, exist_ok=True)
+    out = {}
+    for name in ("server", "client"):
+        public, secret = zmq.auth.create_certificates(directory, name)
+        os.chmod(secret, 0o600)
+        out[f"{name}_public"], out[f"{name}_secret"] = public, secret
+    authorized = os.path.join(directory, "authorized_clients")
+    os.makedirs(authorized, exist_ok=True)
+    shutil.copy(out["client_public"], os.path.join(authorized, "client.key"))
+    out["authorized_dir"] = authorized
+    return out
+
+
 def bind(sock: zmq.Socket, host: str, port: int) -> int:
     """Bind to ``tcp://host:port``; port 0 picks a free port. Returns the bound port."""
     if port == 0:
@@ -71,18 +144,34 @@ class ShutdownRequested(RuntimeError):
 
 
 class TrainerClient:
-    """The trainer's side of the broker protocol (used by the publisher rank only)."""
+    """The trainer's side of the broker protocol (used by the publisher rank only).
 
-    def __init__(self, endpoint: str, peer_id: str, limits: Limits, hwm: int = 100, heartbeat_interval_s: float = 1.0) -> None:
+    It survives a broker restart: when the broker answers ``not_registered`` (a restarted broker
+    does not know us) or is silent for ``peer_timeout_s``, the client says hello again (with the
+    last version it *published*, never one still being published) and resends the request it is
+    waiting on. Resends are safe: the broker answers a repeated batch request with the same lease
+    and a repeated commit idempotently (see ``Broker._on_commit``)."""
+
+    def __init__(
+        self, endpoint: str, peer_id: str, limits: Limits, hwm: int = 100, heartbeat_interval_s: float = 1.0,
+        peer_timeout_s: float = 10.0, curve: CurveKeys | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.peer_id = peer_id
         self.limits = limits
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.peer_timeout_s = peer_timeout_s
         self._ctx = zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.DEALER)
         configure_socket(self.sock, hwm, limits.max_message_bytes)
+        if curve is not None:
+            curve.client(self.sock)
         self.sock.connect(endpoint)
         self._last_heartbeat = 0.0
+        self._last_broker_msg = time.monotonic()
+        self._last_rehello = 0.0
+        self._published_version = 0
+        self.reconnects = 0
 
     def close(self) -> None:
         self.sock.close(linger=LINGER_MS)
@@ -96,8 +185,25 @@ class TrainerClient:
             self.send(Heartbeat(peer_id=self.peer_id, sent_at=time.time()))
             self._last_heartbeat = now
 
-    def _wait_for(self, want: type, what: str, timeout_s: float, log_every_s: float = 10.0) -> Any:
-        """Receive until a message of type ``want`` arrives; heartbeats keep flowing meanwhile."""
+    def _rehello(self, why: str, resend: Callable[[], None] | None, what: str) -> None:
+        now = time.monotonic()
+        if now - self._last_rehello < self.heartbeat_interval_s:
+            return  # several not_registered replies to one outage: one hello is enough
+        self._last_rehello = now
+        self.reconnects += 1
+        log.warning("%s: saying hello again at policy version %d, then resending the request for %s", why, self._published_version, what)
+        self.send(Hello(role="trainer", peer_id=self.peer_id, epoch=int(time.time()), pid=os.getpid(), policy_version=self._published_version))
+        if resend is not None:
+            resend()
+        self._last_broker_msg = now
+
+    def _wait_for(self, want: type, what: str, timeout_s: float, log_every_s: float = 10.0, resend: Callable[[], None] | None = None,
+                  on_idle: Callable[[], Any] | None = None, match: Callable[[Any], bool] | None = None) -> Any:
+        """Receive until a message of type ``want`` arrives; heartbeats keep flowing meanwhile.
+        ``resend`` re-sends the request after a broker restart (None: fail instead).  ``on_idle`` is
+        called (on this thread) about every 20 ms while nothing arrives, e.g. to send ``Published``
+        when a background weight publish finishes."""
+        poll_s = min(self.heartbeat_interval_s, 0.02) if on_idle is not None else self.heartbeat_interval_s
         deadline = time.monotonic() + timeout_s
         next_log = time.monotonic() + log_every_s
         while True:
@@ -112,11 +218,22 @@ class TrainerClient:
             if now >= next_log:
                 log.info("still waiting for %s from the broker at %s (%.0fs left)", what, self.endpoint, deadline - now)
                 next_log = now + log_every_s
-            if not self.sock.poll(timeout=int(min(self.heartbeat_interval_s, deadline - now) * 1000) + 1):
+            if resend is not None and now - self._last_broker_msg > self.peer_timeout_s:
+                self._rehello(f"no message from the broker for {now - self._last_broker_msg:.0f}s", resend, what)
+            if on_idle is not None:
+                on_idle()
+            if not self.sock.poll(timeout=int(min(poll_s, deadline - now) * 1000) + 1):
                 continue
             msg = decode(self.sock.recv_multipart(copy=False), self.limits)
-            if isinstance(msg, want):
+            self._last_broker_msg = time.monotonic()
+            if isinstance(msg, want) and (match is None or match(msg)):
                 return msg
+            if isinstance(msg, want):  # a late duplicate answer to a resent request (broker restart)
+                log.info("ignoring a duplicate %s while waiting for %s", type(msg).__name__, what)
+                continue
+            if isinstance(msg, Error) and msg.code == "not_registered" and resend is not None:
+                self._rehello("the broker does not know us (restarted?)", resend, what)
+                continue
             if isinstance(msg, Error):
                 raise BrokerError(msg)
             if isinstance(msg, Shutdown):
@@ -125,16 +242,25 @@ class TrainerClient:
                 log.debug("ignoring %s while waiting for %s", type(msg).__name__, what)
 
     def hello(self, policy_version: int, timeout_s: float) -> Welcome:
+        self._published_version = policy_version
         self.send(Hello(role="trainer", peer_id=self.peer_id, epoch=int(time.time()), pid=os.getpid(), policy_version=policy_version))
         return self._wait_for(Welcome, "the welcome reply to hello", timeout_s)
 
-    def request_batch(self, step: int, policy_version: int, num_groups: int, dp_size: int, timeout_s: float) -> Batch:
-        self.send(BatchRequest(step=step, policy_version=policy_version, num_groups=num_groups, dp_size=dp_size))
-        return self._wait_for(Batch, f"the batch of step {step} ({num_groups} groups, policy v{policy_version})", timeout_s)
+    def _request(self, msg: Any, want: type, what: str, timeout_s: float, on_idle: Callable[[], Any] | None = None,
+                 match: Callable[[Any], bool] | None = None) -> Any:
+        self.send(msg)
+        return self._wait_for(want, what, timeout_s, resend=lambda: self.send(msg), on_idle=on_idle, match=match)
+
+    def request_batch(self, step: int, policy_version: int, num_groups: int, dp_size: int, timeout_s: float,
+                      on_idle: Callable[[], Any] | None = None) -> Batch:
+        req = BatchRequest(step=step, policy_version=policy_version, num_groups=num_groups, dp_size=dp_size)
+        return self._request(req, Batch, f"the batch of step {step} ({num_groups} groups, policy v{policy_version})", timeout_s, on_idle,
+                             match=lambda b: b.step == step)
 
     def commit(self, lease_id: str, step: int, policy_version: int, timeout_s: float) -> CommitAck:
-        self.send(Commit(lease_id=lease_id, step=step, policy_version=policy_version))
-        return self._wait_for(CommitAck, f"the commit ack of {lease_id}", timeout_s)
+        return self._request(Commit(lease_id=lease_id, step=step, policy_version=policy_version), CommitAck, f"the commit ack of {lease_id}", timeout_s,
+                             match=lambda a: a.lease_id == lease_id)
 
     def published(self, policy_version: int) -> None:
+        self._published_version = policy_version
         self.send(Published(policy_version=policy_version))

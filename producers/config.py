@@ -26,7 +26,33 @@ class ProducerConfig:
     group_size: int = doc("Samples per prompt (the GRPO group).", 8)
     max_inflight_groups: int = doc("Groups one producer generates concurrently (also bounded by credits).", 8)
     prompts: str = doc("Prompt source plug-in: import path of a callable(seed) -> iterator of Prompt.", "producers.tasks.maxdigit:prompts")
-    reward: str = doc("Reward plug-in: import path of a callable(Sample) -> float.", "producers.tasks.maxdigit:reward")
+    prompts_args: dict[str, Any] = doc("Keyword arguments for the prompt source; non-empty: 'prompts' names a factory called with them.", default_factory=dict)
+    rollout: str = doc(
+        "Rollout plug-in: import path of an async callable(ctx, prompt, params) -> list[RolloutSample] "
+        "(producers.rollout; multi-turn: producers.rollouts.multiturn:make_rollout with rollout_args).",
+        "producers.rollout:single_turn",
+    )
+    rollout_args: dict[str, Any] = doc("Keyword arguments for the rollout; non-empty: 'rollout' names a factory called with them.", default_factory=dict)
+    reward: str = doc("Reward plug-in: import path of a callable(Sample) -> float (sync or async; see reward_scope).", "producers.tasks.maxdigit:reward")
+    reward_scope: Literal["sample", "group"] = doc(
+        "'sample': reward(Sample) -> float per sample; 'group': reward(list[Sample]) -> list[float] once per group.", "sample"
+    )
+    reward_args: dict[str, Any] = doc("Keyword arguments for the reward; non-empty: 'reward' names a factory called with them.", default_factory=dict)
+    group_filter: str = doc(
+        "Group filter plug-in (empty = keep every group): callable(list[Sample]) -> None (keep) or a reason (drop); "
+        "e.g. producers.filters:drop_uniform drops groups whose rewards are all equal.",
+        "",
+    )
+    group_filter_args: dict[str, Any] = doc("Keyword arguments for the group filter (factory, as for reward_args).", default_factory=dict)
+    eval_prompts: str = doc("Held-out prompt source for periodic evaluation by producer 0 (pass@k to RUN_DIR/eval.jsonl); empty = off.", "")
+    eval_prompts_args: dict[str, Any] = doc("Keyword arguments for eval_prompts (factory, as for prompts_args).", default_factory=dict)
+    eval_seed: int = doc("Seed of the held-out prompt source (a different stream than training's).", 12345)
+    eval_num_prompts: int = doc("Held-out prompts per evaluation (the first N of eval_prompts).", 32)
+    eval_samples: int = doc("Samples per held-out prompt (n of pass@k).", 8)
+    eval_ks: list[int] = doc("k values of pass@k (those > eval_samples are skipped).", default_factory=lambda: [1, 4, 8])
+    eval_every_versions: int = doc("Evaluate at version 0 and each time the policy version reaches a multiple of this.", 10)
+    eval_pass_threshold: float = doc("A held-out sample passes when its reward is >= this.", 1.0)
+    stop_token_ids: list[int] = doc("Extra token ids that end a response (besides EOS).", default_factory=list)
     temperature: float = doc("Sampling temperature (the trainer uses the same for its log-probs).", 1.0)
     top_p: float = doc("Nucleus sampling threshold (1.0 = off; off keeps behaviour log-probs exact).", 1.0)
     max_new_tokens: int = doc("Most tokens sampled per response.", 7)
@@ -44,6 +70,12 @@ class ProducerConfig:
         check(self.max_inflight_groups >= 1, "max_inflight_groups", "must be >= 1")
         check(":" in self.prompts, "prompts", "must be an import path 'module:attribute'")
         check(":" in self.reward, "reward", "must be an import path 'module:attribute'")
+        check(":" in self.rollout, "rollout", "must be an import path 'module:attribute'")
+        check(not self.eval_prompts or ":" in self.eval_prompts, "eval_prompts", "must be empty or an import path 'module:attribute'")
+        check(self.eval_num_prompts >= 1 and self.eval_samples >= 1, "eval_samples", "eval_num_prompts and eval_samples must be >= 1")
+        check(all(k >= 1 for k in self.eval_ks), "eval_ks", "each k must be >= 1")
+        check(self.eval_every_versions >= 1, "eval_every_versions", "must be >= 1")
+        check(not self.group_filter or ":" in self.group_filter, "group_filter", "must be empty or an import path 'module:attribute'")
         check(self.temperature > 0, "temperature", "must be > 0")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")

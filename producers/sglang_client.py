@@ -7,7 +7,9 @@ Field names follow sglang 0.5.23 (``shared/notes/sglang-0.5.23-api.md``).
 Per-token policy versions: the embedded engine returns ``meta_info.output_token_weight_versions``
 (a slipstream extension).  Real SGLang reports one ``weight_version`` per response; then every token
 is stamped with the *older* of the version known when the request was sent and the one reported at
-the end, which can only overstate staleness, never hide it.
+the end, which can only overstate staleness, never hide it — unless the response carries SGLang's
+``meta_info.weight_versions`` spans (``[{version, start, end}]`` over output tokens, sglang >= 0.5.23),
+which give each token its exact version.
 """
 
 from __future__ import annotations
@@ -25,6 +27,41 @@ log = logging.getLogger(__name__)
 
 class EngineError(RuntimeError):
     pass
+
+
+# The routes and fields this client uses; tests/test_sglang_contract.py checks them against the
+# sglang 0.5.23 source.  route -> (HTTP method, SGLang request dataclass of its body or None)
+ROUTE_GENERATE = "/generate"
+ROUTE_HEALTH = "/health"
+ROUTES: dict[str, tuple[str, str | None]] = {ROUTE_GENERATE: ("POST", "GenerateReqInput"), ROUTE_HEALTH: ("GET", None)}
+#: ``meta_info`` fields of a /generate response that parse_generation reads
+META_FIELDS = ("output_token_logprobs", "weight_version", "finish_reason")
+#: SGLang's per-span token versions (read when present)
+SPANS_META_FIELD = "weight_versions"
+#: slipstream extensions only the embedded engine returns (read when present)
+EXTENSION_META_FIELDS = ("output_token_weight_versions",)
+
+
+def span_versions(spans: Any, num_tokens: int) -> list[int] | None:
+    """Per-token versions from SGLang's ``weight_versions`` spans, or None when they are missing,
+    malformed, not integers (e.g. "default") or do not cover every output token exactly once."""
+    if not isinstance(spans, list) or not spans:
+        return None
+    out: list[int] = []
+    try:
+        for span in spans:
+            start, end, version = int(span["start"]), int(span["end"]), int(span["version"])
+            if start != len(out) or end < start:
+                return None
+            out.extend([version] * (end - start))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return out if len(out) == num_tokens else None
+
+
+def generate_body(input_ids: list[list[int]], sampling_params: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body of one batched ``POST /generate``."""
+    return {"input_ids": input_ids, "sampling_params": sampling_params, "return_logprob": True}
 
 
 @dataclass
@@ -54,6 +91,8 @@ def parse_generation(resp: dict[str, Any], version_at_submit: int) -> Generation
     except (TypeError, ValueError):
         final_version = version_at_submit  # SGLang's default version string is "default"
     versions = meta.get("output_token_weight_versions")
+    if versions is None:
+        versions = span_versions(meta.get(SPANS_META_FIELD), len(output_ids))
     if versions is None:
         versions = [min(version_at_submit, final_version)] * len(output_ids)
     if len(versions) != len(output_ids):
@@ -101,7 +140,7 @@ class EngineClient:
     async def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any]) -> list[dict[str, Any]]:
         """POST /generate with a batch of prompts; returns one response dict per prompt."""
         url = self.urls[next(self._next)]
-        data = await self._post(url, "/generate", {"input_ids": input_ids, "sampling_params": sampling_params, "return_logprob": True})
+        data = await self._post(url, ROUTE_GENERATE, generate_body(input_ids, sampling_params))
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list) or len(data) != len(input_ids):
@@ -116,7 +155,7 @@ class EngineClient:
             still = []
             for url in pending:
                 try:
-                    async with self.session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    async with self.session.get(f"{url}{ROUTE_HEALTH}", timeout=aiohttp.ClientTimeout(total=2)) as r:
                         if r.status != 200:
                             still.append(url)
                 except (TimeoutError, aiohttp.ClientError):

@@ -1,0 +1,126 @@
+"""Overlap weight publishing with the next trainer step (``weights.async_publish``, DESIGN §8).
+
+What: :class:`AsyncPublisher` wraps a :class:`consumers.publisher.WeightPublisher`.  After an
+optimizer step the loop calls :meth:`AsyncPublisher.submit`: it first waits until the previous
+version's publish finished (versions reach the engines strictly in order, one at a time), then
+snapshots the HF-named tensors into persistent buffers (:class:`WeightSnapshot`: a device copy on
+GPU, a CPU copy on CPU; allocated once, reused every step) and publishes the snapshot from a
+background thread while the trainer fetches and trains the next batch.
+
+Completion is reported on the caller's thread only (:meth:`poll` / :meth:`wait` call ``on_done``),
+so the loop sends ``Published(v)`` itself (``TrainerClient`` is not thread-safe), and only after
+every engine has ``v``.  The loop calls :meth:`poll` while it waits for the next batch.
+
+    ap = AsyncPublisher(publisher, on_done=lambda v, info, ctx: client.published(v))
+    ap.submit(rank.export_hf_state(), version, ctx)   # returns at once (after the previous one)
+    ...; ap.poll()                                    # from the loop thread, e.g. while waiting
+    ap.wait(timeout_s=600)                            # at the end of the run
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import torch
+
+from consumers.publisher import WeightPublisher, spawn
+
+log = logging.getLogger(__name__)
+
+OnDone = Callable[[int, dict[str, Any], Any], None]
+
+
+class WeightSnapshot:
+    """Persistent copies of the published tensors: the first :meth:`take` allocates one buffer per
+    name (on the tensor's device), later calls copy into them in place."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        cuda = False
+        for name, t in named.items():
+            buf = self._bufs.get(name)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+                buf = self._bufs[name] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+            buf.copy_(t.detach(), non_blocking=t.is_cuda)
+            cuda = cuda or t.is_cuda
+            out[name] = buf
+        for name in set(self._bufs) - set(out):
+            del self._bufs[name]
+        if cuda:
+            torch.cuda.current_stream().synchronize()  # the publish thread reads them on another stream
+        return out
+
+
+class AsyncPublisher:
+    """One publish in flight at a time, from a background thread; see the module docstring."""
+
+    def __init__(self, publisher: WeightPublisher, on_done: OnDone, checksum: bool = True,
+                 timeout_s: float = 600.0) -> None:
+        self.publisher = publisher
+        self.on_done = on_done
+        self.checksum = checksum
+        self.timeout_s = timeout_s
+        self.snapshot = WeightSnapshot()
+        self._pending: tuple[int, Future, Any] | None = None
+
+    @property
+    def in_flight(self) -> int | None:
+        """The version being published, or None."""
+        return None if self._pending is None else self._pending[0]
+
+    def submit(self, named: Mapping[str, torch.Tensor], version: int, ctx: Any = None) -> None:
+        """Wait for the previous publish (and report it), snapshot ``named``, start publishing it."""
+        self.wait(self.timeout_s)
+        snap = self.snapshot.take(named)
+        fut = spawn(self.publisher.publish, snap, version, self.checksum)
+        self._pending = (version, fut, ctx)
+        log.debug("publishing version %d in the background", version)
+
+    def poll(self) -> bool:
+        """If the publish in flight finished, report it (``on_done``, re-raising its error); True
+        when nothing is in flight any more."""
+        if self._pending is None:
+            return True
+        if not self._pending[1].done():
+            return False
+        self._finish()
+        return True
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until the publish in flight finished and report it; raise TimeoutError naming the
+        version after ``timeout_s`` (default: the constructor's)."""
+        if self._pending is None:
+            return
+        version, fut, _ = self._pending
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while True:
+            try:
+                fut.result(timeout=min(10.0, max(0.0, deadline - time.monotonic())))
+                break
+            except FutureTimeout:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"publish of version {version} to {', '.join(self.publisher.engine_urls)} did not finish "
+                        f"within {timeout:.0f}s"
+                    ) from None
+                log.info("waiting for the publish of version %d to finish (%.0fs so far)", version, time.monotonic() - t0)
+            except Exception:
+                break  # its error is raised by _finish
+        self._finish()
+
+    def _finish(self) -> None:
+        assert self._pending is not None
+        version, fut, ctx = self._pending
+        self._pending = None
+        info = fut.result()  # re-raises the publish error on the loop thread
+        self.on_done(version, info, ctx)

@@ -1,0 +1,73 @@
+"""The ``[weights]`` config section: how the trainer streams versioned weights to engines (DESIGN §8).
+
+What: :class:`WeightSyncConfig`, composed into :class:`pipeline.config.SlipstreamConfig` as
+``weights``.  The bucket size, backend and timeouts of the weight group stay in ``[trainer]``
+(``publish_bucket_bytes``, ``weight_backend``, ``weight_group_timeout_s``); this section holds what
+depends on the engine kind and on the loop:
+
+* ``engine_kind``: ``"embedded"`` (slipstream's engine stages buckets while it decodes and swaps
+  between decode steps: no pause needed) or ``"sglang"`` (SGLang applies an update inside its
+  scheduler loop, so the publisher pauses generation around the buckets).
+* ``pause_mode`` / ``flush_cache``: the ``/pause_generation`` mode and whether to flush SGLang's
+  prefix cache (KV computed with older weights) before ``/continue_generation``.
+* ``async_publish``: publish version v from a background thread while the trainer fetches and trains
+  the next batch (``consumers.publish_async``).
+* ``resync_engines``: before each publish, ask every engine its ``weight_version``
+  (``/get_model_info``); an engine that restarted or joined late is brought into a new weight group
+  and receives the current weights with that publish.
+
+    [weights]
+    engine_kind = "sglang"
+    pause_mode = "retract"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.configbase import check, doc
+
+ENGINE_KINDS = ("embedded", "sglang")
+PAUSE_MODES = ("in_place", "retract", "abort")
+
+
+@dataclass
+class WeightSyncConfig:
+    engine_kind: Literal["embedded", "sglang"] = doc(
+        "Engines the trainer publishes to: 'embedded' (stages buckets while decoding, swaps between decode "
+        "steps, no pause) or 'sglang' (paused with /pause_generation around the buckets, then "
+        "/continue_generation).",
+        "embedded",
+    )
+    pause_mode: Literal["in_place", "retract", "abort"] = doc(
+        "SGLang only: /pause_generation mode. 'in_place' keeps running requests and their KV cache, "
+        "'retract' moves them back to the queue (KV recomputed after the update), 'abort' ends them.",
+        "in_place",
+    )
+    flush_cache: bool = doc(
+        "SGLang only: flush the prefix cache (KV computed with the old weights) after the update, before "
+        "generation continues. SGLang refuses while paused requests hold KV (pause_mode 'in_place'); the "
+        "publisher then logs a warning and goes on.",
+        True,
+    )
+    async_publish: bool = doc(
+        "Publish each version from a background thread while the trainer fetches and trains the next batch "
+        "(helps only with queue.max_staleness >= 1). 'Published' still reaches the broker only after every "
+        "engine serves the version, and version v+1 is sent only after v finished.",
+        True,
+    )
+    resync_engines: bool = doc(
+        "Before each publish, ask every engine its weight_version (/get_model_info). An engine that restarted "
+        "or joined late (its version is not the last published one) is brought into a fresh weight group and "
+        "gets the current weights with that publish.",
+        True,
+    )
+    rejoin_timeout_s: float = doc(
+        "How long a publish waits for an unreachable engine (e.g. one being restarted) to answer again.", 120.0
+    )
+
+    def __post_init__(self) -> None:
+        check(self.engine_kind in ENGINE_KINDS, "engine_kind", f"must be one of {list(ENGINE_KINDS)}, got {self.engine_kind!r}")
+        check(self.pause_mode in PAUSE_MODES, "pause_mode", f"must be one of {list(PAUSE_MODES)}, got {self.pause_mode!r}")
+        check(self.rejoin_timeout_s > 0, "rejoin_timeout_s", "must be > 0")
