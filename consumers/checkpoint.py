@@ -221,8 +221,9 @@ def export_hf_final(rank: Any, hf_src: str | Path, out_dir: str | Path) -> Path 
 def prepare_start(rank: Any, cfg: Any, run_dir: str | Path) -> tuple[int, int]:
     """Before the RL loop (collective): resume from ``trainer.resume_from`` if it names a
     checkpoint, else run the ``[sft]`` stage if configured.  Returns ``(last completed step,
-    policy version)``: ``(0, 0)`` for a fresh run, ``(0, 1)`` after SFT, the checkpoint's values on
-    resume.  The caller publishes the weights to the engines when the version is > 0.
+    policy version)``: ``(0, 0)`` for a fresh run, ``(0, max_staleness + 1)`` after SFT (so
+    rollouts sampled with the pre-SFT weights exceed the staleness bound), the checkpoint's values
+    on resume.  The caller publishes the weights to the engines when the version is > 0.
 
     Data position: the broker journal has every committed lease; batches committed after the
     checkpoint are not trained on again (the resumed run consumes new batches from the broker)."""
@@ -235,6 +236,10 @@ def prepare_start(rank: Any, cfg: Any, run_dir: str | Path) -> tuple[int, int]:
         from consumers.sft import run_sft
 
         run_sft(rank, sft, cfg.model.path, run_dir)
+        # Producers may already have sampled with the pre-SFT weights (version 0) while SFT ran.
+        # Jump past the staleness bound so that all of that data is too stale to train on (the
+        # broker drops or requeues it per queue.stale_policy): RL sees post-SFT samples only.
+        rank.policy_version = int(getattr(getattr(cfg, "queue", None), "max_staleness", 0)) + 1
         return 0, rank.policy_version
     return 0, 0
 

@@ -10,8 +10,10 @@ tokens (token mean; :meth:`TrainerRank.sft_step`), ``batch_size`` examples per s
 seeded shuffle that cycles through the data, split over DP ranks.
 
 Why inside the trainer: the SFT stage needs no producers or broker.  The loop runs it before it
-connects, counts the SFT weights as policy version 1 and publishes them to the engines before its
-``hello``, so every trajectory is generated with post-SFT weights (``consumers/loop.py``).
+connects, publishes the SFT weights to the engines before its ``hello`` and announces them as
+version ``queue.max_staleness + 1``, so that rollouts the producers sampled with the pre-SFT
+weights (version 0) while SFT ran exceed the staleness bound and are never trained on
+(:func:`consumers.checkpoint.prepare_start`).
 The Adam state carries over from SFT into RL.
 
 How: ``slipstream run config.toml`` with an ``[sft]`` table (see examples/tiny/reverse.toml), or

@@ -81,6 +81,29 @@ def _hf_reference(model_dir: str, groups, cfg):
     return float(loss), gnorm, {k: v.detach().clone() for k, v in m.named_parameters()}, m
 
 
+def _hf_reference_extended(model_dir: str, groups, cfg):
+    """(loss, grad_norm) of GRPO+TIS + kl_coef * k1(lp, ref) - entropy_coef * H on the HF model at
+    the initial weights (the reference: k1 is 0 there but its gradient is kl_coef * grad lp)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from consumers.trainer import build_microbatches
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    total, n = 0.0, 0.0
+    for mb in build_microbatches(groups, 1000, cfg.advantage_std_norm):
+        logp_all = torch.log_softmax(m(input_ids=mb.tokens).logits.float() / cfg.temperature, -1)
+        logp = logp_all.gather(-1, mb.labels.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        w = torch.clamp(torch.exp(logp.detach() - mb.behav_logprobs), max=cfg.tis_cap)
+        tok = -mb.advantages * w * logp + cfg.kl_coef * (logp - logp.detach()) - cfg.entropy_coef * ent
+        total = total + (mb.loss_mask * tok).sum()
+        n += float(mb.loss_mask.sum())
+    loss = total / n
+    loss.backward()
+    return float(loss), float(torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip))
+
+
 def worker(model_dir: str, out_path: str) -> None:
     import torch
     import torch.distributed as dist
@@ -127,6 +150,26 @@ def worker(model_dir: str, out_path: str) -> None:
         after = trainer.export_hf_state()
         if rank == 0:
             res["after_step_max_diff"] = max(float((after[k] - ref_after[k]).abs().max()) for k in after)
+        # a sharded checkpoint round trip: a fresh rank loads it and exports the same weights
+        from consumers.checkpoint import load_checkpoint, save_checkpoint
+
+        ckdir = Path(out_path).parent / f"ck-{name}"
+        path = save_checkpoint(trainer, ckdir, step=1)
+        trainer.shutdown()
+        again = TrainerRank(cfg, model_dir)
+        load_checkpoint(again, path)
+        reloaded = again.export_hf_state()
+        if rank == 0:
+            res["checkpoint_max_diff"] = max(float((reloaded[k] - after[k]).abs().max()) for k in after)
+        res["checkpoint_version"] = float(again.policy_version)
+        again.shutdown()
+        # KL to the frozen reference (k1) + entropy bonus: the entropy gradient crosses TP shards
+        ext = TrainerConfig(tensor_parallel=tp, pipeline_parallel=pp, micro_batch_size=5, seed=7, kl_coef=0.1,
+                            kl_estimator="k1", entropy_coef=0.05)
+        res["ext_ref_loss"], res["ext_ref_grad_norm"] = _hf_reference_extended(model_dir, groups, ext)
+        trainer = TrainerRank(ext, model_dir)
+        st = trainer.train_step(shard)
+        res["ext_loss"], res["ext_grad_norm"], res["ext_kl_ref"] = st["loss"], st["grad_norm"], st["kl_ref"]
         trainer.shutdown()
         results[name] = res
         dist.barrier()
@@ -163,6 +206,15 @@ def test_layout_matches_transformers(dist_results, layout):
     assert r["tokens_trained"] > 0
     # Adam's first step is ~lr*sign(g): a wrong gradient shows up as ~lr, rounding noise far below
     assert r["after_step_max_diff"] < 0.1 * 3e-4, r
+
+
+@pytest.mark.parametrize("layout", [name for name, _, _ in LAYOUTS])
+def test_layout_checkpoint_and_extended_loss(dist_results, layout):
+    r = dist_results[layout]
+    assert r["checkpoint_max_diff"] == 0.0 and r["checkpoint_version"] == 1.0
+    assert r["ext_loss"] == pytest.approx(r["ext_ref_loss"], rel=1e-5, abs=1e-6)
+    assert r["ext_grad_norm"] == pytest.approx(r["ext_ref_grad_norm"], rel=1e-4)
+    assert r["ext_kl_ref"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_tp2_logits_parity(dist_results):
