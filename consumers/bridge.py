@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "qwen3_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -79,6 +79,10 @@ class HFModelSpec:
     qk_norm: bool
     rope_scaling_factor: float | None = None  # Llama 3.1-style scaling (rope_type "llama3")
     pad_token_id: int | None = None  # HF's nn.Embedding(padding_idx=...): no lookup gradient for it
+    num_experts: int = 0  # MoE (qwen3_moe): experts per layer, 0 = dense
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities (Megatron: not pre-softmax)
 
     @property
     def q_per_group(self) -> int:
@@ -119,6 +123,14 @@ def hf_model_spec(hf_config: Mapping[str, Any] | Any) -> HFModelSpec:
     if model_type != "qwen2" and cfg.get("attention_bias"):
         # Llama/Qwen3 put the bias on o_proj too; Megatron's add_qkv_bias covers q/k/v only
         raise UnsupportedModelError(f"attention_bias=true is not supported for {model_type}")
+    moe: dict[str, Any] = {}
+    if model_type == "qwen3_moe":
+        if int(cfg.get("decoder_sparse_step", 1)) != 1 or cfg.get("mlp_only_layers"):
+            raise UnsupportedModelError("qwen3_moe with dense layers (decoder_sparse_step / mlp_only_layers) is not supported")
+        moe = {
+            "num_experts": int(cfg.get("num_experts") or cfg["num_local_experts"]), "moe_topk": int(cfg["num_experts_per_tok"]),
+            "moe_ffn_hidden_size": int(cfg["moe_intermediate_size"]), "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+        }
     theta, factor = _rope(cfg)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
@@ -136,9 +148,10 @@ def hf_model_spec(hf_config: Mapping[str, Any] | Any) -> HFModelSpec:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases (and none on o_proj)
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         rope_scaling_factor=factor,
         pad_token_id=_pad_id(cfg.get("pad_token_id"), int(cfg["vocab_size"])),
+        **moe,
     )
 
 
@@ -186,6 +199,20 @@ def transformer_config_kwargs(spec: HFModelSpec) -> dict[str, Any]:
         "masked_softmax_fusion": False,
         "apply_rope_fusion": False,
         "gradient_accumulation_fusion": False,
+        **_moe_config_kwargs(spec),
+    }
+
+
+def _moe_config_kwargs(spec: HFModelSpec) -> dict[str, Any]:
+    """MoE part of the TransformerConfig (EP = 1): Qwen3-MoE routes with softmax over all experts,
+    top-k, then renormalises iff ``norm_topk_prob`` -- Megatron's top-k-then-softmax
+    (``moe_router_pre_softmax=False``) is the renormalised form, pre-softmax the other one."""
+    if not spec.num_experts:
+        return {}
+    return {
+        "num_moe_experts": spec.num_experts, "moe_router_topk": spec.moe_topk,
+        "moe_ffn_hidden_size": spec.moe_ffn_hidden_size, "moe_router_pre_softmax": not spec.norm_topk_prob,
+        "moe_grouped_gemm": False, "moe_aux_loss_coeff": 0.0, "moe_router_load_balancing_type": "none",
     }
 
 
@@ -194,7 +221,9 @@ def gpt_model_kwargs(spec: HFModelSpec) -> dict[str, Any]:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     kwargs: dict[str, Any] = {
-        "transformer_layer_spec": get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm"),
+        "transformer_layer_spec": get_gpt_layer_local_spec(
+            num_experts=spec.num_experts or None, moe_grouped_gemm=False, qk_layernorm=spec.qk_norm, normalization="RMSNorm"
+        ),
         "vocab_size": spec.vocab_size,
         "max_sequence_length": spec.max_position_embeddings,
         "position_embedding_type": "rope",
@@ -238,7 +267,10 @@ def hf_param_names(spec: HFModelSpec) -> list[str]:
         names.append(f"{p}.self_attn.o_proj.weight")
         if spec.qk_norm:
             names += [f"{p}.self_attn.q_norm.weight", f"{p}.self_attn.k_norm.weight"]
-        names += [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight", f"{p}.mlp.down_proj.weight"]
+        if spec.num_experts:  # transformers >= 5: fused expert tensors, then the router
+            names += [f"{p}.mlp.experts.gate_up_proj", f"{p}.mlp.experts.down_proj", f"{p}.mlp.gate.weight"]
+        else:
+            names += [f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight", f"{p}.mlp.down_proj.weight"]
         names += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
     names.append("model.norm.weight")
     if not spec.tie_word_embeddings:
@@ -309,6 +341,13 @@ def _entries(gpt: torch.nn.Module, spec: HFModelSpec) -> list[_Entry]:
             out.append(_Entry(f"{m}.self_attention.q_layernorm.weight", "rep", (f"{attn}.q_norm.weight",)))
             out.append(_Entry(f"{m}.self_attention.k_layernorm.weight", "rep", (f"{attn}.k_norm.weight",)))
         out.append(_Entry(f"{m}.pre_mlp_layernorm.weight", "rep", (f"{h}.post_attention_layernorm.weight",)))
+        if spec.num_experts:  # EP = 1: every expert is local; per-expert HF names (the file layout)
+            out.append(_Entry(f"{m}.mlp.router.weight", "rep", (f"{h}.mlp.gate.weight",)))
+            for e in range(spec.num_experts):
+                me, he = f"{m}.mlp.experts.local_experts.{e}", f"{h}.mlp.experts.{e}"
+                out.append(_Entry(f"{me}.linear_fc1.weight", "fc1", (f"{he}.gate_proj.weight", f"{he}.up_proj.weight")))
+                out.append(_Entry(f"{me}.linear_fc2.weight", "row", (f"{he}.down_proj.weight",)))
+            continue
         out.append(_Entry(f"{m}.mlp.linear_fc1.weight", "fc1", (f"{h}.mlp.gate_proj.weight", f"{h}.mlp.up_proj.weight")))
         out.append(_Entry(f"{m}.mlp.linear_fc2.weight", "row", (f"{h}.mlp.down_proj.weight",)))
     if gpt.post_process:
@@ -395,6 +434,8 @@ def load_hf_into_megatron(
     gpt = unwrap_gpt(model)
     params = dict(gpt.named_parameters())
     written = 0
+    if spec.num_experts:
+        hf_state = split_fused_experts(hf_state, spec)
     for entry in _entries(gpt, spec):
         if entry.megatron_name not in params:
             raise KeyError(f"Megatron model has no parameter {entry.megatron_name!r}")
@@ -471,8 +512,43 @@ def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtyp
         stage = {k: v for part in gathered for k, v in part.items()}
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
+    if spec.num_experts:
+        stage = fuse_experts(stage, spec)
     order = hf_param_names(spec)
     missing = [n for n in order if n not in stage]
     if missing:
         raise RuntimeError(f"export is missing HF tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}")
     return {n: stage[n] for n in order}
+
+
+# ------------------------------------------------------------------ MoE expert layouts
+
+
+def split_fused_experts(hf: Mapping[str, torch.Tensor], spec: HFModelSpec) -> dict[str, torch.Tensor]:
+    """transformers >= 5 keeps Qwen3-MoE experts fused in memory (``experts.gate_up_proj``
+    ``[E, 2I, H]`` = gate rows then up rows; ``experts.down_proj`` ``[E, H, I]``) but saves per-expert
+    ``experts.{e}.{gate,up,down}_proj.weight``.  Return ``hf`` with fused tensors split per expert."""
+    out = dict(hf)
+    for key in [k for k in hf if k.endswith(".mlp.experts.gate_up_proj")]:
+        base = key[: -len("gate_up_proj")]
+        gate_up, down = out.pop(key), out.pop(base + "down_proj")
+        for e in range(gate_up.shape[0]):
+            gate, up = torch.chunk(gate_up[e], 2, dim=0)
+            out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate, up
+            out[f"{base}{e}.down_proj.weight"] = down[e]
+    return out
+
+
+def fuse_experts(stage: Mapping[str, torch.Tensor], spec: HFModelSpec) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`split_fused_experts`: per-expert names -> the fused ``named_parameters()``."""
+    out = dict(stage)
+    for i in range(spec.num_layers):
+        base = f"model.layers.{i}.mlp.experts."
+        if f"{base}0.gate_proj.weight" not in out:
+            continue  # another PP stage's layer
+        gu, dn = [], []
+        for e in range(spec.num_experts):
+            gu.append(torch.cat([out.pop(f"{base}{e}.gate_proj.weight"), out.pop(f"{base}{e}.up_proj.weight")], dim=0))
+            dn.append(out.pop(f"{base}{e}.down_proj.weight"))
+        out[f"{base}gate_up_proj"], out[f"{base}down_proj"] = torch.stack(gu), torch.stack(dn)
+    return out

@@ -81,6 +81,16 @@ def initialize_parallel(tp: int, pp: int) -> None:
     )
 
 
+def megatron_moe_without_te() -> None:
+    """megatron-core 0.16's MoE router calls ``te_general_gemm`` in ``moe_utils`` whenever it is
+    not None, but only defines it when Transformer Engine imports (NameError otherwise, on CPU
+    and on GPU hosts without TE).  Define it as None so the plain torch matmul path runs."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def build_transformer_config(cfg: TrainerConfig, spec: bridge.HFModelSpec) -> Any:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -134,6 +144,8 @@ def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableM
     seed_all(cfg.seed)
     spec = bridge.load_hf_spec(hf_path)
     bridge.check_parallel_sizes(spec, cfg.tensor_parallel, cfg.pipeline_parallel)
+    if spec.num_experts:
+        megatron_moe_without_te()
     tconfig = build_transformer_config(cfg, spec)
     gpt = GPTModel(
         tconfig,

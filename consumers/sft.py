@@ -16,7 +16,7 @@ weights (version 0) while SFT ran exceed the staleness bound and are never train
 (:func:`consumers.checkpoint.prepare_start`).
 The Adam state carries over from SFT into RL.
 
-How: ``slipstream run config.toml`` with an ``[sft]`` table (see examples/tiny/reverse.toml), or
+How: ``slipstream run config.toml`` with an ``[sft]`` table (see examples/sft/config.toml), or
 ``run_sft(rank, cfg.sft, model_path)`` in tests.
 """
 

@@ -10,6 +10,9 @@ The patches (names in :data:`PATCHES`):
 
 - ``current_device``: ``torch.cuda.current_device()`` returns ``torch.device("cpu")``;
 - ``synchronize``: ``torch.cuda.synchronize()`` is a no-op (pipeline shape exchange);
+- ``streams``: ``torch.cuda.Stream()`` / ``current_stream()`` return one do-nothing stream object,
+  ``torch.cuda.stream(s)`` is a null context (the MoE alltoall token dispatcher stages its
+  device-to-host copies on a side stream; needed for MoE models only);
 - ``device_mode``: a ``TorchFunctionMode`` that rewrites ``device="cuda*"`` to cpu, makes
   ``Tensor.cuda()`` a no-op and makes ``Tensor.type()`` say ``torch.cuda.*Tensor``.  Because of
   the last part, megatron's own ``clip_grad_by_total_norm_fp32`` works unchanged (its local
@@ -52,7 +55,7 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 #: The patch names, in the order they are applied.
-PATCHES = ("current_device", "synchronize", "device_mode")
+PATCHES = ("current_device", "synchronize", "device_mode", "streams")
 
 _lock = threading.Lock()
 _applied: set[str] = set()
@@ -85,6 +88,28 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args)
 
 
+class _CPUEvent:
+    def synchronize(self) -> None:
+        return None
+
+
+class _CPUStream:
+    """Stands in for a CUDA stream on CPU: work is synchronous, so waiting is a no-op.  One
+    object serves as every stream, so "am I on a side stream?" checks say no."""
+
+    def wait_stream(self, _other: Any) -> None:
+        return None
+
+    def record_event(self, *_a: Any) -> _CPUEvent:
+        return _CPUEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+
+_CPU_STREAM = _CPUStream()
+
+
 def _apply_one(name: str) -> None:
     if name == "current_device":
         _originals[name] = torch.cuda.current_device
@@ -94,6 +119,11 @@ def _apply_one(name: str) -> None:
         torch.cuda.synchronize = lambda *a, **k: None  # pipeline p2p with variable_seq_lengths
     elif name == "device_mode":
         _enter_mode_in_this_thread()
+    elif name == "streams":
+        _originals[name] = (torch.cuda.Stream, torch.cuda.current_stream, torch.cuda.stream)
+        torch.cuda.Stream = lambda *a, **k: _CPU_STREAM  # type: ignore[assignment,misc]
+        torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM  # type: ignore[assignment]
+        torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
     else:
         raise ValueError(f"unknown shim patch {name!r}; known: {PATCHES}")
 
@@ -105,6 +135,8 @@ def _revert_one(name: str) -> None:
         torch.cuda.synchronize = _originals.pop(name)
     elif name == "device_mode":
         _exit_mode_in_this_thread()
+    elif name == "streams":
+        torch.cuda.Stream, torch.cuda.current_stream, torch.cuda.stream = _originals.pop(name)
 
 
 def _enter_mode_in_this_thread() -> None:

@@ -86,6 +86,19 @@ def test_synchronize_patch_needed(shimmed):
     comm._communicate_shapes(None, None, False, False)
 
 
+def test_streams_patch_needed(shimmed):
+    """The MoE alltoall token dispatcher makes a side CUDA stream for its D2H copies."""
+    shim.revert_cpu_shim(["streams"])
+    with pytest.raises(CUDA_ERRORS):
+        torch.cuda.Stream()
+    shim.apply_cpu_shim(["streams"])
+    s = torch.cuda.Stream()
+    assert s is torch.cuda.current_stream()
+    with torch.cuda.stream(s):
+        s.wait_stream(torch.cuda.current_stream())
+        s.record_event().synchronize()
+
+
 def test_device_mode_needed_for_cuda_tensors(shimmed):
     """Megatron's local multi-tensor l2 norm (grad-norm fallback) makes a device="cuda" tensor."""
     from megatron.core.utils import local_multi_tensor_l2_norm

@@ -5,7 +5,11 @@ Each layout is checked against an independent transformers reference computed in
 - every layout: ``export_hf_state()`` right after loading equals the checkpoint bit for bit;
 - every layout: one ``train_step`` gives the reference loss and grad norm (the reference is the
   same GRPO+TIS loss written directly on the HF model), and the exported weights after the step
-  match one AdamW step on the HF model.
+  match one AdamW step on the HF model;
+- every layout: a Megatron distributed checkpoint (consumers/checkpoint.py) saved after the step
+  and loaded into a fresh rank exports the same weights, bit for bit;
+- every layout: KL to the frozen reference (k1) + entropy bonus (whose gradient crosses the TP
+  vocab shards) gives the loss and grad norm of the same terms written on the HF model.
 
 The pytest test launches ``torchrun --nproc_per_node=2`` on this very file; the ``__main__``
 block is the worker.  Run by hand:

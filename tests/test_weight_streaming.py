@@ -139,6 +139,7 @@ def test_failed_publish_still_continues_generation(engine: Engine, reference: di
 
 
 # ------------------------------------------------------------------------------------ joining
+@pytest.mark.slow  # starts several engine processes
 def test_restarted_engine_gets_the_current_version(model_dir: Path, tmp_path: Path,
                                                    reference: dict[str, torch.Tensor]) -> None:
     port = free_port()
@@ -182,6 +183,7 @@ def test_restarted_engine_gets_the_current_version(model_dir: Path, tmp_path: Pa
             e.kill()
 
 
+@pytest.mark.slow  # starts several engine processes
 def test_engine_that_never_comes_back_is_named(model_dir: Path, tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
     eng = Engine(model_dir, tmp_path / "gone")
     pub = WeightPublisher([eng.base], timeout_s=10, resync=True, rejoin_timeout_s=2, group_name="ws-gone")
