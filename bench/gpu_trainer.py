@@ -149,13 +149,13 @@ def bench_plain(model_dir: Path, groups: list[Any], args: argparse.Namespace) ->
     seed_all(2)
     spec = bridge.load_hf_spec(model_dir)
     tconfig = build_transformer_config(cfg, spec)
-    gpt = GPTModel(tconfig, **bridge.gpt_model_kwargs(spec)).cuda()
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    gpt = GPTModel(tconfig, **bridge.gpt_model_kwargs(spec)).to(dev)
     model = DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), Float16Module(tconfig, gpt))
     tconfig.finalize_model_grads_func = finalize_model_grads
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-6, bf16=True, params_dtype=torch.bfloat16, clip_grad=1.0), [model])
     tconfig.grad_scale_func = opt.scale_loss
     mbs = build_microbatches(groups, args.micro_batch_size, True)
-    dev = torch.device("cuda", torch.cuda.current_device())
 
     def loss_func(mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         n = mask.sum()

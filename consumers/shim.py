@@ -95,7 +95,15 @@ class _CPUEvent:
 
 class _CPUStream:
     """Stands in for a CUDA stream on CPU: work is synchronous, so waiting is a no-op.  One
-    object serves as every stream, so "am I on a side stream?" checks say no."""
+    object serves as every stream, so "am I on a side stream?" checks say no.  A class (not a
+    function) so that annotations like ``torch.cuda.Stream | None`` still evaluate."""
+
+    _instance: _CPUStream | None = None
+
+    def __new__(cls, *_a: Any, **_k: Any) -> _CPUStream:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
 
     def wait_stream(self, _other: Any) -> None:
         return None
@@ -110,6 +118,14 @@ class _CPUStream:
 _CPU_STREAM = _CPUStream()
 
 
+def _current_stream(*_a: Any, **_k: Any) -> _CPUStream:
+    return _CPU_STREAM
+
+
+def _stream_context(*_a: Any, **_k: Any) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
 def _apply_one(name: str) -> None:
     if name == "current_device":
         _originals[name] = torch.cuda.current_device
@@ -121,9 +137,9 @@ def _apply_one(name: str) -> None:
         _enter_mode_in_this_thread()
     elif name == "streams":
         _originals[name] = (torch.cuda.Stream, torch.cuda.current_stream, torch.cuda.stream)
-        torch.cuda.Stream = lambda *a, **k: _CPU_STREAM  # type: ignore[assignment,misc]
-        torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM  # type: ignore[assignment]
-        torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+        torch.cuda.Stream = _CPUStream  # type: ignore[assignment,misc]
+        torch.cuda.current_stream = _current_stream  # type: ignore[assignment]
+        torch.cuda.stream = _stream_context  # type: ignore[assignment]
     else:
         raise ValueError(f"unknown shim patch {name!r}; known: {PATCHES}")
 
