@@ -91,6 +91,10 @@ class QueueStats:
     trajectories_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     leases_expired: int = 0
     groups_rejected_full: int = 0
+    #: groups consumed by commits that re-did a policy version an earlier trainer process had already
+    #: committed (a trainer resumed from a checkpoint older than its last commit). They count as
+    #: consumed in the account, but not again in admission control: the version did not advance.
+    groups_superseded: int = 0
 
 
 @dataclass
@@ -145,7 +149,7 @@ class StalenessQueue:
     def capacity(self, group_size: int) -> int:
         """How many more group starts may be granted now (admission control)."""
         budget = (self.max_staleness + self.published_version + 1) * self.groups_per_step
-        used = self.stats.groups_consumed + len(self.groups) + self.leased_groups + self.in_flight_groups
+        used = self.stats.groups_consumed - self.stats.groups_superseded + len(self.groups) + self.leased_groups + self.in_flight_groups
         # The trajectory bound: groups queued or in flight must fit.
         traj_room = self.max_trajectories - self.queued_trajectories - self.in_flight_groups * group_size
         return max(0, min(budget - used, traj_room // max(group_size, 1)))
@@ -205,14 +209,20 @@ class StalenessQueue:
     def staleness_of(self, group: TrajectoryGroup, version: int) -> int:
         return version - group.min_version
 
+    def _too_stale(self, group: TrajectoryGroup, version: int) -> bool:
+        """Staler than η, or sampled (in part) by a version newer than the trainer's: that happens
+        only after a trainer resumed from a checkpoint older than the weights the engines served,
+        and such tokens come from a policy the resumed trainer will never have."""
+        return version - group.min_version > self.max_staleness or group.max_version > version
+
     def remove_stale(self, version: int) -> list[TrajectoryGroup]:
-        """Remove every queued group staler than η for a trainer at ``version``."""
-        if all(version - g.min_version <= self.max_staleness for g in self.groups):
+        """Remove every queued group staler than η (or from a newer, abandoned policy) for a trainer at ``version``."""
+        if not any(self._too_stale(g, version) for g in self.groups):
             return []  # the common case: no rebuild
         stale, keep = [], collections.deque()
         while self.groups:
             g = self._pop_left()
-            if self.staleness_of(g, version) > self.max_staleness:
+            if self._too_stale(g, version):
                 stale.append(g)
             else:
                 keep.append(g)
@@ -241,11 +251,16 @@ class StalenessQueue:
         self.leases[lease.lease_id] = lease
         return BatchResult(lease=lease, shards=shard_by_tokens(groups, dp_size), stale=[], staleness=staleness)
 
+    def _count_consumed(self, groups: list[TrajectoryGroup], new_version: int) -> None:
+        self.stats.groups_consumed += len(groups)
+        self.stats.trajectories_consumed += sum(len(g.trajectories) for g in groups)
+        if new_version <= self.committed_version:  # a resumed trainer re-does a version (see QueueStats)
+            self.stats.groups_superseded += len(groups)
+        self.committed_version = max(self.committed_version, new_version)
+
     def commit(self, lease_id: str, new_version: int) -> Lease:
         lease = self.leases.pop(lease_id)
-        self.stats.groups_consumed += len(lease.groups)
-        self.stats.trajectories_consumed += sum(len(g.trajectories) for g in lease.groups)
-        self.committed_version = max(self.committed_version, new_version)
+        self._count_consumed(lease.groups, new_version)
         return lease
 
     def consume_queued(self, keys: list[tuple[str, int, int]], new_version: int) -> list[TrajectoryGroup] | None:
@@ -260,9 +275,7 @@ class StalenessQueue:
         for g in found:
             self.queued_trajectories -= len(g.trajectories)
             self.queued_bytes -= g.nbytes
-        self.stats.groups_consumed += len(found)
-        self.stats.trajectories_consumed += sum(len(g.trajectories) for g in found)
-        self.committed_version = max(self.committed_version, new_version)
+        self._count_consumed(found, new_version)
         return found
 
     def restore(self, groups: list[TrajectoryGroup], seen: SeenSeqs, stats: QueueStats, version: int) -> None:
@@ -280,6 +293,11 @@ class StalenessQueue:
     def publish(self, version: int) -> None:
         self.published_version = max(self.published_version, version)
         self.committed_version = max(self.committed_version, version)
+
+    def return_all_leases(self) -> list[Lease]:
+        """A new trainer process said hello: the old one's outstanding leases will never be committed.
+        Their groups go back to the front of the queue at once (staleness applies again)."""
+        return [self.return_lease(lease_id) for lease_id in list(self.leases)]
 
     def expire_leases(self, timeout_s: float, now: float | None = None) -> list[Lease]:
         now = time.monotonic() if now is None else now

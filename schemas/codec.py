@@ -32,7 +32,7 @@ from schemas.messages import (
     Trajectory,
     TrajectoryGroup,
 )
-from schemas.validate import Limits, WireError, validate_group
+from schemas.validate import Limits, WireError, arrays_look_valid, validate_group
 
 FRAMES_PER_GROUP = len(ARRAY_DTYPES)
 _ARRAY_NAMES = tuple(ARRAY_DTYPES)
@@ -180,7 +180,9 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
         trajectories=trajectories,
         metadata=_need(header, "metadata", dict, where),
     )
-    validate_group(group, limits)
+    too_long = any(a + b > limits.max_tokens_per_trajectory for a, b in zip(n_prompt, n_resp, strict=True))
+    if too_long or not arrays_look_valid(arrays, limits):
+        validate_group(group, limits)  # slow path: find and name the offending trajectory and field
     return group
 
 

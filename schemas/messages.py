@@ -85,6 +85,11 @@ class TrajectoryGroup:
         return min(t.min_version for t in self.trajectories)
 
     @functools.cached_property
+    def max_version(self) -> int:
+        """The newest policy version among the group's tokens (-1 if it has none)."""
+        return max((int(t.versions.max()) for t in self.trajectories if len(t.versions)), default=-1)
+
+    @functools.cached_property
     def num_tokens(self) -> int:
         return sum(t.num_tokens for t in self.trajectories)
 

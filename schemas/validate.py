@@ -56,6 +56,22 @@ class Limits:
     max_version: int | None = None  # versions must be <= this (the current policy version) when known
 
 
+def arrays_look_valid(arrays: dict[str, np.ndarray], limits: Limits) -> bool:
+    """Fast path: the value checks of :func:`validate_group` over a group's concatenated arrays
+    (a handful of vectorised reductions per group instead of per trajectory). ``False`` means some
+    check fails; call :func:`validate_group` to name the trajectory and field."""
+    lp, versions, mask = arrays["logprobs"], arrays["versions"], arrays["loss_mask"]
+    if len(lp) and not (np.isfinite(lp).all() and lp.max() <= 0):
+        return False
+    for name in ("prompt_tokens", "response_tokens"):
+        tokens = arrays[name]
+        if len(tokens) and (tokens.min() < 0 or (limits.vocab_size is not None and tokens.max() >= limits.vocab_size)):
+            return False
+    if len(versions) and (versions.min() < 0 or (limits.max_version is not None and versions.max() > limits.max_version)):
+        return False
+    return not (len(mask) and mask.max() > 1)
+
+
 def validate_group(group: TrajectoryGroup, limits: Limits) -> None:
     for i, t in enumerate(group.trajectories):
         where = f"group {group.group_id!r} trajectory[{i}] ({t.trajectory_id!r})"
