@@ -154,7 +154,12 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     rank = TrainerRank(cfg.trainer, cfg.model.path)
     is_pub = rank.is_publisher
     start_step, version = prepare_start(rank, cfg, run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
-    initial = rank.export_hf_state() if version > 0 else None  # collective; engines start from these weights
+    # Collective; engines start from these weights.  With resume_from set (the launcher restarts a
+    # crashed trainer so), the engines may serve a newer, abandoned policy: always publish then, so
+    # that the checkpoint's weights and version are live before the hello (η = 0 stays exact).
+    initial = rank.export_hf_state() if version > 0 or cfg.trainer.resume_from else None
+    if rank.is_publisher and cfg.trainer.resume_from:
+        _supersede_steps(run_dir / "steps.jsonl", start_step)
     client: TrainerClient | None = None
     publisher: WeightPublisher | None = None
     metrics: TrainerMetrics | None = None
@@ -169,7 +174,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             engine_kind=cfg.weights.engine_kind, pause_mode=cfg.weights.pause_mode, flush_cache=cfg.weights.flush_cache,
             resync=cfg.weights.resync_engines, rejoin_timeout_s=cfg.weights.rejoin_timeout_s,
         )
-        publisher.connect()
+        publisher.connect()  # a restarted trainer rejoins with a new rendezvous; engines drop the dead group
         if initial is not None:  # resumed or post-SFT weights reach the engines before any rollout
             publisher.publish(initial, version, checksum=False)
         client = TrainerClient(broker_endpoint, "trainer-0", Limits(max_message_bytes=cfg.queue.max_message_bytes), hwm=cfg.queue.socket_hwm,
@@ -200,15 +205,6 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         )
         with steps_path.open("a") as f:
             f.write(rec.to_json() + "\n")
-        with consumed_path.open("a") as f:
-            for g in batch.groups:
-                for t in g.trajectories:
-                    f.write(json.dumps({
-                        "trajectory_id": t.trajectory_id, "group_id": g.group_id, "step": step,
-                        "trained_from_version": trained_from, "min_version": int(t.versions.min()),
-                        "max_version": int(t.versions.max()), "num_tokens": len(t.response_tokens),
-                        "prompt_id": g.prompt_id, "reward": t.reward, "masked_tokens": int((t.loss_mask == 0).sum()), "mask_spans": _mask_spans(t.loss_mask),
-                    }) + "\n")
         _observe(metrics, rec, ctx["train_s"], pub)
 
     background = None
@@ -234,12 +230,17 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         if is_pub:
             assert client is not None and publisher is not None and metrics is not None
             client.commit(batch.lease_id, step, version, timeout_s=cfg.run.startup_timeout_s)
+            # Recorded at once: the broker counts these consumed from the commit on, so a trainer
+            # killed while the publish runs must not leave them out of consumed.jsonl.
+            _record_consumed(consumed_path, batch, step, trained_from)
             ctx = {"step": step, "batch": batch, "stats": stats, "trained_from": trained_from, "wait_s": t1 - t0, "train_s": t2 - t1}
             if background is not None:
                 background.submit(named, version, ctx)  # waits for (and announces) version - 1 first
             else:
                 finish(version, publisher.publish(named, version, checksum=cfg.run.verify_weights), ctx)
         del named
+        if background is not None and cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
+            background.wait()  # a checkpoint is taken only once its version is published and its step recorded
         maybe_checkpoint(rank, cfg, run_dir, step, {"lease_id": batch.lease_id})
     if background is not None:
         background.wait()
@@ -251,6 +252,40 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _record_consumed(path: Path, batch: Batch, step: int, trained_from: int) -> None:
+    """Append one ``consumed.jsonl`` line per trajectory of a committed batch."""
+    with path.open("a") as f:
+        for g in batch.groups:
+            for t in g.trajectories:
+                f.write(json.dumps({
+                    "trajectory_id": t.trajectory_id, "group_id": g.group_id, "step": step,
+                    "trained_from_version": trained_from, "min_version": int(t.versions.min()),
+                    "max_version": int(t.versions.max()), "num_tokens": len(t.response_tokens),
+                    "prompt_id": g.prompt_id, "reward": t.reward, "masked_tokens": int((t.loss_mask == 0).sum()), "mask_spans": _mask_spans(t.loss_mask),
+                }) + "\n")
+
+
+def _supersede_steps(steps_path: Path, start_step: int) -> None:
+    """On resume: lines of ``steps.jsonl`` after the checkpoint's step were written by a trainer that
+    died before checkpointing them; the resumed trainer re-does those steps (with new batches), so
+    they move to ``steps.superseded.jsonl`` and ``steps.jsonl`` stays one line per step.  Their
+    trajectories stay in ``consumed.jsonl``: the broker counted them consumed (exactly once)."""
+    if not steps_path.exists():
+        return
+    keep, gone = [], []
+    for line in steps_path.read_text().splitlines():
+        if line.strip():
+            (keep if json.loads(line)["step"] <= start_step else gone).append(line)
+    if not gone:
+        return
+    with (steps_path.parent / "steps.superseded.jsonl").open("a") as f:
+        f.writelines(line + "\n" for line in gone)
+    tmp = steps_path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(steps_path)
+    log.warning("resuming after step %d: %d later step line(s) of the previous trainer moved to steps.superseded.jsonl", start_step, len(gone))
 
 
 def _mask_spans(mask: Any, limit: int = 16) -> list[list[int]]:

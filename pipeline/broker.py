@@ -64,6 +64,7 @@ class Peer:
     epoch: int
     last_seen: float
     want: int = 0
+    pid: int = 0
 
 
 class BrokerMetrics:
@@ -270,7 +271,9 @@ class Broker:
             await self._send(self.tsock, identity, Error(code=e.code, message=e.message))
             return
         if isinstance(msg, Hello):
-            self.trainer = Peer(identity, msg.peer_id, msg.epoch, time.monotonic())
+            if self.trainer is not None and msg.pid != self.trainer.pid:
+                self._trainer_replaced(msg)
+            self.trainer = Peer(identity, msg.peer_id, msg.epoch, time.monotonic(), pid=msg.pid)
             if self.journal is not None and msg.policy_version > self.queue.published_version:
                 self.journal.version(msg.policy_version)
             self.queue.publish(msg.policy_version)
@@ -306,6 +309,27 @@ class Broker:
         else:
             self._reject("unexpected")
             await self._send(self.tsock, identity, Error(code="unexpected", message=f"trainers may not send '{msg.TYPE}'"))
+
+    def _trainer_replaced(self, hello: Hello) -> None:
+        """A new trainer process (another pid: the launcher restarted a crashed trainer, which resumed
+        from its checkpoint) said hello.  The old process's outstanding leases will never be committed:
+        their groups go back to the front of the queue at once (counted as lease expiries; staleness
+        applies again when they are next leased), and its pending batch request is forgotten.  Groups
+        the old process already committed stay consumed (exactly-once delivery: a trainer resumed from
+        an older checkpoint does not re-train on them; it re-does those steps with new batches, and
+        ``QueueStats.groups_superseded`` keeps admission control from counting them twice).  A hello
+        from the same process (a reconnect) keeps its leases, so a resent batch request gets the
+        same lease back."""
+        assert self.trainer is not None
+        returned = self.queue.return_all_leases()
+        self.metrics.lease_expiries.inc(len(returned))
+        self.pending = None
+        log.warning(
+            "trainer %s restarted (pid %d -> %d, policy version %d, broker at %d): %d outstanding leases "
+            "(%d groups) returned to the queue", hello.peer_id, self.trainer.pid, hello.pid, hello.policy_version,
+            self.queue.published_version, len(returned), sum(len(lease.groups) for lease in returned),
+        )
+        self._update_gauges()
 
     async def _on_commit(self, identity: bytes, msg: Commit) -> None:
         """Count a lease's groups consumed, durably, then ack. After a broker restart the trainer may

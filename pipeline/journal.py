@@ -136,12 +136,13 @@ def _stats_payload(stats: QueueStats) -> dict[str, Any]:
         "groups_accepted": stats.groups_accepted, "trajectories_accepted": stats.trajectories_accepted,
         "groups_consumed": stats.groups_consumed, "trajectories_consumed": stats.trajectories_consumed,
         "groups_dropped": dict(stats.groups_dropped), "trajectories_dropped": dict(stats.trajectories_dropped),
+        "groups_superseded": stats.groups_superseded,
     }
 
 
 def _stats_from(p: dict[str, Any]) -> QueueStats:
     s = QueueStats()
-    for k in ("groups_accepted", "trajectories_accepted", "groups_consumed", "trajectories_consumed"):
+    for k in ("groups_accepted", "trajectories_accepted", "groups_consumed", "trajectories_consumed", "groups_superseded"):
         setattr(s, k, int(p.get(k, 0)))
     for k in ("groups_dropped", "trajectories_dropped"):
         getattr(s, k).update({r: int(v) for r, v in p.get(k, {}).items()})
@@ -153,6 +154,7 @@ def replay(directory: Path, truncate_torn_tail: bool = True) -> Recovered:
     rec = Recovered()
     pending: collections.OrderedDict[Key, TrajectoryGroup] = collections.OrderedDict()
     paths = segment_paths(directory)
+    committed = -1  # newest version a replayed commit produced (a commit at or below it re-did a version)
     for i, path in enumerate(paths):
         seg_no = int(path.stem.split("-")[1])
         records, end, problem = read_segment(path)
@@ -171,6 +173,7 @@ def replay(directory: Path, truncate_torn_tail: bool = True) -> Recovered:
                     rec.seen = SeenSeqs.from_state(p["seen"])
                     rec.version = int(p["version"])
                     rec.commits = {str(k): int(v) for k, v in p.get("commits", {}).items()}
+                    committed = max([committed, rec.version, *rec.commits.values()])
                 continue
             if kind == "accepted":
                 group = group_from_frames(p)
@@ -186,6 +189,7 @@ def replay(directory: Path, truncate_torn_tail: bool = True) -> Recovered:
             elif kind == "leased":
                 rec.leases[str(p["lease_id"])] = [_key(k) for k in p["keys"]]
             elif kind in ("consumed", "dropped"):
+                redo = kind == "consumed" and int(p["version"]) <= committed
                 for k, n in p["groups"]:
                     key = _key(k)
                     pending.pop(key, None)
@@ -193,14 +197,17 @@ def replay(directory: Path, truncate_torn_tail: bool = True) -> Recovered:
                     if kind == "consumed":
                         rec.stats.groups_consumed += 1
                         rec.stats.trajectories_consumed += int(n)
+                        rec.stats.groups_superseded += int(redo)
                     else:
                         rec.stats.groups_dropped[p["reason"]] += 1
                         rec.stats.trajectories_dropped[p["reason"]] += int(n)
                 if kind == "consumed":
                     rec.leases.pop(str(p["lease_id"]), None)
                     rec.commits[str(p["lease_id"])] = int(p["version"])  # not published yet: no version change
+                    committed = max(committed, int(p["version"]))
             elif kind == "version":
                 rec.version = max(rec.version, int(p["version"]))
+                committed = max(committed, rec.version)
     while len(rec.commits) > RECENT_COMMITS:
         rec.commits.pop(next(iter(rec.commits)))
     rec.groups = list(pending.values())

@@ -9,7 +9,8 @@ read from ``steps.jsonl``.  The run ends when the trainer finishes its steps (ex
 child fails for good (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130).
 
 A crashed broker or producer is restarted, up to ``run.max_restarts`` times per process, after
-``run.restart_backoff_s`` (doubling per restart).  The broker comes back on the ports (and metrics
+``run.restart_backoff_s`` (doubling per restart); so is a crashed trainer (any exit but 0 and 2)
+when ``trainer.checkpoint_every > 0``, with ``trainer.resume_from = "latest"``.  The broker comes back on the ports (and metrics
 port) it first bound and recovers its queue from RUN_DIR/journal; producers and the trainer
 reconnect on their own.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
 and ``summary.json`` counts restarts per role.
@@ -112,6 +113,7 @@ class Launcher:
 
     def _spawn(self, name: str, role: str, cmd: list[str]) -> Child:
         child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log")
+        self._forget_ports(name)
         script = self.run_dir / "cmds" / f"{name}.sh"
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text("#!/bin/sh\n# re-run this process by hand (same environment as the launcher gave it)\n"
@@ -120,6 +122,12 @@ class Launcher:
         child.start(self.env)
         self.children.append(child)
         return child
+
+    def _forget_ports(self, name: str) -> None:
+        """Remove a process's port file before it (re)starts: one left by an earlier life (a crashed
+        process, or an earlier run in this run directory) must not be read as the new one's."""
+        with contextlib.suppress(FileNotFoundError):
+            port_file(self.run_dir, name).unlink()
 
     def _ready(self, child: Child, name: str) -> dict[str, Any]:
         return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
@@ -187,13 +195,21 @@ class Launcher:
     def request_stop(self, reason: str) -> None:
         self._stop_reason = reason
 
+    def _restartable(self, child: Child) -> bool:
+        """Brokers and producers always; the trainer only with checkpoints to resume from."""
+        return child.role in ("broker", "producer") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
+
     def restart(self, child: Child) -> bool:
-        """Restart a crashed broker or producer in place (bounded, with backoff). False: give up."""
+        """Restart a crashed broker, producer or (with ``trainer.checkpoint_every``) trainer in place
+        (bounded, with backoff). False: give up.  The trainer comes back with
+        ``trainer.resume_from = "latest"``: it resumes from RUN_DIR/checkpoints (or starts fresh if
+        none was written yet), rejoins the engines' weight group, publishes the checkpoint's weights
+        and says hello; the broker then returns the dead trainer's leases to the queue."""
         n = self.restarts[child.name]
         if child.proc is not None and child.proc.returncode == 2:
             return False  # a config or plug-in error (cli exit 2): a restart would fail the same way
-        if child.role not in ("broker", "producer") or n >= self.cfg.run.max_restarts:
-            if child.role in ("broker", "producer"):
+        if not self._restartable(child) or n >= self.cfg.run.max_restarts:
+            if self._restartable(child):
                 log.error("%s crashed again and was already restarted %d times (run.max_restarts): giving up", child.name, n)
             return False
         backoff = self.cfg.run.restart_backoff_s * 2**n
@@ -205,13 +221,14 @@ class Launcher:
         if self._stop_reason is not None:
             return True  # supervise() sees the stop request next
         child.close()
-        with contextlib.suppress(FileNotFoundError):
-            port_file(self.run_dir, child.name).unlink()
+        self._forget_ports(child.name)
         if child.role == "producer":  # keep the dead incarnation's last counts: summary.json sums producer-*.json
             with contextlib.suppress(FileNotFoundError):
                 stats_file(self.run_dir, child.name).rename(stats_file(self.run_dir, f"{child.name}.incarnation-{n}"))
         self.restarts[child.name] += 1
         self.restarts_by_role[child.role] += 1
+        if child.role == "trainer" and "trainer.resume_from=\"latest\"" not in child.cmd:
+            child.cmd = [*child.cmd, "--set", 'trainer.resume_from="latest"']
         child.start(self.env)
         info = self._ready(child, child.name)  # raises TimeoutError/RuntimeError if it cannot come up
         child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
@@ -231,7 +248,10 @@ class Launcher:
                 console.poll()
                 if code == 0:
                     return 0
-                log.error("trainer exited with code %d; see %s", code, trainer.log_path)
+                if self.restart(trainer):
+                    continue
+                why = "" if self._restartable(trainer) or code == 2 else " (not restarted: it resumes only from checkpoints, trainer.checkpoint_every = 0)"
+                log.error("trainer exited with code %d; see %s%s%s", code, trainer.log_path, why, _fatal_line(trainer.log_path))
                 return 1
             for c in self.children:
                 if c.role != "trainer" and not c.alive():
@@ -321,6 +341,9 @@ class Console:
     def poll(self) -> None:
         if not self.path.exists():
             return
+        if self.path.stat().st_size < self.offset:  # a resumed trainer moved superseded step lines aside
+            self.offset = 0
+            self.bar.reset()
         with self.path.open() as f:
             f.seek(self.offset)
             chunk = f.read()

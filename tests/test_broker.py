@@ -199,3 +199,37 @@ def test_sigterm_writes_balanced_stats(broker: dict) -> None:
     assert stats["trajectories_accepted"] == 9
     assert stats["trajectories_still_queued"] == 9
     assert stats["trajectories_consumed"] == 0
+
+
+def test_a_new_trainer_process_gets_the_dead_ones_leased_groups_back_at_once(broker: dict) -> None:
+    """A restarted trainer (another pid) says hello: the old one's lease is returned at once (no
+    waiting for lease_timeout_s), counted as a lease expiry; a reconnect of the same pid keeps it."""
+    p = Peer(broker["producer"])
+    p.send(Hello(role="producer", peer_id="producer-0", epoch=1))
+    p.recv(Welcome)
+    p.send(CreditRequest(want=2))
+    p.recv(Credit)
+    for seq in range(2):
+        p.send(make_group(seq=seq))
+        p.recv(Ack)
+    old = Peer(broker["trainer"])
+    old.send(Hello(role="trainer", peer_id="trainer-0", pid=1000))
+    old.recv(Welcome)
+    old.send(BatchRequest(step=1, policy_version=0, num_groups=2))
+    first = old.recv(Batch)
+    old.send(Hello(role="trainer", peer_id="trainer-0", pid=1000))  # same process saying hello again
+    old.recv(Welcome)
+    old.send(BatchRequest(step=1, policy_version=0, num_groups=2))
+    assert old.recv(Batch).lease_id == first.lease_id
+    new = Peer(broker["trainer"])
+    new.send(Hello(role="trainer", peer_id="trainer-0", pid=1001))
+    new.recv(Welcome)
+    new.send(BatchRequest(step=1, policy_version=0, num_groups=2))
+    second = new.recv(Batch, timeout_s=1.5)  # well under lease_timeout_s (2 s)
+    assert [g.group_id for g in second.groups] == [g.group_id for g in first.groups]
+    assert second.lease_id != first.lease_id
+    new.send(Commit(lease_id=second.lease_id, step=1, policy_version=1))
+    new.recv(CommitAck)
+    m = scrape(broker["metrics"])
+    assert m["slipstream_broker_lease_expiries_total"] == 1
+    assert m["slipstream_broker_trajectories_consumed_total"] == 6

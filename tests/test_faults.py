@@ -6,13 +6,17 @@ The audit: every trajectory a producer got acked (RUN_DIR/acked/*.jsonl) is cons
 broker's journal, replayed offline); no id reaches the trainer twice; the summary balances and
 counts the restart.
 
-Not covered here: killing the trainer (resume needs trainer checkpoints, owned by consumers/).
+Killing the trainer needs trainer checkpoints (``trainer.checkpoint_every``): the launcher restarts it
+with ``trainer.resume_from = "latest"``; batches committed after its checkpoint stay consumed (not
+trained again), the resumed trainer re-does those steps with new batches.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -26,11 +30,11 @@ from tests.helpers import REPO, env, slipstream
 TINY = REPO / "examples" / "tiny" / "config.toml"
 
 
-def _start(tmp_path: Path, steps: int) -> tuple[subprocess.Popen[bytes], Path]:
+def _start(tmp_path: Path, steps: int, *sets: str) -> tuple[subprocess.Popen[bytes], Path]:
     run_dir = tmp_path / "run"
     model = tmp_path.parent / "tiny-qwen3"
     args = ["run", str(TINY), "--run-dir", str(run_dir), "--set", f"model.path='{model}'", "--set", f"run.steps={steps}",
-            "--set", "run.restart_backoff_s=0.2", "--set", "run.verify_weights=false"]
+            "--set", "run.restart_backoff_s=0.2", "--set", "run.verify_weights=false", *[a for kv in sets for a in ("--set", kv)]]
     log = (tmp_path / "launcher.log").open("wb")
     proc = subprocess.Popen(slipstream(*args), stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=tmp_path)
     return proc, run_dir
@@ -126,3 +130,53 @@ def test_producer_sigkill_is_restarted(tmp_path: Path) -> None:
     epochs = {json.loads(line)["epoch"] for line in (run_dir / "acked" / "producer-0.jsonl").read_text().splitlines()}
     assert len(epochs) == 2, "groups of both producer incarnations should have been acked"
     assert (run_dir / "stats" / "producer-0.incarnation-0.json").exists(), "the killed producer's last counts are kept"
+
+
+def _gone(pid: int) -> bool:
+    """The process no longer exists (or is a zombie nobody will wait for)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.mark.slow
+def test_trainer_sigkill_resumes_from_checkpoint(tmp_path: Path) -> None:
+    """Checkpoints every 2 steps, SIGKILL the trainer just after step 5 is recorded (mid step 6):
+    step 5 (and maybe 6) was committed after the checkpoint of step 4.  Those batches stay consumed
+    (exactly once; not trained again), the resumed trainer re-does the steps with new batches."""
+    steps, gps, group_size = 10, 8, 8
+    proc, run_dir = _start(tmp_path, steps, "trainer.checkpoint_every=2")
+    try:
+        _wait_steps(proc, run_dir, 5, tmp_path)
+        old = _pid(run_dir, "trainer")
+        _kill_and_wait_restart(run_dir, "trainer")
+        assert proc.wait(timeout=180) == 0, _logs(tmp_path)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    summary = _audit(run_dir)
+    assert summary["restarts"]["trainer"] == 1
+    assert summary["steps_completed"] == steps
+    records = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), "steps.jsonl: one line per step, resumed steps continuing"
+    assert [r["policy_version"] for r in records] == list(range(1, steps + 1)), "the policy version continues from the checkpoint"
+    log = (run_dir / "logs" / "trainer.log").read_text()
+    resumed = int(re.search(r"resumed from \S+: step (\d+)", log).group(1))  # type: ignore[union-attr]
+    assert resumed in (4, 6), log[-2000:]
+    # Steps committed after the checkpoint were done twice: by the dead trainer and the resumed one.
+    per_step = collections.Counter(json.loads(line)["step"] for line in (run_dir / "consumed.jsonl").read_text().splitlines())
+    redone = sorted(s for s, n in per_step.items() if n == 2 * gps * group_size)
+    assert all(n in (gps * group_size, 2 * gps * group_size) for n in per_step.values()), per_step
+    assert all(s > resumed for s in redone), (resumed, redone)
+    assert summary["trajectories"]["consumed"] == (steps + len(redone)) * gps * group_size
+    superseded = run_dir / "steps.superseded.jsonl"
+    if superseded.exists():  # the dead trainer's lines for steps after its checkpoint
+        assert all(json.loads(line)["step"] > resumed for line in superseded.read_text().splitlines())
+    processes = json.loads((run_dir / "processes.json").read_text())
+    trainer = next(p for p in processes if p["name"] == "trainer")
+    assert 'trainer.resume_from="latest"' in trainer["cmd"]
+    orphans = [p for p in [old, *(p["pid"] for p in processes)] if not _gone(p)]
+    assert not orphans, f"processes outlived the run: {orphans}"

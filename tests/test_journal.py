@@ -81,6 +81,32 @@ def test_replay_rebuilds_queue_dedup_and_counters_through_compaction(tmp_path: P
     assert s.trajectories_accepted == s.trajectories_consumed + 12 + sum(len(g.trajectories) for g in rec.groups)
 
 
+def test_replay_counts_commits_that_redo_a_version_as_superseded(tmp_path: Path) -> None:
+    """A resumed trainer re-does version 2: both commits stay consumed, the second is superseded
+    (admission control derives the same budget after a broker restart), also across a rotation."""
+    q, j = _journaled_queue(tmp_path, segment_bytes=1 << 20)
+    for seq in range(3):
+        _accept(q, j, make_group(seq=seq, version=1))
+    for step, version in ((1, 1), (2, 2), (2, 2)):  # step 2 twice: committed, then re-done after a resume
+        res = q.take_batch(step=step, version=version - 1 if step == 1 else 1, num_groups=1, dp_size=1)
+        j.leased(res.lease.lease_id, res.lease.groups)
+        j.consumed(res.lease.lease_id, res.lease.groups, version)
+        q.commit(res.lease.lease_id, version)
+        if step == 1:
+            j.version(1)
+            q.publish(1)
+            j.maybe_rotate(q.stats, q.seen, q.published_version)
+    j.close()
+    assert (q.stats.groups_consumed, q.stats.groups_superseded) == (3, 1)
+    rec = replay(tmp_path)
+    assert (rec.stats.groups_consumed, rec.stats.groups_superseded) == (3, 1)
+    j2 = Journal(tmp_path / "rotated", segment_bytes=1 << 20, fsync="never")
+    j2.recover()
+    j2.open_segment(q.stats, q.seen, q.published_version)  # a new segment's checkpoint carries the count
+    j2.close()
+    assert replay(tmp_path / "rotated").stats.groups_superseded == 1
+
+
 def test_torn_and_corrupt_records_are_skipped_counted_and_truncated(tmp_path: Path) -> None:
     q, j = _journaled_queue(tmp_path, segment_bytes=1 << 20)
     for seq in range(3):

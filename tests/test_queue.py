@@ -128,3 +128,45 @@ def test_random_schedules_never_exceed_the_bound_and_always_balance(eta: int, b:
         s = q.stats
         assert s.trajectories_accepted == s.trajectories_consumed + sum(s.trajectories_dropped.values()) + q.queued_trajectories + sum(
             len(g.trajectories) for lease in q.leases.values() for g in lease.groups)
+
+
+def test_resumed_trainer_redoing_versions_is_not_counted_twice_in_admission() -> None:
+    """A trainer resumed from a checkpoint older than its last commit re-does versions: those
+    commits count as consumed in the account, but not again in admission (no slow deadlock)."""
+    q = StalenessQueue(max_staleness=0, groups_per_step=1, max_trajectories=1000, max_bytes=10**9)
+    for v in range(2):  # the first trainer: steps 1 and 2
+        assert q.grant("p0", 10, 2) == 1
+        q.accept(group(v, v))
+        q.commit(q.take_batch(v + 1, v, 1, 1).lease.lease_id, v + 1)
+        q.publish(v + 1)
+    assert q.capacity(2) == 1
+    # It died before checkpointing step 2; the resumed trainer (version 1) re-does step 2.
+    q.publish(1)  # its hello: the published version does not go back
+    assert q.grant("p0", 10, 2) == 1
+    q.accept(group(2, 1))
+    q.commit(q.take_batch(2, 1, 1, 1).lease.lease_id, 2)
+    q.publish(2)
+    assert q.stats.groups_consumed == 3 and q.stats.groups_superseded == 1
+    assert q.capacity(2) == 1, "a re-done version must leave the η = 0 budget at one step"
+
+
+def test_groups_from_a_newer_abandoned_policy_are_stale() -> None:
+    """After a resume to version 1, tokens sampled at version 2 (the dead trainer's) are not on the
+    resumed policy: never batched, handled by the stale policy."""
+    q = StalenessQueue(max_staleness=1, groups_per_step=1, max_trajectories=100, max_bytes=10**9)
+    q.accept(group(0, 2))
+    q.accept(group(1, 1))
+    assert [g.seq for g in q.remove_stale(version=1)] == [0]
+    assert q.stats.trajectories_dropped["stale_requeued"] == 2
+    assert [g.seq for g in q.take_batch(2, 1, 1, 1).lease.groups] == [1]
+
+
+def test_return_all_leases_puts_groups_back_in_order() -> None:
+    q = StalenessQueue(1, 1, 100, 10**9)
+    for s in range(3):
+        q.accept(group(s, 0))
+    a = q.take_batch(1, 0, 1, 1)
+    b = q.take_batch(2, 0, 1, 1)
+    assert [lease.lease_id for lease in q.return_all_leases()] == [a.lease.lease_id, b.lease.lease_id]
+    assert sorted(g.seq for g in q.groups) == [0, 1, 2] and not q.leases
+    assert q.stats.leases_expired == 2 and q.queued_trajectories == 6

@@ -19,7 +19,8 @@ def test_every_config_key_is_documented() -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    missing = [name for name in catalog() if f"`{name}`" not in README]
+    ours = [name for name in catalog() if name.startswith("slipstream_")]  # process_*/python_* are standard
+    missing = [name for name in ours if f"`{name}`" not in README]
     assert not missing, f"README metrics list lacks {missing}: regenerate with `python -m pipeline.catalog`"
 
 
