@@ -35,22 +35,25 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.weightsync import init_weight_group  # noqa: E402
 
+# Qwen3 shapes (random weights): name -> (hidden, intermediate, layers, heads, tied embeddings).
+SHAPES = {"0.6b": (1024, 3072, 28, 16, True), "4b": (2560, 9728, 36, 32, True)}
 
-def model_config(vocab: int = 151936) -> dict:
-    # Qwen3-0.6B shape (random weights): ~0.6B parameters with tied embeddings.
+
+def model_config(shape: str = "0.6b", vocab: int = 151936) -> dict:
+    hidden, inter, layers, heads, tied = SHAPES[shape]
     return dict(
-        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=vocab, hidden_size=1024,
-        intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8,
         head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-        tie_word_embeddings=True, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=tied, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
     )
 
 
-def make_model(path: Path) -> torch.nn.Module:
+def make_model(path: Path, shape: str = "0.6b") -> torch.nn.Module:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(**model_config())
+    cfg = Qwen3Config(**model_config(shape))
     with torch.device("cuda:0"):
         model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
@@ -148,6 +151,7 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--update-interval-s", type=float, default=1.0, help="time between updates (a trainer step)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.6b", help="Qwen3 model shape (random weights)")
     ap.add_argument("--load-seconds", type=float, default=40)
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -168,10 +172,10 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2))
 
     work = Path(tempfile.mkdtemp())
-    model = make_model(work / "model")
+    model = make_model(work / "model", args.shape)
     named = {n: p.detach() for n, p in model.named_parameters()}
     nbytes = sum(t.numel() * t.element_size() for t in named.values())
-    result["model"] = {"shape": "Qwen3-0.6B (random)", "parameters": sum(t.numel() for t in named.values()), "bytes": nbytes, "dtype": "bfloat16"}
+    result["model"] = {"shape": f"Qwen3-{args.shape} (random)", "parameters": sum(t.numel() for t in named.values()), "bytes": nbytes, "dtype": "bfloat16"}
     result["raw_nccl_broadcast"] = {}
     for mb in args.bucket_mb:
         sizes = [sum(named[n].numel() * named[n].element_size() for n in b) for b in plan_buckets(named, mb << 20)]
