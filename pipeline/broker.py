@@ -398,7 +398,12 @@ class Broker:
     async def _handle_stale(self, group: TrajectoryGroup, version: int) -> None:
         reason = "stale_requeued" if self.cfg.stale_policy == "requeue" else "stale_dropped"
         self.metrics.dropped.labels(reason).inc(len(group.trajectories))
-        log.info("group %s is %d versions stale (> %d): %s", group.group_id, version - group.min_version, self.cfg.max_staleness, reason)
+        newest = group.max_version
+        if newest > version:  # sampled by a newer policy a resumed trainer abandoned (queue._too_stale)
+            log.info("group %s holds tokens of version %d, newer than the trainer's %d (a resumed trainer's abandoned policy): %s",
+                     group.group_id, newest, version, reason)
+        else:
+            log.info("group %s is %d versions stale (> %d): %s", group.group_id, version - group.min_version, self.cfg.max_staleness, reason)
         if reason == "stale_requeued":
             target = next((p for p in self.producers.values() if p.peer_id == group.producer_id), None)
             target = target or next(iter(self.producers.values()), None)
@@ -499,6 +504,7 @@ class Broker:
             "groups_duplicate": s.groups_duplicate,
             "trajectories_still_queued": q.queued_trajectories + sum(len(g.trajectories) for lease in q.leases.values() for g in lease.groups),
             "leases_expired": s.leases_expired,
+            "groups_superseded": s.groups_superseded,
             "rejected_messages": {k: int(v) for k, v in _counter_values(self.metrics.rejected).items() if v},
             "policy_version": q.published_version,
             "journal": {**self.recovery, "segments_deleted": self.journal.segments_deleted} if self.journal else None,

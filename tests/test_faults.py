@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -180,3 +181,28 @@ def test_trainer_sigkill_resumes_from_checkpoint(tmp_path: Path) -> None:
     assert 'trainer.resume_from="latest"' in trainer["cmd"]
     orphans = [p for p in [old, *(p["pid"] for p in processes)] if not _gone(p)]
     assert not orphans, f"processes outlived the run: {orphans}"
+
+
+@pytest.mark.parametrize(("every", "code", "restarts"), [(0, 1, False), (2, 2, False), (2, 1, True)])
+def test_trainer_restart_needs_checkpoints(tmp_path: Path, every: int, code: int, restarts: bool) -> None:
+    """A crashed trainer is restarted (resuming from 'latest') only with trainer.checkpoint_every > 0,
+    never after a config error (exit 2).  The fake trainer here writes its port file at once."""
+    from pipeline.config import load_config
+    from pipeline.launcher import Child, Launcher
+    from pipeline.rundir import port_file
+
+    cfg = load_config(TINY, [f"trainer.checkpoint_every={every}", "run.restart_backoff_s=0.01"])
+    launcher = Launcher(cfg, tmp_path)
+    stale = port_file(tmp_path, "trainer")
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text(json.dumps({"metrics_port": 1}))  # left by the dead trainer: must not be read as fresh
+    script = f"import json, pathlib; pathlib.Path({str(stale)!r}).write_text(json.dumps({{'metrics_port': 2}}))"
+    child = Child("trainer", "trainer", [sys.executable, "-c", script], tmp_path / "trainer.log")
+    child.proc = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+    child.proc.wait()
+    assert launcher.restart(child) is restarts
+    if restarts:
+        assert child.cmd[-2:] == ["--set", 'trainer.resume_from="latest"']
+        assert child.metrics_url.endswith(":2/metrics") and launcher.restarts_by_role["trainer"] == 1
+        child.wait(10)
+    child.close()
