@@ -293,6 +293,9 @@ class Scheduler:
         with torch.no_grad():
             for name, tensor in staged.items():
                 self._params[name].copy_(tensor)
+        first = next(iter(self._params.values()), None)
+        if first is not None and first.is_cuda:
+            torch.cuda.current_stream(first.device).synchronize()  # the pause is the copy, not its launch
         old, self.version = self.version, version
         if self.cfg.recompute_kv_on_update and self._cohorts:
             running = [s for c in self._cohorts for s in c.seqs]

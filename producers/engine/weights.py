@@ -184,6 +184,9 @@ class WeightReceiver:
         self._staged: dict[str, torch.Tensor] = {}
         self._poisoned: str | None = None
         self._worker = _SerialWorker("engine-weight-recv")
+        # On CUDA, buckets arrive on a side stream so decode kernels on the default stream keep
+        # running; the receive thread waits for that stream alone before it reports a bucket.
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     # ------------------------------------------------------------------ groups
     def init_group(self, master_address: str, master_port: int, rank: int, world_size: int, backend: str,
@@ -233,7 +236,12 @@ class WeightReceiver:
         problem = self._check(spec)
         t0 = time.perf_counter()
         try:
-            tensors = _broadcast_recv(group, spec, recv_device)
+            if self._side is not None and recv_device.type == "cuda":
+                with torch.cuda.stream(self._side):
+                    tensors = _broadcast_recv(group, spec, recv_device)
+                self._side.synchronize()  # the bytes are really here before we say so (and time it)
+            else:
+                tensors = _broadcast_recv(group, spec, recv_device)
         except Exception as e:
             with self._lock:  # a broken transfer poisons the pending update like a bad bucket does
                 self._poisoned, self._staged = self._poisoned or f"receive failed: {e}", {}
