@@ -47,9 +47,10 @@ class WeightSyncConfig:
     )
     flush_cache: bool = doc(
         "SGLang only: flush the prefix cache (KV computed with the old weights) after the update, before "
-        "generation continues. SGLang refuses while paused requests hold KV (pause_mode 'in_place'); the "
-        "publisher then logs a warning and goes on.",
-        True,
+        "generation continues. Off by default because the default pause_mode 'in_place' keeps running "
+        "requests' KV, and SGLang refuses to flush while they hold it (the publisher would log a warning "
+        "every step). Turn it on with pause_mode 'retract' or 'abort' for prefix caches that match the new weights.",
+        False,
     )
     async_publish: bool = doc(
         "Publish each version from a background thread while the trainer fetches and trains the next batch "
