@@ -62,5 +62,16 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def broker_config(tmp_path: Path, queue_toml: str, group_size: int = 3) -> Path:
+    """Write a broker-only config: a stand-in model dir (just config.json with vocab 16, which the
+    broker reads to range-check token ids) and ``[queue]`` keys from ``queue_toml``."""
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"vocab_size": 16}))
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'[model]\npath = "{model}"\n[queue]\n{queue_toml.strip()}\n[producer]\ngroup_size = {group_size}\n')
+    return cfg
+
+
 def slipstream(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *args]

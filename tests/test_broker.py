@@ -30,7 +30,7 @@ from schemas.messages import (
     VersionAnnouncement,
     Welcome,
 )
-from tests.helpers import process, scrape, slipstream, wait_json
+from tests.helpers import broker_config, process, scrape, slipstream, wait_json
 from tests.test_schemas import make_group
 
 
@@ -62,22 +62,13 @@ class Peer:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[dict]:
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"vocab_size": 16}))
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f"""
-[model]
-path = "{model}"
-[queue]
+    cfg = broker_config(tmp_path, """
 max_staleness = 1
 groups_per_step = 2
 heartbeat_interval_s = 0.2
 peer_timeout_s = 1.0
 lease_timeout_s = 2.0
 max_message_bytes = 65536
-[producer]
-group_size = 3
 """)
     run_dir = tmp_path / "run"
     with process(slipstream("broker", "--config", str(cfg), "--run-dir", str(run_dir)), tmp_path / "broker.log") as proc:

@@ -11,7 +11,6 @@ ack the mutations that are still valid groups, and keep acking the valid produce
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 from schemas.codec import decode, encode
 from schemas.messages import Ack, Error, Hello, TrajectoryGroup, Welcome
 from schemas.validate import Limits, WireError
-from tests.helpers import process, scrape, slipstream, wait_json
+from tests.helpers import broker_config, process, scrape, slipstream, wait_json
 from tests.test_broker import Peer
 from tests.test_schemas import make_group
 
@@ -35,21 +34,12 @@ _seqs = itertools.count(1000)
 
 @pytest.fixture
 def live_broker(tmp_path: Path) -> Iterator[dict]:
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"vocab_size": 16}))
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f"""
-[model]
-path = "{model}"
-[queue]
+    cfg = broker_config(tmp_path, f"""
 groups_per_step = 2
 max_queued_trajectories = 100000
 max_queued_bytes = 1073741824
 max_message_bytes = {MAX_MESSAGE_BYTES}
 journal_fsync = "never"
-[producer]
-group_size = 3
 """)
     run_dir = tmp_path / "run"
     with process(slipstream("broker", "--config", str(cfg), "--run-dir", str(run_dir)), tmp_path / "broker.log") as proc:

@@ -26,7 +26,7 @@ from schemas.messages import (
     Hello,
     Welcome,
 )
-from tests.helpers import env, scrape, slipstream, wait_json
+from tests.helpers import broker_config, env, scrape, slipstream, wait_json
 from tests.test_broker import Peer
 from tests.test_schemas import make_group
 
@@ -130,21 +130,12 @@ def test_torn_and_corrupt_records_are_skipped_counted_and_truncated(tmp_path: Pa
 
 
 def test_sigkilled_broker_recovers_on_same_ports(tmp_path: Path) -> None:
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"vocab_size": 16}))
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f"""
-[model]
-path = "{model}"
-[queue]
+    cfg = broker_config(tmp_path, """
 max_staleness = 1
 groups_per_step = 2
 heartbeat_interval_s = 0.2
 peer_timeout_s = 5.0
 max_message_bytes = 65536
-[producer]
-group_size = 3
 """)
     run_dir = tmp_path / "run"
     log = (tmp_path / "broker.log").open("ab")
@@ -215,12 +206,7 @@ def test_trainer_client_survives_broker_restarts(tmp_path: Path) -> None:
     from pipeline.transport import TrainerClient
     from schemas.validate import Limits
 
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"vocab_size": 16}))
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f'[model]\npath = "{model}"\n[queue]\ngroups_per_step = 2\nheartbeat_interval_s = 0.2\npeer_timeout_s = 2.0\n'
-                   '[producer]\ngroup_size = 3\n')
+    cfg = broker_config(tmp_path, "groups_per_step = 2\nheartbeat_interval_s = 0.2\npeer_timeout_s = 2.0")
     run_dir = tmp_path / "run"
     log = (tmp_path / "broker.log").open("ab")
     procs: list[subprocess.Popen[bytes]] = []

@@ -4,7 +4,6 @@ and the config refuses a non-loopback queue.host without keys unless queue.insec
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.configbase import ConfigError
 from schemas.codec import decode, encode
 from schemas.messages import Ack, Hello, Welcome
-from tests.helpers import env, process, slipstream, wait_json
+from tests.helpers import broker_config, env, process, slipstream, wait_json
 from tests.test_schemas import make_group
 
 
@@ -64,18 +63,9 @@ def test_config_refuses_non_loopback_without_keys(keys: Path) -> None:
 
 
 def test_only_peers_with_the_keys_get_answers(tmp_path: Path, keys: Path) -> None:
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"vocab_size": 16}))
-    cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f"""
-[model]
-path = "{model}"
-[queue]
+    cfg = broker_config(tmp_path, f"""
 curve_server_key = "{keys / 'server.key_secret'}"
 curve_client_key = "{keys / 'client.key_secret'}"
-[producer]
-group_size = 3
 """)
     run_dir = tmp_path / "run"
     with process(slipstream("broker", "--config", str(cfg), "--run-dir", str(run_dir)), tmp_path / "broker.log") as proc:
