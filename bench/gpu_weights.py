@@ -190,16 +190,31 @@ def main() -> None:
         result["publish"], result["publish_vs_raw"] = {}, {}
         for mb in args.bucket_mb:
             pub.bucket_bytes = mb << 20
-            times = []
-            for _ in range(args.reps + 1):
+            times, timings = [], []
+            for rep in range(args.reps + 1):
                 version += 1
+                if rep == 1:
+                    m0 = scrape(url)
                 t0 = time.perf_counter()
-                pub.publish(named, version, checksum=False)
+                info = pub.publish(named, version, checksum=False)
                 times.append(time.perf_counter() - t0)
-            times = times[1:]
+                timings.append(info["timings"])
+            m1 = scrape(url)
+            times, timings = times[1:], timings[1:]
             key = f"{mb}MiB"
-            result["publish"][key] = {"bytes": nbytes, "seconds": times, "GBps_best": nbytes / min(times) / 1e9,
-                                      "GBps_median": nbytes / sorted(times)[len(times) // 2] / 1e9}
+            rs, rc = "slipstream_engine_weight_receive_seconds_sum", "slipstream_engine_weight_receive_seconds_count"
+            ps, pc = "slipstream_engine_weight_update_pause_seconds_sum", "slipstream_engine_weight_update_pause_seconds_count"
+            result["publish"][key] = {
+                "bytes": nbytes, "buckets": info["buckets"], "seconds": times, "GBps_best": nbytes / min(times) / 1e9,
+                "GBps_median": nbytes / sorted(times)[len(times) // 2] / 1e9,
+                # where the time went (means over the timed reps): publisher CPU wall time per phase,
+                # and the engine's own view (receive: from starting a bucket's receive until its bytes
+                # are on the GPU; swap: the pause).
+                "publisher_timings_mean_s": {k: sum(t[k] for t in timings) / len(timings) for k in timings[0]},
+                "engine_receive_s_per_update": (m1[rs] - m0[rs]) / args.reps,
+                "engine_buckets_per_update": (m1[rc] - m0[rc]) / args.reps,
+                "engine_swap_s_per_update": (m1[ps] - m0[ps]) / max(1.0, m1[pc] - m0[pc]),
+            }
             result["publish_vs_raw"][key] = result["publish"][key]["GBps_best"] / result["raw_nccl_broadcast"][key]["GBps_best"]
             save()
         pub.bucket_bytes = max(args.bucket_mb) << 20

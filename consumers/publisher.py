@@ -40,6 +40,7 @@ How:
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import socket
@@ -47,16 +48,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, as_completed
 from typing import Any
 
 import torch
 
 from pipeline.weightsync import (
+    CHUNKS_FIELD,
     DEFAULT_GROUP_NAME,
     WeightGroup,
     dtype_name,
+    flatten_into,
     init_weight_group,
     weights_checksum,
 )
@@ -120,6 +123,15 @@ def bucket_payload(tensors: Mapping[str, torch.Tensor], group_name: str, version
     }
 
 
+def chunked_update_payload(named: Mapping[str, torch.Tensor], buckets: list[list[str]], group_name: str,
+                           version: int) -> dict[str, Any]:
+    """Body of the single /update_weights_from_distributed request for a whole update to an
+    embedded engine: every tensor's name/dtype/shape, plus each bucket's byte size."""
+    payload = bucket_payload(named, group_name, version)
+    payload[CHUNKS_FIELD] = [sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets]
+    return payload
+
+
 def pause_payload(mode: str) -> dict[str, Any]:
     return {"mode": mode}
 
@@ -148,17 +160,6 @@ def plan_buckets(named: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[l
     if current:
         buckets.append(current)
     return buckets
-
-
-def flatten_into(buf: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Like :func:`pipeline.weightsync.flatten_bucket`, but into the front of the persistent uint8
-    buffer ``buf`` (copying across devices as needed); returns the filled slice."""
-    offset = 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        buf[offset : offset + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
-        offset += n
-    return buf[:offset]
 
 
 def spawn(fn: Any, *args: Any, **kwargs: Any) -> Future:
@@ -264,7 +265,10 @@ class WeightPublisher:
         self.version: int | None = None  # last version every engine acknowledged
         self.rejoins = 0  # how many times the group was re-created for a lagging engine
         self._group: WeightGroup | None = None
-        self._flat: torch.Tensor | None = None  # one bucket's bytes, reused by every bucket (no re-allocation)
+        # Where the last publish spent its time (wall seconds): resync, checksum, send (first request
+        # to last reply) and flatten (inside send, overlapping the transfer).
+        self._timings: dict[str, float] = {}
+        self._flat: list[torch.Tensor] = []  # two buckets' bytes, reused by every publish (no re-allocation)
 
     @property
     def connected(self) -> bool:
@@ -413,7 +417,9 @@ class WeightPublisher:
         rejoins = self.rejoins
         if self.resync:
             self._resync()
+        t_sum = time.perf_counter()
         digest = weights_checksum(named) if checksum else ""
+        self._timings = {"resync_s": t_sum - t0, "checksum_s": time.perf_counter() - t_sum, "flatten_s": 0.0, "send_s": 0.0}
         sglang = self.engine_kind == "sglang"
         pause_s = 0.0
         if sglang:
@@ -442,6 +448,7 @@ class WeightPublisher:
             version, total / 2**20, nbuckets, len(self.engine_urls), seconds, pause_s * 1e3,
         )
         return {"seconds": seconds, "bytes": total, "buckets": nbuckets, "checksum": digest, "version": version,
+                "timings": dict(self._timings),
                 "pause_s": pause_s, "rejoined": self.rejoins - rejoins}
 
     def _continue_best_effort(self, version: int) -> None:
@@ -450,33 +457,87 @@ class WeightPublisher:
         except PublishError as e:
             log.error("weight publisher: could not resume generation after a failed publish: %s", e)
 
+    def _buffers(self, need: int, count: int, device: torch.device) -> list[torch.Tensor]:
+        """``count`` (1 or 2) persistent flat buffers of ``need`` bytes, allocated once and grown
+        when needed; with two, bucket ``i + 1`` is flattened into one while bucket ``i`` is still
+        on the wire from the other."""
+        if len(self._flat) < count or self._flat[0].numel() < need or self._flat[0].device != device:
+            self._flat = []  # free the old ones before allocating
+            self._flat = [torch.empty(need, dtype=torch.uint8, device=device) for _ in range(count)]
+        return self._flat
+
     def _send_buckets(self, named: Mapping[str, torch.Tensor], version: int) -> tuple[int, int, list[dict[str, Any]]]:
-        """Post and broadcast every bucket; returns (bytes, buckets, the engines' replies to the last)."""
+        """Send every bucket; returns (bytes, buckets, the engines' replies to the last request)."""
         assert self._group is not None
         buckets = plan_buckets(named, self.bucket_bytes)
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         need = max(sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets)
-        if self._flat is None or self._flat.numel() < need or self._flat.device != device:
-            self._flat = None
-            self._flat = torch.empty(need, dtype=torch.uint8, device=device)
+        bufs = self._buffers(need, min(2, len(buckets)), device)
+        if self.engine_kind == "embedded":
+            return self._send_chunked(named, buckets, bufs, version)
+        return self._send_per_bucket(named, buckets, bufs, version)
+
+    def _broadcast_buckets(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]],
+                           bufs: list[torch.Tensor]) -> int:
+        """Flatten and broadcast ``buckets`` back to back through the (one or two) buffers: bucket
+        ``i + 1`` is flattened while bucket ``i`` is on the wire, and a buffer is refilled only
+        after the broadcast that used it completed (on GPU, ``wait`` orders the stream).  Returns
+        the bytes sent."""
+        assert self._group is not None
+        pending: collections.deque[Any] = collections.deque()
+        total = 0
+        for i, names in enumerate(buckets):
+            if len(pending) == len(bufs):
+                pending.popleft().wait()
+            t = time.perf_counter()
+            flat = flatten_into(bufs[i % len(bufs)], (named[n] for n in names))
+            self._timings["flatten_s"] += time.perf_counter() - t
+            pending.append(self._group.broadcast_async(flat, 0))
+            total += flat.numel()
+        while pending:
+            pending.popleft().wait()
+        return total
+
+    def _send_chunked(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], bufs: list[torch.Tensor],
+                      version: int) -> tuple[int, int, list[dict[str, Any]]]:
+        """Embedded engines: one request announces the whole update (:data:`CHUNKS_FIELD`), then
+        every bucket is broadcast back to back; the engine replies once it has swapped the update in.
+        One HTTP round trip per update, however many buckets."""
+        payload = chunked_update_payload(named, buckets, self.group_name, version)
+        what = f"version {version} ({len(buckets)} bucket(s), swap)"
+        t = time.perf_counter()
+        futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
+        own = spawn(self._broadcast_buckets, named, buckets, bufs)
+        try:
+            total = self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
+        except PublishError:
+            self._reset()
+            raise
+        self._timings["send_s"] += time.perf_counter() - t
+        return total, len(buckets), [f.result() for f in futures]
+
+    def _send_per_bucket(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], bufs: list[torch.Tensor],
+                         version: int) -> tuple[int, int, list[dict[str, Any]]]:
+        """SGLang: one request per bucket, strictly in order (SGLang receives a request's tensors
+        when the request arrives); only the last carries ``weight_version``."""
         total = 0
         replies: list[dict[str, Any]] = []
-        flush = self.flush_cache and self.engine_kind == "sglang"
+        flush = self.flush_cache
         for i, names in enumerate(buckets):
             last = i == len(buckets) - 1
-            tensors = {n: named[n] for n in names}
-            payload = bucket_payload(tensors, self.group_name, version if last else None, flush_cache=flush)
-            route = ROUTE_UPDATE
+            payload = bucket_payload({n: named[n] for n in names}, self.group_name, version if last else None,
+                                     flush_cache=flush)
             what = f"bucket {i + 1}/{len(buckets)} of version {version}" + (" (swap)" if last else "")
-            futures = self._post_all(route, [payload] * len(self.engine_urls), what)
-            flat = flatten_into(self._flat, tensors.values())
-            own = spawn(self._group.broadcast, flat, 0)
+            t = time.perf_counter()
+            futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
+            # flattened while the engines parse the request
+            own = spawn(self._broadcast_buckets, named, [names], bufs[i % len(bufs) :][:1])
             try:
-                self._wait(futures, own, route, what, f"broadcast of {what}")
+                total += self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
             except PublishError:
                 self._reset()
                 raise
-            total += flat.numel()
+            self._timings["send_s"] += time.perf_counter() - t
             if last:
                 replies = [f.result() for f in futures]
         return total, len(buckets), replies

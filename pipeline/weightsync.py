@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,6 +30,10 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP_NAME = "weight_update_group"
+#: slipstream extension of /update_weights_from_distributed (embedded engine only, never sent to
+#: SGLang): the request describes a whole update whose flattened bytes arrive in several
+#: broadcasts of these byte sizes, one request per update instead of one per bucket.
+CHUNKS_FIELD = "slipstream_chunks"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -93,30 +98,66 @@ class WeightGroup:
     name: str
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        self.broadcast_async(tensor, src).wait()
+
+    def broadcast_async(self, tensor: torch.Tensor, src: int = 0) -> dist.Work:
+        """Start a broadcast; ``wait()`` on the result blocks (gloo) or orders the current CUDA
+        stream after it (NCCL).  ``tensor`` must not be reused before that."""
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        return self.pg.broadcast([tensor], opts)
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype`` (no tensor allocation, unlike ``torch.empty((), dtype)``)."""
+    return dtype.itemsize
+
+
+def tensor_sizes(dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[int]:
+    """Byte size of each tensor described by ``dtypes``/``shapes`` (a bucket's layout)."""
+    return [math.prod(shape) * itemsize(dt) for dt, shape in zip(dtypes, shapes, strict=True)]
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def flatten_bucket(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors' raw bytes into one uint8 tensor (on the tensors' device)."""
-    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    parts = [_byte_view(t) for t in tensors]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+
+def flatten_into(buf: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Like :func:`flatten_bucket`, but into the front of the persistent uint8 buffer ``buf``;
+    returns the filled slice.  One ``torch.cat(out=...)`` call (one multi-tensor copy kernel on
+    GPU) when every tensor is on ``buf``'s device, so a bucket of hundreds of tensors costs one
+    launch, not hundreds."""
+    parts = [_byte_view(t) for t in tensors]
+    total = sum(p.numel() for p in parts)
+    if total > buf.numel():
+        raise ValueError(f"bucket of {total} bytes does not fit the {buf.numel()}-byte buffer")
+    out = buf[:total]
+    if parts and all(p.device == buf.device for p in parts):
+        torch.cat(parts, out=out)
+    else:  # e.g. CPU tensors into a GPU buffer: one copy each
+        offset = 0
+        for p in parts:
+            out[offset : offset + p.numel()].copy_(p)
+            offset += p.numel()
+    return out
 
 
 def unflatten_bucket(flat: torch.Tensor, dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[torch.Tensor]:
     """Inverse of flatten_bucket: views into ``flat`` (no copy)."""
+    sizes = tensor_sizes(dtypes, shapes)
+    if sum(sizes) != flat.numel():
+        raise ValueError(f"bucket has {flat.numel()} bytes, the tensor list describes {sum(sizes)}")
     out, offset = [], 0
-    for dtype, shape in zip(dtypes, shapes, strict=True):
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    for dtype, shape, nbytes in zip(dtypes, shapes, sizes, strict=True):
         out.append(flat[offset : offset + nbytes].view(dtype).view(shape))
         offset += nbytes
-    if offset != flat.numel():
-        raise ValueError(f"bucket has {flat.numel()} bytes, the tensor list describes {offset}")
     return out
 
 

@@ -240,3 +240,38 @@ def test_recompute_kv_on_update_gives_exact_new_policy_logprobs(
         assert reply["pause_seconds"] > 0
     finally:
         assert eng.terminate() == 0, eng.log_tail()
+
+
+def test_full_updates_are_adopted_into_alternating_buffers(engine: Engine, trainer: Trainer) -> None:
+    """An update of every parameter is adopted (the parameters point at the received tensors, no
+    copy), and the next update goes to the *other* staging buffer: a rejected update after an
+    adoption must leave the live weights untouched, and partial updates are still copied in."""
+    names = list(trainer.published)
+    for seed in (21, 22):  # two adoptions in a row: buffer 0, then buffer 1
+        v = engine.version()
+        full = trainer.modified(names, seed=seed)
+        status, out = trainer.send(full, version=v + 1)
+        assert status == 200 and out["adopted"] is True, out
+        trainer.commit(full)
+        assert checksum(engine) == weights_checksum(trainer.published)
+    before = checksum(engine)
+    v = engine.version()
+    # A rejected update: its first bucket is received (into the staging buffer, never the live one).
+    head = trainer.modified(names[:-1], seed=23, scale=1.0)
+    status, out = trainer.send(head, version=None)
+    assert status == 200, out
+    bad_last = {names[-1]: torch.zeros(3)}
+    status, out = trainer.send(bad_last, version=v + 1)
+    assert status == 400 and "nothing was swapped" in out["message"], out
+    assert checksum(engine) == before and engine.version() == v
+    # A partial update is copied into the adopted parameters.
+    part = trainer.modified(names[:2], seed=24)
+    status, out = trainer.send(part, version=v + 1)
+    assert status == 200 and out["adopted"] is False, out
+    trainer.commit(part)
+    assert checksum(engine) == weights_checksum(trainer.published)
+    out = engine.generate({"input_ids": PROMPT, "return_logprob": True,
+                           "sampling_params": {"max_new_tokens": 20, "ignore_eos": True, "temperature": 0.9}})
+    got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+    want = reference_logprobs(trainer.reference, PROMPT, out["output_ids"], 0.9)
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4

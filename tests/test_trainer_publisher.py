@@ -64,7 +64,11 @@ def _engine_main(port_queue) -> None:
                     for d, s in zip(dtypes, req["shapes"], strict=True)
                 )
                 flat = torch.empty(nbytes, dtype=torch.uint8)
-                state["group"].broadcast(flat, src=0)
+                offset = 0
+                for n in req.get("slipstream_chunks") or [nbytes]:  # the embedded-engine extension
+                    state["group"].broadcast(flat[offset : offset + n], src=0)
+                    offset += n
+                assert offset == nbytes
                 for name, t in zip(req["names"], unflatten_bucket(flat, dtypes, req["shapes"]), strict=True):
                     state["staged"][name] = t.clone()
                 state["buckets"] += 1
@@ -72,6 +76,9 @@ def _engine_main(port_queue) -> None:
                     state["live"], state["staged"] = state["staged"], {}
                     state["version"] = req["weight_version"]
                 return self._reply({"success": True, "message": "ok"})
+            if self.path in ("/pause_generation", "/continue_generation"):  # SGLang's replies
+                state["paused"] = self.path == "/pause_generation"
+                return self._reply({"status": "ok"})
             if self.path == "/destroy_weights_update_group":
                 state["group"] = None
                 return self._reply({"success": True, "message": "left"})
@@ -82,6 +89,7 @@ def _engine_main(port_queue) -> None:
                     "checksum": weights_checksum(state["live"]) if state["live"] else None,
                     "names": list(state["live"]),
                     "buckets": state["buckets"],
+                    "paused": state.get("paused", False),
                 })
             self.send_error(404)
 
@@ -137,21 +145,27 @@ def test_plan_buckets():
     assert plan_buckets(named, 1) == [["a"], ["b"], ["c"], ["d"]]
 
 
-def test_publish_to_two_engines_in_other_processes(engines):
+@pytest.mark.parametrize("kind", ["embedded", "sglang"])
+def test_publish_to_two_engines_in_other_processes(engines, kind):
+    """Every byte arrives in the right tensor.  Embedded engines get one request per update (the
+    buckets follow as broadcasts); SGLang gets one request per bucket, bracketed by pause/continue."""
     urls = engines(None, None)
-    pub = WeightPublisher(urls, bucket_bytes=70_000, timeout_s=30)
+    pub = WeightPublisher(urls, bucket_bytes=70_000, timeout_s=30, engine_kind=kind, flush_cache=False)
     pub.connect()
     try:
         for version in (1, 2):
             named = _weights(seed=version)
+            before = [post_json(f"{url}/state", {}, 10, "state")["buckets"] for url in urls]
             info = pub.publish(named, version=version)
             assert info["buckets"] == len(plan_buckets(named, 70_000)) > 2
             assert info["bytes"] == sum(t.numel() * t.element_size() for t in named.values())
-            for url in urls:  # publish returned => every engine serves the version, bit for bit
+            for url, b0 in zip(urls, before, strict=True):  # publish returned => every engine serves it, bit for bit
                 st = post_json(f"{url}/state", {}, 10, "state")
                 assert st["version"] == str(version)
                 assert st["checksum"] == info["checksum"]
                 assert st["names"] == list(named)
+                assert st["buckets"] - b0 == (1 if kind == "embedded" else info["buckets"])
+                assert st["paused"] is False
     finally:
         pub.close()
 

@@ -149,9 +149,11 @@ class Scheduler:
     def resume(self) -> cf.Future[None]:
         return self.call(self._resume)
 
-    def swap_weights(self, staged: dict[str, torch.Tensor], version: int) -> cf.Future[float]:
-        """Copy ``staged`` into the live parameters between two decode steps; resolves to the pause in s."""
-        return self.call(lambda: self._swap(staged, version))
+    def swap_weights(self, staged: dict[str, torch.Tensor], version: int, adopt: bool = False) -> cf.Future[float]:
+        """Put ``staged`` into the live parameters between two decode steps; resolves to the pause in s.
+        ``adopt``: point the parameters at the staged tensors (they must cover every parameter and
+        stay untouched afterwards) instead of copying them in."""
+        return self.call(lambda: self._swap(staged, version, adopt))
 
     def call(self, fn: Callable[[], T]) -> cf.Future[T]:
         """Run ``fn`` on the scheduler thread between decode steps (also while paused)."""
@@ -288,14 +290,21 @@ class Scheduler:
         self.metrics.paused.set(0)
         log.info("generation continued")
 
-    def _swap(self, staged: dict[str, torch.Tensor], version: int) -> float:
+    def _swap(self, staged: dict[str, torch.Tensor], version: int, adopt: bool = False) -> float:
         t0 = time.perf_counter()
-        with torch.no_grad():
+        if adopt:
+            if set(staged) != set(self._params):
+                raise ValueError("adopting a weight update needs every parameter")
             for name, tensor in staged.items():
-                self._params[name].copy_(tensor)
+                self._params[name].data = tensor
+        elif staged:
+            with torch.no_grad():  # one multi-tensor copy, not one kernel launch per tensor
+                torch._foreach_copy_([self._params[name] for name in staged], list(staged.values()))
         first = next(iter(self._params.values()), None)
         if first is not None and first.is_cuda:
-            torch.cuda.current_stream(first.device).synchronize()  # the pause is the copy, not its launch
+            # The pause is the copy, not its launch; and decode kernels still reading the old
+            # weights finish before the caller lets the next update overwrite them.
+            torch.cuda.current_stream(first.device).synchronize()
         old, self.version = self.version, version
         if self.cfg.recompute_kv_on_update and self._cohorts:
             running = [s for c in self._cohorts for s in c.seqs]
@@ -304,7 +313,8 @@ class Scheduler:
         pause = time.perf_counter() - t0
         self.metrics.pause_seconds.observe(pause)
         self.metrics.version.set(version)
-        log.info("weights swapped: version %d -> %d (%d tensors, pause %.2f ms)", old, version, len(staged), pause * 1e3)
+        log.info("weights swapped: version %d -> %d (%d tensors %s, pause %.2f ms)", old, version, len(staged),
+                 "adopted" if adopt else "copied", pause * 1e3)
         return pause
 
     def _expire_deadlines(self) -> None:

@@ -45,6 +45,12 @@ class EngineMetrics:
         self.update_bytes = Counter(
             "slipstream_engine_weight_update_bytes_total", "Weight bytes received over the weight group.", registry=r
         )
+        self.staging_bytes = Gauge(
+            "slipstream_engine_weight_staging_bytes",
+            "Memory of the weight-update staging buffers: one model size from the first update, two once an "
+            "update is adopted (the live weights then live in one of them and the loaded ones are freed).",
+            registry=r,
+        )
         self.updates = Counter(
             "slipstream_engine_weight_updates_total", "Weight updates by result.", ["result"], registry=r
         )

@@ -376,7 +376,13 @@ class EngineServer:
         if spec.weight_version is None or result.staged_update is None:
             return web.json_response({"success": True, "message": f"staged {result.num_tensors} tensors "
                                       f"({result.nbytes} bytes) in {result.receive_s * 1e3:.1f} ms"})
-        pause = await asyncio.wrap_future(self.scheduler.swap_weights(result.staged_update, spec.weight_version))
+        adopted = False
+        try:
+            pause = await asyncio.wrap_future(
+                self.scheduler.swap_weights(result.staged_update, spec.weight_version, adopt=result.adoptable))
+            adopted = result.adoptable
+        finally:
+            self.receiver.release_staging(adopted)
         self.metrics.updates.labels("success").inc()
         return web.json_response({
             "success": True,
@@ -384,6 +390,7 @@ class EngineServer:
                        f"generation paused {pause * 1e3:.2f} ms",
             "weight_version": str(spec.weight_version),
             "pause_seconds": pause,  # slipstream extension: time decoding stopped for the swap
+            "adopted": adopted,  # slipstream extension: parameters now point at the received tensors (no copy)
         })
 
     async def update_version(self, request: web.Request) -> web.Response:

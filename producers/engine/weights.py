@@ -30,6 +30,7 @@ Run: not on its own; the engine server owns one receiver.  The trainer side is
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import logging
 import queue
 import threading
@@ -41,10 +42,12 @@ from typing import Any, TypeVar
 import torch
 
 from pipeline.weightsync import (
+    CHUNKS_FIELD,
     DEFAULT_GROUP_NAME,
     WeightGroup,
     dtype_from_name,
     init_weight_group,
+    tensor_sizes,
     unflatten_bucket,
 )
 from producers.engine.metrics import EngineMetrics
@@ -58,7 +61,7 @@ class WeightUpdateError(RuntimeError):
     """An update that was (or must be) refused; the message goes back as ``success: false``."""
 
 
-@dataclass
+@dataclass(eq=False)
 class BucketSpec:
     """A parsed ``/update_weights_from_distributed`` request."""
 
@@ -70,16 +73,16 @@ class BucketSpec:
     weight_version: int | None = None
     flush_cache: bool = True
     abort_all_requests: bool = False
+    chunks: list[int] | None = None  # slipstream extension: the flat bytes arrive in broadcasts of these sizes
 
-    @property
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        """Byte size of each tensor (computed once: a bucket can hold hundreds of tensors)."""
+        return tensor_sizes(self.dtypes, self.shapes)
+
+    @functools.cached_property
     def nbytes(self) -> int:
-        total = 0
-        for dt, shape in zip(self.dtypes, self.shapes, strict=True):
-            numel = 1
-            for s in shape:
-                numel *= s
-            total += numel * torch.empty((), dtype=dt).element_size()
-        return total
+        return sum(self.sizes)
 
 
 @dataclass
@@ -88,6 +91,9 @@ class BucketResult:
     receive_s: float
     num_tensors: int
     staged_update: dict[str, torch.Tensor] | None = None  # set on the last bucket: the whole update
+    # The update replaces every parameter from one arena buffer: the scheduler may *adopt* it
+    # (point the parameters at the staged tensors) instead of copying it in.
+    adoptable: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -141,8 +147,18 @@ def parse_update_request(body: Any) -> BucketSpec:
         flags[key] = body.get(key, default) if body.get(key) is not None else default
         if not isinstance(flags[key], bool):
             raise RequestError(key, f"expected true/false, got {flags[key]!r}")
-    return BucketSpec(names, dtypes, shapes, group_name, load_format, version, flags["flush_cache"],
+    spec = BucketSpec(names, dtypes, shapes, group_name, load_format, version, flags["flush_cache"],
                       flags["abort_all_requests"])
+    chunks = body.get(CHUNKS_FIELD)
+    if chunks is not None:
+        if load_format != "flattened_bucket":
+            raise RequestError(CHUNKS_FIELD, "needs load_format 'flattened_bucket'")
+        if not isinstance(chunks, list) or not chunks or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in chunks):
+            raise RequestError(CHUNKS_FIELD, f"expected a non-empty list of positive byte counts, got {chunks!r}")
+        if sum(chunks) != spec.nbytes:
+            raise RequestError(CHUNKS_FIELD, f"chunks add up to {sum(chunks)} bytes but the tensors need {spec.nbytes}")
+        spec.chunks = list(chunks)
+    return spec
 
 
 class _SerialWorker:
@@ -169,6 +185,89 @@ class _SerialWorker:
                 fut.set_exception(e)
 
 
+class StagingArena:
+    """Persistent device buffers, each the size of the model, that updates are received into.
+
+    Why: allocating (and freeing) a model-sized staging buffer per update costs time on the
+    receive path and fragments the allocator; fixed buffers are also an explicit, reported memory
+    cost (``slipstream_engine_weight_staging_bytes``).  Bucket ``i`` of an update is a slice right
+    after bucket ``i - 1``; the staged tensors are views into the buffer.
+
+    Adoption: when an update replaces every parameter, the scheduler points the parameters at the
+    staged tensors instead of copying (no device copy, a shorter pause).  That buffer then *is*
+    the live weights, so the next update goes to the other buffer, and they alternate.  The
+    engine then holds two model-sized buffers and nothing else (the weights it loaded at start
+    are freed at the first adoption), the same memory as live weights plus one staging buffer.
+
+    A buffer is busy from an update's first bucket until the scheduler has swapped it in
+    (:meth:`release`); the next update's first bucket waits for that (normally it cannot come
+    earlier: the publisher waits for the swap reply).  Used from the receive thread only,
+    except :meth:`release`.
+    """
+
+    def __init__(self, capacity: int, metrics: EngineMetrics, wait_s: float) -> None:
+        self.capacity = capacity
+        self._metrics = metrics
+        self._wait_s = wait_s
+        self._bufs: list[torch.Tensor | None] = [None, None]
+        self._buf_device: list[torch.device | None] = [None, None]  # as asked ("cuda" is not "cuda:0")
+        self._live: int | None = None  # the buffer the live weights point into, after an adoption
+        self._cur = 0  # the buffer the current (or last) update is received into
+        self._offset = 0
+        self._in_update = False
+        self._free = threading.Event()
+        self._free.set()
+
+    def take(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A ``uint8`` slice for the next bucket of the current update (a fresh buffer, with a
+        warning, if the update outgrows the arena or the previous one is still being swapped)."""
+        if not self._in_update:
+            if not self._free.wait(self._wait_s):
+                log.warning("staging arena still held by the previous update's swap after %.0fs (waited for the "
+                            "scheduler to swap it in); receiving into a fresh buffer", self._wait_s)
+                return torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._free.clear()
+            self._in_update, self._offset = True, 0
+            self._cur = 0 if self._live != 0 else 1
+        buf = self._bufs[self._cur]
+        if buf is None or self._buf_device[self._cur] != device:
+            self._bufs[self._cur] = None
+            buf = self._bufs[self._cur] = torch.empty(max(self.capacity, nbytes), dtype=torch.uint8, device=device)
+            self._buf_device[self._cur] = device
+            self._metrics.staging_bytes.set(sum(b.numel() for b in self._bufs if b is not None))
+            log.info("weight staging buffer %d: %.1f MiB on %s", self._cur, buf.numel() / 2**20, device)
+        if self._offset + nbytes > buf.numel():
+            log.warning("weight update larger than the model (%d + %d bytes > %d): bucket received into a fresh buffer",
+                        self._offset, nbytes, buf.numel())
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        out = buf[self._offset : self._offset + nbytes]
+        self._offset += nbytes
+        return out
+
+    def holds(self, tensors: list[torch.Tensor]) -> bool:
+        """True if every tensor is a view into the current update's buffer (nothing fell back to a
+        fresh buffer) and starts 16-byte aligned (what fast GPU kernels want from weights)."""
+        buf = self._bufs[self._cur]
+        if buf is None:
+            return False
+        base = buf.untyped_storage().data_ptr()
+        return all(t.untyped_storage().data_ptr() == base and t.data_ptr() % 16 == 0 for t in tensors)
+
+    def end_update(self, handed_over: bool) -> None:
+        """The update's last bucket arrived, or the update was abandoned.  If its tensors were
+        handed to the scheduler, the arena stays busy until :meth:`release`."""
+        self._in_update = False
+        if not handed_over:
+            self._free.set()
+
+    def release(self, adopted: bool = False) -> None:
+        """The scheduler has swapped the update in (``adopted``: by pointing the parameters at the
+        staged tensors) or failed to: the next update may use the arena."""
+        if adopted:
+            self._live = self._cur
+        self._free.set()
+
+
 class WeightReceiver:
     """Weight groups + staging for one engine (single TP rank: engine rank = rank_offset)."""
 
@@ -184,6 +283,7 @@ class WeightReceiver:
         self._staged: dict[str, torch.Tensor] = {}
         self._poisoned: str | None = None
         self._worker = _SerialWorker("engine-weight-recv")
+        self._arena = StagingArena(sum(p.numel() * p.element_size() for p in params.values()), metrics, timeout_s)
         # On CUDA, buckets arrive on a side stream so decode kernels on the default stream keep
         # running; the receive thread waits for that stream alone before it reports a bucket.
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -199,6 +299,8 @@ class WeightReceiver:
                                   group_name=group_name, timeout_s=self._timeout_s)
         with self._lock:
             self._groups[group_name] = (group, backend)
+        # A publisher that died mid-update never sent its last bucket: start the next update clean.
+        self._worker.submit(self._abandon_pending).result(timeout=self._timeout_s)
         msg = f"joined weight group {group_name!r} as rank {rank}/{world_size} ({backend}) at {master_address}:{master_port}"
         log.info(msg)
         return msg
@@ -219,6 +321,18 @@ class WeightReceiver:
             _close_group(group)
 
     # ------------------------------------------------------------------ buckets
+    def _abandon_pending(self) -> None:
+        with self._lock:
+            if self._staged:
+                log.warning("dropping %d staged tensors of an unfinished weight update", len(self._staged))
+            self._staged, self._poisoned = {}, None
+        self._arena.end_update(handed_over=False)
+
+    def release_staging(self, adopted: bool = False) -> None:
+        """Call after the scheduler swapped a handed-over update in (or failed to); ``adopted``:
+        the parameters now point into the staging buffer."""
+        self._arena.release(adopted)
+
     def submit_bucket(self, spec: BucketSpec) -> cf.Future[BucketResult]:
         """Receive one bucket on the receive thread; see the module docstring for the failure rules."""
         with self._lock:
@@ -238,15 +352,17 @@ class WeightReceiver:
         try:
             if self._side is not None and recv_device.type == "cuda":
                 with torch.cuda.stream(self._side):
-                    tensors = _broadcast_recv(group, spec, recv_device)
+                    tensors = _broadcast_recv(group, spec, recv_device, self._arena)
                 self._side.synchronize()  # the bytes are really here before we say so (and time it)
             else:
-                tensors = _broadcast_recv(group, spec, recv_device)
+                tensors = _broadcast_recv(group, spec, recv_device, self._arena)
         except Exception as e:
             with self._lock:  # a broken transfer poisons the pending update like a bad bucket does
                 self._poisoned, self._staged = self._poisoned or f"receive failed: {e}", {}
                 if spec.weight_version is not None:
                     self._poisoned = None
+            if spec.weight_version is not None:
+                self._arena.end_update(handed_over=False)
             raise WeightUpdateError(f"receiving the bucket over group {spec.group_name!r} failed: {e}") from e
         receive_s = time.perf_counter() - t0
         self._metrics.receive_seconds.observe(receive_s)
@@ -264,6 +380,9 @@ class WeightReceiver:
                     self._staged[name] = t.to(self._device)
             if spec.weight_version is not None:  # last bucket: hand over (or drop) the whole update
                 result.staged_update, self._staged, self._poisoned = self._staged, {}, None
+                result.adoptable = (poisoned is None and set(result.staged_update) == set(self._specs)
+                                    and self._arena.holds(list(result.staged_update.values())))
+                self._arena.end_update(handed_over=poisoned is None)
         if poisoned is not None:
             if problem is None:
                 problem = f"an earlier bucket of this weight update was rejected ({poisoned}); bucket discarded"
@@ -286,11 +405,22 @@ class WeightReceiver:
         return None
 
 
-def _broadcast_recv(group: WeightGroup, spec: BucketSpec, device: torch.device) -> list[torch.Tensor]:
-    """Take part in rank 0's broadcast(s) of one bucket; returns the received tensors."""
+def _broadcast_recv(group: WeightGroup, spec: BucketSpec, device: torch.device,
+                    arena: StagingArena | None = None) -> list[torch.Tensor]:
+    """Take part in rank 0's broadcast(s) of one bucket; returns the received tensors (views into
+    ``arena`` for a flattened bucket when one is given)."""
     if spec.load_format == "flattened_bucket":
-        flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
-        group.broadcast(flat, src=0)
+        if arena is not None:
+            flat = arena.take(spec.nbytes, device)
+        else:
+            flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
+        offset = 0
+        works = []
+        for n in spec.chunks or [spec.nbytes]:  # one broadcast per chunk the publisher sends
+            works.append(group.broadcast_async(flat[offset : offset + n], src=0))
+            offset += n
+        for work in works:
+            work.wait()
         return unflatten_bucket(flat, spec.dtypes, spec.shapes)
     tensors = [torch.empty(shape, dtype=dt, device=device) for dt, shape in zip(spec.dtypes, spec.shapes, strict=True)]
     for t in tensors:
