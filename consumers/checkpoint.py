@@ -225,8 +225,9 @@ def prepare_start(rank: Any, cfg: Any, run_dir: str | Path) -> tuple[int, int]:
     rollouts sampled with the pre-SFT weights exceed the staleness bound), the checkpoint's values
     on resume.  The caller publishes the weights to the engines when the version is > 0.
 
-    Data position: the broker journal has every committed lease; batches committed after the
-    checkpoint are not trained on again (the resumed run consumes new batches from the broker)."""
+    Data position: the step is the queue position.  The trainer's hello carries it, and the broker
+    replays the batches it retained for the steps after it (committed by the trainer that died,
+    see ``consumers/loop.py``) before any new data, so the resumed run trains what the dead one did."""
     path = resolve_checkpoint(run_dir, cfg.trainer.resume_from)
     if path is not None:
         meta = load_checkpoint(rank, path)
@@ -244,11 +245,12 @@ def prepare_start(rank: Any, cfg: Any, run_dir: str | Path) -> tuple[int, int]:
     return 0, 0
 
 
-def maybe_checkpoint(rank: Any, cfg: Any, run_dir: str | Path, step: int, extra: dict[str, Any] | None = None) -> None:
-    """Save when ``trainer.checkpoint_every`` divides ``step`` (collective)."""
+def maybe_checkpoint(rank: Any, cfg: Any, run_dir: str | Path, step: int, extra: dict[str, Any] | None = None) -> Path | None:
+    """Save when ``trainer.checkpoint_every`` divides ``step`` (collective); returns the path if it saved."""
     every = cfg.trainer.checkpoint_every
     if every and step % every == 0:
-        save_checkpoint(rank, run_dir, step, extra)
+        return save_checkpoint(rank, run_dir, step, extra)
+    return None
 
 
 def finish_run(rank: Any, cfg: Any, run_dir: str | Path, last_step: int) -> None:

@@ -6,6 +6,14 @@ torch.distributed world, streams the new weights to the engines over the weight 
 ``steps.jsonl`` (one line per step) and ``consumed.jsonl`` (one line per consumed trajectory with
 its token-version range, which proves the staleness bound).
 
+Resume (``trainer.checkpoint_every > 0``): the hello carries the checkpoint's step, and after each
+checkpoint the broker is told (``Checkpointed``), so it retains every batch committed since the
+last checkpoint.  A trainer restarted from checkpoint step k gets the batches of steps k+1, ...
+again, exactly as first served (``Batch.replay``), and so trains what the killed one trained there.
+Their ``consumed.jsonl`` lines carry ``"replay": true``: the broker counted those trajectories
+consumed once, at the first commit; a replay line is the same trajectory trained again only
+because that training was lost with the killed process.
+
 Order per step (η = 0 relies on it): train -> ``Commit`` (broker counts the groups consumed) ->
 publish weights to every engine -> ``Published`` (broker opens credits for the new version).
 With ``weights.async_publish`` the publish of version v runs in a background thread
@@ -96,6 +104,7 @@ class StepRecord:
     weights_checksum: str
     engine_checksums: list[str] = field(default_factory=list)
     engine_pause_s: float = 0.0
+    replay: bool = False  # the step re-trained a batch the broker retained (see the module doc)
     stats: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -180,7 +189,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         client = TrainerClient(broker_endpoint, "trainer-0", Limits(max_message_bytes=cfg.queue.max_message_bytes), hwm=cfg.queue.socket_hwm,
                                heartbeat_interval_s=cfg.queue.heartbeat_interval_s, peer_timeout_s=cfg.queue.peer_timeout_s,
                                curve=CurveKeys.from_config(cfg.queue))
-        client.hello(version, timeout_s=cfg.run.startup_timeout_s)
+        client.hello(version, timeout_s=cfg.run.startup_timeout_s, resume_step=start_step, checkpoint_every=cfg.trainer.checkpoint_every)
         metrics.version.labels("trainer").set(version)
     steps_path = run_dir / "steps.jsonl"
     consumed_path = run_dir / "consumed.jsonl"
@@ -201,7 +210,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             tokens_trained=int(stats.get("tokens_trained", 0)), trajectories=len(stale), trajectories_dropped=batch.dropped,
             queue_depth=batch.queue_depth, wall_time_s=t3 - t_start, wait_s=ctx["wait_s"], train_s=ctx["train_s"],
             publish_s=float(pub["seconds"]), publish_bytes=int(pub["bytes"]), weights_checksum=str(pub["checksum"]), engine_checksums=checks,
-            engine_pause_s=float(pub.get("pause_s", 0.0)), stats={k: float(v) for k, v in stats.items()},
+            engine_pause_s=float(pub.get("pause_s", 0.0)), replay=batch.replay, stats={k: float(v) for k, v in stats.items()},
         )
         with steps_path.open("a") as f:
             f.write(rec.to_json() + "\n")
@@ -221,6 +230,8 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
                                          on_idle=background.poll if background is not None else None)
         batch = broadcast_batch(batch)
+        if batch.replay and is_pub:
+            log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
         t1 = time.monotonic()
         stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
         t2 = time.monotonic()
@@ -241,10 +252,13 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         del named
         if background is not None and cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
             background.wait()  # a checkpoint is taken only once its version is published and its step recorded
-        maybe_checkpoint(rank, cfg, run_dir, step, {"lease_id": batch.lease_id})
+        if maybe_checkpoint(rank, cfg, run_dir, step, {"lease_id": batch.lease_id}) is not None and client is not None:
+            client.checkpointed(step, version)  # the broker stops retaining batches of steps <= step
     if background is not None:
         background.wait()
     finish_run(rank, cfg, run_dir, max(cfg.run.steps, start_step))
+    if client is not None and cfg.trainer.checkpoint_every:
+        client.checkpointed(max(cfg.run.steps, start_step), version)  # finish_run saved the last step
     if is_pub and client is not None:
         client.close()
     log.info("trainer finished %d steps at policy version %d", cfg.run.steps, version)
@@ -255,7 +269,8 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
 
 
 def _record_consumed(path: Path, batch: Batch, step: int, trained_from: int) -> None:
-    """Append one ``consumed.jsonl`` line per trajectory of a committed batch."""
+    """Append one ``consumed.jsonl`` line per trajectory of a committed batch; ``replay`` marks a
+    batch served again after a resume (counted consumed once, at its first commit)."""
     with path.open("a") as f:
         for g in batch.groups:
             for t in g.trajectories:
@@ -264,14 +279,17 @@ def _record_consumed(path: Path, batch: Batch, step: int, trained_from: int) -> 
                     "trained_from_version": trained_from, "min_version": int(t.versions.min()),
                     "max_version": int(t.versions.max()), "num_tokens": len(t.response_tokens),
                     "prompt_id": g.prompt_id, "reward": t.reward, "masked_tokens": int((t.loss_mask == 0).sum()), "mask_spans": _mask_spans(t.loss_mask),
+                    "replay": batch.replay,
                 }) + "\n")
 
 
 def _supersede_steps(steps_path: Path, start_step: int) -> None:
     """On resume: lines of ``steps.jsonl`` after the checkpoint's step were written by a trainer that
-    died before checkpointing them; the resumed trainer re-does those steps (with new batches), so
-    they move to ``steps.superseded.jsonl`` and ``steps.jsonl`` stays one line per step.  Their
-    trajectories stay in ``consumed.jsonl``: the broker counted them consumed (exactly once)."""
+    died before checkpointing them; the resumed trainer re-does those steps (on the broker's replays
+    of the same batches when it retained them, else on new batches), so they move to
+    ``steps.superseded.jsonl`` and ``steps.jsonl`` stays one line per step.  Their trajectories stay
+    in ``consumed.jsonl``: the broker counted them consumed (exactly once); replays add lines marked
+    ``"replay": true``."""
     if not steps_path.exists():
         return
     keep, gone = [], []

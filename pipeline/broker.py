@@ -4,7 +4,8 @@ Producers connect to one socket (hello, credit requests, trajectory groups, hear
 welcomes, credits, acks, errors, version announcements and requeues back.  Trainers connect to the
 other (hello, batch requests, commits, "published" notices).  The queue semantics live in
 :class:`pipeline.queue.StalenessQueue`; this module does the I/O, validation at the boundary,
-liveness, and metrics.  Bad input never crashes it: every rejected message gets an ``Error`` reply
+liveness, metrics, and replay of retained batches to a resumed trainer (``pipeline.queue``'s module
+doc: retention and replay).  Bad input never crashes it: every rejected message gets an ``Error`` reply
 (where there is a sender) and a ``slipstream_broker_rejected_messages_total{reason}`` increment.
 
     slipstream broker --config run/config.json --ports-file run/broker.ports.json
@@ -38,6 +39,7 @@ from schemas.messages import (
     Ack,
     Batch,
     BatchRequest,
+    Checkpointed,
     Commit,
     CommitAck,
     Credit,
@@ -93,6 +95,15 @@ class BrokerMetrics:
         self.journal_bytes = Counter("slipstream_broker_journal_written_bytes_total", "Bytes appended to the queue journal.", registry=r)
         self.journal_torn = Counter("slipstream_broker_journal_torn_records_total", "Torn or corrupt journal records skipped on recovery.", registry=r)
         self.recovered = Gauge("slipstream_broker_recovered_groups", "Groups this broker recovered from the journal at start.", registry=r)
+        self.retained_groups = Gauge("slipstream_queue_retained_groups", "Committed groups kept for replay until a trainer checkpoint covers their step.", registry=r)
+        self.retained_trajectories = Gauge("slipstream_queue_retained_trajectories", "Trajectories of the retained groups (they count against the queue bound).", registry=r)
+        self.retained_bytes = Gauge("slipstream_queue_retained_bytes", "Bytes of trajectory arrays of the retained groups (they count against the queue bound).", registry=r)
+        self.replayed_groups = Counter("slipstream_queue_replayed_groups_total", "Retained groups served again to a resumed trainer and committed (not consumed twice).", registry=r)
+        self.replayed_trajectories = Counter("slipstream_queue_replayed_trajectories_total", "Trajectories of the replayed groups.", registry=r)
+        self.not_retained = Counter(
+            "slipstream_queue_not_retained_groups_total",
+            "Committed groups not retained for replay because one more batch would no longer fit beside the retained ones.", registry=r,
+        )
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
         for reason in REJECT_REASONS:
@@ -114,6 +125,8 @@ class Broker:
         self.metrics = BrokerMetrics()
         self.journal: Journal | None = None
         self.orphan_leases: dict[str, list[tuple[str, int, int]]] = {}  # issued by an earlier incarnation
+        self.orphan_lease_steps: dict[str, tuple[int, list[list[int]]]] = {}  # their steps and shards
+        self.orphan_replays: dict[str, int] = {}  # replay leases issued by an earlier incarnation -> step
         self.recovery: dict[str, int] = {}
         if journal_dir is not None:
             self._recover(journal_dir)
@@ -138,8 +151,13 @@ class Broker:
         rec = self.journal.recover()
         if rec.segments:
             version = max(rec.version, self.queue.published_version)
-            self.queue.restore(rec.groups, rec.seen, rec.stats, version)
+            self.queue.restore(rec.groups, rec.seen, rec.stats, version, list(rec.retained.values()))
             self.orphan_leases = rec.leases
+            self.orphan_lease_steps = rec.lease_steps
+            self.orphan_replays = rec.replay_leases
+            self.metrics.replayed_groups.inc(rec.stats.groups_replayed)
+            self.metrics.replayed_trajectories.inc(rec.stats.trajectories_replayed)
+            self.metrics.not_retained.inc(rec.stats.groups_not_retained)
             self.metrics.accepted.inc(rec.stats.trajectories_accepted)
             self.metrics.consumed.inc(rec.stats.trajectories_consumed)
             for reason, n in rec.stats.trajectories_dropped.items():
@@ -148,8 +166,8 @@ class Broker:
             self.metrics.recovered.set(len(rec.groups))
             log.warning(
                 "recovered from the journal (%d segments): %d unconsumed groups back in the queue, %d leases "
-                "awaiting commit, policy version %d, %d torn records skipped",
-                rec.segments, len(rec.groups), len(rec.leases), version, rec.torn_records,
+                "awaiting commit, %d committed batches retained for replay (steps %s), policy version %d, %d torn records skipped",
+                rec.segments, len(rec.groups), len(rec.leases), len(rec.retained), sorted(rec.retained), version, rec.torn_records,
             )
         self.recovery = {"segments": rec.segments, "groups": len(rec.groups), "torn_records": rec.torn_records}
         self.journal.open_segment(self.queue.stats, self.queue.seen, self.queue.published_version)
@@ -241,6 +259,13 @@ class Broker:
             self.metrics.journal_bytes.inc(self.journal.bytes_written - before)
         result = self.queue.accept(group)
         if result == "full":
+            if self.queue.retained_trajectories:
+                log.warning(
+                    "queue full: group %s refused (producer resends it later); %d of its %d trajectories (%d bytes) are "
+                    "retained batches of steps %s, held for replay until the trainer reports a checkpoint covering them",
+                    group.group_id, self.queue.retained_trajectories, self.cfg.max_queued_trajectories,
+                    self.queue.retained_bytes, list(self.queue.retained),
+                )
             self._reject("queue_full")
             await self._send(self.psock, identity, Error(code="queue_full", message="queue is at its trajectory/byte bound; resend later", seq=group.seq, epoch=group.epoch))
             return
@@ -271,9 +296,14 @@ class Broker:
             await self._send(self.tsock, identity, Error(code=e.code, message=e.message))
             return
         if isinstance(msg, Hello):
+            if msg.resume_step < -1 or msg.checkpoint_every < 0:
+                self._reject("bad_field")
+                await self._send(self.tsock, identity, Error(code="bad_field", message="hello: resume_step must be >= -1 and checkpoint_every >= 0"))
+                return
             if self.trainer is not None and msg.pid != self.trainer.pid:
                 self._trainer_replaced(msg)
             self.trainer = Peer(identity, msg.peer_id, msg.epoch, time.monotonic(), pid=msg.pid)
+            self._trainer_resumes(msg)
             if self.journal is not None and msg.policy_version > self.queue.published_version:
                 self.journal.version(msg.policy_version)
             self.queue.publish(msg.policy_version)
@@ -289,6 +319,8 @@ class Broker:
         if isinstance(msg, Heartbeat):
             return
         if isinstance(msg, BatchRequest):
+            if await self._serve_replay(identity, msg):
+                return
             again = next((lease for lease in self.queue.leases.values() if lease.step == msg.step and lease.policy_version == msg.policy_version), None)
             if again is not None:  # a resend (the trainer reconnected): same lease, not a second one
                 log.info("batch request for step %d repeated: resending lease %s", msg.step, again.lease_id)
@@ -301,6 +333,9 @@ class Broker:
             await self._try_fulfil()
         elif isinstance(msg, Commit):
             await self._on_commit(identity, msg)
+        elif isinstance(msg, Checkpointed):
+            self._release(msg.step, f"the trainer checkpointed step {msg.step}")
+            await self._grant_credits()  # retention held part of the queue bound
         elif isinstance(msg, Published):
             if self.journal is not None:
                 self.journal.version(msg.policy_version)
@@ -315,9 +350,11 @@ class Broker:
         from its checkpoint) said hello.  The old process's outstanding leases will never be committed:
         their groups go back to the front of the queue at once (counted as lease expiries; staleness
         applies again when they are next leased), and its pending batch request is forgotten.  Groups
-        the old process already committed stay consumed (exactly-once delivery: a trainer resumed from
-        an older checkpoint does not re-train on them; it re-does those steps with new batches, and
-        ``QueueStats.groups_superseded`` keeps admission control from counting them twice).  A hello
+        the old process already committed stay consumed (counted once).  When the trainer checkpoints,
+        they were retained, and the resumed trainer gets them again as replays of the same steps
+        (:meth:`_trainer_resumes`); batches that were not retained (no checkpoints, no room) leave
+        their steps to be re-done with new batches, and ``QueueStats.groups_superseded`` keeps
+        admission control from counting those twice.  A hello
         from the same process (a reconnect) keeps its leases, so a resent batch request gets the
         same lease back."""
         assert self.trainer is not None
@@ -331,34 +368,137 @@ class Broker:
         )
         self._update_gauges()
 
+    # ----------------------------------------------------------------- replay (trainer resume)
+    def _trainer_resumes(self, hello: Hello) -> None:
+        """Apply a trainer hello's retention settings. ``checkpoint_every > 0`` turns retention on
+        (0: nothing is retained, and anything still retained is released: no checkpoint will ever
+        need it). ``resume_step = k >= 0`` (the first hello of a process): the checkpoint covers
+        steps <= k, so they are released; steps k+1, ... still retained will be replayed, in order,
+        as the trainer asks for them, before any new data."""
+        self.queue.retain = hello.checkpoint_every > 0
+        if not self.queue.retain:
+            if self.queue.retained:
+                self._release(max(self.queue.retained), "the trainer does not checkpoint (checkpoint_every = 0)")
+            return
+        if hello.checkpoint_every * self.cfg.groups_per_step * self.group_size > self.cfg.max_queued_trajectories:
+            log.warning(
+                "trainer.checkpoint_every = %d steps of %d trajectories exceed queue.max_queued_trajectories = %d: batches "
+                "that no longer fit are not retained (slipstream_queue_not_retained_groups_total); a trainer resumed "
+                "past them re-does those steps with new data", hello.checkpoint_every,
+                self.cfg.groups_per_step * self.group_size, self.cfg.max_queued_trajectories,
+            )
+        if hello.resume_step < 0:
+            return
+        self._release(hello.resume_step, f"the trainer resumes from its checkpoint of step {hello.resume_step}")
+        later = list(self.queue.retained)
+        if later:
+            expected = list(range(hello.resume_step + 1, hello.resume_step + 1 + len(later)))
+            log.warning("trainer resumes from step %d: the retained batches of steps %s (%d groups) will be replayed before any new data%s",
+                        hello.resume_step, later, sum(len(r.groups) for r in self.queue.retained.values()),
+                        "" if later == expected else f" (steps {sorted(set(expected) - set(later))} are not retained: re-done with new data)")
+
+    def _release(self, upto_step: int, why: str) -> None:
+        released = self.queue.release(upto_step)
+        if not released:
+            return
+        if self.journal is not None:
+            self.journal.released(released)
+        log.info("released the retained batches of steps %s (%d groups): %s", [r.step for r in released], sum(len(r.groups) for r in released), why)
+        self._update_gauges()
+
+    def _will_retain(self, step: int, groups: list[TrajectoryGroup]) -> bool:
+        """Whether committing ``groups`` (step ``step``) keeps them for replay; counts and says why not."""
+        if not self.queue.retain:
+            return False
+        if self.queue.will_retain(groups):
+            return True
+        self.metrics.not_retained.inc(len(groups))
+        log.warning(
+            "step %d's batch is not retained for replay: %d retained trajectories (%d bytes, steps %s) plus twice this batch "
+            "exceed queue.max_queued_trajectories = %d / max_queued_bytes = %d; if the trainer dies before its next "
+            "checkpoint, this step is re-done with new data", step, self.queue.retained_trajectories, self.queue.retained_bytes,
+            list(self.queue.retained), self.cfg.max_queued_trajectories, self.cfg.max_queued_bytes,
+        )
+        return False
+
+    async def _serve_replay(self, identity: bytes, req: BatchRequest) -> bool:
+        """Serve the retained batch of ``req.step`` again (True), exactly as first served. No
+        staleness check: the step that first consumed it accepted it (see ``pipeline.queue``)."""
+        fresh = not any(lease.step == req.step for lease in self.queue.replay_leases.values())
+        lease = self.queue.replay_batch(req.step, req.dp_size)
+        if lease is None:
+            return False
+        if fresh:
+            if self.journal is not None:  # so its commit can still be matched after a broker restart
+                self.journal.leased(lease.lease_id, lease.groups, lease.step, lease.shards, replay=True)
+            log.warning("replaying step %d to the resumed trainer: %d groups first committed on lease %s (%s)",
+                        req.step, len(lease.groups), self.queue.retained[req.step].lease_id or "an earlier broker", lease.lease_id)
+        await self._send(self.tsock, identity, Batch(
+            step=req.step, lease_id=lease.lease_id, groups=lease.groups, shards=lease.shards,
+            dropped=sum(self.queue.stats.trajectories_dropped.values()), queue_depth=len(self.queue.groups), replay=True,
+        ))
+        self.pending = None
+        return True
+
+    async def _commit_replay(self, identity: bytes, msg: Commit) -> bool:
+        """The commit of a replayed batch (True): counted as replayed, never consumed again."""
+        if msg.lease_id in self.queue.replay_leases:
+            lease = self.queue.commit_replay(msg.lease_id)
+            n_groups, n_traj = len(lease.groups), sum(len(g.trajectories) for g in lease.groups)
+        elif msg.lease_id in self.orphan_replays:  # issued before a broker restart
+            step = self.orphan_replays.pop(msg.lease_id)
+            r = self.queue.retained.get(step)
+            n_groups, n_traj = (len(r.groups), r.trajectories) if r is not None else (0, 0)
+            self.queue.count_replayed(n_groups, n_traj)
+        else:
+            return False
+        if self.journal is not None:
+            self.journal.replayed(msg.lease_id, msg.step, msg.policy_version, n_groups, n_traj)
+        self.metrics.replayed_groups.inc(n_groups)
+        self.metrics.replayed_trajectories.inc(n_traj)
+        self.queue.committed_version = max(self.queue.committed_version, msg.policy_version)
+        log.info("replayed step %d committed (%d groups, policy version %d): not counted consumed again", msg.step, n_groups, msg.policy_version)
+        self._update_gauges()
+        await self._send(self.tsock, identity, CommitAck(lease_id=msg.lease_id, policy_version=msg.policy_version))
+        return True
+
     async def _on_commit(self, identity: bytes, msg: Commit) -> None:
         """Count a lease's groups consumed, durably, then ack. After a broker restart the trainer may
         commit a lease the previous incarnation issued: its groups were recovered into the queue, so
         they are removed from it and consumed (never trained twice); a commit the journal already
         holds (its ack was lost in the crash) is acked again without counting anything twice."""
         groups = None
+        if await self._commit_replay(identity, msg):
+            return
         if msg.lease_id in self.queue.leases:
-            groups = self.queue.leases[msg.lease_id].groups
+            lease = self.queue.leases[msg.lease_id]
+            groups = lease.groups
+            retain = self._will_retain(lease.step, groups)
             if self.journal is not None:
-                self.journal.consumed(msg.lease_id, groups, msg.policy_version)
+                self.journal.consumed(msg.lease_id, groups, msg.policy_version, lease.step, lease.shards, retain)
             self.queue.commit(msg.lease_id, msg.policy_version)
         elif self.journal is not None and msg.lease_id in self.journal.commits:
             log.info("commit of %s was already journaled (its ack was lost): acknowledging again", msg.lease_id)
             groups = []
         elif msg.lease_id in self.orphan_leases:
-            groups = self.queue.consume_queued(self.orphan_leases[msg.lease_id], msg.policy_version)
+            step, shards = self.orphan_lease_steps.get(msg.lease_id, (-1, []))
+            keys = self.orphan_leases[msg.lease_id]
+            found = [g for g in self.queue.groups if g.dedup_key in set(keys)]
+            retain = step >= 0 and len(found) == len(keys) and self._will_retain(step, found)
+            groups = self.queue.consume_queued(keys, msg.policy_version, step, shards)
             if groups is not None:
                 del self.orphan_leases[msg.lease_id]
+                self.orphan_lease_steps.pop(msg.lease_id, None)
                 if self.journal is not None:
-                    self.journal.consumed(msg.lease_id, groups, msg.policy_version)
+                    self.journal.consumed(msg.lease_id, groups, msg.policy_version, step, shards, retain)
                 log.warning("commit of %s, leased before the broker restarted: its %d recovered groups are consumed", msg.lease_id, len(groups))
         if groups is None:
             self._reject("bad_field")
             await self._send(self.tsock, identity, Error(code="bad_field", message=f"unknown or expired lease {msg.lease_id!r}"))
             return
         self.metrics.consumed.inc(sum(len(g.trajectories) for g in groups))
+        self._update_gauges()  # before the ack: what a trainer sees acked, /metrics already shows
         await self._send(self.tsock, identity, CommitAck(lease_id=msg.lease_id, policy_version=msg.policy_version))
-        self._update_gauges()
 
     async def _announce(self) -> None:
         v = self.queue.published_version
@@ -424,6 +564,9 @@ class Broker:
         m.in_flight.set(q.in_flight_groups)
         m.capacity.set(q.capacity(self.group_size))
         m.leased.set(q.leased_groups)
+        m.retained_groups.set(sum(len(r.groups) for r in q.retained.values()))
+        m.retained_trajectories.set(q.retained_trajectories)
+        m.retained_bytes.set(q.retained_bytes)
         m.producers_alive.set(len(self.producers))
 
     async def _housekeeping(self) -> None:
@@ -505,6 +648,12 @@ class Broker:
             "trajectories_still_queued": q.queued_trajectories + sum(len(g.trajectories) for lease in q.leases.values() for g in lease.groups),
             "leases_expired": s.leases_expired,
             "groups_superseded": s.groups_superseded,
+            # Retained batches are consumed (committed) and counted there; replays are not consumed again.
+            "trajectories_retained": q.retained_trajectories,
+            "retained_steps": list(q.retained),
+            "trajectories_replayed": s.trajectories_replayed,
+            "groups_replayed": s.groups_replayed,
+            "groups_not_retained": s.groups_not_retained,
             "rejected_messages": {k: int(v) for k, v in _counter_values(self.metrics.rejected).items() if v},
             "policy_version": q.published_version,
             "journal": {**self.recovery, "segments_deleted": self.journal.segments_deleted} if self.journal else None,

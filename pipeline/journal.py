@@ -8,7 +8,14 @@ Kinds: ``checkpoint`` (first record of every segment: queue counters, the dedup 
 published version and recent commits, as of the end of the previous segment), ``accepted`` (the
 group's encoded wire frames, byte for byte), ``leased`` (lease id -> group keys, written before the
 batch is sent), ``consumed`` (a lease's commit: lease id, group keys and sizes, new version),
-``dropped`` (reason, group keys and sizes) and ``version`` (a published policy version).
+``dropped`` (reason, group keys and sizes), ``version`` (a published policy version),
+``released`` (steps whose retained batches a trainer checkpoint now covers) and ``replayed`` (the
+commit of a retained batch served again to a resumed trainer).
+
+Replay retention: a ``consumed`` record with ``retain`` keeps its groups (step, lease order, DP
+shards) as a retained batch until a ``released`` record names its step, so a restarted broker can
+still replay them.  Their segments stay live (never compacted) until then; ``leased`` records carry
+the step and shards, so a commit of a lease issued before a broker restart is retained too.
 
 **Why.** The broker acks a group only after its ``accepted`` record is written (and fsynced, per
 ``queue.journal_fsync``), so an acked trajectory survives a broker crash. A restarted broker
@@ -45,7 +52,7 @@ from typing import Any
 
 import msgpack
 
-from pipeline.queue import DROP_REASONS, QueueStats, SeenSeqs
+from pipeline.queue import DROP_REASONS, QueueStats, Retained, SeenSeqs
 from schemas.codec import decode
 from schemas.messages import TrajectoryGroup
 from schemas.validate import Limits, WireError
@@ -54,7 +61,7 @@ log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 31
-KINDS = {"checkpoint": 0, "accepted": 1, "leased": 2, "consumed": 3, "dropped": 4, "version": 5}
+KINDS = {"checkpoint": 0, "accepted": 1, "leased": 2, "consumed": 3, "dropped": 4, "version": 5, "released": 6, "replayed": 7}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 RECENT_COMMITS = 64  # commit lease ids remembered for idempotent re-commits after a restart
 
@@ -129,6 +136,9 @@ class Recovered:
     segments: int = 0
     last_segment: int = 0
     live: dict[Key, int] = field(default_factory=dict)  # key -> number of the segment that accepted it
+    retained: dict[int, Retained] = field(default_factory=dict)  # step -> committed batch kept for replay
+    lease_steps: dict[str, tuple[int, list[list[int]]]] = field(default_factory=dict)  # uncommitted lease -> (step, shards)
+    replay_leases: dict[str, int] = field(default_factory=dict)  # replay lease issued, not committed -> step
 
 
 def _stats_payload(stats: QueueStats) -> dict[str, Any]:
@@ -136,13 +146,15 @@ def _stats_payload(stats: QueueStats) -> dict[str, Any]:
         "groups_accepted": stats.groups_accepted, "trajectories_accepted": stats.trajectories_accepted,
         "groups_consumed": stats.groups_consumed, "trajectories_consumed": stats.trajectories_consumed,
         "groups_dropped": dict(stats.groups_dropped), "trajectories_dropped": dict(stats.trajectories_dropped),
-        "groups_superseded": stats.groups_superseded,
+        "groups_superseded": stats.groups_superseded, "groups_replayed": stats.groups_replayed,
+        "trajectories_replayed": stats.trajectories_replayed, "groups_not_retained": stats.groups_not_retained,
     }
 
 
 def _stats_from(p: dict[str, Any]) -> QueueStats:
     s = QueueStats()
-    for k in ("groups_accepted", "trajectories_accepted", "groups_consumed", "trajectories_consumed", "groups_superseded"):
+    for k in ("groups_accepted", "trajectories_accepted", "groups_consumed", "trajectories_consumed", "groups_superseded",
+              "groups_replayed", "trajectories_replayed", "groups_not_retained"):
         setattr(s, k, int(p.get(k, 0)))
     for k in ("groups_dropped", "trajectories_dropped"):
         getattr(s, k).update({r: int(v) for r, v in p.get(k, {}).items()})
@@ -187,13 +199,31 @@ def replay(directory: Path, truncate_torn_tail: bool = True) -> Recovered:
                 rec.stats.groups_accepted += 1
                 rec.stats.trajectories_accepted += len(group.trajectories)
             elif kind == "leased":
+                if p.get("replay"):
+                    rec.replay_leases[str(p["lease_id"])] = int(p["step"])
+                    continue
                 rec.leases[str(p["lease_id"])] = [_key(k) for k in p["keys"]]
+                if "step" in p:
+                    rec.lease_steps[str(p["lease_id"])] = (int(p["step"]), p.get("shards") or [])
+            elif kind == "replayed":
+                rec.replay_leases.pop(str(p["lease_id"]), None)
+                rec.commits[str(p["lease_id"])] = int(p["version"])
+                rec.stats.groups_replayed += int(p["groups"])
+                rec.stats.trajectories_replayed += int(p["trajectories"])
+            elif kind == "released":
+                for step in p["steps"]:
+                    r = rec.retained.pop(int(step), None)
+                    for g in r.groups if r is not None else []:
+                        rec.live.pop(g.dedup_key, None)
             elif kind in ("consumed", "dropped"):
                 redo = kind == "consumed" and int(p["version"]) <= committed
+                retain = kind == "consumed" and bool(p.get("retain"))
+                kept: list[TrajectoryGroup | None] = []
                 for k, n in p["groups"]:
                     key = _key(k)
-                    pending.pop(key, None)
-                    rec.live.pop(key, None)
+                    kept.append(pending.pop(key, None))
+                    if not retain:
+                        rec.live.pop(key, None)
                     if kind == "consumed":
                         rec.stats.groups_consumed += 1
                         rec.stats.trajectories_consumed += int(n)
@@ -201,8 +231,11 @@ def replay(directory: Path, truncate_torn_tail: bool = True) -> Recovered:
                     else:
                         rec.stats.groups_dropped[p["reason"]] += 1
                         rec.stats.trajectories_dropped[p["reason"]] += int(n)
+                if retain:
+                    _recover_retained(rec, p, kept, path.name)
                 if kind == "consumed":
                     rec.leases.pop(str(p["lease_id"]), None)
+                    rec.lease_steps.pop(str(p["lease_id"]), None)
                     rec.commits[str(p["lease_id"])] = int(p["version"])  # not published yet: no version change
                     committed = max(committed, int(p["version"]))
             elif kind == "version":
@@ -212,6 +245,22 @@ def replay(directory: Path, truncate_torn_tail: bool = True) -> Recovered:
         rec.commits.pop(next(iter(rec.commits)))
     rec.groups = list(pending.values())
     return rec
+
+
+def _recover_retained(rec: Recovered, p: dict[str, Any], groups: list[TrajectoryGroup | None], segment: str) -> None:
+    """A replayed ``consumed`` record with ``retain``: rebuild its retained batch (its groups, in
+    lease order, were just taken out of the pending queue)."""
+    step = int(p["step"])
+    if any(g is None for g in groups):  # cannot happen unless records were lost (torn): cannot replay exactly
+        log.warning("journal %s: retained batch of step %d lacks some of its groups; it will not be replayed", segment, step)
+        for k, _ in p["groups"]:
+            rec.live.pop(_key(k), None)
+        return
+    old = rec.retained.pop(step, None)
+    for g in old.groups if old is not None else []:
+        rec.live.pop(g.dedup_key, None)
+    rec.retained[step] = Retained(step, str(p["lease_id"]), int(p["version"]), [g for g in groups if g is not None],
+                                  [list(map(int, s)) for s in p.get("shards", [])])
 
 
 class Journal:
@@ -284,14 +333,35 @@ class Journal:
         self.live[group.dedup_key] = self.segment
         self.seg_live[self.segment] += 1
 
-    def leased(self, lease_id: str, groups: list[TrajectoryGroup]) -> None:
-        self._append("leased", {"lease_id": lease_id, "keys": [list(g.dedup_key) for g in groups]})
+    def leased(self, lease_id: str, groups: list[TrajectoryGroup], step: int = -1, shards: list[list[int]] | None = None,
+               replay: bool = False) -> None:
+        self._append("leased", {"lease_id": lease_id, "keys": [list(g.dedup_key) for g in groups], "step": step,
+                                "shards": shards or [], "replay": replay})
 
-    def consumed(self, lease_id: str, groups: list[TrajectoryGroup], version: int) -> None:
-        self._append("consumed", {"lease_id": lease_id, "version": version, "groups": self._resolve(groups)})
+    def consumed(self, lease_id: str, groups: list[TrajectoryGroup], version: int, step: int = -1,
+                 shards: list[list[int]] | None = None, retain: bool = False) -> None:
+        """A commit. With ``retain`` the groups stay live (their segments are not compacted) until
+        :meth:`released` names ``step``."""
+        resolved = [[list(g.dedup_key), len(g.trajectories)] for g in groups] if retain else self._resolve(groups)
+        self._append("consumed", {"lease_id": lease_id, "version": version, "groups": resolved, "step": step,
+                                  "shards": shards or [], "retain": retain})
+        self._remember_commit(lease_id, version)
+
+    def _remember_commit(self, lease_id: str, version: int) -> None:
         self.commits[lease_id] = version
         while len(self.commits) > RECENT_COMMITS:
             self.commits.pop(next(iter(self.commits)))
+
+    def released(self, batches: list[Retained]) -> None:
+        """Retained batches a trainer checkpoint covers: their groups stop holding segments."""
+        if batches:
+            self._append("released", {"steps": [r.step for r in batches]})
+            for r in batches:
+                self._resolve(r.groups)
+
+    def replayed(self, lease_id: str, step: int, version: int, groups: int, trajectories: int) -> None:
+        self._append("replayed", {"lease_id": lease_id, "step": step, "version": version, "groups": groups, "trajectories": trajectories})
+        self._remember_commit(lease_id, version)
 
     def dropped(self, reason: str, groups: list[TrajectoryGroup]) -> None:
         assert reason in DROP_REASONS, reason
@@ -318,7 +388,8 @@ class Journal:
         self.compact()
 
     def compact(self) -> int:
-        """Delete the oldest segments while every group they accepted is consumed or dropped."""
+        """Delete the oldest segments while every group they accepted is consumed or dropped (and
+        not retained for replay)."""
         deleted = 0
         for path in segment_paths(self.directory):
             seg_no = int(path.stem.split("-")[1])

@@ -10,7 +10,8 @@ child fails for good (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (ex
 
 A crashed broker or producer is restarted, up to ``run.max_restarts`` times per process, after
 ``run.restart_backoff_s`` (doubling per restart); so is a crashed trainer (any exit but 0 and 2)
-when ``trainer.checkpoint_every > 0``, with ``trainer.resume_from = "latest"``.  The broker comes back on the ports (and metrics
+when ``trainer.checkpoint_every > 0``, with ``trainer.resume_from = "latest"``; the broker then
+replays the batches the dead trainer committed after that checkpoint (``pipeline/queue.py``).  The broker comes back on the ports (and metrics
 port) it first bound and recovers its queue from RUN_DIR/journal; producers and the trainer
 reconnect on their own.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
 and ``summary.json`` counts restarts per role.
@@ -295,6 +296,10 @@ class Launcher:
                 "dropped": dropped,
                 "duplicates_rejected_groups": broker.get("groups_duplicate"),
                 "still_queued": broker.get("trajectories_still_queued"),
+                # Part of "consumed" (committed), kept for replay until a checkpoint covers their step:
+                "retained": broker.get("trajectories_retained", 0),
+                # Retained trajectories served again to a resumed trainer: not counted consumed again.
+                "replayed": broker.get("trajectories_replayed", 0),
             },
             "rejected_messages": broker.get("rejected_messages", {}),
             "restarts": {role: self.restarts_by_role[role] for role in ("broker", "engine", "producer", "trainer")},

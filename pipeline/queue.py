@@ -15,6 +15,20 @@ Semantics (DESIGN §3, §5):
 - **Leases.** A batch is leased until committed; an expired or abandoned lease returns its groups
   to the front of the queue, where the staleness check applies again.
 - **Token-balanced sharding** across data-parallel ranks (greedy: largest group to the lightest rank).
+- **Retention for replay** (trainer resume, GitHub issue 5). While the trainer checkpoints
+  (``retain``: its hello says ``checkpoint_every > 0``), each committed batch is kept, with its
+  groups in order, its DP shards and its step, until the trainer reports a checkpoint at a step >=
+  it (:meth:`release`).  A trainer restarted from checkpoint step ``k`` asks for steps ``k+1, ...``
+  again; :meth:`replay_batch` serves each retained one exactly as first served, before any new
+  data.  Staleness is *not* re-checked for a replay: the step that first consumed the batch
+  accepted it, and the resumed trainer re-does that step from the same checkpointed weights.  A
+  replay's commit counts nothing consumed again (``groups_replayed`` instead).  With
+  ``checkpoint_every = 0`` nothing is retained: today's behaviour, a killed trainer is not resumed.
+  Retained groups count against ``max_trajectories``/``max_bytes`` (fewer credits, and new groups
+  are refused as ``full`` at the bound), but a batch is retained only while one more batch of the
+  same size still fits beside it: otherwise the trainer could never reach its next checkpoint
+  (deadlock).  A batch that does not fit is not retained, counted (``groups_not_retained``) and
+  logged by the broker; its step, if lost, is re-done with new data as before.
 """
 
 from __future__ import annotations
@@ -76,6 +90,27 @@ class Lease:
     policy_version: int
     groups: list[TrajectoryGroup]
     issued_at: float
+    shards: list[list[int]] = field(default_factory=list)
+    replay: bool = False  # serves a retained batch again (see Retained)
+
+
+@dataclass
+class Retained:
+    """A committed batch kept for replay until a checkpoint at a step >= ``step`` covers it."""
+
+    step: int
+    lease_id: str  # the lease that first consumed it
+    policy_version: int  # the version its commit produced
+    groups: list[TrajectoryGroup]
+    shards: list[list[int]]
+
+    @property
+    def trajectories(self) -> int:
+        return sum(len(g.trajectories) for g in self.groups)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.nbytes for g in self.groups)
 
 
 @dataclass
@@ -95,6 +130,11 @@ class QueueStats:
     #: committed (a trainer resumed from a checkpoint older than its last commit). They count as
     #: consumed in the account, but not again in admission control: the version did not advance.
     groups_superseded: int = 0
+    #: commits of replayed batches (retained batches served again to a resumed trainer): not consumed again
+    groups_replayed: int = 0
+    trajectories_replayed: int = 0
+    #: committed groups that were not retained for replay because retention would leave no room for a step
+    groups_not_retained: int = 0
 
 
 @dataclass
@@ -132,6 +172,11 @@ class StalenessQueue:
         self.stats = QueueStats()
         self.queued_trajectories = 0
         self.queued_bytes = 0
+        self.retain = False  # set from the trainer's hello: checkpoint_every > 0
+        self.retained: dict[int, Retained] = {}  # step -> batch, in step order
+        self.replay_leases: dict[str, Lease] = {}
+        self.retained_trajectories = 0
+        self.retained_bytes = 0
 
     @property
     def seen(self) -> SeenSeqs:
@@ -151,7 +196,7 @@ class StalenessQueue:
         budget = (self.max_staleness + self.published_version + 1) * self.groups_per_step
         used = self.stats.groups_consumed - self.stats.groups_superseded + len(self.groups) + self.leased_groups + self.in_flight_groups
         # The trajectory bound: groups queued or in flight must fit.
-        traj_room = self.max_trajectories - self.queued_trajectories - self.in_flight_groups * group_size
+        traj_room = self.max_trajectories - self.queued_trajectories - self.retained_trajectories - self.in_flight_groups * group_size
         return max(0, min(budget - used, traj_room // max(group_size, 1)))
 
     def grant(self, producer_id: str, want: int, group_size: int) -> int:
@@ -170,7 +215,8 @@ class StalenessQueue:
         if group.dedup_key in self._seen:
             return "duplicate"
         n, nbytes = len(group.trajectories), group.nbytes
-        if self.queued_trajectories + n > self.max_trajectories or self.queued_bytes + nbytes > self.max_bytes:
+        if (self.queued_trajectories + self.retained_trajectories + n > self.max_trajectories
+                or self.queued_bytes + self.retained_bytes + nbytes > self.max_bytes):
             return "full"
         return "accepted"
 
@@ -247,9 +293,10 @@ class StalenessQueue:
         staleness = [version - t.min_version for g in groups for t in g.trajectories]
         if max(staleness) > self.max_staleness:  # remove_stale must have run: this is an invariant
             raise AssertionError(f"staleness {max(staleness)} > bound {self.max_staleness}")
-        lease = Lease(f"{self.lease_prefix}-{next(self._lease_ids)}", step, version, groups, time.monotonic())
+        shards = shard_by_tokens(groups, dp_size)
+        lease = Lease(f"{self.lease_prefix}-{next(self._lease_ids)}", step, version, groups, time.monotonic(), shards)
         self.leases[lease.lease_id] = lease
-        return BatchResult(lease=lease, shards=shard_by_tokens(groups, dp_size), stale=[], staleness=staleness)
+        return BatchResult(lease=lease, shards=shards, stale=[], staleness=staleness)
 
     def _count_consumed(self, groups: list[TrajectoryGroup], new_version: int) -> None:
         self.stats.groups_consumed += len(groups)
@@ -259,26 +306,98 @@ class StalenessQueue:
         self.committed_version = max(self.committed_version, new_version)
 
     def commit(self, lease_id: str, new_version: int) -> Lease:
+        """Count a (non-replay) lease's groups consumed; keep them for replay when retaining
+        (:meth:`will_retain` says beforehand whether they fit)."""
         lease = self.leases.pop(lease_id)
         self._count_consumed(lease.groups, new_version)
+        self._retain(lease.step, lease.lease_id, new_version, lease.groups, lease.shards)
         return lease
 
-    def consume_queued(self, keys: list[tuple[str, int, int]], new_version: int) -> list[TrajectoryGroup] | None:
+    def consume_queued(self, keys: list[tuple[str, int, int]], new_version: int, step: int = -1,
+                       shards: list[list[int]] | None = None) -> list[TrajectoryGroup] | None:
         """Commit of a lease an earlier broker incarnation issued (recovered from the journal, so its
-        groups are back in the queue): remove exactly those groups and count them consumed.
-        Returns None (and changes nothing) unless every one of them is queued."""
+        groups are back in the queue): remove exactly those groups and count them consumed (and
+        retain them for replay like any commit). Returns None (and changes nothing) unless every one
+        of them is queued."""
         wanted = set(keys)
-        found = [g for g in self.groups if g.dedup_key in wanted]
-        if len(found) != len(wanted):
+        by_key = {g.dedup_key: g for g in self.groups if g.dedup_key in wanted}
+        if len(by_key) != len(wanted):
             return None
+        found = [by_key[k] for k in keys]  # lease order, so a replay serves them as first served
         self.groups = collections.deque(g for g in self.groups if g.dedup_key not in wanted)
         for g in found:
             self.queued_trajectories -= len(g.trajectories)
             self.queued_bytes -= g.nbytes
         self._count_consumed(found, new_version)
+        if step >= 0:
+            self._retain(step, "", new_version, found, shards or [list(range(len(found)))])
         return found
 
-    def restore(self, groups: list[TrajectoryGroup], seen: SeenSeqs, stats: QueueStats, version: int) -> None:
+    # ------------------------------------------------------------------ retention and replay
+    def will_retain(self, groups: list[TrajectoryGroup]) -> bool:
+        """Whether a commit of ``groups`` now keeps them for replay: retaining, and one more batch
+        of the same size still fits beside everything retained (see the module doc)."""
+        if not self.retain:
+            return False
+        n, nbytes = sum(len(g.trajectories) for g in groups), sum(g.nbytes for g in groups)
+        return (self.retained_trajectories + 2 * n <= self.max_trajectories
+                and self.retained_bytes + 2 * nbytes <= self.max_bytes)
+
+    def _retain(self, step: int, lease_id: str, version: int, groups: list[TrajectoryGroup], shards: list[list[int]]) -> Retained | None:
+        if not self.retain:
+            return None
+        if not self.will_retain(groups):
+            self.stats.groups_not_retained += len(groups)
+            return None
+        if step in self.retained:  # a step committed twice without a replay (should not happen): keep the newest
+            self.release_steps([step])
+        r = Retained(step, lease_id, version, list(groups), [list(s) for s in shards])
+        self.retained[step] = r
+        self.retained = dict(sorted(self.retained.items()))
+        self.retained_trajectories += r.trajectories
+        self.retained_bytes += r.nbytes
+        return r
+
+    def release_steps(self, steps: list[int]) -> list[Retained]:
+        out = [self.retained.pop(s) for s in steps if s in self.retained]
+        for r in out:
+            self.retained_trajectories -= r.trajectories
+            self.retained_bytes -= r.nbytes
+        return out
+
+    def release(self, upto_step: int) -> list[Retained]:
+        """A checkpoint of ``upto_step`` exists: stop retaining every batch of a step <= it."""
+        return self.release_steps([s for s in self.retained if s <= upto_step])
+
+    def replay_batch(self, step: int, dp_size: int) -> Lease | None:
+        """The retained batch of ``step`` on a new replay lease (None if none is retained). Same
+        groups in the same order and the same shards as first served; if the trainer's DP size
+        changed, the groups are sharded again for it. No staleness check (see the module doc)."""
+        r = self.retained.get(step)
+        if r is None:
+            return None
+        for lease in self.replay_leases.values():
+            if lease.step == step:  # a resent request: the same replay lease
+                return lease
+        shards = r.shards if len(r.shards) == dp_size else shard_by_tokens(r.groups, dp_size)
+        lease = Lease(f"{self.lease_prefix}-replay-{next(self._lease_ids)}", step, r.policy_version - 1, list(r.groups),
+                      time.monotonic(), shards, replay=True)
+        self.replay_leases[lease.lease_id] = lease
+        return lease
+
+    def commit_replay(self, lease_id: str) -> Lease:
+        """A replayed step committed: counted as replayed, never consumed again. The batch stays
+        retained until a checkpoint covers its step (the resumed trainer may die again)."""
+        lease = self.replay_leases.pop(lease_id)
+        self.count_replayed(len(lease.groups), sum(len(g.trajectories) for g in lease.groups))
+        return lease
+
+    def count_replayed(self, groups: int, trajectories: int) -> None:
+        self.stats.groups_replayed += groups
+        self.stats.trajectories_replayed += trajectories
+
+    def restore(self, groups: list[TrajectoryGroup], seen: SeenSeqs, stats: QueueStats, version: int,
+                retained: list[Retained] | None = None) -> None:
         """Load the state a journal replay rebuilt (broker restart). Every admission counter stays
         derived: from these groups, the stats and the trainer's version (never a stored budget)."""
         self.groups = collections.deque(groups)
@@ -287,8 +406,12 @@ class StalenessQueue:
         self._seen = seen
         self.stats = stats
         self.leases.clear()
+        self.replay_leases.clear()
         self.in_flight.clear()
         self.published_version = self.committed_version = version
+        self.retained = {r.step: r for r in sorted(retained or [], key=lambda r: r.step)}
+        self.retained_trajectories = sum(r.trajectories for r in self.retained.values())
+        self.retained_bytes = sum(r.nbytes for r in self.retained.values())
 
     def publish(self, version: int) -> None:
         self.published_version = max(self.published_version, version)
@@ -296,7 +419,9 @@ class StalenessQueue:
 
     def return_all_leases(self) -> list[Lease]:
         """A new trainer process said hello: the old one's outstanding leases will never be committed.
-        Their groups go back to the front of the queue at once (staleness applies again)."""
+        Their groups go back to the front of the queue at once (staleness applies again).  Replay
+        leases are just forgotten: their groups stay retained and are served again on request."""
+        self.replay_leases.clear()
         return [self.return_lease(lease_id) for lease_id in list(self.leases)]
 
     def expire_leases(self, timeout_s: float, now: float | None = None) -> list[Lease]:
@@ -304,6 +429,8 @@ class StalenessQueue:
         expired = [lease for lease in self.leases.values() if now - lease.issued_at > timeout_s]
         for lease in expired:
             self.return_lease(lease.lease_id)
+        for lease_id in [k for k, lease in self.replay_leases.items() if now - lease.issued_at > timeout_s]:
+            del self.replay_leases[lease_id]  # still retained: served again on request
         return expired
 
     def return_lease(self, lease_id: str) -> Lease:

@@ -25,6 +25,7 @@ from schemas.codec import decode, encode
 from schemas.messages import (
     Batch,
     BatchRequest,
+    Checkpointed,
     Commit,
     CommitAck,
     Error,
@@ -171,6 +172,8 @@ class TrainerClient:
         self._last_broker_msg = time.monotonic()
         self._last_rehello = 0.0
         self._published_version = 0
+        self._checkpoint_every = 0
+        self._checkpointed: Checkpointed | None = None
         self.reconnects = 0
 
     def close(self) -> None:
@@ -192,7 +195,11 @@ class TrainerClient:
         self._last_rehello = now
         self.reconnects += 1
         log.warning("%s: saying hello again at policy version %d, then resending the request for %s", why, self._published_version, what)
-        self.send(Hello(role="trainer", peer_id=self.peer_id, epoch=int(time.time()), pid=os.getpid(), policy_version=self._published_version))
+        # resume_step -1: this process keeps its training, nothing to release or replay.
+        self.send(Hello(role="trainer", peer_id=self.peer_id, epoch=int(time.time()), pid=os.getpid(), policy_version=self._published_version,
+                        resume_step=-1, checkpoint_every=self._checkpoint_every))
+        if self._checkpointed is not None:  # the notice may have been lost with the old broker
+            self.send(self._checkpointed)
         if resend is not None:
             resend()
         self._last_broker_msg = now
@@ -241,9 +248,15 @@ class TrainerClient:
             if not isinstance(msg, Heartbeat):
                 log.debug("ignoring %s while waiting for %s", type(msg).__name__, what)
 
-    def hello(self, policy_version: int, timeout_s: float) -> Welcome:
+    def hello(self, policy_version: int, timeout_s: float, resume_step: int = 0, checkpoint_every: int = 0) -> Welcome:
+        """Register. ``resume_step``: the step of the checkpoint this process starts from (0: a fresh
+        start); the broker replays the batches it retained for later steps. ``checkpoint_every``
+        (``trainer.checkpoint_every``) > 0 makes the broker retain committed batches until
+        :meth:`checkpointed` covers them."""
         self._published_version = policy_version
-        self.send(Hello(role="trainer", peer_id=self.peer_id, epoch=int(time.time()), pid=os.getpid(), policy_version=policy_version))
+        self._checkpoint_every = checkpoint_every
+        self.send(Hello(role="trainer", peer_id=self.peer_id, epoch=int(time.time()), pid=os.getpid(), policy_version=policy_version,
+                        resume_step=resume_step, checkpoint_every=checkpoint_every))
         return self._wait_for(Welcome, "the welcome reply to hello", timeout_s)
 
     def _request(self, msg: Any, want: type, what: str, timeout_s: float, on_idle: Callable[[], Any] | None = None,
@@ -264,3 +277,9 @@ class TrainerClient:
     def published(self, policy_version: int) -> None:
         self._published_version = policy_version
         self.send(Published(policy_version=policy_version))
+
+    def checkpointed(self, step: int, policy_version: int) -> None:
+        """A checkpoint of ``step`` is complete: the broker may release the batches of steps <= it
+        (no reply; resent after a reconnect, and a later notice or resume covers a lost one)."""
+        self._checkpointed = Checkpointed(step=step, policy_version=policy_version)
+        self.send(self._checkpointed)

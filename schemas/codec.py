@@ -27,6 +27,7 @@ from schemas.messages import (
     ARRAY_DTYPES,
     CONTROL_TYPES,
     SCHEMA_VERSION,
+    SUPPORTED_SCHEMA_VERSIONS,
     Batch,
     Message,
     Trajectory,
@@ -97,6 +98,7 @@ def encode(msg: Message) -> list[Any]:
             "shards": msg.shards,
             "dropped": msg.dropped,
             "queue_depth": msg.queue_depth,
+            "replay": msg.replay,
             "groups": groups,
         }
         return [_pack(header), *frames]
@@ -204,8 +206,8 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
     if not isinstance(header, dict):
         raise WireError("malformed", f"header must be a map, got {type(header).__name__}")
     sv = header.get("schema_version")
-    if sv != SCHEMA_VERSION:
-        raise WireError("schema_version", f"schema_version {sv!r} is not supported (this peer speaks {SCHEMA_VERSION})")
+    if isinstance(sv, bool) or sv not in SUPPORTED_SCHEMA_VERSIONS:
+        raise WireError("schema_version", f"schema_version {sv!r} is not supported (this peer speaks {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
     mtype = header.get("type")
     if mtype == "group":
         return _decode_group(header, frames[1:], limits, "group")
@@ -226,19 +228,25 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
             shards=_need(header, "shards", list, "batch"),
             dropped=_need(header, "dropped", int, "batch"),
             queue_depth=_need(header, "queue_depth", int, "batch"),
+            replay=_need(header, "replay", bool, "batch") if sv >= 2 else _refuse_newer(header, "replay", sv, "batch", False),
         )
     cls = CONTROL_TYPES.get(mtype) if isinstance(mtype, str) else None
     if cls is None:
         raise WireError("unknown_type", f"unknown message type {mtype!r}")
     if len(frames) != 1:
         raise WireError("frame_count", f"'{mtype}' carries no array frames, got {len(frames) - 1}")
+    if sv < getattr(cls, "SINCE", 1):
+        raise WireError("schema_version", f"'{mtype}' exists since schema_version {cls.SINCE}; this message says {sv}")
     names = {f.name: f for f in dataclasses.fields(cls)}
+    since = getattr(cls, "FIELD_SINCE", {})
     kwargs = {}
     for key, value in header.items():
         if key in ("schema_version", "type"):
             continue
         if key not in names:
             raise WireError("bad_field", f"{mtype}: unknown field '{key}'")
+        if since.get(key, 1) > sv:
+            raise WireError("bad_field", f"{mtype}: field '{key}' exists since schema_version {since[key]}; this message says {sv}")
         kwargs[key] = value
     try:
         msg = cls(**kwargs)
@@ -246,6 +254,13 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
         raise WireError("bad_field", f"{mtype}: {e}") from None
     _check_control_types(msg)
     return msg
+
+
+def _refuse_newer(header: dict[str, Any], key: str, sv: int, where: str, default: Any) -> Any:
+    """A field a message of schema version ``sv`` may not carry (added later): refuse it if present."""
+    if key in header:
+        raise WireError("bad_field", f"{where}: field '{key}' does not exist in schema_version {sv}")
+    return default
 
 
 _FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}

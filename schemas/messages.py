@@ -20,7 +20,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions this peer decodes.  Version 2 added trainer replay (``Hello.resume_step`` and
+#: ``Hello.checkpoint_every``, ``Batch.replay``, the ``checkpointed`` message); a version-1 message
+#: may not use them (:mod:`schemas.codec` refuses it), and a version-1 peer refuses version-2
+#: messages with a ``schema_version`` error instead of misreading them.  Version 1 stays readable
+#: so that a journal written before the upgrade can still be recovered.
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 
 # The dtype of each per-trajectory array on the wire (little-endian, fixed).
 ARRAY_DTYPES: dict[str, np.dtype] = {
@@ -110,11 +116,19 @@ class Hello:
     """First message of every peer. The broker answers :class:`Welcome` or :class:`Error`."""
 
     TYPE: ClassVar[str] = "hello"
+    FIELD_SINCE: ClassVar[dict[str, int]] = {"resume_step": 2, "checkpoint_every": 2}
     role: str  # "producer" | "trainer"
     peer_id: str
     epoch: int = 0
     pid: int = 0
     policy_version: int = 0  # trainers: the version their weights are at (resume-aware)
+    #: trainers, first hello of a process: the step of the checkpoint it started from (0 = a fresh
+    #: start). The broker releases the retained batches of steps <= it and replays the later ones.
+    #: -1: a reconnect of a running process (after a broker restart): nothing to release or replay.
+    resume_step: int = -1
+    #: trainers: ``trainer.checkpoint_every``; > 0 makes the broker retain each committed batch
+    #: until a :class:`Checkpointed` step covers it (0: nothing is retained, nothing replayed).
+    checkpoint_every: int = 0
 
 
 @dataclass
@@ -215,6 +229,9 @@ class Batch:
     shards: list[list[int]]
     dropped: int = 0  # groups dropped or requeued for staleness while forming this batch
     queue_depth: int = 0  # groups still queued after this batch was taken
+    #: True: the batch this step consumed before the trainer was restarted from an older checkpoint,
+    #: served again (same groups, same order, same shards); its commit counts nothing consumed.
+    replay: bool = False
 
 
 @dataclass
@@ -239,6 +256,17 @@ class Published:
 
 
 @dataclass
+class Checkpointed:
+    """Trainer -> broker: a checkpoint of ``step`` is complete (``checkpoints/latest`` names it).
+    The broker stops retaining the batches of steps <= ``step`` for replay."""
+
+    TYPE: ClassVar[str] = "checkpointed"
+    SINCE: ClassVar[int] = 2
+    step: int
+    policy_version: int
+
+
+@dataclass
 class CommitAck:
     TYPE: ClassVar[str] = "commit_ack"
     lease_id: str
@@ -257,7 +285,7 @@ CONTROL_TYPES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Heartbeat, CreditRequest, Credit, Ack, Error, VersionAnnouncement, Requeue,
-        BatchRequest, Commit, Published, CommitAck, Shutdown,
+        BatchRequest, Commit, Published, CommitAck, Shutdown, Checkpointed,
     )
 }
 DATA_TYPES: dict[str, type] = {TrajectoryGroup.TYPE: TrajectoryGroup, Batch.TYPE: Batch}

@@ -224,3 +224,110 @@ def test_a_new_trainer_process_gets_the_dead_ones_leased_groups_back_at_once(bro
     m = scrape(broker["metrics"])
     assert m["slipstream_broker_lease_expiries_total"] == 1
     assert m["slipstream_broker_trajectories_consumed_total"] == 6
+
+
+def test_retained_batches_are_replayed_to_a_resumed_trainer_across_a_broker_restart(tmp_path: Path) -> None:
+    """A trainer checkpointing every 2 steps commits steps 1-3 and reports its checkpoint of step 2;
+    the broker is SIGKILLed and restarted (recovering the retained batch of step 3 from its journal);
+    a new trainer process resumed from step 2 gets step 3 again, same groups and shards, marked as a
+    replay; the broker dies again before that replay's commit, which the next incarnation still
+    matches (once); step 3 is not consumed twice, and step 4 gets new data."""
+    import os
+    import signal
+    import subprocess
+
+    from schemas.messages import Checkpointed
+    from tests.helpers import env
+
+    cfg = broker_config(tmp_path, """
+max_staleness = 10
+groups_per_step = 2
+heartbeat_interval_s = 0.2
+peer_timeout_s = 5.0
+max_message_bytes = 65536
+""")
+    run_dir = tmp_path / "run"
+    log = (tmp_path / "broker.log").open("ab")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*extra: str) -> dict:
+        (run_dir / "ports" / "broker.json").unlink(missing_ok=True)
+        procs.append(subprocess.Popen(slipstream("broker", "--config", str(cfg), "--run-dir", str(run_dir), *extra),
+                                      stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True))
+        return wait_json(run_dir / "ports" / "broker.json", proc=procs[-1])
+
+    try:
+        ports = start()
+        p = Peer(f"tcp://127.0.0.1:{ports['producer_port']}")
+        p.send(Hello(role="producer", peer_id="producer-0", epoch=7))
+        p.recv(Welcome)
+        for seq in range(10):
+            p.send(make_group(seq=seq, resp=1 + seq))
+            assert p.recv(Ack).seq == seq
+        old = Peer(f"tcp://127.0.0.1:{ports['trainer_port']}")
+        old.send(Hello(role="trainer", peer_id="trainer-0", pid=1000, resume_step=0, checkpoint_every=2))
+        old.recv(Welcome)
+        served = {}
+        for step in (1, 2, 3):
+            old.send(BatchRequest(step=step, policy_version=step - 1, num_groups=2, dp_size=2))
+            b = old.recv(Batch)
+            assert not b.replay
+            served[step] = ([g.group_id for g in b.groups], b.shards)
+            old.send(Commit(lease_id=b.lease_id, step=step, policy_version=step))
+            old.recv(CommitAck)
+            old.send(Published(policy_version=step))
+            if step == 2:
+                old.send(Checkpointed(step=2, policy_version=2))
+        time.sleep(0.3)
+        m = scrape(f"http://127.0.0.1:{ports['metrics_port']}/metrics")
+        assert m["slipstream_queue_retained_groups"] == 2, "steps 1 and 2 released by the checkpoint, step 3 retained"
+
+        os.kill(procs[-1].pid, signal.SIGKILL)  # the broker dies; so does the trainer, before checkpointing step 3
+        procs[-1].wait(timeout=10)
+        ports = start("--set", f"queue.producer_port={ports['producer_port']}", "--set", f"queue.trainer_port={ports['trainer_port']}")
+        new = Peer(f"tcp://127.0.0.1:{ports['trainer_port']}")
+        new.send(Hello(role="trainer", peer_id="trainer-0", pid=1001, policy_version=2, resume_step=2, checkpoint_every=2))
+        new.recv(Welcome)
+        new.send(BatchRequest(step=3, policy_version=2, num_groups=2, dp_size=2))
+        replay = new.recv(Batch)
+        assert replay.replay and ([g.group_id for g in replay.groups], replay.shards) == served[3]
+        os.kill(procs[-1].pid, signal.SIGKILL)  # the broker dies again, before the replay's commit
+        procs[-1].wait(timeout=10)
+        ports = start("--set", f"queue.producer_port={ports['producer_port']}", "--set", f"queue.trainer_port={ports['trainer_port']}")
+        new.send(Commit(lease_id=replay.lease_id, step=3, policy_version=3))
+        assert new.recv(Error).code == "not_registered"
+        new.send(Hello(role="trainer", peer_id="trainer-0", pid=1001, policy_version=2, resume_step=-1, checkpoint_every=2))  # a reconnect
+        new.recv(Welcome)
+        new.send(Commit(lease_id=replay.lease_id, step=3, policy_version=3))  # a replay lease of the previous incarnation
+        new.recv(CommitAck)
+        new.send(Commit(lease_id=replay.lease_id, step=3, policy_version=3))  # repeated (ack lost): idempotent
+        new.recv(CommitAck)
+        new.send(BatchRequest(step=4, policy_version=3, num_groups=2, dp_size=2))
+        fresh = new.recv(Batch)
+        assert not fresh.replay and [g.seq for g in fresh.groups] == [6, 7]
+        new.send(Commit(lease_id=fresh.lease_id, step=4, policy_version=4))
+        new.recv(CommitAck)
+
+        m = scrape(f"http://127.0.0.1:{ports['metrics_port']}/metrics")
+        assert m["slipstream_queue_replayed_groups_total"] == 2
+        assert m["slipstream_queue_replayed_trajectories_total"] == 6
+        assert m["slipstream_broker_trajectories_consumed_total"] == 8 * 3, "the replay is not consumed twice"
+        assert m["slipstream_queue_retained_groups"] == 4  # steps 3 and 4, until a checkpoint covers them
+        assert m["slipstream_queue_retained_trajectories"] == 12
+        assert (tmp_path / "broker.log").read_text().count("1 committed batches retained for replay (steps [3])") == 2
+        # A trainer that does not checkpoint: nothing can be replayed any more, everything is released.
+        new.send(Hello(role="trainer", peer_id="trainer-0", pid=1001, policy_version=4, checkpoint_every=0))
+        new.recv(Welcome)
+        time.sleep(0.3)
+        assert scrape(f"http://127.0.0.1:{ports['metrics_port']}/metrics")["slipstream_queue_retained_groups"] == 0
+        procs[-1].terminate()
+        procs[-1].wait(timeout=10)
+        stats = json.loads((run_dir / "stats" / "broker.json").read_text())
+        assert (stats["trajectories_accepted"], stats["trajectories_consumed"], stats["trajectories_still_queued"]) == (30, 24, 6)
+        assert (stats["trajectories_replayed"], stats["trajectories_retained"]) == (6, 0)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()

@@ -7,8 +7,9 @@ broker's journal, replayed offline); no id reaches the trainer twice; the summar
 counts the restart.
 
 Killing the trainer needs trainer checkpoints (``trainer.checkpoint_every``): the launcher restarts it
-with ``trainer.resume_from = "latest"``; batches committed after its checkpoint stay consumed (not
-trained again), the resumed trainer re-does those steps with new batches.
+with ``trainer.resume_from = "latest"``; batches committed after its checkpoint stay consumed
+(counted once) and the broker, which retained them, replays them to the resumed trainer at the same
+steps (``consumed.jsonl`` lines with ``"replay": true``): it trains what the killed trainer trained.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from pipeline.journal import replay, scan
 from tests.helpers import REPO, env, slipstream
 
 TINY = REPO / "examples" / "tiny" / "config.toml"
+#: The replayed step's loss against the killed trainer's at that step (fixed seed, CPU, one thread):
+#: same weights, optimizer state, RNG and batch, so it should be bit-identical; this allows for
+#: nothing but float32 rounding.
+LOSS_TOLERANCE = 1e-6
 
 
 def _start(tmp_path: Path, steps: int, *sets: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -41,13 +46,13 @@ def _start(tmp_path: Path, steps: int, *sets: str) -> tuple[subprocess.Popen[byt
     return proc, run_dir
 
 
-def _wait_steps(proc: subprocess.Popen[bytes], run_dir: Path, n: int, tmp_path: Path, timeout_s: float = 120) -> None:
+def _wait_steps(proc: subprocess.Popen[bytes], run_dir: Path, n: int, tmp_path: Path, timeout_s: float = 120, poll_s: float = 0.2) -> None:
     deadline = time.monotonic() + timeout_s
     path = run_dir / "steps.jsonl"
     while not (path.exists() and len(path.read_text().splitlines()) >= n):
         assert proc.poll() is None, _logs(tmp_path)
         assert time.monotonic() < deadline, f"the run did not reach step {n} in {timeout_s}s\n{_logs(tmp_path)}"
-        time.sleep(0.2)
+        time.sleep(poll_s)
 
 
 def _logs(tmp_path: Path) -> str:
@@ -80,9 +85,14 @@ def _audit(run_dir: Path) -> dict:
         for line in path.read_text().splitlines():
             a = json.loads(line)
             acked[(path.stem, a["epoch"], a["seq"])] = a["trajectory_ids"]
-    consumed = [json.loads(line)["trajectory_id"] for line in (run_dir / "consumed.jsonl").read_text().splitlines()]
-    assert len(consumed) == len(set(consumed)), "a trajectory reached the trainer twice"
+    lines = [json.loads(line) for line in (run_dir / "consumed.jsonl").read_text().splitlines()]
+    consumed = [c["trajectory_id"] for c in lines if not c.get("replay")]
+    assert len(consumed) == len(set(consumed)), "a trajectory reached the trainer twice (outside a replay)"
     assert len(consumed) == t["consumed"], (len(consumed), t)
+    replayed = [c for c in lines if c.get("replay")]
+    assert len(replayed) == t.get("replayed", 0), (len(replayed), t)
+    first_step = {c["trajectory_id"]: c["step"] for c in lines if not c.get("replay")}
+    assert all(first_step.get(c["trajectory_id"]) == c["step"] for c in replayed), "a replay trained a trajectory at another step"
     state = replay(run_dir / "journal", truncate_torn_tail=False)
     queued = {tid.trajectory_id for g in state.groups for tid in g.trajectories}
     assert len(queued) == t["still_queued"], (len(queued), t)
@@ -144,13 +154,14 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_trainer_sigkill_resumes_from_checkpoint(tmp_path: Path) -> None:
-    """Checkpoints every 2 steps, SIGKILL the trainer just after step 5 is recorded (mid step 6):
-    step 5 (and maybe 6) was committed after the checkpoint of step 4.  Those batches stay consumed
-    (exactly once; not trained again), the resumed trainer re-does the steps with new batches."""
+    """Checkpoints every 3 steps, SIGKILL the trainer just after step 4 is recorded (mid step 5):
+    step 4 (and maybe 5) was committed after the checkpoint of step 3.  Those batches stay consumed
+    (counted once); the broker retained them and replays them to the resumed trainer, which trains
+    exactly the same trajectories at those steps, in the same order, with the same loss."""
     steps, gps, group_size = 10, 8, 8
-    proc, run_dir = _start(tmp_path, steps, "trainer.checkpoint_every=2")
+    proc, run_dir = _start(tmp_path, steps, "trainer.checkpoint_every=3")
     try:
-        _wait_steps(proc, run_dir, 5, tmp_path)
+        _wait_steps(proc, run_dir, 4, tmp_path, poll_s=0.02)
         old = _pid(run_dir, "trainer")
         _kill_and_wait_restart(run_dir, "trainer")
         assert proc.wait(timeout=180) == 0, _logs(tmp_path)
@@ -166,16 +177,33 @@ def test_trainer_sigkill_resumes_from_checkpoint(tmp_path: Path) -> None:
     assert [r["policy_version"] for r in records] == list(range(1, steps + 1)), "the policy version continues from the checkpoint"
     log = (run_dir / "logs" / "trainer.log").read_text()
     resumed = int(re.search(r"resumed from \S+: step (\d+)", log).group(1))  # type: ignore[union-attr]
-    assert resumed in (4, 6), log[-2000:]
-    # Steps committed after the checkpoint were done twice: by the dead trainer and the resumed one.
-    per_step = collections.Counter(json.loads(line)["step"] for line in (run_dir / "consumed.jsonl").read_text().splitlines())
-    redone = sorted(s for s, n in per_step.items() if n == 2 * gps * group_size)
-    assert all(n in (gps * group_size, 2 * gps * group_size) for n in per_step.values()), per_step
-    assert all(s > resumed for s in redone), (resumed, redone)
-    assert summary["trajectories"]["consumed"] == (steps + len(redone)) * gps * group_size
-    superseded = run_dir / "steps.superseded.jsonl"
-    if superseded.exists():  # the dead trainer's lines for steps after its checkpoint
-        assert all(json.loads(line)["step"] > resumed for line in superseded.read_text().splitlines())
+    assert resumed == 3, f"killed after step 4, the trainer should resume from the checkpoint of step 3\n{log[-2000:]}"
+    # The steps committed after the checkpoint were trained twice on the same trajectories: by the
+    # dead trainer, then by the resumed one on the broker's replay.  Nothing else was consumed.
+    lines = [json.loads(line) for line in (run_dir / "consumed.jsonl").read_text().splitlines()]
+    first = collections.defaultdict(list)
+    again = collections.defaultdict(list)
+    for c in lines:
+        (again if c["replay"] else first)[c["step"]].append(c["trajectory_id"])
+    assert sorted(first) == list(range(1, steps + 1)) and all(len(ids) == gps * group_size for ids in first.values()), \
+        {s: len(ids) for s, ids in first.items()}
+    assert sorted(again) in ([4], [4, 5]), sorted(again)
+    for s, ids in again.items():
+        assert ids == first[s], f"step {s}: the replay trained other trajectories (or another order) than the killed trainer"
+    assert summary["trajectories"]["consumed"] == steps * gps * group_size, "zero lost, zero counted twice"
+    assert summary["trajectories"]["replayed"] == sum(len(ids) for ids in again.values())
+    assert summary["trajectories"]["retained"] == 0, "the final checkpoint released every retained batch"
+    # The dead trainer's step lines after its checkpoint moved aside; the replayed step trained the
+    # same batch from the same checkpointed weights, optimizer and RNG: the same loss.
+    superseded = {r["step"]: r for r in map(json.loads, (run_dir / "steps.superseded.jsonl").read_text().splitlines())}
+    assert 4 in superseded and all(s > resumed for s in superseded), sorted(superseded)
+    redone = {r["step"]: r for r in records if r["step"] in superseded}
+    for s, before in superseded.items():
+        after = redone[s]
+        assert after["replay"] is True and before["replay"] is False
+        assert (after["reward_mean"], after["tokens_trained"]) == (before["reward_mean"], before["tokens_trained"])
+    assert abs(redone[4]["loss"] - superseded[4]["loss"]) <= LOSS_TOLERANCE, (redone[4]["loss"], superseded[4]["loss"])
+    assert "replaying step 4 to the resumed trainer" in (run_dir / "logs" / "broker.log").read_text()
     processes = json.loads((run_dir / "processes.json").read_text())
     trainer = next(p for p in processes if p["name"] == "trainer")
     assert 'trainer.resume_from="latest"' in trainer["cmd"]

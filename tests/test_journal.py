@@ -253,3 +253,74 @@ def test_trainer_client_survives_broker_restarts(tmp_path: Path) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+
+
+def _commit(q: StalenessQueue, j: Journal, step: int, version: int, n: int = 2, dp: int = 2) -> list:
+    res = q.take_batch(step=step, version=version, num_groups=n, dp_size=dp)
+    lease = res.lease
+    j.leased(lease.lease_id, lease.groups, step, lease.shards)
+    retain = q.will_retain(lease.groups)
+    j.consumed(lease.lease_id, lease.groups, version + 1, step, lease.shards, retain)
+    q.commit(lease.lease_id, version + 1)
+    j.maybe_rotate(q.stats, q.seen, q.published_version)
+    return lease.groups
+
+
+def test_retained_batches_survive_replay_and_hold_their_segments_until_released(tmp_path: Path) -> None:
+    """Committed batches kept for replay come back from the journal (groups in lease order, shards,
+    step); the segments holding them are not compacted until a checkpoint releases them."""
+    q, j = _journaled_queue(tmp_path, segment_bytes=1500)
+    q.retain, q.max_staleness = True, 100
+    for seq in range(12):
+        _accept(q, j, make_group(seq=seq, n=1 + seq % 3))
+    for step in (1, 2, 3):
+        _commit(q, j, step, step - 1)
+    released = q.release(1)  # a checkpoint of step 1
+    j.released(released)
+    for step in (4, 5, 6):  # more traffic: rotation and compaction run
+        _commit(q, j, step, step - 1)
+    released = q.release(4)
+    j.released(released)
+    j.maybe_rotate(q.stats, q.seen, q.published_version)
+    j.close()
+    assert j.segments_deleted >= 1
+
+    rec = replay(tmp_path)
+    assert sorted(rec.retained) == [5, 6]
+    assert [[g.dedup_key for g in rec.retained[s].groups] for s in (5, 6)] == [[g.dedup_key for g in q.retained[s].groups] for s in (5, 6)]
+    assert [rec.retained[s].shards for s in (5, 6)] == [q.retained[s].shards for s in (5, 6)]
+    assert rec.groups == [] and rec.stats.groups_consumed == 12
+    # The oldest live segment holds step 5's groups: everything before it may go, nothing after it.
+    oldest = min(int(p.stem.split("-")[1]) for p in segment_paths(tmp_path))
+    assert oldest <= min(rec.live.values()), "a segment with retained groups was compacted away"
+    assert {k for r in rec.retained.values() for k in (g.dedup_key for g in r.groups)} == set(rec.live)
+
+    # Released by a later checkpoint: the journal lets the segments go.
+    j2 = Journal(tmp_path, segment_bytes=1500, fsync="never")
+    rec2 = j2.recover()
+    q2 = StalenessQueue(max_staleness=1, groups_per_step=2, max_trajectories=1000, max_bytes=1 << 30)
+    q2.restore(rec2.groups, rec2.seen, rec2.stats, rec2.version, list(rec2.retained.values()))
+    j2.open_segment(q2.stats, q2.seen, q2.published_version)
+    j2.released(q2.release(6))
+    j2.maybe_rotate(q2.stats, q2.seen, q2.published_version)
+    j2.close()
+    assert len(segment_paths(tmp_path)) == 1 and replay(tmp_path).retained == {}
+
+
+def test_replay_commits_and_replay_leases_are_journaled(tmp_path: Path) -> None:
+    q, j = _journaled_queue(tmp_path, segment_bytes=1 << 20)
+    q.retain = True
+    for seq in range(4):
+        _accept(q, j, make_group(seq=seq))
+    _commit(q, j, 1, 0)
+    lease = q.replay_batch(1, 2)
+    assert lease is not None
+    j.leased(lease.lease_id, lease.groups, 1, lease.shards, replay=True)
+    pending = replay(tmp_path)
+    assert pending.replay_leases == {lease.lease_id: 1} and lease.lease_id not in pending.leases
+    q.commit_replay(lease.lease_id)
+    j.replayed(lease.lease_id, 1, 1, len(lease.groups), 6)
+    j.close()
+    rec = replay(tmp_path)
+    assert rec.replay_leases == {} and rec.commits[lease.lease_id] == 1
+    assert (rec.stats.groups_replayed, rec.stats.trajectories_replayed, rec.stats.groups_consumed) == (2, 6, 2)

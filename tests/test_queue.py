@@ -170,3 +170,126 @@ def test_return_all_leases_puts_groups_back_in_order() -> None:
     assert [lease.lease_id for lease in q.return_all_leases()] == [a.lease.lease_id, b.lease.lease_id]
     assert sorted(g.seq for g in q.groups) == [0, 1, 2] and not q.leases
     assert q.stats.leases_expired == 2 and q.queued_trajectories == 6
+
+
+# ---------------------------------------------------------------- retention and replay (trainer resume)
+
+
+def _step(q: StalenessQueue, step: int, version: int, n: int = 1, dp: int = 1) -> list[str]:
+    res = q.take_batch(step, version, n, dp)
+    q.commit(res.lease.lease_id, version + 1)
+    return [g.group_id for g in res.lease.groups]
+
+
+def test_committed_batches_are_retained_until_a_checkpoint_covers_them_and_replayed_as_first_served() -> None:
+    q = StalenessQueue(max_staleness=4, groups_per_step=2, max_trajectories=1000, max_bytes=10**9)
+    q.retain = True
+    for s in range(8):
+        q.accept(group(s, 0, length=1 + s))  # different sizes: the shards are not trivial
+    first = {}
+    for step in (1, 2, 3):
+        res = q.take_batch(step, step - 1, 2, 2)
+        first[step] = ([g.group_id for g in res.lease.groups], res.shards)
+        q.commit(res.lease.lease_id, step)
+    assert list(q.retained) == [1, 2, 3] and q.retained_trajectories == 12
+    assert [r.step for r in q.release(2)] == [1, 2]  # the trainer checkpointed step 2
+    assert list(q.retained) == [3] and q.retained_trajectories == 4
+    consumed = q.stats.trajectories_consumed
+    # The trainer dies and resumes from step 2: step 3 is served again exactly as first served.
+    q.return_all_leases()
+    lease = q.replay_batch(3, dp_size=2)
+    assert lease is not None and lease.replay
+    assert ([g.group_id for g in lease.groups], lease.shards) == first[3]
+    assert q.replay_batch(3, dp_size=2) is lease  # a resent request gets the same replay lease
+    assert q.replay_batch(4, dp_size=2) is None  # step 4 was never committed: new data
+    q.commit_replay(lease.lease_id)
+    assert q.stats.trajectories_consumed == consumed, "a replay is not consumed twice"
+    assert (q.stats.groups_replayed, q.stats.trajectories_replayed) == (2, 4)
+    assert list(q.retained) == [3], "still retained until a checkpoint covers step 3 (the trainer may die again)"
+    assert [g.seq for g in q.groups] == [6, 7], "replays never touch the queue"
+
+
+def test_nothing_is_retained_without_checkpoints() -> None:
+    q = StalenessQueue(max_staleness=4, groups_per_step=1, max_trajectories=1000, max_bytes=10**9)
+    for s in range(2):
+        q.accept(group(s, 0))
+    _step(q, 1, 0)
+    assert q.retained == {} and q.retained_trajectories == 0 and q.replay_batch(1, 1) is None
+
+
+def test_retained_groups_count_against_the_bound_and_never_starve_the_next_step() -> None:
+    """Retention shrinks credits and makes admission answer 'full'; a batch is retained only while
+    one more batch of its size fits beside the retained ones (else the trainer could never reach its
+    next checkpoint), and one that does not fit is counted."""
+    q = StalenessQueue(max_staleness=10, groups_per_step=1, max_trajectories=8, max_bytes=10**9)  # 4 groups of 2
+    q.retain = True
+    for step in (1, 2, 3, 4):
+        assert q.accept(group(step, 0)) == "accepted"
+        _step(q, step, 0)
+    # Retained: steps 1..3 (6 trajectories: 6 + 2 x 2 > 8 stops step 4 from being retained).
+    assert list(q.retained) == [1, 2, 3] and q.stats.groups_not_retained == 1
+    assert q.capacity(group_size=2) == 1, "only one group (the next step) fits beside the retained ones"
+    assert q.accept(group(100, 0)) == "accepted"
+    assert q.accept(group(101, 0)) == "full", "retained + queued at the bound: new data is refused"
+    assert q.stats.groups_rejected_full == 1
+    q.release(3)
+    assert q.capacity(group_size=2) == 3 and q.accept(group(101, 0)) == "accepted"
+
+
+def test_a_dead_trainers_replay_lease_is_forgotten_not_requeued() -> None:
+    q = StalenessQueue(max_staleness=4, groups_per_step=1, max_trajectories=100, max_bytes=10**9)
+    q.retain = True
+    q.accept(group(0, 0))
+    _step(q, 1, 0)
+    lease = q.replay_batch(1, 1)
+    assert lease is not None
+    q.return_all_leases()  # that trainer died too
+    assert not q.replay_leases and not q.groups and list(q.retained) == [1]
+    assert q.stats.leases_expired == 0
+    assert q.replay_batch(1, 1) is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    every=st.integers(1, 3),
+    ops=st.lists(st.sampled_from(["produce", "train", "train", "kill"]), min_size=5, max_size=80),
+)
+def test_random_kills_replay_the_same_batches_and_always_balance(every: int, ops: list[str]) -> None:
+    """A trainer checkpointing every ``every`` steps and killed at random resumes from its last
+    checkpoint: every re-done step gets exactly the groups and shards it first trained, each group
+    is consumed once, and accepted = consumed + dropped + queued (+ leased) at every point."""
+    q = StalenessQueue(max_staleness=100, groups_per_step=2, max_trajectories=100_000, max_bytes=10**12)
+    q.retain = True
+    seq, step, ckpt = 0, 0, 0
+    trained: dict[int, tuple[list[tuple], list[list[int]]]] = {}
+    consumed: list[tuple] = []
+    for op in ops:
+        if op == "produce":
+            for _ in range(3):
+                q.accept(group(seq, 0, length=1 + seq % 5))
+                seq += 1
+        elif op == "kill":
+            q.return_all_leases()
+            step = ckpt
+            q.release(ckpt)  # the resumed trainer's hello
+        else:
+            lease = q.replay_batch(step + 1, 2)
+            if lease is not None:
+                assert ([g.dedup_key for g in lease.groups], lease.shards) == trained[step + 1]
+                q.commit_replay(lease.lease_id)
+            elif q.ready(2):
+                res = q.take_batch(step + 1, step, 2, 2)
+                trained[step + 1] = ([g.dedup_key for g in res.lease.groups], res.shards)
+                consumed += trained[step + 1][0]
+                q.commit(res.lease.lease_id, step + 1)
+            else:
+                continue
+            step += 1
+            if step % every == 0:
+                ckpt = step
+                q.release(ckpt)
+        s = q.stats
+        assert len(consumed) == len(set(consumed)) == s.groups_consumed
+        assert s.trajectories_accepted == s.trajectories_consumed + sum(s.trajectories_dropped.values()) + q.queued_trajectories + sum(
+            len(g.trajectories) for lease in q.leases.values() for g in lease.groups)
+        assert all(st_ > ckpt for st_ in q.retained)

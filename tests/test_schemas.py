@@ -161,3 +161,41 @@ def test_control_message_with_unknown_field_or_wrong_type_refused() -> None:
 def test_encode_refuses_unknown_types() -> None:
     with pytest.raises(TypeError, match="refusing"):
         encode({"type": "group"})
+
+
+def test_schema_v2_replay_fields_round_trip_and_v1_stays_readable() -> None:
+    """Version 2 added trainer replay: Hello.resume_step/checkpoint_every, Batch.replay and the
+    'checkpointed' message. Version-1 messages (e.g. a journal written before the upgrade) still
+    decode, with the defaults; a version-1 message may not carry the version-2 additions."""
+    from schemas.messages import SUPPORTED_SCHEMA_VERSIONS, Checkpointed
+
+    assert SCHEMA_VERSION == 2 and SUPPORTED_SCHEMA_VERSIONS == (1, 2)
+    hello = Hello("trainer", "trainer-0", 1, 2, 3, resume_step=4, checkpoint_every=2)
+    assert decode(encode(hello)) == hello
+    assert decode(encode(Checkpointed(step=4, policy_version=4))) == Checkpointed(4, 4)
+    b = Batch(step=4, lease_id="l-replay-1", groups=[make_group()], shards=[[0]], replay=True)
+    assert decode([bytes(f) for f in encode(b)]).replay is True
+
+    def as_v1(frames: list, **drop: bool) -> list:
+        header = msgpack.unpackb(bytes(frames[0]))
+        header["schema_version"] = 1
+        for key in drop:
+            header.pop(key, None)
+        return [msgpack.packb(header), *map(bytes, frames[1:])]
+
+    old_hello = decode(as_v1(encode(Hello("trainer", "t")), resume_step=True, checkpoint_every=True))
+    assert (old_hello.resume_step, old_hello.checkpoint_every) == (-1, 0)
+    assert decode(as_v1(encode(b), replay=True)).replay is False
+    assert decode(as_v1(encode(make_group()))).seq == 0  # journaled v1 groups stay readable
+    for frames, code in (
+        (as_v1(encode(hello)), "bad_field"),  # v2 fields in a v1 hello
+        (as_v1(encode(b)), "bad_field"),  # Batch.replay in a v1 batch
+        (as_v1(encode(Checkpointed(step=1, policy_version=1))), "schema_version"),  # a v2 type
+        ([msgpack.packb({"schema_version": True, "type": "heartbeat"})], "schema_version"),
+    ):
+        with pytest.raises(WireError) as e:
+            decode(frames)
+        assert e.value.code == code
+    with pytest.raises(WireError) as e:
+        decode([msgpack.packb({"schema_version": 2, "type": "checkpointed", "step": "4", "policy_version": 4})])
+    assert e.value.code == "bad_field"
