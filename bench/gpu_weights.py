@@ -217,6 +217,29 @@ def main() -> None:
             }
             result["publish_vs_raw"][key] = result["publish"][key]["GBps_best"] / result["raw_nccl_broadcast"][key]["GBps_best"]
             save()
+        # The trainer's default path (weights.async_publish): the step's weights are copied into a
+        # persistent WeightSnapshot (one flat buffer, so buckets go out without a flatten copy) and
+        # published from it.  The snapshot copy runs on the trainer's step, so it is timed apart.
+        from consumers.publish_async import WeightSnapshot
+
+        snapshot = WeightSnapshot()
+        pub.bucket_bytes = args.bucket_mb[0] << 20
+        snap_times, times = [], []
+        for _ in range(args.reps + 1):
+            version += 1
+            t0 = time.perf_counter()
+            snap = snapshot.take(named)  # ends with a device synchronize
+            t1 = time.perf_counter()
+            pub.publish(snap, version, checksum=False)
+            snap_times.append(t1 - t0)
+            times.append(time.perf_counter() - t1)
+        times, snap_times = times[1:], snap_times[1:]
+        raw = result["raw_nccl_broadcast"][f"{args.bucket_mb[0]}MiB"]["GBps_best"]
+        result["publish_from_snapshot"] = {
+            "bucket": f"{args.bucket_mb[0]}MiB", "seconds": times, "GBps_best": nbytes / min(times) / 1e9,
+            "vs_raw": nbytes / min(times) / 1e9 / raw, "snapshot_seconds": snap_times,
+        }
+        save()
         pub.bucket_bytes = max(args.bucket_mb) << 20
 
         gen = "slipstream_engine_generated_tokens_total"

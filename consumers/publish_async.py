@@ -36,24 +36,45 @@ OnDone = Callable[[int, dict[str, Any], Any], None]
 
 
 class WeightSnapshot:
-    """Persistent copies of the published tensors: the first :meth:`take` allocates one buffer per
-    name (on the tensor's device), later calls copy into them in place."""
+    """Persistent copies of the published tensors.  The first :meth:`take` allocates one flat
+    ``uint8`` buffer per device holding every tensor back to back in the dict's order (the same
+    layout as a flattened bucket), later calls copy into it in place.  Because consecutive
+    tensors are adjacent in memory, the publisher broadcasts straight from the snapshot without
+    flattening (:func:`pipeline.weightsync.contiguous_span`)."""
 
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor] = {}
+        self._flat: dict[torch.device, torch.Tensor] = {}
+        self._layout: list[tuple[str, torch.Size, torch.dtype, torch.device]] = []
+
+    def _allocate(self, named: Mapping[str, torch.Tensor]) -> None:
+        self._layout = [(n, t.shape, t.dtype, t.device) for n, t in named.items()]
+        self._bufs, self._flat = {}, {}  # free the old buffers first
+        sizes: dict[torch.device, int] = {}
+        for _, shape, dtype, device in self._layout:
+            sizes[device] = sizes.get(device, 0) + shape.numel() * dtype.itemsize
+        self._flat = {d: torch.empty(n, dtype=torch.uint8, device=d) for d, n in sizes.items()}
+        offsets = dict.fromkeys(sizes, 0)
+        for name, shape, dtype, device in self._layout:
+            n = shape.numel() * dtype.itemsize
+            off = offsets[device]
+            if off % dtype.itemsize:  # not aligned for a view of this dtype: a buffer of its own
+                self._bufs[name] = torch.empty(shape, dtype=dtype, device=device)
+            else:
+                self._bufs[name] = self._flat[device][off : off + n].view(dtype).view(shape)
+            offsets[device] = off + n
 
     def take(self, named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        layout = [(n, t.shape, t.dtype, t.device) for n, t in named.items()]
+        if layout != self._layout:
+            self._allocate(named)
         out: dict[str, torch.Tensor] = {}
         cuda = False
         for name, t in named.items():
-            buf = self._bufs.get(name)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
-                buf = self._bufs[name] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+            buf = self._bufs[name]
             buf.copy_(t.detach(), non_blocking=t.is_cuda)
             cuda = cuda or t.is_cuda
             out[name] = buf
-        for name in set(self._bufs) - set(out):
-            del self._bufs[name]
         if cuda:
             torch.cuda.current_stream().synchronize()  # the publish thread reads them on another stream
         return out

@@ -58,6 +58,7 @@ from pipeline.weightsync import (
     CHUNKS_FIELD,
     DEFAULT_GROUP_NAME,
     WeightGroup,
+    contiguous_span,
     dtype_name,
     flatten_into,
     init_weight_group,
@@ -470,27 +471,35 @@ class WeightPublisher:
         """Send every bucket; returns (bytes, buckets, the engines' replies to the last request)."""
         assert self._group is not None
         buckets = plan_buckets(named, self.bucket_bytes)
+        if self.engine_kind == "embedded":
+            return self._send_chunked(named, buckets, version)
+        return self._send_per_bucket(named, buckets, version)
+
+    def _bucket_bytes(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], i: int) -> torch.Tensor:
+        """Bucket ``i``'s bytes: a view when its tensors already lie back to back (a
+        :class:`consumers.publish_async.WeightSnapshot`), else flattened into buffer ``i % 2``."""
+        tensors = [named[n] for n in buckets[i]]
+        span = contiguous_span(tensors)
+        if span is not None:
+            return span
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         need = max(sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets)
         bufs = self._buffers(need, min(2, len(buckets)), device)
-        if self.engine_kind == "embedded":
-            return self._send_chunked(named, buckets, bufs, version)
-        return self._send_per_bucket(named, buckets, bufs, version)
+        return flatten_into(bufs[i % len(bufs)], tensors)
 
     def _broadcast_buckets(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]],
-                           bufs: list[torch.Tensor]) -> int:
-        """Flatten and broadcast ``buckets`` back to back through the (one or two) buffers: bucket
-        ``i + 1`` is flattened while bucket ``i`` is on the wire, and a buffer is refilled only
-        after the broadcast that used it completed (on GPU, ``wait`` orders the stream).  Returns
-        the bytes sent."""
+                           indices: list[int]) -> int:
+        """Broadcast ``buckets[i]`` for ``i`` in ``indices``, back to back: bucket ``i + 1`` is
+        flattened while bucket ``i`` is on the wire, and a buffer is refilled only after the
+        broadcast that used it completed (on GPU, ``wait`` orders the stream).  Returns the bytes sent."""
         assert self._group is not None
         pending: collections.deque[Any] = collections.deque()
         total = 0
-        for i, names in enumerate(buckets):
-            if len(pending) == len(bufs):
+        for i in indices:
+            if len(pending) == 2:
                 pending.popleft().wait()
             t = time.perf_counter()
-            flat = flatten_into(bufs[i % len(bufs)], (named[n] for n in names))
+            flat = self._bucket_bytes(named, buckets, i)
             self._timings["flatten_s"] += time.perf_counter() - t
             pending.append(self._group.broadcast_async(flat, 0))
             total += flat.numel()
@@ -498,8 +507,7 @@ class WeightPublisher:
             pending.popleft().wait()
         return total
 
-    def _send_chunked(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], bufs: list[torch.Tensor],
-                      version: int) -> tuple[int, int, list[dict[str, Any]]]:
+    def _send_chunked(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[int, int, list[dict[str, Any]]]:
         """Embedded engines: one request announces the whole update (:data:`CHUNKS_FIELD`), then
         every bucket is broadcast back to back; the engine replies once it has swapped the update in.
         One HTTP round trip per update, however many buckets."""
@@ -507,7 +515,7 @@ class WeightPublisher:
         what = f"version {version} ({len(buckets)} bucket(s), swap)"
         t = time.perf_counter()
         futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
-        own = spawn(self._broadcast_buckets, named, buckets, bufs)
+        own = spawn(self._broadcast_buckets, named, buckets, list(range(len(buckets))))
         try:
             total = self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
         except PublishError:
@@ -516,8 +524,7 @@ class WeightPublisher:
         self._timings["send_s"] += time.perf_counter() - t
         return total, len(buckets), [f.result() for f in futures]
 
-    def _send_per_bucket(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], bufs: list[torch.Tensor],
-                         version: int) -> tuple[int, int, list[dict[str, Any]]]:
+    def _send_per_bucket(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[int, int, list[dict[str, Any]]]:
         """SGLang: one request per bucket, strictly in order (SGLang receives a request's tensors
         when the request arrives); only the last carries ``weight_version``."""
         total = 0
@@ -531,7 +538,7 @@ class WeightPublisher:
             t = time.perf_counter()
             futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
             # flattened while the engines parse the request
-            own = spawn(self._broadcast_buckets, named, [names], bufs[i % len(bufs) :][:1])
+            own = spawn(self._broadcast_buckets, named, buckets, [i])
             try:
                 total += self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
             except PublishError:

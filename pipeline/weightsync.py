@@ -149,6 +149,25 @@ def flatten_into(buf: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Te
     return out
 
 
+def contiguous_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """If ``tensors`` lie back to back in one storage (in this order, each contiguous), the
+    ``uint8`` view of their bytes, exactly what :func:`flatten_bucket` would build, without a
+    copy; else None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage = first.untyped_storage()
+    expected = first.data_ptr()
+    for t in tensors:
+        if not t.is_contiguous() or t.data_ptr() != expected or t.untyped_storage().data_ptr() != storage.data_ptr():
+            return None
+        expected += t.numel() * t.element_size()
+    start = first.data_ptr() - storage.data_ptr()
+    span = torch.empty(0, dtype=torch.uint8, device=first.device)
+    span.set_(storage, start, (expected - first.data_ptr(),))
+    return span
+
+
 def unflatten_bucket(flat: torch.Tensor, dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[torch.Tensor]:
     """Inverse of flatten_bucket: views into ``flat`` (no copy)."""
     sizes = tensor_sizes(dtypes, shapes)

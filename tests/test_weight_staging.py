@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from consumers.publisher import chunked_update_payload, free_port, plan_buckets
 from pipeline.weightsync import (
     CHUNKS_FIELD,
+    contiguous_span,
     flatten_bucket,
     flatten_into,
     init_weight_group,
@@ -159,3 +160,27 @@ def test_receiver_chunked_update_lands_in_the_arena_and_a_rejoin_drops_a_dead_up
     finally:
         receiver.close()
         pool.shutdown(wait=False)
+
+
+def test_snapshot_is_one_flat_buffer_that_publishes_without_a_copy():
+    from consumers.publish_async import WeightSnapshot
+
+    named = {n: t.contiguous() for n, t in _tensors(3).items()}
+    snap = WeightSnapshot()
+    first = snap.take(named)
+    names = list(named)
+    span = contiguous_span([first[n] for n in names])
+    assert span is not None and torch.equal(span, flatten_bucket(named.values()))
+    assert span.data_ptr() == first[names[0]].data_ptr()  # a view of the snapshot, not a copy
+    part = contiguous_span([first[n] for n in names[1:3]])  # any run of consecutive tensors
+    assert part is not None and torch.equal(part, flatten_bucket(named[n] for n in names[1:3]))
+    assert contiguous_span([first[names[1]], first[names[0]]]) is None  # out of order
+    assert contiguous_span([first[names[0]], first[names[2]]]) is None  # a gap
+    assert contiguous_span(list(named.values())) is None  # separate tensors
+    assert contiguous_span([torch.randn(4, 8).t()]) is None  # not contiguous
+    # The next take copies in place (same buffers, new values); a new layout re-allocates.
+    again = snap.take({n: t + 1 if t.is_floating_point() else t for n, t in named.items()})
+    assert again[names[0]].data_ptr() == first[names[0]].data_ptr()
+    assert torch.equal(again[names[0]], named[names[0]] + 1)
+    other = snap.take({"x": torch.ones(3)})
+    assert list(other) == ["x"] and torch.equal(other["x"], torch.ones(3))
