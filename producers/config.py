@@ -3,10 +3,15 @@
 A producer takes prompts from a prompt source, asks an engine (the embedded engine or SGLang, over
 SGLang's HTTP API) for ``group_size`` samples each, scores them with a reward function and pushes
 the group to the broker.  Plug-ins are named by import path (``module:attribute``).
+
+Robustness knobs: per-call plug-in timeouts (``rollout_timeout_s``, ``reward_timeout_s``,
+``tool_timeout_s``, ``timeout_attempts``), over-generation for dynamic sampling (``oversample``) and
+cutting groups certain to be consumed too stale (``partial_rollouts``); see :mod:`producers.producer`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,7 +29,9 @@ class ProducerConfig:
     num_engines: int = doc("Embedded engine servers to start (engine = 'embedded').", 1)
     engine_urls: list[str] = doc("Engine base URLs for engine = 'attach' (an SGLang router URL works too).", default_factory=list)
     group_size: int = doc("Samples per prompt (the GRPO group).", 8)
-    max_inflight_groups: int = doc("Groups one producer generates concurrently (also bounded by credits).", 8)
+    max_inflight_groups: int = doc(
+        "Credits one producer holds at once = groups it generates concurrently (also bounded by the credits granted); "
+        "with oversample > 1 up to ceil(oversample x this) generate.", 8)
     prompts: str = doc("Prompt source plug-in: import path of a callable(seed) -> iterator of Prompt.", "producers.tasks.maxdigit:prompts")
     prompts_args: dict[str, Any] = doc("Keyword arguments for the prompt source; non-empty: 'prompts' names a factory called with them.", default_factory=dict)
     rollout: str = doc(
@@ -58,7 +65,35 @@ class ProducerConfig:
     max_new_tokens: int = doc("Most tokens sampled per response.", 7)
     request_timeout_s: float = doc("Timeout of one /generate call.", 300.0)
     ack_timeout_s: float = doc("Resend a group the broker has not acked within this time.", 10.0)
-    outbox_limit: int = doc("Most unacked groups a producer holds before it stops starting new ones.", 64)
+    outbox_limit: int = doc(
+        "Most unacked groups a producer holds before it stops starting new ones (groups waiting for a credit, see oversample, count too).", 64)
+    rollout_timeout_s: float = doc(
+        "Per-call timeout of the rollout plug-in (one whole group: every /generate and tool call of it). On timeout the group is "
+        "abandoned (its requests aborted), counted in slipstream_producer_plugin_errors_total{reason='rollout_timeout'} and the "
+        "prompt retried (timeout_attempts).", 1800.0)
+    reward_timeout_s: float = doc(
+        "Per-call timeout of the reward plug-in (each call: one sample, or one group with reward_scope = 'group') and of the group "
+        "filter; sync plug-ins run in a worker thread that is abandoned at the timeout. On timeout: as for rollout_timeout_s "
+        "(reason 'reward_timeout' or 'group_filter_timeout').", 300.0)
+    tool_timeout_s: float = doc(
+        "Per-call timeout of a multi-turn tool/environment plug-in (producer.rollout_args.tool); sync tools run in a worker thread. "
+        "On timeout: as for rollout_timeout_s (reason 'tool_timeout').", 120.0)
+    timeout_attempts: int = doc(
+        "Attempts per prompt when a plug-in call times out; after the last one the prompt is logged and counted as failed "
+        "(slipstream_producer_prompts_failed_total{reason='timeout'}) and its credit starts another prompt.", 3)
+    oversample: float = doc(
+        "Dynamic-sampling over-generation: keep up to ceil(oversample x credits held) groups generating, so that groups a "
+        "group_filter drops are replaced without waiting for another round. A passing group is sent while a credit is held, "
+        "else it waits in the producer (bounded by outbox_limit) until one arrives; a waiting group that becomes staler than "
+        "queue.max_staleness is regenerated. The broker's admission bound stays the hard limit on what is sent. 1.0 = off.", 1.0)
+    partial_rollouts: bool = doc(
+        "When a published version makes a generating group certain to be staler than queue.max_staleness at consumption "
+        "(v - version at its start > η), the producer cuts it (/abort_request). True: each unfinished sample keeps its tokens as "
+        "context (loss mask 0, version = the new one, like tool tokens) and continues under the new weights with the remaining "
+        "max_new_tokens; finished samples are regenerated. False: the group restarts from the prompt. Default true: restarting "
+        "wastes the compute and can regenerate a prompt whose answer takes longer than η + 1 steps forever (a bias against long "
+        "answers); the cost is that the cut head is not trained on. Only the built-in single-turn rollout continues; other "
+        "rollouts restart.", True)
     sglang: dict[str, Any] = doc("Pass-through flags for SGLang servers slipstream launches (key -> --key value).", default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,3 +117,8 @@ class ProducerConfig:
         check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
         check(self.ack_timeout_s > 0, "ack_timeout_s", "must be > 0")
         check(self.outbox_limit >= self.max_inflight_groups, "outbox_limit", "must be >= max_inflight_groups")
+        check(self.rollout_timeout_s > 0, "rollout_timeout_s", "must be > 0")
+        check(self.reward_timeout_s > 0, "reward_timeout_s", "must be > 0")
+        check(self.tool_timeout_s > 0, "tool_timeout_s", "must be > 0")
+        check(self.timeout_attempts >= 1, "timeout_attempts", "must be >= 1")
+        check(math.isfinite(self.oversample) and self.oversample >= 1.0, "oversample", "must be a finite number >= 1.0 (1.0 = off)")

@@ -18,16 +18,25 @@ is called once with those keyword arguments and must return the plug-in itself.
   ``"other"``).
 
 A plug-in that raises or returns something malformed stops the producer with a
-:class:`PluginError` naming the config key, the plug-in and the offending field.  Sync plug-ins run
-on the producer's event loop: make slow ones (a verifier service, a sandbox) async.
+:class:`PluginError` naming the config key, the plug-in and the offending field.
+
+Per-call timeouts (:func:`call_plugin_timeout`): the producer bounds every rollout, reward, group
+filter and tool call (``producer.rollout_timeout_s``, ``producer.reward_timeout_s``,
+``producer.tool_timeout_s``).  An async plug-in is cancelled at its timeout; a sync plug-in runs in a
+daemon worker thread (one per call, so one that never returns cannot block the event loop, other
+calls, or the process's exit) and the producer stops waiting for it.  A timeout raises
+:class:`PluginTimeout`, which is *not* fatal: the producer abandons the group and retries the prompt
+(``producer.timeout_attempts``).
 
     prompts = load_plugin("producers.tasks.maxdigit:prompts", "producer.prompts")
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +87,22 @@ class PluginError(ConfigError):
         self.plugin = plugin
 
 
+class PluginTimeout(Exception):
+    """A plug-in call did not return within its configured timeout (not fatal: the group is retried).
+
+    ``key`` is the plug-in's config key, ``plugin`` its import path, ``timeout_key`` the config key
+    that sets the limit and ``reason`` the bounded metric label (``rollout_timeout`` ...).
+    """
+
+    def __init__(self, key: str, plugin: str, timeout_key: str, timeout_s: float, reason: str) -> None:
+        super().__init__(f"plug-in {plugin!r} ({key}) did not return within {timeout_s:g}s; raise {timeout_key} if it needs longer")
+        self.key = key
+        self.plugin = plugin
+        self.timeout_key = timeout_key
+        self.timeout_s = timeout_s
+        self.reason = reason
+
+
 def plugin_name(obj: Any, path: str = "") -> str:
     """The import path a plug-in was configured with, else its qualified name."""
     if path:
@@ -91,6 +116,63 @@ async def call_plugin(fn: Callable[..., Any], *args: Any) -> Any:
     if inspect.isawaitable(out):
         out = await out
     return out
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    call = type(fn).__call__ if not inspect.isroutine(fn) else None  # a plug-in object (e.g. MultiTurnRollout)
+    return inspect.iscoroutinefunction(fn) or (call is not None and inspect.iscoroutinefunction(call))
+
+
+async def _in_thread(fn: Callable[..., Any], args: tuple[Any, ...], name: str) -> Any:
+    """Run ``fn(*args)`` in its own daemon thread; the result (or exception) comes back as a future."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(ok: bool, value: Any) -> None:
+        if fut.done():
+            return  # the caller stopped waiting (timeout or cancellation)
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def work() -> None:
+        try:
+            out = fn(*args)
+        except BaseException as e:  # delivered to the awaiting coroutine
+            ok, value = False, e
+        else:
+            ok, value = True, out
+        try:
+            loop.call_soon_threadsafe(deliver, ok, value)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody waits any more
+
+    threading.Thread(target=work, name=f"plugin-{name}", daemon=True).start()
+    return await fut
+
+
+async def call_plugin_timeout(
+    fn: Callable[..., Any], *args: Any, timeout_s: float, key: str, plugin: str, timeout_key: str, reason: str
+) -> Any:
+    """Call a sync or async plug-in with a per-call timeout (see the module docstring).
+
+    Raises :class:`PluginTimeout` when ``timeout_s`` passes; exceptions of the plug-in propagate.
+    """
+    async def run() -> Any:
+        out = await _in_thread(fn, args, reason) if not _is_async(fn) else fn(*args)
+        if inspect.isawaitable(out):
+            out = await out
+        return out
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        return await asyncio.wait_for(run(), timeout=timeout_s)
+    except TimeoutError:
+        if loop.time() - t0 < timeout_s:
+            raise  # the plug-in's own TimeoutError, before ours: an ordinary plug-in exception
+        raise PluginTimeout(key, plugin, timeout_key, timeout_s, reason) from None
 
 
 def load_plugin(path: str, key: str, args: dict[str, Any] | None = None) -> Any:

@@ -14,12 +14,27 @@ group filter and sends the group.  ``EngineError`` raised by a rollout is retrie
 Per-token arrays of a :class:`RolloutSample` all have the response length: ``logprobs`` are the
 behaviour log-probs of sampled tokens, ``versions`` the policy version that sampled each token, and
 ``loss_mask`` 1 for sampled tokens, 0 for tokens the model did not sample (tool output).
+
+Cuts and partial rollouts (DESIGN §3).  A rollout sends its requests through
+:meth:`RolloutContext.generate`, which gives each one a unique ``rid``.  When the producer learns a
+published version ``V`` with ``V - ctx.start_version > η`` the group is certain to be consumed too
+stale, and the producer *cuts* it (:meth:`RolloutContext.request_cut`): its in-flight requests are
+aborted with ``/abort_request`` (the engine then answers them with the tokens sampled so far and
+``finish_reason`` ``abort``).  A rollout that declares ``supports_continuation = True`` (the built-in
+:func:`single_turn`) handles the cut itself when ``ctx.partial_rollouts`` is on: each unfinished
+sample keeps what it generated as *context* (loss mask 0, log-prob 0, version ``V``: exactly the
+representation of multi-turn tool tokens) and continues from prompt + those tokens, with the
+remaining ``max_new_tokens``, under the new weights; a sample that had already finished holds only
+stale tokens and is regenerated from the prompt.  Otherwise (partial_rollouts off, or another
+rollout) the producer cancels the rollout and regenerates the group from the prompt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +76,42 @@ class RolloutContext:
     version_at_submit: int
     producer_id: str = ""
     version_fn: Callable[[], int] | None = None
+    tool_timeout_s: float = 120.0  # producer.tool_timeout_s: bound of one tool/environment call (multi-turn)
+    partial_rollouts: bool = False  # producer.partial_rollouts: continue cut samples (supports_continuation rollouts)
+    on_cut: Callable[[str, int, int], None] | None = None  # (result, samples continued, samples regenerated)
+    start_version: int = field(init=False)  # lower bound of the min version of the tokens the group will train on
+    cuts: int = field(default=0, init=False)
+    _cut_pending: int | None = field(default=None, init=False, repr=False)
+    _rids: dict[str, None] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.start_version = self.version_at_submit
+
+    async def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any]) -> list[dict[str, Any]]:
+        """``client.generate`` with a unique rid per input, registered so that a cut can abort it."""
+        rids = [uuid.uuid4().hex for _ in input_ids]  # equal length: no rid is a prefix of another (SGLang aborts by prefix)
+        self._rids.update(dict.fromkeys(rids))
+        try:
+            return await self.client.generate(input_ids, sampling_params, rids=rids)
+        finally:
+            for r in rids:
+                self._rids.pop(r, None)
+
+    def request_cut(self, version: int) -> list[str]:
+        """The producer cuts the group at published ``version``: returns the rids in flight (to abort)."""
+        self._cut_pending = version if self._cut_pending is None else max(self._cut_pending, version)
+        self.start_version = version  # nothing sampled before the cut is trained on any more
+        self.cuts += 1
+        return list(self._rids)
+
+    @property
+    def cut_pending(self) -> bool:
+        return self._cut_pending is not None
+
+    def take_cut(self) -> int | None:
+        """The version of a cut requested since the last call (None: none)."""
+        cut, self._cut_pending = self._cut_pending, None
+        return cut
 
     @property
     def version(self) -> int:
@@ -87,16 +138,82 @@ class RolloutSample:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+class GroupCut(Exception):
+    """A rollout gives up a group the producer cut (restart it from the prompt)."""
+
+
+@dataclass
+class _Partial:
+    """One sample of :func:`single_turn` being built across cuts."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    finish: str | None = None  # None: still to generate
+
+
+def _apply_cut(samples: list[_Partial], version: int) -> tuple[int, int]:
+    """Turn every unfinished sample's tokens into context stamped ``version``; reset finished ones."""
+    continued = regenerated = 0
+    for s in samples:
+        if s.finish is not None or not s.tokens:
+            regenerated += 1  # finished before the cut (or nothing sampled yet): only stale tokens
+            s.tokens, s.logprobs, s.versions, s.mask, s.finish = [], [], [], [], None
+        else:
+            continued += 1
+            s.logprobs = [0.0] * len(s.tokens)
+            s.versions = [version] * len(s.tokens)
+            s.mask = [0] * len(s.tokens)
+    return continued, regenerated
+
+
 async def single_turn(ctx: RolloutContext, prompt: Prompt, params: SamplingParams) -> list[RolloutSample]:
-    """The default rollout: one /generate call with ``group_size`` copies of the prompt."""
+    """The default rollout: one /generate call with ``group_size`` copies of the prompt.
+
+    After a cut (see the module docstring) it continues unfinished samples from their tokens when
+    ``ctx.partial_rollouts`` is on, else raises :class:`GroupCut` so the producer restarts the group.
+    """
     tokens = list(prompt.tokens) if prompt.tokens is not None else list(ctx.tokenizer.encode(prompt.text).ids)
-    version = ctx.version
-    responses = await ctx.client.generate([tokens] * ctx.group_size, params.to_sglang())
-    out = []
-    for r in responses:
-        g = parse_generation(r, version)
-        out.append(RolloutSample(g.output_ids, g.logprobs, g.versions, [1] * len(g.output_ids), g.finish_reason))
-    return out
+    samples = [_Partial() for _ in range(ctx.group_size)]
+    first = True
+    while True:
+        cut = ctx.take_cut()
+        if cut is not None:
+            if not ctx.partial_rollouts:
+                raise GroupCut(f"cut at version {cut}")
+            continued, regenerated = _apply_cut(samples, cut)
+            if ctx.on_cut is not None:
+                ctx.on_cut("continued" if continued else "restarted", continued, regenerated)
+        pending = [s for s in samples if s.finish is None]
+        if not pending:
+            break
+        version = ctx.version
+        if first:  # one batched call with group_size copies of the prompt
+            responses = await ctx.generate([tokens] * ctx.group_size, params.to_sglang())
+            first = False
+        else:  # continuations: one call each, with its remaining token budget
+            budgets = [params.max_new_tokens - len(s.tokens) for s in pending]
+            responses = list(await asyncio.gather(*(
+                ctx.generate([tokens + s.tokens], params.to_sglang(max_new_tokens=b)) for s, b in zip(pending, budgets, strict=True) if b > 0)))
+            for s in [s for s, b in zip(pending, budgets, strict=True) if b <= 0]:
+                s.finish = "length"
+            pending = [s for s, b in zip(pending, budgets, strict=True) if b > 0]
+            responses = [r[0] for r in responses]
+        for s, r in zip(pending, responses, strict=True):
+            g = parse_generation(r, version)
+            s.tokens += g.output_ids
+            s.logprobs += g.logprobs
+            s.versions += g.versions
+            s.mask += [1] * len(g.output_ids)
+            # An abort we did not ask for (engine timeout, shutdown) ends the sample as before.
+            s.finish = None if g.finish_reason == "abort" and ctx.cut_pending else g.finish_reason
+        if all(s.finish is not None for s in samples) and not ctx.cut_pending:
+            break
+    return [RolloutSample(s.tokens, s.logprobs, s.versions, s.mask, s.finish or "abort") for s in samples]
+
+
+single_turn.supports_continuation = True  # type: ignore[attr-defined]
 
 
 def validate_samples(samples: Any, group_size: int, plugin: str, key: str = "producer.rollout") -> list[RolloutSample]:

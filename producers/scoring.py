@@ -4,7 +4,9 @@ The producer calls :meth:`Scorer.score` on every generated group: the reward plu
 sample (``producer.reward_scope = "sample"``) or once per group (``"group"``), sync or async; then
 the optional group filter (``producer.group_filter``) may drop the group with a reason.  Anything a
 plug-in raises, or a malformed return value, becomes a :class:`~producers.plugins.PluginError`
-naming the config key, the plug-in and the offending field.
+naming the config key, the plug-in and the offending field.  Every call is bounded by
+``timeout_s`` (``producer.reward_timeout_s``, for the reward and the group filter alike); a call
+that passes it raises :class:`~producers.plugins.PluginTimeout` (the producer retries the group).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
-from producers.plugins import PluginError, Sample, call_plugin, load_plugin
+from producers.plugins import PluginError, PluginTimeout, Sample, call_plugin_timeout, load_plugin
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,9 @@ class Scorer:
         reward_args: dict[str, Any] | None = None,
         group_filter: str = "",
         group_filter_args: dict[str, Any] | None = None,
+        timeout_s: float = 300.0,
     ) -> None:
+        self.timeout_s = timeout_s
         self.reward_path = reward
         self.scope = scope
         self.reward_fn: Callable[..., Any] = load_plugin(reward, "producer.reward", reward_args)
@@ -44,12 +48,17 @@ class Scorer:
     # ------------------------------------------------------------------ rewards
     async def rewards(self, samples: list[Sample]) -> list[float]:
         key, name = "producer.reward", self.reward_path
+
+        async def call(arg: Any) -> Any:
+            return await call_plugin_timeout(self.reward_fn, arg, timeout_s=self.timeout_s, key=key, plugin=name,
+                                             timeout_key="producer.reward_timeout_s", reason="reward_timeout")
+
         try:
             if self.scope == "group":
-                out = await call_plugin(self.reward_fn, samples)
+                out = await call(samples)
             else:
-                out = await asyncio.gather(*(call_plugin(self.reward_fn, s) for s in samples))
-        except PluginError:
+                out = await asyncio.gather(*(call(s) for s in samples))
+        except (PluginError, PluginTimeout):
             raise
         except Exception as e:
             raise PluginError(key, name, f"raised {type(e).__name__}: {e}") from e
@@ -73,7 +82,10 @@ class Scorer:
             return None
         key, name = "producer.group_filter", self.filter_path
         try:
-            out = await call_plugin(self.filter_fn, samples)
+            out = await call_plugin_timeout(self.filter_fn, samples, timeout_s=self.timeout_s, key=key, plugin=name,
+                                            timeout_key="producer.reward_timeout_s", reason="group_filter_timeout")
+        except PluginTimeout:
+            raise
         except Exception as e:
             raise PluginError(key, name, f"raised {type(e).__name__}: {e}") from e
         if out is None or out is False or out == "":

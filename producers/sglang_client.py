@@ -33,7 +33,10 @@ class EngineError(RuntimeError):
 # sglang 0.5.23 source.  route -> (HTTP method, SGLang request dataclass of its body or None)
 ROUTE_GENERATE = "/generate"
 ROUTE_HEALTH = "/health"
-ROUTES: dict[str, tuple[str, str | None]] = {ROUTE_GENERATE: ("POST", "GenerateReqInput"), ROUTE_HEALTH: ("GET", None)}
+ROUTE_ABORT = "/abort_request"  # body AbortReq {rid}; SGLang answers an empty 200, the embedded engine JSON
+ROUTES: dict[str, tuple[str, str | None]] = {ROUTE_GENERATE: ("POST", "GenerateReqInput"), ROUTE_HEALTH: ("GET", None), ROUTE_ABORT: ("POST", None)}
+#: how long an /abort_request may take (it only enqueues the abort on the server)
+ABORT_TIMEOUT_S = 5.0
 #: ``meta_info`` fields of a /generate response that parse_generation reads
 META_FIELDS = ("output_token_logprobs", "weight_version", "finish_reason")
 #: SGLang's per-span token versions (read when present)
@@ -59,9 +62,12 @@ def span_versions(spans: Any, num_tokens: int) -> list[int] | None:
     return out if len(out) == num_tokens else None
 
 
-def generate_body(input_ids: list[list[int]], sampling_params: dict[str, Any]) -> dict[str, Any]:
-    """The JSON body of one batched ``POST /generate``."""
-    return {"input_ids": input_ids, "sampling_params": sampling_params, "return_logprob": True}
+def generate_body(input_ids: list[list[int]], sampling_params: dict[str, Any], rids: list[str] | None = None) -> dict[str, Any]:
+    """The JSON body of one batched ``POST /generate`` (``rids``: one request id per input, for aborts)."""
+    body: dict[str, Any] = {"input_ids": input_ids, "sampling_params": sampling_params, "return_logprob": True}
+    if rids is not None:
+        body["rid"] = list(rids)
+    return body
 
 
 @dataclass
@@ -112,6 +118,7 @@ class EngineClient:
         self._next = itertools.cycle(range(len(self.urls)))
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._rid_url: dict[str, str] = {}  # rid -> the URL serving it, while in flight (aborts go there)
 
     async def __aenter__(self) -> EngineClient:
         self._session = aiohttp.ClientSession(timeout=self.timeout)
@@ -137,15 +144,46 @@ class EngineClient:
         except (TimeoutError, aiohttp.ClientError) as e:
             raise EngineError(f"{url}{route} failed: {type(e).__name__}: {e}") from e
 
-    async def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any]) -> list[dict[str, Any]]:
-        """POST /generate with a batch of prompts; returns one response dict per prompt."""
+    async def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any], rids: list[str] | None = None) -> list[dict[str, Any]]:
+        """POST /generate with a batch of prompts; returns one response dict per prompt.
+
+        With ``rids`` (one unique id per prompt) the requests can be aborted by :meth:`abort`.
+        """
         url = self.urls[next(self._next)]
-        data = await self._post(url, ROUTE_GENERATE, generate_body(input_ids, sampling_params))
+        for rid in rids or ():
+            self._rid_url[rid] = url
+        try:
+            data = await self._post(url, ROUTE_GENERATE, generate_body(input_ids, sampling_params, rids))
+        finally:
+            for rid in rids or ():
+                self._rid_url.pop(rid, None)
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list) or len(data) != len(input_ids):
             raise EngineError(f"{url}/generate returned {type(data).__name__} for {len(input_ids)} prompts")
         return data
+
+    def abort_targets(self, rids: list[str]) -> list[tuple[str, str]]:
+        """``(rid, url)`` of those ``rids`` in flight now (resolve before cancelling their call)."""
+        return [(r, self._rid_url[r]) for r in rids if r in self._rid_url]
+
+    async def abort(self, rid: str, url: str | None = None) -> bool:
+        """POST /abort_request for a request this client sent (to ``url``, by default the one serving
+        it now); the aborted /generate then returns the tokens sampled so far with finish_reason
+        ``abort``.  False when the request is not in flight or the engine did not answer 200 (logged)."""
+        url = url or self._rid_url.get(rid)
+        if url is None:
+            return False
+        try:
+            async with self.session.post(f"{url}{ROUTE_ABORT}", json={"rid": rid}, timeout=aiohttp.ClientTimeout(total=ABORT_TIMEOUT_S)) as r:
+                await r.read()
+                if r.status != 200:
+                    log.warning("%s%s for rid %s answered HTTP %d", url, ROUTE_ABORT, rid, r.status)
+                    return False
+                return True
+        except (TimeoutError, aiohttp.ClientError) as e:
+            log.warning("%s%s for rid %s failed (waited up to %.0fs): %s", url, ROUTE_ABORT, rid, ABORT_TIMEOUT_S, e)
+            return False
 
     async def wait_healthy(self, timeout_s: float) -> None:
         """Wait until every URL answers /health, or raise naming the ones that do not."""

@@ -7,7 +7,8 @@
 - rollout output validation, the single-turn and multi-turn rollouts against a scripted engine
   (exact per-token masks, log-probs and versions; max_turns; max_total_tokens);
 - the calculator task's tool and reward;
-- the remote reward against a real aiohttp server (per sample, per group, timeout, HTTP errors).
+- the remote reward against a real aiohttp server (per sample, per group, timeout, HTTP errors), and
+  cut by the producer's reward timeout (producer.reward_timeout_s).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from aiohttp import web
 from pipeline.configbase import ConfigError
 from pipeline.tiny import DIGIT0_ID, EOS_ID, EQUALS_ID
 from producers.filters import drop_uniform
-from producers.plugins import PluginError, Prompt, Sample, load_plugin
+from producers.plugins import PluginError, PluginTimeout, Prompt, Sample, load_plugin
 from producers.rollout import RolloutContext, RolloutSample, SamplingParams, single_turn, validate_samples
 from producers.rollouts.multiturn import Observation, make_rollout
 from producers.scoring import Scorer
@@ -172,7 +173,7 @@ class ScriptedClient:
         self.calls: list[tuple[list[list[int]], dict[str, Any]]] = []
         self.version = version
 
-    async def generate(self, input_ids: list[list[int]], params: dict[str, Any]) -> list[dict[str, Any]]:
+    async def generate(self, input_ids: list[list[int]], params: dict[str, Any], rids: list[str] | None = None) -> list[dict[str, Any]]:
         self.calls.append(([list(x) for x in input_ids], dict(params)))
         out = []
         for _ in input_ids:
@@ -219,7 +220,7 @@ def test_multiturn_masks_logprobs_versions_and_incremental_history() -> None:
     async def go() -> list[RolloutSample]:
         orig = client.generate
 
-        async def gen(ids: list[list[int]], params: dict[str, Any]) -> list[dict[str, Any]]:
+        async def gen(ids: list[list[int]], params: dict[str, Any], rids: list[str] | None = None) -> list[dict[str, Any]]:
             r = await orig(ids, params)
             version[0] = 5  # a new version is published while the first turn runs
             client.version = 5
@@ -353,6 +354,15 @@ def test_remote_reward_failures_are_named(reward_server: str) -> None:
         _remote(reward_server, [Sample(Prompt("a", label="400"), [1], [D[4]], "4", "stop", [1])])
     with pytest.raises(PluginError, match="ClientConnectorError"):
         _remote("http://127.0.0.1:9/score", [slow], retries=0)
+
+
+def test_remote_reward_is_cut_at_the_producer_timeout(reward_server: str) -> None:
+    # The server takes 2 s; the remote plug-in would wait 5 s, producer.reward_timeout_s is 0.3 s.
+    slow = Sample(Prompt("a", label="slow"), [1], [D[4]], "4", "stop", [1])
+    s = Scorer("producers.rewards.remote:make_reward", "sample", {"url": reward_server, "timeout_s": 5.0, "retries": 0}, timeout_s=0.3)
+    with pytest.raises(PluginTimeout, match=r"'producers.rewards.remote:make_reward' \(producer.reward\).*raise producer.reward_timeout_s") as e:
+        asyncio.run(s.rewards([slow]))
+    assert e.value.reason == "reward_timeout"
 
 
 def test_example_configs_load_and_their_plugins_import(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,12 @@ The episode ends when the tool returns ``None`` or ``done``, after ``max_turns``
 ``max_total_tokens`` (prompt + response) is reached — an observation that does not fit is cut and
 the finish reason is ``length``.  ``stop_token_ids`` end a model turn (e.g. a tool-call token) in
 addition to EOS.
+
+Each tool call is bounded by ``producer.tool_timeout_s`` (a sync tool runs in a worker thread); a
+tool that passes it raises :class:`~producers.plugins.PluginTimeout` and the producer retries the
+group.  When the producer cuts a group that became too stale (``producer.partial_rollouts``), a
+multi-turn group is restarted from the prompt: its requests go through ``ctx.generate`` so they
+can be aborted.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from producers.plugins import PluginError, Prompt, call_plugin, load_plugin
+from producers.plugins import PluginError, PluginTimeout, Prompt, call_plugin_timeout, load_plugin
 from producers.rollout import RolloutContext, RolloutSample, SamplingParams
 from producers.sglang_client import parse_generation
 
@@ -81,7 +87,10 @@ class MultiTurnRollout:
 
     async def _observe(self, ep: Episode) -> tuple[list[int], bool] | None:
         try:
-            obs = await call_plugin(self.tool, ep)
+            obs = await call_plugin_timeout(self.tool, ep, timeout_s=ep.ctx.tool_timeout_s, key=TOOL_KEY, plugin=self.tool_name,
+                                            timeout_key="producer.tool_timeout_s", reason="tool_timeout")
+        except PluginTimeout:
+            raise
         except Exception as e:
             raise PluginError(TOOL_KEY, self.tool_name, f"raised {type(e).__name__}: {e}") from e
         if obs is None:
@@ -114,7 +123,7 @@ class MultiTurnRollout:
                 break
             version = ctx.version
             sp = params.to_sglang(max_new_tokens=min(params.max_new_tokens, budget), stop_token_ids=stop_ids)
-            (raw,) = await ctx.client.generate([prompt_tokens + resp], sp)
+            (raw,) = await ctx.generate([prompt_tokens + resp], sp)
             g = parse_generation(raw, version)
             resp += g.output_ids
             logprobs += g.logprobs
