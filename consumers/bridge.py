@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron-core weight mapping for dense Qwen3, Qwen2/Qwen2.5 and Llama models.
+"""Hugging Face <-> Megatron-core weight mapping for Qwen3, Qwen3-MoE, Qwen2/Qwen2.5 and Llama models.
 
 What:
 - :func:`hf_model_spec` reads a HF ``config.json`` (dict or ``PretrainedConfig``) into a
@@ -24,6 +24,9 @@ Layouts (megatron-core 0.16, local spec):
 - ``linear_fc1.weight`` is ``[gate; up]`` *per TP rank*: rank ``r`` holds ``[gate_r; up_r]``.
 - Column-parallel (split dim 0): linear_qkv, linear_fc1, word_embeddings, output_layer.
   Row-parallel (split dim 1): linear_proj, linear_fc2.  Norms are replicated.
+- MoE (qwen3_moe, :mod:`consumers.bridge_moe`): the router is replicated; experts are never
+  TP-sharded (``expert_tensor_parallel_size = 1``) and split over EP ranks: EP rank ``r`` holds
+  global experts ``[r * E/EP, (r+1) * E/EP)`` as ``local_experts.{0..E/EP-1}``.
 
 How (inside an initialised ``parallel_state``):
 
@@ -33,7 +36,8 @@ How (inside an initialised ``parallel_state``):
     apply_padding_idx(model, spec)
     named = export_hf_state(model, spec)     # full HF state on global rank 0, {} elsewhere
 
-``consumers.model.build_trainable_model`` does all of this.
+``consumers.model.build_trainable_model`` does all of this (for MoE models it also calls
+``bridge_moe.adapt_moe_layers(gpt)`` before DDP, which TP > 1 needs: see :mod:`consumers.bridge_moe`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from consumers import bridge_moe
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +171,12 @@ def load_hf_spec(path: str | os.PathLike[str]) -> HFModelSpec:
     return hf_model_spec(json.loads((Path(path) / "config.json").read_text()))
 
 
-def check_parallel_sizes(spec: HFModelSpec, tp: int, pp: int) -> None:
-    """Raise a clear error if the model cannot be split ``tp`` x ``pp`` ways."""
+def check_parallel_sizes(spec: HFModelSpec, tp: int, pp: int, ep: int = 1) -> None:
+    """Raise a clear error if the model cannot be split ``tp`` x ``pp`` ways (and its experts ``ep`` ways)."""
+    if ep > 1 and not spec.num_experts:
+        raise UnsupportedModelError(f"expert_parallel={ep} needs a MoE model; {spec.model_type} is dense (use 1)")
+    if spec.num_experts and spec.num_experts % ep:
+        raise UnsupportedModelError(f"num_experts={spec.num_experts} is not divisible by expert_parallel={ep}")
     for what, n in (
         ("num_attention_heads", spec.num_heads), ("num_key_value_heads", spec.num_kv_heads),
         ("intermediate_size", spec.ffn_hidden_size), ("vocab_size", spec.vocab_size),
@@ -204,8 +214,8 @@ def transformer_config_kwargs(spec: HFModelSpec) -> dict[str, Any]:
 
 
 def _moe_config_kwargs(spec: HFModelSpec) -> dict[str, Any]:
-    """MoE part of the TransformerConfig (EP = 1): Qwen3-MoE routes with softmax over all experts,
-    top-k, then renormalises iff ``norm_topk_prob`` -- Megatron's top-k-then-softmax
+    """MoE part of the TransformerConfig (EP and expert TP are set by consumers.model): Qwen3-MoE
+    routes with softmax over all experts, top-k, then renormalises iff ``norm_topk_prob`` -- Megatron's top-k-then-softmax
     (``moe_router_pre_softmax=False``) is the renormalised form, pre-softmax the other one."""
     if not spec.num_experts:
         return {}
@@ -299,7 +309,8 @@ def load_hf_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ per-parameter mapping
 
 # kinds: "rep" replicated, "embed" split on dim 0 (vocab-parallel embedding / output layer),
-# "row" split on dim 1, "qkv" fused q/k/v (weight or bias; dim 0), "fc1" fused gate/up (dim 0)
+# "row" split on dim 1, "qkv" fused q/k/v (weight or bias; dim 0), "fc1" fused gate/up (dim 0).
+# expert=True: an MoE expert weight, never TP-sharded (expert TP = 1) and split over EP ranks instead.
 
 
 @dataclass(frozen=True)
@@ -307,6 +318,7 @@ class _Entry:
     megatron_name: str
     kind: str
     hf_names: tuple[str, ...]
+    expert: bool = False
 
 
 def unwrap_gpt(model: torch.nn.Module) -> torch.nn.Module:
@@ -341,12 +353,12 @@ def _entries(gpt: torch.nn.Module, spec: HFModelSpec) -> list[_Entry]:
             out.append(_Entry(f"{m}.self_attention.q_layernorm.weight", "rep", (f"{attn}.q_norm.weight",)))
             out.append(_Entry(f"{m}.self_attention.k_layernorm.weight", "rep", (f"{attn}.k_norm.weight",)))
         out.append(_Entry(f"{m}.pre_mlp_layernorm.weight", "rep", (f"{h}.post_attention_layernorm.weight",)))
-        if spec.num_experts:  # EP = 1: every expert is local; per-expert HF names (the file layout)
+        if spec.num_experts:  # this EP rank's experts; per-expert HF names (the file layout)
             out.append(_Entry(f"{m}.mlp.router.weight", "rep", (f"{h}.mlp.gate.weight",)))
-            for e in range(spec.num_experts):
-                me, he = f"{m}.mlp.experts.local_experts.{e}", f"{h}.mlp.experts.{e}"
-                out.append(_Entry(f"{me}.linear_fc1.weight", "fc1", (f"{he}.gate_proj.weight", f"{he}.up_proj.weight")))
-                out.append(_Entry(f"{me}.linear_fc2.weight", "row", (f"{he}.down_proj.weight",)))
+            for j, e in enumerate(bridge_moe.layer_expert_indices(layer.mlp, spec.num_experts)):
+                me, he = f"{m}.mlp.experts.local_experts.{j}", f"{h}.mlp.experts.{e}"
+                out.append(_Entry(f"{me}.linear_fc1.weight", "fc1", (f"{he}.gate_proj.weight", f"{he}.up_proj.weight"), True))
+                out.append(_Entry(f"{me}.linear_fc2.weight", "row", (f"{he}.down_proj.weight",), True))
             continue
         out.append(_Entry(f"{m}.mlp.linear_fc1.weight", "fc1", (f"{h}.mlp.gate_proj.weight", f"{h}.mlp.up_proj.weight")))
         out.append(_Entry(f"{m}.mlp.linear_fc2.weight", "row", (f"{h}.mlp.down_proj.weight",)))
@@ -385,6 +397,8 @@ def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
 
 def _to_megatron(entry: _Entry, hf: Mapping[str, torch.Tensor], spec: HFModelSpec, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This TP rank's shard of ``entry`` from the HF tensors."""
+    if entry.expert:
+        tp_rank, tp_size = 0, 1
     tensors = []
     for name in entry.hf_names:
         if name not in hf:
@@ -435,7 +449,7 @@ def load_hf_into_megatron(
     params = dict(gpt.named_parameters())
     written = 0
     if spec.num_experts:
-        hf_state = split_fused_experts(hf_state, spec)
+        hf_state = bridge_moe.split_fused_experts(hf_state)
     for entry in _entries(gpt, spec):
         if entry.megatron_name not in params:
             raise KeyError(f"Megatron model has no parameter {entry.megatron_name!r}")
@@ -447,7 +461,8 @@ def load_hf_into_megatron(
                 f"at TP rank {tp_rank}/{tp_size}"
             )
         target.data.copy_(value)
-        _ensure_tp_attributes(target, entry.kind, tp_size)
+        if not entry.expert:
+            _ensure_tp_attributes(target, entry.kind, tp_size)
         written += target.numel()
     if params:
         raise KeyError(f"Megatron parameters without an HF mapping: {sorted(params)}")
@@ -463,6 +478,8 @@ def _gather_tp(t: torch.Tensor, group: Any, size: int) -> list[torch.Tensor]:
 
 
 def _to_hf(entry: _Entry, local: torch.Tensor, spec: HFModelSpec, group: Any, tp_size: int) -> dict[str, torch.Tensor]:
+    if entry.expert:
+        group, tp_size = None, 1
     if entry.kind == "rep":
         return {entry.hf_names[0]: local.clone()}
     parts = _gather_tp(local.detach(), group, tp_size)
@@ -483,25 +500,42 @@ def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtyp
     """The full model as HF-named CPU tensors on global rank 0 (``{}`` on other ranks).
 
     Collective: every rank of data-parallel replica 0 must call it (TP peers all-gather their
-    shards; each PP stage's TP-rank-0 sends its layers to global rank 0).  Ranks of other DP
-    replicas return at once.  Names and order are :func:`hf_param_names`.
+    shards; each PP stage's TP-rank-0 sends its layers to global rank 0); with expert parallelism
+    every rank of expert-data-parallel replica 0 too (EP peers send their experts to EP rank 0, the
+    stage's TP/DP rank 0).  Other ranks may call it and return ``{}``.  Names and order are
+    :func:`hf_param_names`.
     """
     from megatron.core import parallel_state as ps
 
     gpt = unwrap_gpt(model)
+    params = dict(gpt.named_parameters())
+    entries = _entries(gpt, spec)
+    ep_size = ps.get_expert_model_parallel_world_size() if (spec.num_experts and dist.is_initialized()) else 1
+    experts: dict[str, torch.Tensor] | None = None
+    if ep_size > 1:  # expert weights live on EP ranks, which are also other DP (or TP) ranks
+        local = {
+            name: t.to("cpu", dtype=dtype or t.dtype)
+            for entry in entries if entry.expert
+            for name, t in _to_hf(entry, params[entry.megatron_name], spec, None, 1).items()
+        }
+        experts = bridge_moe.gather_expert_state(local)
+        entries = [e for e in entries if not e.expert]
     if dist.is_initialized() and ps.get_data_parallel_rank() != 0:
         return {}
     tp_size = ps.get_tensor_model_parallel_world_size()
     tp_group = ps.get_tensor_model_parallel_group() if tp_size > 1 else None
-    params = dict(gpt.named_parameters())
     stage: dict[str, torch.Tensor] = {}
-    for entry in _entries(gpt, spec):
+    for entry in entries:
         if entry.megatron_name == "output_layer.weight" and spec.tie_word_embeddings:
             continue  # the tied copy on the last stage; the first stage exports the embedding
         for name, t in _to_hf(entry, params[entry.megatron_name], spec, tp_group, tp_size).items():
             stage[name] = t.to("cpu", dtype=dtype or t.dtype)
     if ps.get_tensor_model_parallel_rank() != 0:
         return {}
+    if ep_size > 1:
+        if not experts:  # Megatron's rank order puts EP rank 0 of replica 0 on the stage's TP/DP rank 0
+            raise RuntimeError(f"rank {dist.get_rank()}: TP/DP rank 0 of its stage but not EP rank 0 of expert replica 0")
+        stage.update(experts)
     pp_size = ps.get_pipeline_model_parallel_world_size()
     if pp_size > 1:
         pp_group = ps.get_pipeline_model_parallel_group()
@@ -513,7 +547,7 @@ def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtyp
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
     if spec.num_experts:
-        stage = fuse_experts(stage, spec)
+        stage = bridge_moe.fuse_experts(stage, spec.num_layers, spec.num_experts)
     order = hf_param_names(spec)
     missing = [n for n in order if n not in stage]
     if missing:
@@ -521,34 +555,6 @@ def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtyp
     return {n: stage[n] for n in order}
 
 
-# ------------------------------------------------------------------ MoE expert layouts
-
-
-def split_fused_experts(hf: Mapping[str, torch.Tensor], spec: HFModelSpec) -> dict[str, torch.Tensor]:
-    """transformers >= 5 keeps Qwen3-MoE experts fused in memory (``experts.gate_up_proj``
-    ``[E, 2I, H]`` = gate rows then up rows; ``experts.down_proj`` ``[E, H, I]``) but saves per-expert
-    ``experts.{e}.{gate,up,down}_proj.weight``.  Return ``hf`` with fused tensors split per expert."""
-    out = dict(hf)
-    for key in [k for k in hf if k.endswith(".mlp.experts.gate_up_proj")]:
-        base = key[: -len("gate_up_proj")]
-        gate_up, down = out.pop(key), out.pop(base + "down_proj")
-        for e in range(gate_up.shape[0]):
-            gate, up = torch.chunk(gate_up[e], 2, dim=0)
-            out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate, up
-            out[f"{base}{e}.down_proj.weight"] = down[e]
-    return out
-
-
-def fuse_experts(stage: Mapping[str, torch.Tensor], spec: HFModelSpec) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`split_fused_experts`: per-expert names -> the fused ``named_parameters()``."""
-    out = dict(stage)
-    for i in range(spec.num_layers):
-        base = f"model.layers.{i}.mlp.experts."
-        if f"{base}0.gate_proj.weight" not in out:
-            continue  # another PP stage's layer
-        gu, dn = [], []
-        for e in range(spec.num_experts):
-            gu.append(torch.cat([out.pop(f"{base}{e}.gate_proj.weight"), out.pop(f"{base}{e}.up_proj.weight")], dim=0))
-            dn.append(out.pop(f"{base}{e}.down_proj.weight"))
-        out[f"{base}gate_up_proj"], out[f"{base}down_proj"] = torch.stack(gu), torch.stack(dn)
-    return out
+def split_fused_experts(hf: Mapping[str, torch.Tensor], spec: HFModelSpec | None = None) -> dict[str, torch.Tensor]:
+    """Kept for callers of the old name: :func:`consumers.bridge_moe.split_fused_experts`."""
+    return bridge_moe.split_fused_experts(hf)

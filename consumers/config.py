@@ -53,6 +53,8 @@ RESERVED_MEGATRON_KEYS: dict[str, str] = {
     },
     "tensor_model_parallel_size": "use trainer.tensor_parallel",
     "pipeline_model_parallel_size": "use trainer.pipeline_parallel",
+    "expert_model_parallel_size": "use trainer.expert_parallel",
+    "expert_tensor_parallel_size": "slipstream sets 1 for MoE models (experts are not tensor-parallel)",
     "lr": "use trainer.lr",
     "adam_beta1": "use trainer.adam_beta1",
     "adam_beta2": "use trainer.adam_beta2",
@@ -80,6 +82,12 @@ class TrainerConfig:
     )
     data_parallel: int = doc(
         "Data-parallel size (DP). `slipstream run` starts TP x PP x DP trainer ranks under torchrun.", default=1
+    )
+    expert_parallel: int = doc(
+        "Expert-parallel size (EP), MoE models only (1 for dense): the experts of each layer are split "
+        "over EP ranks taken from the TP x DP ranks of a pipeline stage, so EP must divide TP x DP and "
+        "the number of experts. Experts are never tensor-parallel (expert TP = 1).",
+        default=1,
     )
     temperature: float = doc(
         "Sampling temperature of the producers: the trainer computes log-probs from logits / temperature "
@@ -132,6 +140,18 @@ class TrainerConfig:
         "(a longer sequence travels alone); 0 = split by micro_batch_size only.",
         default=0,
     )
+    packing: Literal["none", "block_diagonal"] = doc(
+        "'none' = one trajectory per padded row; 'block_diagonal' = several trajectories share a row "
+        "(first-fit decreasing up to pack_row_tokens) under a block-diagonal causal attention mask, "
+        "micro_batch_size then counts rows. Attention costs O(row^2) per row (explicit mask, "
+        "no TransformerEngine needed; CPU and GPU).",
+        default="none",
+    )
+    pack_row_tokens: int = doc(
+        "Packing: tokens per packed row at most (a longer trajectory gets a row of its own); "
+        "0 = the longest trajectory of the batch (no row longer than the longest padded row).",
+        default=0,
+    )
     checkpoint_every: int = doc(
         "Save a Megatron distributed checkpoint to RUN_DIR/checkpoints/step-K every N steps (and at exit); 0 = off.",
         default=0,
@@ -146,7 +166,10 @@ class TrainerConfig:
         default=True,
     )
     publish_bucket_bytes: int = doc(
-        "Weight publishing bucket size in bytes (a tensor larger than this travels alone).", default=64 * MIB
+        "Weight publishing bucket size in bytes (a tensor larger than this travels alone). The publishing "
+        "rank holds two buffers of this size (one fills while the other is on the wire); SGLang receives "
+        "one bucket per request, so larger buckets mean fewer round trips (bench/gpu_weights.py).",
+        default=512 * MIB,
     )
     weight_backend: Literal["auto", "nccl", "gloo"] = doc(
         "Backend of the weight-update group: 'auto' = nccl with CUDA, gloo without.", default="auto"
@@ -174,6 +197,12 @@ class TrainerConfig:
         check(self.tensor_parallel >= 1, "tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
         check(self.pipeline_parallel >= 1, "pipeline_parallel", f"must be >= 1, got {self.pipeline_parallel}")
         check(self.data_parallel >= 1, "data_parallel", f"must be >= 1, got {self.data_parallel}")
+        check(self.expert_parallel >= 1, "expert_parallel", f"must be >= 1, got {self.expert_parallel}")
+        check(
+            (self.tensor_parallel * self.data_parallel) % self.expert_parallel == 0, "expert_parallel",
+            f"must divide tensor_parallel x data_parallel = {self.tensor_parallel * self.data_parallel}, "
+            f"got {self.expert_parallel}",
+        )
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.loss in ("grpo", "ppo", "gspo"), "loss", f"must be 'grpo', 'ppo' or 'gspo', got {self.loss!r}")
         check(
@@ -190,6 +219,19 @@ class TrainerConfig:
         check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"must be k1, k2 or k3, got {self.kl_estimator!r}")
         check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
         check(self.max_tokens_per_microbatch >= 0, "max_tokens_per_microbatch", "must be >= 0")
+        check(
+            self.packing in ("none", "block_diagonal"), "packing",
+            f"must be 'none' or 'block_diagonal', got {self.packing!r}",
+        )
+        check(self.pack_row_tokens >= 0, "pack_row_tokens", f"must be >= 0, got {self.pack_row_tokens}")
+        check(
+            self.max_tokens_per_microbatch == 0 or self.pack_row_tokens <= self.max_tokens_per_microbatch,
+            "pack_row_tokens", "must be <= max_tokens_per_microbatch (a row has to fit a microbatch)",
+        )
+        check(
+            self.packing == "none" or not self.megatron.get("masked_softmax_fusion", False), "packing",
+            "needs megatron.masked_softmax_fusion = false (the fused causal softmax ignores the packing mask)",
+        )
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         check(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", f"must be 0 (off) or >= 1, got {self.tis_cap}")
         check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")

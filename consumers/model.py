@@ -4,7 +4,8 @@ What: :func:`build_trainable_model` is the one place that turns a :class:`Traine
 Hugging Face checkpoint directory into ``(model, optimizer, spec, transformer_config)`` on this
 rank: TP/PP from the config, weights from the checkpoint through :mod:`consumers.bridge`, Megatron
 DDP around it, and Megatron's optimizer (Adam, fp32 master weights) over it.
-:func:`initialize_parallel` sets up ``parallel_state`` (DP = world / (TP * PP)).
+:func:`initialize_parallel` sets up ``parallel_state`` (DP = world / (TP * PP); for MoE models the
+experts are split ``expert_parallel`` ways inside TP x DP, and never TP-sharded: expert TP = 1).
 
 Why these settings (shared/notes/megatron-on-cpu.md):
 - ``calculate_per_token_loss=True``: loss functions return a *sum* plus a token count; Megatron
@@ -16,6 +17,9 @@ Why these settings (shared/notes/megatron-on-cpu.md):
 - ``perform_initialization`` stays True although every weight is then overwritten: with False,
   megatron-core 0.16 also skips tagging TP-sharded params (``tensor_model_parallel``), and the
   grad norm silently drops the shards of TP ranks > 0 (the bridge re-tags them anyway).
+- MoE (qwen3_moe): ``expert_model_parallel_size = trainer.expert_parallel``,
+  ``expert_tensor_parallel_size = 1``, and :func:`consumers.bridge_moe.adapt_moe_layers` so that the
+  MoE block trains at TP > 1 without sequence parallelism (the reasons are in that module).
 - CPU only: the :mod:`consumers.shim`, ``use_cpu_initialization=True`` and the same seed on all
   ranks with the no-op CUDA RNG tracker.
 
@@ -32,7 +36,7 @@ from typing import Any
 
 import torch
 
-from consumers import bridge
+from consumers import bridge, bridge_moe
 from consumers.config import TrainerConfig, megatron_overrides
 from consumers.shim import apply_cpu_shim
 
@@ -60,24 +64,32 @@ def seed_all(seed: int) -> None:
         model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)  # no-op tracker, no CUDA RNG
 
 
-def initialize_parallel(tp: int, pp: int) -> None:
-    """``parallel_state.initialize_model_parallel`` (idempotent for the same sizes)."""
+def initialize_parallel(tp: int, pp: int, ep: int = 1, moe: bool = False) -> None:
+    """``parallel_state.initialize_model_parallel`` (idempotent for the same sizes).  ``ep`` is the
+    expert-parallel size; ``moe`` sets expert TP to 1 (see :mod:`consumers.bridge_moe`)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tensor_parallel*pipeline_parallel = {tp}*{pp}")
+    if (world // pp) % ep:
+        raise ValueError(f"expert_parallel={ep} does not divide world size / pipeline_parallel = {world // pp}")
+    etp = 1 if moe else tp
     if ps.model_parallel_is_initialized():
-        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
-        if have != (tp, pp):
-            raise RuntimeError(f"parallel_state already initialised with TP,PP={have}, asked for {(tp, pp)}")
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+        if have != (tp, pp, ep, etp):
+            raise RuntimeError(f"parallel_state already initialised with TP,PP,EP,ETP={have}, asked for {(tp, pp, ep, etp)}")
         return
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
     log.info(
-        "parallel state: world %d = TP %d x PP %d x DP %d (rank %d: tp %d, pp %d, dp %d)",
-        world, tp, pp, ps.get_data_parallel_world_size(), dist.get_rank(),
-        ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
+        "parallel state: world %d = TP %d x PP %d x DP %d, EP %d (rank %d: tp %d, pp %d, dp %d, ep %d)",
+        world, tp, pp, ps.get_data_parallel_world_size(), ep, dist.get_rank(), ps.get_tensor_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(), ps.get_expert_model_parallel_rank(),
     )
 
 
@@ -103,6 +115,7 @@ def build_transformer_config(cfg: TrainerConfig, spec: bridge.HFModelSpec) -> An
         "tensor_model_parallel_size": cfg.tensor_parallel,
         "pipeline_model_parallel_size": cfg.pipeline_parallel,
         "sequence_parallel": False,
+        **({"expert_model_parallel_size": cfg.expert_parallel, "expert_tensor_parallel_size": 1} if spec.num_experts else {}),
         "params_dtype": dtype,
         "pipeline_dtype": dtype,
         "use_cpu_initialization": not cuda,
@@ -140,10 +153,10 @@ def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableM
     from megatron.core.transformer.module import Float16Module
 
     apply_cpu_shim()
-    initialize_parallel(cfg.tensor_parallel, cfg.pipeline_parallel)
-    seed_all(cfg.seed)
     spec = bridge.load_hf_spec(hf_path)
-    bridge.check_parallel_sizes(spec, cfg.tensor_parallel, cfg.pipeline_parallel)
+    bridge.check_parallel_sizes(spec, cfg.tensor_parallel, cfg.pipeline_parallel, cfg.expert_parallel)
+    initialize_parallel(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.expert_parallel, moe=bool(spec.num_experts))
+    seed_all(cfg.seed)
     if spec.num_experts:
         megatron_moe_without_te()
     tconfig = build_transformer_config(cfg, spec)
@@ -155,6 +168,8 @@ def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableM
     )
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
+    if spec.num_experts:
+        bridge_moe.adapt_moe_layers(gpt)  # TP > 1 without sequence parallelism
     hf_state = bridge.load_hf_state(hf_path)
     n = bridge.load_hf_into_megatron(gpt, hf_state, ps.get_tensor_model_parallel_rank(), cfg.tensor_parallel, spec)
     del hf_state
@@ -206,6 +221,8 @@ def build_reference_model(cfg: TrainerConfig, hf_path: str | Path, tconfig: Any)
     )
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
+    if spec.num_experts:
+        bridge_moe.adapt_moe_layers(gpt)  # TP > 1 without sequence parallelism
     bridge.load_hf_into_megatron(gpt, bridge.load_hf_state(hf_path), ps.get_tensor_model_parallel_rank(), cfg.tensor_parallel, spec)
     module: Any = Float16Module(tconfig, gpt) if (tconfig.bf16 or tconfig.fp16) else gpt
     for p in module.parameters():

@@ -13,6 +13,10 @@ The patches (names in :data:`PATCHES`):
 - ``streams``: ``torch.cuda.Stream()`` / ``current_stream()`` return one do-nothing stream object,
   ``torch.cuda.stream(s)`` is a null context (the MoE alltoall token dispatcher stages its
   device-to-host copies on a side stream; needed for MoE models only);
+- ``moe_splits``: the MoE alltoall token dispatcher turns its all-to-all split sizes into numpy
+  arrays only when they are CUDA tensors (``maybe_move_tensor_to_cpu``); on CPU they stay tensors
+  and ``all_to_all_single`` rejects them (``TypeError: all_to_all_single(): incompatible function
+  arguments``).  Needed for expert parallelism (EP > 1) only;
 - ``device_mode``: a ``TorchFunctionMode`` that rewrites ``device="cuda*"`` to cpu, makes
   ``Tensor.cuda()`` a no-op and makes ``Tensor.type()`` say ``torch.cuda.*Tensor``.  Because of
   the last part, megatron's own ``clip_grad_by_total_norm_fp32`` works unchanged (its local
@@ -55,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 #: The patch names, in the order they are applied.
-PATCHES = ("current_device", "synchronize", "device_mode", "streams")
+PATCHES = ("current_device", "synchronize", "device_mode", "streams", "moe_splits")
 
 _lock = threading.Lock()
 _applied: set[str] = set()
@@ -126,6 +130,21 @@ def _stream_context(*_a: Any, **_k: Any) -> contextlib.AbstractContextManager[No
     return contextlib.nullcontext()
 
 
+def _dispatcher_module() -> Any:
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+    return token_dispatcher
+
+
+def _splits_to_numpy(original: Callable[..., Any]) -> Callable[..., Any]:
+    def move(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()  # what the CUDA path returns for the split sizes
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return move
+
+
 def _apply_one(name: str) -> None:
     if name == "current_device":
         _originals[name] = torch.cuda.current_device
@@ -140,6 +159,10 @@ def _apply_one(name: str) -> None:
         torch.cuda.Stream = _CPUStream  # type: ignore[assignment,misc]
         torch.cuda.current_stream = _current_stream  # type: ignore[assignment]
         torch.cuda.stream = _stream_context  # type: ignore[assignment]
+    elif name == "moe_splits":
+        mod = _dispatcher_module()
+        _originals[name] = mod.maybe_move_tensor_to_cpu
+        mod.maybe_move_tensor_to_cpu = _splits_to_numpy(mod.maybe_move_tensor_to_cpu)
     else:
         raise ValueError(f"unknown shim patch {name!r}; known: {PATCHES}")
 
@@ -153,6 +176,8 @@ def _revert_one(name: str) -> None:
         _exit_mode_in_this_thread()
     elif name == "streams":
         torch.cuda.Stream, torch.cuda.current_stream, torch.cuda.stream = _originals.pop(name)
+    elif name == "moe_splits":
+        _dispatcher_module().maybe_move_tensor_to_cpu = _originals.pop(name)
 
 
 def _enter_mode_in_this_thread() -> None:

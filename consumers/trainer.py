@@ -12,7 +12,15 @@ Batch layout: each trajectory is ``prompt + response`` left-aligned in a ``[b, s
 padded; input ``tokens[:-1]``, labels ``tokens[1:]``.  The label at position ``P - 1 + j`` is
 response token ``j`` (``P`` = prompt length); the loss mask is the trajectory's ``loss_mask`` there
 and 0 on prompt and padding.  Causal attention means padding never affects real tokens, so no
-attention mask is needed (the CPU-safe choice: packed THD batches do not run on CPU).
+attention mask is needed (the CPU-safe choice: packed THD batches do not run on CPU).  With
+``packing = "block_diagonal"`` several trajectories share a row (:mod:`consumers.batching`); the
+forward step passes Megatron a block-diagonal causal ``attention_mask`` (bool ``[b, 1, s, s]``,
+True = masked: the local spec's ``FusedScaleMaskSoftmax`` uses an explicit mask instead of its
+built-in causal one on the torch softmax path, megatron-core 0.16.1 and 0.19.2 alike), and the
+loss unpacks every per-token tensor to one row per trajectory before :func:`policy_loss`, so
+sequence-level aggregation and GSPO's ratio use trajectory boundaries.  The fused softmax kernel
+(``masked_softmax_fusion``, fp16/bf16) ignores the mask under ``attn_mask_type=causal``, and a
+sliding window replaces it: both are refused with packing.
 
 Loss normalisation: each microbatch returns the *sum* over its tokens plus its token count;
 with ``calculate_per_token_loss`` Megatron divides the gradients by the token count summed over
@@ -58,7 +66,15 @@ import torch
 import torch.distributed as dist
 
 from consumers import bridge
-from consumers.batching import PAD_TOKEN, Microbatch, build_microbatches
+from consumers.batching import (
+    PAD_TOKEN,
+    Microbatch,
+    block_causal_mask,
+    build_microbatches,
+    flatten,
+    make_microbatches,
+    unpack,
+)
 from consumers.config import TrainerConfig
 from consumers.loss import vocab_parallel_entropy
 from consumers.model import build_reference_model, build_trainable_model
@@ -112,6 +128,18 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
     log.info("torch.distributed: rank %d/%d via %s (%s)", dist.get_rank(), dist.get_world_size(), backend, where)
 
 
+def check_packing_support(tconfig: Any) -> None:
+    """Raise ValueError for Megatron settings under which the explicit block-diagonal mask would be
+    ignored: the fused softmax kernel (``masked_softmax_fusion``) applies its own upper-triangular
+    mask for ``attn_mask_type=causal`` and drops ours; a sliding window replaces it."""
+    if getattr(tconfig, "masked_softmax_fusion", False):
+        raise ValueError("trainer.packing needs megatron.masked_softmax_fusion = false (the fused causal kernel ignores the mask)")
+    if getattr(tconfig, "window_size", None) is not None:
+        raise ValueError("trainer.packing does not support sliding-window attention (megatron.window_size)")
+    if getattr(tconfig, "context_parallel_size", 1) != 1:
+        raise ValueError("trainer.packing does not support context parallelism")
+
+
 class TrainerRank:
     """One trainer process: model stage + optimizer; see the module docstring."""
 
@@ -129,6 +157,8 @@ class TrainerRank:
         self.policy_version = 0  # version of the current weights (RL steps; restored on resume)
         self.ref_model = build_reference_model(cfg, hf_path, self.mconfig) if cfg.kl_coef > 0 else None
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if cfg.packing != "none":
+            check_packing_support(self.mconfig)
         log.info(
             "trainer rank %d ready: TP %d/%d PP %d/%d DP %d/%d", dist.get_rank(),
             self.tp_rank, cfg.tensor_parallel, self.pp_rank, cfg.pipeline_parallel, self.dp_rank, self.dp_size,
@@ -167,7 +197,6 @@ class TrainerRank:
         if cfg.temperature != 1.0 and kind != "sft":
             z = z / cfg.temperature
         dev = z.device
-        mask = mb.loss_mask.to(dev)
         tp_group = self._ps.get_tensor_model_parallel_group() if cfg.tensor_parallel > 1 else None
         entropy = None
         if kind != "sft" and cfg.entropy_coef > 0:
@@ -177,14 +206,19 @@ class TrainerRank:
             entropy = vocab_parallel_entropy(z, tp_group)
         # vocab-parallel CE (the op GPTModel uses when given labels); it reuses z's storage
         logp = -tensor_parallel.vocab_parallel_cross_entropy(z, mb.labels.to(dev))
+        # packed rows -> one row per trajectory (identity for padded microbatches)
+        logp = unpack(logp, mb)
+        mask = unpack(mb.loss_mask.to(dev), mb)
+        if entropy is not None:
+            entropy = unpack(entropy, mb)
         loss_sum, st = policy_loss(
-            logp, mb.behav_logprobs.to(dev), mb.advantages.to(dev), mask,
+            logp, unpack(mb.behav_logprobs.to(dev), mb), unpack(mb.advantages.to(dev), mb), mask,
             loss=kind, correction=cfg.off_policy, tis_cap=cfg.tis_cap,  # type: ignore[arg-type]
             eps_clip_low=cfg.eps_clip_low, eps_clip_high=cfg.eps_clip_high,
             icepop_low=cfg.icepop_low, icepop_high=cfg.icepop_high, prox=cfg.proximal,
-            versions=mb.versions.to(dev) if mb.versions is not None else None,
+            versions=unpack(mb.versions.to(dev), mb) if mb.versions is not None else None,
             v_theta=self.policy_version, prox_lag=cfg.prox_lag, agg=cfg.loss_agg,
-            ref_logprobs=mb.ref_logprobs.to(dev) if (mb.ref_logprobs is not None and kind != "sft") else None,
+            ref_logprobs=unpack(mb.ref_logprobs.to(dev), mb) if (mb.ref_logprobs is not None and kind != "sft") else None,
             kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
             entropy=entropy, entropy_coef=cfg.entropy_coef if kind != "sft" else 0.0, reduction="sum",
         )
@@ -193,14 +227,21 @@ class TrainerRank:
         report["is_weight_max"] = st["is_weight_max"]
         return loss_sum, st["loss_norm"].to(torch.int), report
 
+    def _model_forward(self, model: Any, mb: Microbatch) -> torch.Tensor:
+        """``model(tokens, position_ids, attention_mask)``; the mask is block-diagonal causal for
+        packed rows (built here, on the compute device) and None (Megatron's causal) otherwise."""
+        dev = self._device
+        mask = block_causal_mask(mb.segment_ids.to(dev)) if mb.segment_ids is not None else None
+        return model(mb.tokens.to(dev), mb.position_ids.to(dev), mask)
+
     def _forward_step(self, kind: str, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         mb: Microbatch = next(data_iterator)
-        out = model(mb.tokens.to(self._device), mb.position_ids.to(self._device), None)
+        out = self._model_forward(model, mb)
         return out, partial(self._loss_func, mb, kind)
 
     def _ref_forward_step(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         mb: Microbatch = next(data_iterator)
-        out = model(mb.tokens.to(self._device), mb.position_ids.to(self._device), None)
+        out = self._model_forward(model, mb)
 
         def loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
             from megatron.core import tensor_parallel
@@ -213,19 +254,51 @@ class TrainerRank:
 
         return out, loss
 
-    def _fill_reference_logprobs(self, mbs: list[Microbatch]) -> None:
-        """Forward-only pass of the frozen reference model; sets ``mb.ref_logprobs`` on the last PP stage."""
+    def _forward_logprobs(self, model: Any, mbs: list[Microbatch]) -> list[torch.Tensor]:
+        """Forward-only pass of ``model``: each microbatch's label log-probs (row layout, at the
+        sampling temperature), on the last PP stage (``[]`` elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        assert self.ref_model is not None
         with torch.no_grad():
             out = get_forward_backward_func()(
-                forward_step_func=self._ref_forward_step, data_iterator=iter(mbs), model=[self.ref_model],
+                forward_step_func=self._ref_forward_step, data_iterator=iter(mbs), model=[model],
                 num_microbatches=len(mbs), seq_length=max(mb.tokens.shape[1] for mb in mbs),
                 micro_batch_size=max(mb.tokens.shape[0] for mb in mbs), forward_only=True,
             )
-        for mb, r in zip(mbs, out or [], strict=False):
-            mb.ref_logprobs = r["logp"]
+        return [r["logp"] for r in out or []]
+
+    def _fill_reference_logprobs(self, mbs: list[Microbatch]) -> None:
+        """Forward-only pass of the frozen reference model; sets ``mb.ref_logprobs`` on the last PP stage."""
+        assert self.ref_model is not None
+        for mb, lp in zip(mbs, self._forward_logprobs(self.ref_model, mbs), strict=False):
+            mb.ref_logprobs = lp
+
+    def _microbatches(self, groups: list[TrajectoryGroup], std_norm: bool) -> list[Microbatch]:
+        cfg = self.cfg
+        return make_microbatches(
+            groups, std_norm, cfg.packing, cfg.micro_batch_size, cfg.max_tokens_per_microbatch, cfg.pack_row_tokens
+        )
+
+    def token_logprobs(self, groups: list[TrajectoryGroup]) -> list[np.ndarray]:
+        """Log-probs of every label token (``P + R - 1`` per trajectory: prompt tokens after the
+        first, then the response) under the current weights, at the sampling temperature, one
+        float32 array per trajectory in :func:`consumers.batching.flatten` order, batched as
+        :meth:`train_step` batches them (padded or packed).  Collective over the TP/PP group;
+        the arrays exist on the last PP stage (``[]`` elsewhere).  No gradient, no step."""
+        mbs = self._microbatches(groups, self.cfg.advantage_std_norm)
+        trajs, _ = flatten(groups, self.cfg.advantage_std_norm)
+        self.model.eval()
+        lps = self._forward_logprobs(self.model, mbs)
+        self.model.train()
+        if not lps:
+            return []
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(trajs)
+        for mb, lp in zip(mbs, lps, strict=True):
+            rows = unpack(lp.float(), mb, fill=float("nan"))
+            for r, i in enumerate(mb.traj_order or []):
+                t = trajs[i]
+                out[i] = rows[r, : len(t.prompt_tokens) + len(t.response_tokens) - 1].numpy().copy()
+        return out
 
     def _run(self, mbs: list[Microbatch], kind: str) -> tuple[Any, Any]:
         """Forward/backward over ``mbs`` and one optimizer step; returns (results, grad_norm)."""
@@ -260,7 +333,7 @@ class TrainerRank:
         increments it and ``steps_done``."""
         t0 = time.perf_counter()
         cfg = self.cfg
-        mbs = build_microbatches(groups, cfg.micro_batch_size, cfg.advantage_std_norm, cfg.max_tokens_per_microbatch)
+        mbs = self._microbatches(groups, cfg.advantage_std_norm)
         results, grad_norm = self._run(mbs, cfg.loss)
         self.steps_done += 1
         self.policy_version += 1
@@ -282,7 +355,7 @@ class TrainerRank:
             for i, (p, r) in enumerate(examples)
         ]
         groups = [TrajectoryGroup("sft", "sft", "sft", 0, 0, trajs)] if trajs else []
-        mbs = build_microbatches(groups, self.cfg.micro_batch_size, False, self.cfg.max_tokens_per_microbatch)
+        mbs = self._microbatches(groups, False)
         results, grad_norm = self._run(mbs, "sft")
         self.steps_done += 1
         stats = self._reduce_stats(results, [], grad_norm)

@@ -1,7 +1,8 @@
 """HF <-> Megatron bridge (consumers/bridge.py): config mapping, logits parity, export round trip.
 
 In-process, TP=1/PP=1 (gloo world of one).  The TP=2 / PP=2 versions of the parity and export
-checks are in tests/test_trainer_dist.py (torchrun).
+checks are in tests/test_trainer_dist.py (torchrun); Qwen3-MoE's are in tests/test_bridge_moe.py
+(TP=1, EP=1) and tests/test_bridge_moe_dist.py (TP=2, PP=2, EP=2, TP2xEP2; torchrun).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pipeline.configbase import ConfigError, field_docs, from_dict
 def test_defaults_are_valid_and_documented():
     cfg = TrainerConfig()
     assert (cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.grad_clip, cfg.tis_cap) == (3e-4, 0.9, 0.99, 1.0, 2.0)
-    assert cfg.micro_batch_size == 64 and cfg.publish_bucket_bytes == 64 << 20
+    assert cfg.micro_batch_size == 64 and cfg.publish_bucket_bytes == 512 << 20
     assert all(doc for _, _, _, doc in field_docs(TrainerConfig))
     assert cfg.resolved_weight_backend(cuda=False) == "gloo" and cfg.resolved_weight_backend(cuda=True) == "nccl"
 
