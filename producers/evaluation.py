@@ -32,7 +32,7 @@ from math import comb
 from pathlib import Path
 from typing import Any
 
-from producers.plugins import Prompt, Sample
+from producers.plugins import PluginTimeout, Prompt, Sample
 from producers.rollout import RolloutContext, RolloutSample, SamplingParams, validate_samples
 from producers.scoring import Scorer
 from producers.sglang_client import EngineClient, EngineError
@@ -120,13 +120,16 @@ class Evaluator:
         return rec
 
     async def loop(self, client: EngineClient, tokenizer: Any, version_fn: Callable[[], int], stop: asyncio.Event, poll_s: float = 0.5) -> None:
-        """Evaluate whenever due until ``stop``; engine errors are logged and retried at the next poll."""
+        """Evaluate whenever due until ``stop``; engine errors and plug-in timeouts are logged and
+        retried at the next poll (evaluation never stops training)."""
         while not stop.is_set():
             if self.due(version_fn()):
                 try:
                     await self.evaluate(client, tokenizer, version_fn)
                 except EngineError as e:
-                    log.warning("evaluation failed (engine; retried): %s", e)
+                    log.warning("evaluation failed (engine; retried at the next poll): %s", e)
+                except PluginTimeout as e:
+                    log.warning("evaluation failed (plug-in timeout; retried at the next poll): %s", e)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=poll_s)
             except TimeoutError:

@@ -45,3 +45,43 @@ def test_evaluator_writes_pass_at_k(tmp_path: Path) -> None:
     assert rec["policy_version"] == 7 and rec["min_token_version"] == rec["max_token_version"] == 7
     assert json.loads(out.read_text()) == rec
     assert not ev.due(9) and ev.due(10)  # evaluated in bucket 5; next at 10
+
+
+_calls = {"n": 0}
+
+
+def _slow_first_reward(sample) -> float:  # hangs past the timeout on its first call only
+    import time
+
+    _calls["n"] += 1
+    if _calls["n"] == 1:
+        time.sleep(1.0)
+    return 1.0
+
+
+def test_evaluation_survives_a_reward_timeout_and_retries(tmp_path: Path) -> None:
+    """A plug-in timeout during evaluation is logged and retried at the next poll; the loop (and so
+    the producer) keeps running."""
+    _calls["n"] = 0
+    right = [DIGIT0_ID + 3, EOS_ID]
+    client = ScriptedClient([right] * 8, version=3)
+    out = tmp_path / "eval.jsonl"
+    scorer = Scorer("tests.test_evaluation:_slow_first_reward", timeout_s=0.2)
+    ev = Evaluator([Prompt("a", tokens=[1, DIGIT0_ID + 3], label="3")], single_turn, "producers.rollout:single_turn",
+                   scorer, SamplingParams(max_new_tokens=4), samples=1, ks=[1], every_versions=1, threshold=1.0,
+                   out_path=out)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(ev.loop(client, _Tok(), lambda: 3, stop, poll_s=0.05))  # type: ignore[arg-type]
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if out.exists():
+                break
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["pass@1"] == 1.0
+    assert _calls["n"] >= 2  # the timed-out call, then the retry
