@@ -123,6 +123,7 @@ class Broker:
             cfg.stale_policy, policy_version, lease_prefix=f"lease-{uuid.uuid4().hex[:8]}",
         )
         self.metrics = BrokerMetrics()
+        self._retained_full_logged = float("-inf")  # last "queue full because of retention" warning
         self.journal: Journal | None = None
         self.orphan_leases: dict[str, list[tuple[str, int, int]]] = {}  # issued by an earlier incarnation
         self.orphan_lease_steps: dict[str, tuple[int, list[list[int]]]] = {}  # their steps and shards
@@ -259,7 +260,9 @@ class Broker:
             self.metrics.journal_bytes.inc(self.journal.bytes_written - before)
         result = self.queue.accept(group)
         if result == "full":
-            if self.queue.retained_trajectories:
+            now = time.monotonic()
+            if self.queue.retained_trajectories and now - self._retained_full_logged >= 10.0:  # counted every time, logged every 10 s
+                self._retained_full_logged = now
                 log.warning(
                     "queue full: group %s refused (producer resends it later); %d of its %d trajectories (%d bytes) are "
                     "retained batches of steps %s, held for replay until the trainer reports a checkpoint covering them",
