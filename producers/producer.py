@@ -229,7 +229,8 @@ class Producer:
         self._client: EngineClient | None = None
         self.stats: dict[str, Any] = {"groups_generated": 0, "trajectories_generated": 0, "acked_trajectory_ids": 0, "groups_filtered": {}, "filtered_prompt_ids": [],
                                       "plugin_timeouts": {}, "failed_prompt_ids": [], "groups_cut": {"continued": 0, "restarted": 0},
-                                      "credit_waits": {"sent": 0, "stale": 0}, "max_concurrent_generations": 0}
+                                      "credit_waits": {"sent": 0, "stale": 0}, "max_concurrent_generations": 0,
+                                      "groups_cancelled_at_stop": 0}
         # One line per acked group (appended, flushed per line, across restarts): the delivery audit trail.
         self._acked_log = None
         if acked_log is not None:
@@ -554,7 +555,10 @@ class Producer:
         try:
             await self._generate_group(client, job, act)
         except asyncio.CancelledError:
-            if not act.restart or self._stop.is_set():
+            if self._stop.is_set():
+                self.stats["groups_cancelled_at_stop"] += 1  # generating when the producer stopped
+                raise
+            if not act.restart:
                 raise
             self._restart_cut(job)  # cut: the group restarts from the prompt
         except PluginTimeout as e:

@@ -85,7 +85,8 @@ def test_filtered_groups_never_reach_the_broker_and_counts_balance(tmp_path: Pat
     assert set(p.stats["filtered_prompt_ids"]) <= {f"p{i}" for i in range(0, 200, 2)}
     # Every started group is accounted for: sent, filtered, waiting for a credit, or cut off by the stop.
     started = next(p._active_ids)
-    assert started == len(broker.groups) + filtered + len(p.waiting) + p.running
+    assert started == (len(broker.groups) + filtered + len(p.waiting) + p.running
+                       + p.stats["groups_cancelled_at_stop"])
     assert p.stats["trajectories_generated"] == 2 * len(broker.groups)
 
 
