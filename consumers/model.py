@@ -142,13 +142,11 @@ def _use_foreach(optimizer: Any) -> None:
 def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableModel:
     """Build this rank's model stage, load the checkpoint, wrap in DDP, make the optimizer.
     ``torch.distributed`` must be initialised; parallel_state is initialised here if needed."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
-    from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
@@ -160,19 +158,7 @@ def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableM
     if spec.num_experts:
         megatron_moe_without_te()
     tconfig = build_transformer_config(cfg, spec)
-    gpt = GPTModel(
-        tconfig,
-        **bridge.gpt_model_kwargs(spec),
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-    )
-    if torch.cuda.is_available():
-        gpt.cuda(torch.cuda.current_device())
-    if spec.num_experts:
-        bridge_moe.adapt_moe_layers(gpt)  # TP > 1 without sequence parallelism
-    hf_state = bridge.load_hf_state(hf_path)
-    n = bridge.load_hf_into_megatron(gpt, hf_state, ps.get_tensor_model_parallel_rank(), cfg.tensor_parallel, spec)
-    del hf_state
+    gpt, n = _gpt_stage_from_hf(cfg, spec, tconfig, hf_path)
     bridge.apply_padding_idx(gpt, spec)
     log.info("loaded %s (%d parameters on this rank) from %s", spec.model_type, n, hf_path)
     module: Any = Float16Module(tconfig, gpt) if (tconfig.bf16 or tconfig.fp16) else gpt
@@ -204,15 +190,12 @@ def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableM
     return TrainableModel(model=model, optimizer=optimizer, spec=spec, config=tconfig)
 
 
-def build_reference_model(cfg: TrainerConfig, hf_path: str | Path, tconfig: Any) -> Any:
-    """A frozen copy of the initial weights (the KL reference): this rank's GPTModel stage loaded
-    from the same checkpoint, in eval mode, no gradients, no optimizer.  Same TP/PP layout and
-    TransformerConfig as the trained model (parallel_state must be initialised)."""
+def _gpt_stage_from_hf(cfg: TrainerConfig, spec: bridge.HFModelSpec, tconfig: Any, hf_path: str | Path) -> tuple[Any, int]:
+    """This rank's ``GPTModel`` stage (TP shard, PP stage, on the GPU when there is one) with the
+    checkpoint's weights loaded; returns it and the number of parameters loaded."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.module import Float16Module
 
-    spec = bridge.load_hf_spec(hf_path)
     gpt = GPTModel(
         tconfig,
         **bridge.gpt_model_kwargs(spec),
@@ -223,7 +206,18 @@ def build_reference_model(cfg: TrainerConfig, hf_path: str | Path, tconfig: Any)
         gpt.cuda(torch.cuda.current_device())
     if spec.num_experts:
         bridge_moe.adapt_moe_layers(gpt)  # TP > 1 without sequence parallelism
-    bridge.load_hf_into_megatron(gpt, bridge.load_hf_state(hf_path), ps.get_tensor_model_parallel_rank(), cfg.tensor_parallel, spec)
+    hf_state = bridge.load_hf_state(hf_path)
+    n = bridge.load_hf_into_megatron(gpt, hf_state, ps.get_tensor_model_parallel_rank(), cfg.tensor_parallel, spec)
+    return gpt, n
+
+
+def build_reference_model(cfg: TrainerConfig, hf_path: str | Path, tconfig: Any) -> Any:
+    """A frozen copy of the initial weights (the KL reference): this rank's GPTModel stage loaded
+    from the same checkpoint, in eval mode, no gradients, no optimizer.  Same TP/PP layout and
+    TransformerConfig as the trained model (parallel_state must be initialised)."""
+    from megatron.core.transformer.module import Float16Module
+
+    gpt, _ = _gpt_stage_from_hf(cfg, bridge.load_hf_spec(hf_path), tconfig, hf_path)
     module: Any = Float16Module(tconfig, gpt) if (tconfig.bf16 or tconfig.fp16) else gpt
     for p in module.parameters():
         p.requires_grad_(False)
