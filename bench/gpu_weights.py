@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     args = ap.parse_args()
     torch.cuda.set_device(0)
-    from consumers.publisher import WeightPublisher, plan_buckets
+    from consumers.publisher import WeightPublisher, bucket_sizes, plan_buckets
 
     result: dict = {
         "benchmark": "weight streaming (issue 4)",
@@ -178,7 +178,7 @@ def main() -> None:
     result["model"] = {"shape": f"Qwen3-{args.shape} (random)", "parameters": sum(t.numel() for t in named.values()), "bytes": nbytes, "dtype": "bfloat16"}
     result["raw_nccl_broadcast"] = {}
     for mb in args.bucket_mb:
-        sizes = [sum(named[n].numel() * named[n].element_size() for n in b) for b in plan_buckets(named, mb << 20)]
+        sizes = bucket_sizes(named, plan_buckets(named, mb << 20))
         result["raw_nccl_broadcast"][f"{mb}MiB"] = raw_nccl(sizes, args.reps)
         save()
 

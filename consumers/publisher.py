@@ -129,8 +129,13 @@ def chunked_update_payload(named: Mapping[str, torch.Tensor], buckets: list[list
     """Body of the single /update_weights_from_distributed request for a whole update to an
     embedded engine: every tensor's name/dtype/shape, plus each bucket's byte size."""
     payload = bucket_payload(named, group_name, version)
-    payload[CHUNKS_FIELD] = [sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets]
+    payload[CHUNKS_FIELD] = bucket_sizes(named, buckets)
     return payload
+
+
+def bucket_sizes(named: Mapping[str, torch.Tensor], buckets: list[list[str]]) -> list[int]:
+    """Byte size of each bucket."""
+    return [sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets]
 
 
 def pause_payload(mode: str) -> dict[str, Any]:
@@ -475,20 +480,21 @@ class WeightPublisher:
             return self._send_chunked(named, buckets, version)
         return self._send_per_bucket(named, buckets, version)
 
-    def _bucket_bytes(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], i: int) -> torch.Tensor:
+    def _bucket_bytes(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], i: int,
+                      largest: int) -> torch.Tensor:
         """Bucket ``i``'s bytes: a view when its tensors already lie back to back (a
-        :class:`consumers.publish_async.WeightSnapshot`), else flattened into buffer ``i % 2``."""
+        :class:`consumers.publish_async.WeightSnapshot`), else flattened into buffer ``i % 2``
+        (buffers of ``largest`` bytes, the biggest bucket's size)."""
         tensors = [named[n] for n in buckets[i]]
         span = contiguous_span(tensors)
         if span is not None:
             return span
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        need = max(sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets)
-        bufs = self._buffers(need, min(2, len(buckets)), device)
+        bufs = self._buffers(largest, min(2, len(buckets)), device)
         return flatten_into(bufs[i % len(bufs)], tensors)
 
     def _broadcast_buckets(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]],
-                           indices: list[int]) -> int:
+                           indices: list[int], largest: int) -> int:
         """Broadcast ``buckets[i]`` for ``i`` in ``indices``, back to back: bucket ``i + 1`` is
         flattened while bucket ``i`` is on the wire, and a buffer is refilled only after the
         broadcast that used it completed (on GPU, ``wait`` orders the stream).  Returns the bytes sent."""
@@ -499,7 +505,7 @@ class WeightPublisher:
             if len(pending) == 2:
                 pending.popleft().wait()
             t = time.perf_counter()
-            flat = self._bucket_bytes(named, buckets, i)
+            flat = self._bucket_bytes(named, buckets, i, largest)
             self._timings["flatten_s"] += time.perf_counter() - t
             pending.append(self._group.broadcast_async(flat, 0))
             total += flat.numel()
@@ -515,7 +521,7 @@ class WeightPublisher:
         what = f"version {version} ({len(buckets)} bucket(s), swap)"
         t = time.perf_counter()
         futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
-        own = spawn(self._broadcast_buckets, named, buckets, list(range(len(buckets))))
+        own = spawn(self._broadcast_buckets, named, buckets, list(range(len(buckets))), max(payload[CHUNKS_FIELD]))
         try:
             total = self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
         except PublishError:
@@ -530,6 +536,7 @@ class WeightPublisher:
         total = 0
         replies: list[dict[str, Any]] = []
         flush = self.flush_cache
+        largest = max(bucket_sizes(named, buckets))
         for i, names in enumerate(buckets):
             last = i == len(buckets) - 1
             payload = bucket_payload({n: named[n] for n in names}, self.group_name, version if last else None,
@@ -538,7 +545,7 @@ class WeightPublisher:
             t = time.perf_counter()
             futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
             # flattened while the engines parse the request
-            own = spawn(self._broadcast_buckets, named, buckets, [i])
+            own = spawn(self._broadcast_buckets, named, buckets, [i], largest)
             try:
                 total += self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
             except PublishError:
