@@ -255,7 +255,7 @@ def policy_loss(
             "is_clip_count": (cut & m).sum().float(),
             "ppo_clip_count": clipped_active.sum().float(),
             "logprob_mismatch_sum": lr[m].abs().sum(),
-            "kl_sum": (ratio_b - 1 - lr)[m].sum(),  # k3 of KL(μ || π_θ), as grpo_tis_loss
+            "kl_sum": (ratio_b - 1 - lr)[m].sum(),  # k3 of KL(μ || π_θ), as tests/reference_losses.py
             "kl_ref_sum": kl_ref_tok.detach().float()[m].sum() if kl_ref_tok is not None else torch.zeros(()),
             "entropy_sum": (entropy.detach().float() * mask).sum() if entropy is not None else torch.zeros(()),
         }

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from consumers.loss import grpo_tis_loss, policy_gradient_loss
 from consumers.policy_loss import entropy_from_logits, kl_estimate, loglinear_proximal, policy_loss
+from tests.reference_losses import grpo_tis_loss, policy_gradient_loss
 
 # fixed tensors: 3 sequences x 5 tokens (row = sequence)
 LP = np.array([[-0.5, -1.2, -0.1, -2.0, -0.7], [-0.3, -3.0, -0.9, -0.05, -1.5], [-1.0, -0.2, -0.4, -0.6, -2.2]])
