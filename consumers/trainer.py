@@ -3,9 +3,9 @@
 What: :class:`TrainerRank` runs in every trainer process (TP x PP x DP under torch.distributed).
 It builds the model from a Hugging Face checkpoint (:mod:`consumers.model`), and
 :meth:`TrainerRank.train_step` turns this DP rank's share of trajectory groups into padded
-microbatches, computes the response tokens' log-probs under the current weights (vocab-parallel,
-at the sampler's temperature), group-normalised advantages and the GRPO + truncated-IS loss
-(:mod:`consumers.loss`), runs Megatron's forward/backward schedule and one optimizer step, and
+microbatches (padded or packed, :mod:`consumers.batching`), computes the response tokens' log-probs
+under the current weights (vocab-parallel, at the sampler's temperature), group-normalised
+advantages and the configured policy loss (:mod:`consumers.policy_loss`), runs Megatron's forward/backward schedule and one optimizer step, and
 returns statistics reduced over data-parallel ranks (the same dict on every rank).
 
 Batch layout: each trajectory is ``prompt + response`` left-aligned in a ``[b, s]`` row, right
