@@ -15,6 +15,7 @@ steps (``consumed.jsonl`` lines with ``"replay": true``): it trains what the kil
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,14 +38,21 @@ TINY = REPO / "examples" / "tiny" / "config.toml"
 LOSS_TOLERANCE = 1e-6
 
 
-def _start(tmp_path: Path, steps: int, *sets: str) -> tuple[subprocess.Popen[bytes], Path]:
+@contextlib.contextmanager
+def _run(tmp_path: Path, steps: int, *sets: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Start ``slipstream run`` on the tiny example; on leaving, interrupt it if it still runs."""
     run_dir = tmp_path / "run"
     model = tmp_path.parent / "tiny-qwen3"
     args = ["run", str(TINY), "--run-dir", str(run_dir), "--set", f"model.path='{model}'", "--set", f"run.steps={steps}",
             "--set", "run.restart_backoff_s=0.2", "--set", "run.verify_weights=false", *[a for kv in sets for a in ("--set", kv)]]
     log = (tmp_path / "launcher.log").open("wb")
     proc = subprocess.Popen(slipstream(*args), stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=tmp_path)
-    return proc, run_dir
+    try:
+        yield proc, run_dir
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
 
 
 def _wait_steps(proc: subprocess.Popen[bytes], run_dir: Path, n: int, tmp_path: Path, timeout_s: float = 120, poll_s: float = 0.2) -> None:
@@ -106,17 +115,12 @@ def _audit(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_broker_sigkill_recovers_from_journal(tmp_path: Path) -> None:
-    proc, run_dir = _start(tmp_path, steps=16)
-    try:
+    with _run(tmp_path, steps=16) as (proc, run_dir):
         _wait_steps(proc, run_dir, 4, tmp_path)
         _kill_and_wait_restart(run_dir, "broker")
         _wait_steps(proc, run_dir, 8, tmp_path)
         _kill_and_wait_restart(run_dir, "broker")  # twice: the second recovery replays a recovered journal
         assert proc.wait(timeout=180) == 0, _logs(tmp_path)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
     summary = _audit(run_dir)
     assert summary["restarts"]["broker"] == 2
     assert summary["steps_completed"] == 16
@@ -126,15 +130,10 @@ def test_broker_sigkill_recovers_from_journal(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_producer_sigkill_is_restarted(tmp_path: Path) -> None:
-    proc, run_dir = _start(tmp_path, steps=12)
-    try:
+    with _run(tmp_path, steps=12) as (proc, run_dir):
         _wait_steps(proc, run_dir, 3, tmp_path)
         _kill_and_wait_restart(run_dir, "producer-0")
         assert proc.wait(timeout=180) == 0, _logs(tmp_path)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
     summary = _audit(run_dir)
     assert summary["restarts"]["producer"] == 1
     assert summary["steps_completed"] == 12
@@ -159,16 +158,11 @@ def test_trainer_sigkill_resumes_from_checkpoint(tmp_path: Path) -> None:
     (counted once); the broker retained them and replays them to the resumed trainer, which trains
     exactly the same trajectories at those steps, in the same order, with the same loss."""
     steps, gps, group_size = 10, 8, 8
-    proc, run_dir = _start(tmp_path, steps, "trainer.checkpoint_every=3")
-    try:
+    with _run(tmp_path, steps, "trainer.checkpoint_every=3") as (proc, run_dir):
         _wait_steps(proc, run_dir, 4, tmp_path, poll_s=0.02)
         old = _pid(run_dir, "trainer")
         _kill_and_wait_restart(run_dir, "trainer")
         assert proc.wait(timeout=180) == 0, _logs(tmp_path)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
     summary = _audit(run_dir)
     assert summary["restarts"]["trainer"] == 1
     assert summary["steps_completed"] == steps
