@@ -145,6 +145,22 @@ async def load(url: str, seconds: float, concurrency: int, new_tokens: int, prom
     return {"tokens": tokens, "requests": requests, "seconds": time.monotonic() - t0, "tokens_per_s": tokens / seconds}
 
 
+def breakdown(timings: list[dict]) -> dict[str, float]:
+    """Mean split of one update (same host: the engine's started_at is on this clock): request
+    latency (post -> engine handler), the engine's parse / queue / receive / swap wait / swap, and
+    reply latency (engine done -> publisher has the reply)."""
+    rows = []
+    for t in timings:
+        request = t["engine_started_at"] - t["posted_at"]
+        row = {"request_latency_s": request}
+        row.update({k.removeprefix("engine_"): t[k] for k in
+                    ("engine_parse_s", "engine_queue_s", "engine_receive_s", "engine_swap_wait_s", "engine_swap_s")})
+        row["reply_latency_s"] = t["send_s"] - request - t["engine_handler_s"]
+        row["total_s"] = t["send_s"]
+        rows.append(row)
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -155,6 +171,7 @@ def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=40)
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--no-load", action="store_true", help="only the publish figures (skip the generation load test)")
     args = ap.parse_args()
     torch.cuda.set_device(0)
     from consumers.publisher import WeightPublisher, bucket_sizes, plan_buckets
@@ -210,7 +227,8 @@ def main() -> None:
                 # where the time went (means over the timed reps): publisher CPU wall time per phase,
                 # and the engine's own view (receive: from starting a bucket's receive until its bytes
                 # are on the GPU; swap: the pause).
-                "publisher_timings_mean_s": {k: sum(t[k] for t in timings) / len(timings) for k in timings[0]},
+                "publisher_timings_mean_s": {k: sum(t[k] for t in timings) / len(timings) for k in timings[0] if not k.endswith("_at")},
+                "breakdown_mean_s": breakdown(timings),
                 "engine_receive_s_per_update": (m1[rs] - m0[rs]) / args.reps,
                 "engine_buckets_per_update": (m1[rc] - m0[rc]) / args.reps,
                 "engine_swap_s_per_update": (m1[ps] - m0[ps]) / max(1.0, m1[pc] - m0[pc]),
@@ -224,23 +242,27 @@ def main() -> None:
 
         snapshot = WeightSnapshot()
         pub.bucket_bytes = args.bucket_mb[0] << 20
-        snap_times, times = [], []
+        snap_times, times, timings = [], [], []
         for _ in range(args.reps + 1):
             version += 1
             t0 = time.perf_counter()
             snap = snapshot.take(named)  # ends with a device synchronize
             t1 = time.perf_counter()
-            pub.publish(snap, version, checksum=False)
+            info = pub.publish(snap, version, checksum=False)
             snap_times.append(t1 - t0)
             times.append(time.perf_counter() - t1)
-        times, snap_times = times[1:], snap_times[1:]
+            timings.append(info["timings"])
+        times, snap_times, timings = times[1:], snap_times[1:], timings[1:]
         raw = result["raw_nccl_broadcast"][f"{args.bucket_mb[0]}MiB"]["GBps_best"]
         result["publish_from_snapshot"] = {
             "bucket": f"{args.bucket_mb[0]}MiB", "seconds": times, "GBps_best": nbytes / min(times) / 1e9,
-            "vs_raw": nbytes / min(times) / 1e9 / raw, "snapshot_seconds": snap_times,
+            "vs_raw": nbytes / min(times) / 1e9 / raw, "snapshot_seconds": snap_times, "breakdown_mean_s": breakdown(timings),
         }
         save()
         pub.bucket_bytes = max(args.bucket_mb) << 20
+        if args.no_load:
+            pub.close()
+            return
 
         gen = "slipstream_engine_generated_tokens_total"
         asyncio.run(load(url, 10, args.concurrency, args.new_tokens, 32))  # warm-up

@@ -27,8 +27,8 @@ The routes and request bodies are built by the ``ROUTE_*`` constants and ``*_pay
 below; ``tests/test_sglang_contract.py`` checks them against sglang 0.5.23's source.
 
 Every HTTP call has a timeout, and every failure names the engine URL, the route and what was
-awaited.  HTTP uses the standard library (``urllib``) from daemon threads, so the trainer needs no
-event loop.
+awaited.  HTTP uses the standard library (``http.client``, kept-alive connections) from daemon threads,
+so the trainer needs no event loop.
 
 How:
 
@@ -41,13 +41,14 @@ How:
 from __future__ import annotations
 
 import collections
+import http.client
 import json
 import logging
+import select
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Mapping
 from concurrent.futures import Future, as_completed
 from typing import Any
@@ -193,30 +194,96 @@ def free_port(address: str) -> int:
         return s.getsockname()[1]
 
 
-def post_json(url: str, payload: dict[str, Any] | None, timeout_s: float, what: str) -> dict[str, Any]:
-    """POST JSON (GET when ``payload`` is None), return the decoded JSON reply, or raise
-    PublishError naming url and ``what``.  A plain-text reply from a route in
-    ``TEXT_REPLY_ROUTES`` becomes ``{"success": True, "message": text}`` (HTTP errors still raise)."""
-    req = urllib.request.Request(
-        url, data=None if payload is None else json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"}, method="GET" if payload is None else "POST",
-    )
+class Connections:
+    """Keep-alive HTTP connections to the engines (``http.client``), reused across requests.
+
+    Why: a weight update is one request per version (embedded engine) or several back to back
+    (SGLang: pause, one per bucket, continue); a new TCP connection and ``urllib``'s machinery per
+    request added about a millisecond to each.  A connection idle for more than ``idle_s`` or
+    closed by the engine (checked before reuse, as urllib3 does) is dropped, never retried on:
+    uvicorn (SGLang) closes idle connections after 5 s, aiohttp (the embedded engine) after 75 s.
+    Thread-safe: each request takes a connection out of the pool for its duration.
+    """
+
+    def __init__(self, idle_s: float = 4.0) -> None:
+        self.idle_s = idle_s
+        self._idle: dict[tuple[str, int], list[tuple[http.client.HTTPConnection, float]]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, host: str, port: int, timeout_s: float) -> http.client.HTTPConnection:
+        now = time.monotonic()
+        with self._lock:
+            pool = self._idle.get((host, port), [])
+            while pool:
+                conn, since = pool.pop()
+                if now - since <= self.idle_s and not _dropped(conn):
+                    conn.timeout = timeout_s
+                    if conn.sock is not None:
+                        conn.sock.settimeout(timeout_s)
+                    return conn
+                conn.close()
+        return http.client.HTTPConnection(host, port, timeout=timeout_s)
+
+    def give_back(self, host: str, port: int, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._idle.setdefault((host, port), []).append((conn, time.monotonic()))
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._idle = list(self._idle.values()), {}
+        for pool in pools:
+            for conn, _ in pool:
+                conn.close()
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """True if the peer closed (or broke) an idle connection: its socket is readable (EOF)."""
+    if conn.sock is None:
+        return True
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as e:
-        detail = e.read()[:500].decode(errors="replace")
-        raise PublishError(f"{url}: HTTP {e.code} while waiting for {what}: {detail}") from e
+        return bool(select.select([conn.sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def post_json(url: str, payload: dict[str, Any] | bytes | None, timeout_s: float, what: str,
+              connections: Connections | None = None) -> dict[str, Any]:
+    """POST JSON (GET when ``payload`` is None; ``bytes`` are sent as already-encoded JSON), return
+    the decoded JSON reply, or raise PublishError naming url and ``what``.  A plain-text reply from
+    a route in ``TEXT_REPLY_ROUTES`` becomes ``{"success": True, "message": text}`` (HTTP errors
+    still raise).  With ``connections``, the request goes over a kept-alive connection."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise PublishError(f"{url}: only http:// engine URLs are supported (while waiting for {what})")
+    host, port = parts.hostname, parts.port or 80
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    body = payload if isinstance(payload, bytes) else None if payload is None else json.dumps(payload).encode()
+    conn = connections.take(host, port, timeout_s) if connections else http.client.HTTPConnection(host, port, timeout=timeout_s)
+    reusable = False
+    try:
+        conn.request("GET" if body is None else "POST", target or "/", body=body,
+                     headers={} if body is None else {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        reusable = connections is not None and not resp.will_close
     except TimeoutError as e:
         raise PublishError(f"{url}: no reply within {timeout_s:.0f}s while waiting for {what}") from e
-    except (urllib.error.URLError, OSError) as e:
-        raise PublishError(f"{url}: request failed while waiting for {what}: {getattr(e, 'reason', e)}") from e
+    except (http.client.HTTPException, OSError) as e:
+        raise PublishError(f"{url}: request failed while waiting for {what}: {e!r}") from e
+    finally:
+        if reusable and connections is not None:
+            connections.give_back(host, port, conn)
+        else:
+            conn.close()
+    if not 200 <= resp.status < 300:
+        detail = raw[:500].decode(errors="replace")
+        raise PublishError(f"{url}: HTTP {resp.status} while waiting for {what}: {detail}")
     try:
-        reply = json.loads(body) if body else {}
+        reply = json.loads(raw) if raw else {}
     except ValueError as e:
-        if url.split("?", 1)[0].endswith(TEXT_REPLY_ROUTES):
-            return {"success": True, "message": body[:500].decode(errors="replace")}
-        raise PublishError(f"{url}: reply to {what} is not JSON: {body[:200]!r}") from e
+        if parts.path.endswith(TEXT_REPLY_ROUTES):
+            return {"success": True, "message": raw[:500].decode(errors="replace")}
+        raise PublishError(f"{url}: reply to {what} is not JSON: {raw[:200]!r}") from e
     if not isinstance(reply, dict):
         raise PublishError(f"{url}: reply to {what} is not a JSON object: {reply!r}")
     return reply
@@ -275,15 +342,17 @@ class WeightPublisher:
         # to last reply) and flatten (inside send, overlapping the transfer).
         self._timings: dict[str, float] = {}
         self._flat: list[torch.Tensor] = []  # two buckets' bytes, reused by every publish (no re-allocation)
+        self._conns = Connections()
+        self._layout_json: tuple[Any, bytes, int] | None = None  # (layout key, request minus its version, largest bucket)
 
     @property
     def connected(self) -> bool:
         return self._group is not None
 
     # ------------------------------------------------------------------ helpers
-    def _post_all(self, route: str, payloads: list[dict[str, Any] | None], what: str) -> list[Future]:
+    def _post_all(self, route: str, payloads: list[dict[str, Any] | bytes | None], what: str) -> list[Future]:
         return [
-            spawn(post_json, f"{url}{route}", payload, self.timeout_s, what)
+            spawn(post_json, f"{url}{route}", payload, self.timeout_s, what, self._conns)
             for url, payload in zip(self.engine_urls, payloads, strict=True)
         ]
 
@@ -344,7 +413,7 @@ class WeightPublisher:
     def engine_versions(self, timeout_s: float | None = None) -> dict[str, str | None]:
         """Each engine's ``weight_version`` from ``GET /get_model_info`` (None: no answer)."""
         t = timeout_s or self.timeout_s
-        futures = [spawn(post_json, f"{u}{ROUTE_MODEL_INFO}", None, t, "its model info") for u in self.engine_urls]
+        futures = [spawn(post_json, f"{u}{ROUTE_MODEL_INFO}", None, t, "its model info", self._conns) for u in self.engine_urls]
         out: dict[str, str | None] = {}
         for url, fut in zip(self.engine_urls, futures, strict=True):
             try:
@@ -513,22 +582,39 @@ class WeightPublisher:
             pending.popleft().wait()
         return total
 
+    def _chunked_request(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[bytes, int]:
+        """The JSON body of :meth:`_send_chunked`'s request, and the largest bucket's size.  Its
+        layout part (hundreds of names, dtypes and shapes) is encoded once and reused while the
+        layout stays the same; only the version changes from one update to the next."""
+        key = (tuple((n, t.dtype, t.shape) for n, t in named.items()), tuple(map(len, buckets)))
+        if self._layout_json is None or self._layout_json[0] != key:
+            payload = chunked_update_payload(named, buckets, self.group_name, 0)
+            del payload["weight_version"]
+            self._layout_json = (key, json.dumps(payload).encode(), max(payload[CHUNKS_FIELD]))
+        _, layout, largest = self._layout_json
+        return b'{"weight_version": "%d", ' % version + layout[1:], largest
+
     def _send_chunked(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[int, int, list[dict[str, Any]]]:
         """Embedded engines: one request announces the whole update (:data:`CHUNKS_FIELD`), then
         every bucket is broadcast back to back; the engine replies once it has swapped the update in.
         One HTTP round trip per update, however many buckets."""
-        payload = chunked_update_payload(named, buckets, self.group_name, version)
         what = f"version {version} ({len(buckets)} bucket(s), swap)"
         t = time.perf_counter()
-        futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
-        own = spawn(self._broadcast_buckets, named, buckets, list(range(len(buckets))), max(payload[CHUNKS_FIELD]))
+        body, largest = self._chunked_request(named, buckets, version)
+        futures = self._post_all(ROUTE_UPDATE, [body] * len(self.engine_urls), what)
+        own = spawn(self._broadcast_buckets, named, buckets, list(range(len(buckets))), largest)
         try:
             total = self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
         except PublishError:
             self._reset()
             raise
+        replies = [f.result() for f in futures]
         self._timings["send_s"] += time.perf_counter() - t
-        return total, len(buckets), [f.result() for f in futures]
+        self._timings["posted_at"] = t
+        # the slowest engine's own account of the request (see the engine's update reply)
+        engine = max((r.get("timings") or {} for r in replies), key=lambda d: d.get("handler_s", 0.0))
+        self._timings.update({f"engine_{k}": float(v) for k, v in engine.items()})
+        return total, len(buckets), replies
 
     def _send_per_bucket(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[int, int, list[dict[str, Any]]]:
         """SGLang: one request per bucket, strictly in order (SGLang receives a request's tensors
@@ -568,3 +654,4 @@ class WeightPublisher:
                 except Exception as e:  # best effort: engines may already be gone
                     log.warning("weight publisher close: %s", e)
             self._group = None
+        self._conns.close()

@@ -11,8 +11,9 @@ mid-update cannot leak its half-received tensors into the next update.
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
@@ -29,7 +30,13 @@ from pipeline.weightsync import (
 )
 from producers.engine.metrics import EngineMetrics
 from producers.engine.sampling import RequestError
-from producers.engine.weights import StagingArena, WeightReceiver, parse_update_request
+from producers.engine.weights import (
+    LayoutCache,
+    StagingArena,
+    WeightReceiver,
+    WeightUpdateError,
+    parse_update_request,
+)
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -160,6 +167,70 @@ def test_receiver_chunked_update_lands_in_the_arena_and_a_rejoin_drops_a_dead_up
     finally:
         receiver.close()
         pool.shutdown(wait=False)
+
+
+def test_layout_cache_reuses_an_identical_layout_only():
+    cache = LayoutCache()
+    named = _tensors(4)
+    first = parse_update_request(chunked_update_payload(named, [list(named)], "g", 1), cache)
+    again = parse_update_request(chunked_update_payload(named, [list(named)], "g", 2), cache)
+    assert again.layout is first.layout and again.weight_version == 2  # parsed once, options per request
+    assert again.names == list(named) and again.nbytes == first.nbytes
+    # any change to names, dtypes or shapes is a miss, parsed (and validated) afresh
+    changed = dict(named, **{"a.weight": torch.zeros(4, 9)})
+    spec = parse_update_request(chunked_update_payload(changed, [list(changed)], "g", 3), cache)
+    assert spec.layout is not first.layout and spec.shapes[0] == [4, 9] and spec.nbytes == first.nbytes + 16
+    bad = chunked_update_payload(changed, [list(changed)], "g", 4)
+    bad["shapes"][0] = [4, -9]
+    with pytest.raises(RequestError, match="non-negative"):
+        parse_update_request(bad, cache)
+    # a request's chunk sizes are still checked against the (cached) layout's byte size
+    body = chunked_update_payload(changed, [list(changed)], "g", 5)
+    body[CHUNKS_FIELD] = [spec.nbytes - 1]
+    with pytest.raises(RequestError, match="add up to"):
+        parse_update_request(body, cache)
+
+
+def test_cached_layout_is_checked_against_the_model_once_and_refused_every_time():
+    """The check result is cached with the layout: a wrong shape is refused on the second request
+    too (nothing swapped), and the swap hook runs for a good update straight from the receive thread."""
+    model = _Model()
+    swaps: list[tuple[int, bool, str]] = []
+
+    def swap(staged, version, adopt):
+        swaps.append((version, adopt, threading.current_thread().name))
+        fut = Future()
+        fut.set_result(0.0)
+        return fut
+
+    receiver = WeightReceiver(model, torch.device("cpu"), EngineMetrics(CollectorRegistry()), timeout_s=20, swap=swap)
+    good = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    wrong = dict(good, **{"a.weight": torch.randn(8, 5)})
+    port = free_port("127.0.0.1")
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(receiver.init_group, "127.0.0.1", port, 1, 2, "gloo", "g")
+        group = init_weight_group("127.0.0.1", port, rank=0, world_size=2, backend="gloo", group_name="g", timeout_s=20)
+        fut.result(30)
+    try:
+        layouts = []
+        for version in (1, 2):
+            spec = parse_update_request(chunked_update_payload(wrong, [list(wrong)], "g", version), receiver.layouts)
+            layouts.append(spec.layout)
+            fut = receiver.submit_bucket(spec)
+            _publish(group, wrong, [list(wrong)])  # the bytes are received anyway (the broadcast must be matched)
+            with pytest.raises(WeightUpdateError, match=r"'a.weight': shape \[8, 5\]"):
+                fut.result(30)
+        assert layouts[0] is layouts[1] and layouts[0].checked  # checked once, refused twice
+        assert swaps == []
+        spec = parse_update_request(chunked_update_payload(good, [list(good)], "g", 3), receiver.layouts)
+        fut = receiver.submit_bucket(spec)
+        _publish(group, good, [list(good)])
+        result = fut.result(30)
+        assert result.swap is not None and result.swap.result(5) == 0.0
+        assert swaps == [(3, True, "engine-weight-recv")]  # adopted, handed over by the receive thread
+        assert result.posted_at <= result.received_at
+    finally:
+        receiver.close()
 
 
 def test_snapshot_is_one_flat_buffer_that_publishes_without_a_copy():

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -55,15 +56,18 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
     real = publisher_mod.post_json
     lock = threading.Lock()
 
-    def recording(url: str, payload: dict[str, Any] | None, timeout_s: float, what: str) -> dict[str, Any]:
+    def recording(url: str, payload: dict[str, Any] | bytes | None, timeout_s: float, what: str,
+                  connections: Any = None) -> dict[str, Any]:
         route = url.split(":", 2)[2].split("/", 1)[1]
+        if isinstance(payload, bytes):  # the embedded engine's pre-encoded update request
+            payload = json.loads(payload)
         extra: Any = payload.get("mode") if payload and route == "pause_generation" else None
         if route == "update_weights_from_distributed" and payload and payload["names"] and ("bucket 1/" in what or "bucket(s)" in what):
             base = url.rsplit("/", 1)[0]
             extra = real(f"{base}/get_server_info", None, timeout_s, "server info")["paused"]
         with lock:
             seen.append(("/" + route, extra))
-        return real(url, payload, timeout_s, what)
+        return real(url, payload, timeout_s, what, connections)
 
     monkeypatch.setattr(publisher_mod, "post_json", recording)
     return seen
@@ -119,6 +123,31 @@ def test_sglang_mode_pauses_around_the_buckets(engine: Engine, reference: dict[s
         assert info["buckets"] > 2
         assert calls[0][1] is False, "the embedded engine keeps decoding while buckets arrive"
         assert engine.version() == 3
+    finally:
+        pub.close()
+
+
+def test_update_reply_accounts_for_the_request_time(engine: Engine, reference: dict[str, torch.Tensor]) -> None:
+    """The engine's reply says where an update request spent its time; the publisher passes the
+    slowest engine's account on, so a benchmark can split an update into request latency,
+    receive, swap and reply latency.  Two updates with one layout: the second reuses both the
+    encoded request and the engine's parsed layout, and lands bit for bit all the same."""
+    pub = WeightPublisher([engine.base], bucket_bytes=40_000, timeout_s=30, group_name="ws-timings")
+    pub.connect()
+    try:
+        for version, seed in ((11, 11), (12, 12)):
+            named = _weights(reference, seed=seed)
+            info = pub.publish(named, version=version)
+            t = info["timings"]
+            parts = ("parse_s", "queue_s", "receive_s", "swap_wait_s", "swap_s")
+            assert all(t[f"engine_{k}"] >= 0 for k in parts), t
+            assert t["engine_receive_s"] > 0 and t["engine_swap_s"] == pytest.approx(info["pause_s"])
+            assert sum(t[f"engine_{k}"] for k in parts) == pytest.approx(t["engine_handler_s"], abs=1e-6)
+            # the engine started after the post and finished before the reply came back (same host)
+            assert t["posted_at"] <= t["engine_started_at"]
+            assert t["engine_started_at"] + t["engine_handler_s"] <= t["posted_at"] + t["send_s"]
+            assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == info["checksum"]
+            assert engine.version() == version
     finally:
         pub.close()
 

@@ -19,7 +19,8 @@ weight-receive thread, so neither blocks HTTP nor decoding.
 Contract notes (where this engine differs from, or extends, SGLang):
 - ``text`` in responses is always ``""`` (no detokenization); text prompts are refused (400).
 - ``meta_info`` adds ``output_token_weight_versions`` (policy version per token) and
-  ``output_token_times`` (engine monotonic clock per token).  Update replies add ``pause_seconds``.
+  ``output_token_times`` (engine monotonic clock per token).  Update replies add ``pause_seconds``,
+  ``adopted`` and ``timings`` (where the request spent its time).
 - ``pause_generation`` mode ``retract`` drops the KV caches of running sequences and re-prefills
   them on ``continue_generation`` (with the weights live at that time); ``in_place`` keeps them.
 - ``ignore_eos`` disables both EOS and ``stop_token_ids`` (SGLang's rule); ``max_new_tokens`` wins
@@ -46,6 +47,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -128,7 +130,8 @@ class EngineServer:
         self.registry = new_registry("engine")
         self.metrics = EngineMetrics(self.registry)
         self.scheduler = Scheduler(self.model, cfg, self.metrics, self.device)
-        self.receiver = WeightReceiver(self.model, self.device, self.metrics, cfg.weight_group_timeout_s)
+        self.receiver = WeightReceiver(self.model, self.device, self.metrics, cfg.weight_group_timeout_s,
+                                       swap=lambda staged, version, adopt: self.scheduler.swap_weights(staged, version, adopt=adopt))
         self._inflight: set[str] = set()
         self._counter = 0
         self._closing = asyncio.Event()
@@ -364,9 +367,11 @@ class EngineServer:
                                  status=200 if ok else 400)
 
     async def update_weights(self, request: web.Request) -> web.Response:
-        spec = parse_update_request(await self._json(request))
+        started = time.perf_counter()
+        spec = parse_update_request(await self._json(request), self.receiver.layouts)
         if spec.abort_all_requests:
             self.scheduler.abort(None, "aborted for a weight update (abort_all_requests)")
+        parsed = time.perf_counter()
         try:
             result = await self._until_closing(self.receiver.submit_bucket(spec))
         except WeightUpdateError as e:
@@ -376,13 +381,9 @@ class EngineServer:
         if spec.weight_version is None or result.staged_update is None:
             return web.json_response({"success": True, "message": f"staged {result.num_tensors} tensors "
                                       f"({result.nbytes} bytes) in {result.receive_s * 1e3:.1f} ms"})
-        adopted = False
-        try:
-            pause = await asyncio.wrap_future(
-                self.scheduler.swap_weights(result.staged_update, spec.weight_version, adopt=result.adoptable))
-            adopted = result.adoptable
-        finally:
-            self.receiver.release_staging(adopted)
+        assert result.swap is not None  # the receiver started the swap (its swap hook)
+        pause = await asyncio.wrap_future(result.swap)
+        swapped = time.perf_counter()
         self.metrics.updates.labels("success").inc()
         return web.json_response({
             "success": True,
@@ -390,7 +391,13 @@ class EngineServer:
                        f"generation paused {pause * 1e3:.2f} ms",
             "weight_version": str(spec.weight_version),
             "pause_seconds": pause,  # slipstream extension: time decoding stopped for the swap
-            "adopted": adopted,  # slipstream extension: parameters now point at the received tensors (no copy)
+            "adopted": result.adoptable,  # slipstream extension: parameters now point at the received tensors (no copy)
+            # slipstream extension: where this request spent its time (seconds), and when it started
+            # on the engine's monotonic clock (comparable with time.perf_counter() on the same host only)
+            "timings": {"started_at": started, "parse_s": parsed - started, "queue_s": result.posted_at - parsed,
+                        "receive_s": result.received_at - result.posted_at,
+                        "swap_wait_s": swapped - result.received_at - pause, "swap_s": pause,
+                        "handler_s": swapped - started},
         })
 
     async def update_version(self, request: web.Request) -> web.Response:

@@ -55,6 +55,7 @@ from producers.engine.sampling import RequestError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SwapHook = Callable[[dict[str, torch.Tensor], int, bool], "cf.Future[float]"]
 
 
 class WeightUpdateError(RuntimeError):
@@ -74,6 +75,7 @@ class BucketSpec:
     flush_cache: bool = True
     abort_all_requests: bool = False
     chunks: list[int] | None = None  # slipstream extension: the flat bytes arrive in broadcasts of these sizes
+    layout: Layout | None = None  # where the check against the model is cached (parse_update_request)
 
     @functools.cached_property
     def sizes(self) -> list[int]:
@@ -95,10 +97,45 @@ class BucketResult:
     # (point the parameters at the staged tensors) instead of copying it in.
     adoptable: bool = False
     notes: list[str] = field(default_factory=list)
+    # perf_counter() when the receive was posted and when its bytes were on the device
+    posted_at: float = 0.0
+    received_at: float = 0.0
+    swap: cf.Future[float] | None = None  # the swap the receiver started (last bucket, with a swap hook)
 
 
-def parse_update_request(body: Any) -> BucketSpec:
-    """Validate the JSON of ``/update_weights_from_distributed``; RequestError names the bad field."""
+@dataclass(eq=False)
+class Layout:
+    """A request's tensor layout, parsed; ``problem`` caches its check against the model (set once
+    by the receive thread, the only reader)."""
+
+    raw: tuple[list[Any], list[Any], list[Any]]  # names/dtypes/shapes exactly as received
+    names: list[str]
+    dtypes: list[torch.dtype]
+    shapes: list[list[int]]
+    sizes: list[int]
+    problem: str | None = None
+    checked: bool = False
+
+
+class LayoutCache:
+    """The last request's layout, so an identical one is not parsed and checked again.
+
+    Why: a trainer sends the same names/dtypes/shapes (hundreds of entries) with every version.
+    Parsing and checking them costs about a millisecond of Python between the request's arrival
+    and the start of the transfer; comparing the raw lists with the cached ones takes tens of
+    microseconds (list equality runs in C).  Used from the server's event loop only.
+    """
+
+    def __init__(self) -> None:
+        self.last: Layout | None = None
+
+    def lookup(self, raw: tuple[list[Any], list[Any], list[Any]]) -> Layout | None:
+        return self.last if self.last is not None and self.last.raw == raw else None
+
+
+def parse_update_request(body: Any, cache: LayoutCache | None = None) -> BucketSpec:
+    """Validate the JSON of ``/update_weights_from_distributed``; RequestError names the bad field.
+    With ``cache``, a layout equal to the previous request's is not parsed again."""
     if not isinstance(body, dict):
         raise RequestError("body", "expected a JSON object")
     lists: dict[str, list[Any]] = {}
@@ -106,6 +143,20 @@ def parse_update_request(body: Any) -> BucketSpec:
         if not isinstance(body.get(key), list):
             raise RequestError(key, f"required, a list (got {body.get(key)!r})")
         lists[key] = body[key]
+    raw = (lists["names"], lists["dtypes"], lists["shapes"])
+    layout = cache.lookup(raw) if cache is not None else None
+    if layout is not None:
+        spec = _parse_options(body, layout.names, layout.dtypes, layout.shapes, sizes=layout.sizes)
+    else:
+        spec = _parse_options(body, *_parse_layout(lists))
+        if cache is not None:
+            layout = cache.last = Layout((list(raw[0]), list(raw[1]), [list(x) for x in raw[2]]),
+                                         spec.names, spec.dtypes, spec.shapes, spec.sizes)
+    spec.layout = layout
+    return spec
+
+
+def _parse_layout(lists: dict[str, list[Any]]) -> tuple[list[str], list[torch.dtype], list[list[int]]]:
     n = len(lists["names"])
     for key in ("dtypes", "shapes"):
         if len(lists[key]) != n:
@@ -126,6 +177,11 @@ def parse_update_request(body: Any) -> BucketSpec:
         if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
             raise RequestError(f"shapes[{i}]", f"expected a list of non-negative ints, got {shape!r}")
         shapes.append(list(shape))
+    return names, dtypes, shapes
+
+
+def _parse_options(body: dict[str, Any], names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]],
+                   sizes: list[int] | None = None) -> BucketSpec:
     group_name = body.get("group_name") or DEFAULT_GROUP_NAME
     if not isinstance(group_name, str):
         raise RequestError("group_name", f"expected a string, got {group_name!r}")
@@ -149,6 +205,8 @@ def parse_update_request(body: Any) -> BucketSpec:
             raise RequestError(key, f"expected true/false, got {flags[key]!r}")
     spec = BucketSpec(names, dtypes, shapes, group_name, load_format, version, flags["flush_cache"],
                       flags["abort_all_requests"])
+    if sizes is not None:
+        spec.__dict__["sizes"] = sizes  # the cached_property, computed for an identical layout before
     chunks = body.get(CHUNKS_FIELD)
     if chunks is not None:
         if load_format != "flattened_bucket":
@@ -250,8 +308,13 @@ class StagingArena:
         buf = self._bufs[self._cur]
         if buf is None:
             return False
-        base = buf.untyped_storage().data_ptr()
-        return all(t.untyped_storage().data_ptr() == base and t.data_ptr() % 16 == 0 for t in tensors)
+        lo = buf.data_ptr()
+        hi = lo + buf.numel()
+        for t in tensors:  # data_ptr() only: the cheapest query, and this runs over every parameter
+            ptr = t.data_ptr()
+            if not lo <= ptr < hi or ptr % 16:
+                return False
+        return True
 
     def end_update(self, handed_over: bool) -> None:
         """The update's last bucket arrived, or the update was abandoned.  If its tensors were
@@ -271,7 +334,12 @@ class StagingArena:
 class WeightReceiver:
     """Weight groups + staging for one engine (single TP rank: engine rank = rank_offset)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, metrics: EngineMetrics, timeout_s: float) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, metrics: EngineMetrics, timeout_s: float,
+                 swap: SwapHook | None = None) -> None:
+        """``swap(staged, version, adopt)``: start swapping a complete update in (the scheduler's
+        ``swap_weights``); the receive thread calls it the moment the last bucket is on the device,
+        and releases the staging buffer when it finishes.  Without it the caller swaps
+        (``BucketResult.staged_update``) and calls :meth:`release_staging`."""
         params = dict(model.named_parameters())
         self._specs = {name: (list(p.shape), p.dtype) for name, p in params.items()}
         self._aliases = {k for k in model.state_dict() if k not in params}  # tied weights, buffers
@@ -287,6 +355,8 @@ class WeightReceiver:
         # On CUDA, buckets arrive on a side stream so decode kernels on the default stream keep
         # running; the receive thread waits for that stream alone before it reports a bucket.
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._swap = swap
+        self.layouts = LayoutCache()  # for parse_update_request on the server's event loop
 
     # ------------------------------------------------------------------ groups
     def init_group(self, master_address: str, master_port: int, rank: int, world_size: int, backend: str,
@@ -347,15 +417,23 @@ class WeightReceiver:
         with self._lock:
             group, backend = self._groups[spec.group_name]
         recv_device = torch.device("cpu") if backend == "gloo" else self._device
-        problem = self._check(spec)
         t0 = time.perf_counter()
         try:
+            # Post the receive first: the request is checked against the model while the bytes arrive.
             if self._side is not None and recv_device.type == "cuda":
+                # On the side stream, posting and waiting both: a NCCL work's wait() orders the
+                # *current* stream after the transfer, which must not be the decode stream.
                 with torch.cuda.stream(self._side):
-                    tensors = _broadcast_recv(group, spec, recv_device, self._arena)
+                    pending = _post_recv(group, spec, recv_device, self._arena)
+                    posted_at = time.perf_counter()
+                    problem = self._checked(spec)
+                    tensors = pending()
                 self._side.synchronize()  # the bytes are really here before we say so (and time it)
             else:
-                tensors = _broadcast_recv(group, spec, recv_device, self._arena)
+                pending = _post_recv(group, spec, recv_device, self._arena)
+                posted_at = time.perf_counter()
+                problem = self._checked(spec)
+                tensors = pending()
         except Exception as e:
             with self._lock:  # a broken transfer poisons the pending update like a bad bucket does
                 self._poisoned, self._staged = self._poisoned or f"receive failed: {e}", {}
@@ -364,23 +442,27 @@ class WeightReceiver:
             if spec.weight_version is not None:
                 self._arena.end_update(handed_over=False)
             raise WeightUpdateError(f"receiving the bucket over group {spec.group_name!r} failed: {e}") from e
-        receive_s = time.perf_counter() - t0
+        received_at = time.perf_counter()
+        receive_s = received_at - t0
         self._metrics.receive_seconds.observe(receive_s)
         self._metrics.update_bytes.inc(spec.nbytes)
         log.info("received bucket: %d tensors, %d bytes in %.1f ms (version=%s)", len(tensors), spec.nbytes,
                  receive_s * 1e3, spec.weight_version)
-        result = BucketResult(nbytes=spec.nbytes, receive_s=receive_s, num_tensors=len(tensors))
+        result = BucketResult(nbytes=spec.nbytes, receive_s=receive_s, num_tensors=len(tensors),
+                              posted_at=posted_at, received_at=received_at)
         with self._lock:
             if problem is not None and self._poisoned is None:
                 self._poisoned = problem
                 self._staged = {}
             poisoned = self._poisoned
             if poisoned is None:
-                for name, t in zip(spec.names, tensors, strict=True):
-                    self._staged[name] = t.to(self._device)
+                if recv_device == self._device:
+                    self._staged.update(zip(spec.names, tensors, strict=True))
+                else:
+                    self._staged.update((name, t.to(self._device)) for name, t in zip(spec.names, tensors, strict=True))
             if spec.weight_version is not None:  # last bucket: hand over (or drop) the whole update
                 result.staged_update, self._staged, self._poisoned = self._staged, {}, None
-                result.adoptable = (poisoned is None and set(result.staged_update) == set(self._specs)
+                result.adoptable = (poisoned is None and result.staged_update.keys() == self._specs.keys()
                                     and self._arena.holds(list(result.staged_update.values())))
                 self._arena.end_update(handed_over=poisoned is None)
         if poisoned is not None:
@@ -389,7 +471,30 @@ class WeightReceiver:
             if spec.weight_version is not None:
                 problem += f"; update to version {spec.weight_version} abandoned, nothing was swapped"
             raise WeightUpdateError(problem)
+        if result.staged_update is not None and spec.weight_version is not None and self._swap is not None:
+            result.swap = self._start_swap(result.staged_update, spec.weight_version, result.adoptable)
         return result
+
+    def _start_swap(self, staged: dict[str, torch.Tensor], version: int, adopt: bool) -> cf.Future[float]:
+        """Hand a complete update to the scheduler straight from the receive thread (no hop through
+        the server's event loop); the staging buffer is released when the swap is done."""
+        assert self._swap is not None
+        try:
+            fut = self._swap(staged, version, adopt)
+        except BaseException:
+            self.release_staging(False)
+            raise
+        fut.add_done_callback(lambda f: self.release_staging(adopt and not f.cancelled() and f.exception() is None))
+        return fut
+
+    def _checked(self, spec: BucketSpec) -> str | None:
+        """:meth:`_check`, done once per distinct layout (see :class:`LayoutCache`)."""
+        layout = spec.layout
+        if layout is None:
+            return self._check(spec)
+        if not layout.checked:
+            layout.problem, layout.checked = self._check(spec), True
+        return layout.problem
 
     def _check(self, spec: BucketSpec) -> str | None:
         """A precise description of the first mismatch with the model, or None."""
@@ -405,10 +510,12 @@ class WeightReceiver:
         return None
 
 
-def _broadcast_recv(group: WeightGroup, spec: BucketSpec, device: torch.device,
-                    arena: StagingArena | None = None) -> list[torch.Tensor]:
-    """Take part in rank 0's broadcast(s) of one bucket; returns the received tensors (views into
-    ``arena`` for a flattened bucket when one is given)."""
+def _post_recv(group: WeightGroup, spec: BucketSpec, device: torch.device,
+               arena: StagingArena | None = None) -> Callable[[], list[torch.Tensor]]:
+    """Join rank 0's broadcast(s) of one bucket; returns a function that waits for the bytes and
+    returns the received tensors (views into ``arena`` for a flattened bucket when one is given).
+    A flattened bucket's broadcasts are only posted here (the caller works meanwhile); the
+    per-tensor format (no ``load_format``) is received here, one blocking broadcast per tensor."""
     if spec.load_format == "flattened_bucket":
         if arena is not None:
             flat = arena.take(spec.nbytes, device)
@@ -419,13 +526,17 @@ def _broadcast_recv(group: WeightGroup, spec: BucketSpec, device: torch.device,
         for n in spec.chunks or [spec.nbytes]:  # one broadcast per chunk the publisher sends
             works.append(group.broadcast_async(flat[offset : offset + n], src=0))
             offset += n
-        for work in works:
-            work.wait()
-        return unflatten_bucket(flat, spec.dtypes, spec.shapes)
+
+        def finish() -> list[torch.Tensor]:
+            for work in works:
+                work.wait()
+            return unflatten_bucket(flat, spec.dtypes, spec.shapes)
+
+        return finish
     tensors = [torch.empty(shape, dtype=dt, device=device) for dt, shape in zip(spec.dtypes, spec.shapes, strict=True)]
     for t in tensors:
         group.broadcast(t, src=0)
-    return tensors
+    return lambda: tensors
 
 
 def _dn(dt: torch.dtype) -> str:
