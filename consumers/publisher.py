@@ -610,7 +610,7 @@ class WeightPublisher:
             raise
         replies = [f.result() for f in futures]
         self._timings["send_s"] += time.perf_counter() - t
-        self._timings["posted_at"] = t
+        self._timings["posted_at"] = time.monotonic() - (time.perf_counter() - t)  # on the engines' clock (same host)
         # the slowest engine's own account of the request (see the engine's update reply)
         engine = max((r.get("timings") or {} for r in replies), key=lambda d: d.get("handler_s", 0.0))
         self._timings.update({f"engine_{k}": float(v) for k, v in engine.items()})

@@ -367,7 +367,7 @@ class EngineServer:
                                  status=200 if ok else 400)
 
     async def update_weights(self, request: web.Request) -> web.Response:
-        started = time.perf_counter()
+        started_at, started = time.monotonic(), time.perf_counter()
         spec = parse_update_request(await self._json(request), self.receiver.layouts)
         if spec.abort_all_requests:
             self.scheduler.abort(None, "aborted for a weight update (abort_all_requests)")
@@ -393,8 +393,8 @@ class EngineServer:
             "pause_seconds": pause,  # slipstream extension: time decoding stopped for the swap
             "adopted": result.adoptable,  # slipstream extension: parameters now point at the received tensors (no copy)
             # slipstream extension: where this request spent its time (seconds), and when it started
-            # on the engine's monotonic clock (comparable with time.perf_counter() on the same host only)
-            "timings": {"started_at": started, "parse_s": parsed - started, "queue_s": result.posted_at - parsed,
+            # (time.monotonic(): comparable with other processes' on the same host only)
+            "timings": {"started_at": started_at, "parse_s": parsed - started, "queue_s": result.posted_at - parsed,
                         "receive_s": result.received_at - result.posted_at,
                         "swap_wait_s": swapped - result.received_at - pause, "swap_s": pause,
                         "handler_s": swapped - started},

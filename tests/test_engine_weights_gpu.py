@@ -1,0 +1,74 @@
+"""GPU: a weight update over NCCL never stalls decoding (2 GPUs; ``pytest -m gpu``).
+
+The CPU tests cover the receive path with gloo, where there are no CUDA streams.  On a GPU the
+engine receives on a side stream; if the receive thread let a NCCL work's ``wait()`` run on the
+default stream, every decode kernel queued after it would wait for the transfer, a stall the
+CPU tests cannot see.  Here the publisher (this process, GPU 0) posts the update request and
+holds its broadcast back for ``DELAY_S``; a long generation on the engine (GPU 1) must keep
+decoding all that time, switch version exactly once, and the engine must then hold the
+published tensors bit for bit (adopted, no copy).
+
+    pytest -m gpu tests/test_engine_weights_gpu.py -q
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from consumers.publisher import WeightPublisher
+from pipeline.tiny import make_tiny_model
+from pipeline.weightsync import weights_checksum
+from tests.test_engine_helpers import Engine, in_thread, load_reference
+
+pytestmark = pytest.mark.gpu
+DELAY_S = 1.0
+
+
+class DelayedPublisher(WeightPublisher):
+    """Posts the update request at once, starts broadcasting only ``DELAY_S`` later."""
+
+    def _broadcast_buckets(self, *args: Any, **kwargs: Any) -> int:
+        time.sleep(DELAY_S)
+        return super()._broadcast_buckets(*args, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (publisher on GPU 0, engine on GPU 1)")
+def test_nccl_update_keeps_decoding_while_the_bytes_are_awaited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = make_tiny_model(tmp_path / "model", max_position_embeddings=4096)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    engine = Engine(model_dir, tmp_path / "engine", "--set", 'device="cuda"', startup_timeout=300)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(3)
+    named = {k: (v + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype)).to("cuda:0")
+             for k, v in load_reference(model_dir).named_parameters()}
+    pub = DelayedPublisher([engine.base], backend="nccl", bucket_bytes=1 << 20, timeout_s=120)
+    try:
+        pub.connect()
+        t, box = in_thread(lambda: engine.generate({"input_ids": [1, 3, 5, 7], "return_logprob": True, "sampling_params": {
+            "max_new_tokens": 3000, "temperature": 1.0, "ignore_eos": True}}))
+        time.sleep(0.5)
+        info = pub.publish(named, version=1)
+        t.join(300)
+        assert "err" not in box, box
+        meta = box["out"]["meta_info"]
+        versions, times = meta["output_token_weight_versions"], meta["output_token_times"]
+        assert versions == sorted(versions) and set(versions) == {0, 1}, "the update must land mid-generation"
+        # decoding went on while the engine waited DELAY_S for the bytes: no gap beyond the swap
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert max(gaps) < info["pause_s"] + 0.3, (max(gaps), info["pause_s"])
+        receive_start = info["timings"]["engine_started_at"]
+        during = [x for x in times if receive_start < x < receive_start + DELAY_S]
+        assert len(during) > 20, f"only {len(during)} tokens decoded while the bytes were awaited"
+        assert info["timings"]["engine_receive_s"] >= DELAY_S * 0.8
+        assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == weights_checksum(named)
+        assert engine.version() == 1
+    finally:
+        pub.close()
+        assert engine.terminate() == 0, engine.log_tail()
