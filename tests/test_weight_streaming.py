@@ -162,7 +162,7 @@ def test_failed_publish_still_continues_generation(engine: Engine, reference: di
             pub.publish({"no.such.weight": torch.zeros(3)}, version=9)
         assert [r for r, _ in calls] == ["/pause_generation", "/update_weights_from_distributed", "/continue_generation"]
         assert engine.ok("GET", "/get_server_info")["paused"] is False
-        out = engine.generate({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3}, "return_logprob": True})
+        out = engine.generate({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}, "return_logprob": True})
         assert len(out["meta_info"]["output_token_logprobs"]) == 3
     finally:
         pub.close()
