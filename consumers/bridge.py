@@ -8,7 +8,9 @@ What:
 - :func:`load_hf_into_megatron` copies HF-named tensors into one rank's ``GPTModel`` (its TP shard
   and PP stage); :func:`export_hf_state` does the reverse for the whole model: TP shards are
   gathered, PP stages collected, and global rank 0 gets exactly the names and shapes of the HF
-  model's ``named_parameters()`` (tied models: ``model.embed_tokens.weight`` and no ``lm_head``).
+  model's ``named_parameters()`` (tied models: ``model.embed_tokens.weight`` and no ``lm_head``);
+  :func:`export_hf_stage` stops before the PP gather: each stage's leader gets its own stage's
+  tensors (per-stage weight publishing, DESIGN §8).
 - :func:`apply_padding_idx` gives Megatron's input embedding HF's ``padding_idx`` semantics (no
   lookup gradient for ``pad_token_id``); without it a random-init checkpoint's zero pad row gets a
   ~1/sqrt(eps) gradient through the first RMSNorm that swamps the clipped grad norm.
@@ -495,16 +497,10 @@ def _to_hf(entry: _Entry, local: torch.Tensor, spec: HFModelSpec, group: Any, tp
     raise AssertionError(entry.kind)
 
 
-@torch.no_grad()
-def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The full model as HF-named CPU tensors on global rank 0 (``{}`` on other ranks).
-
-    Collective: every rank of data-parallel replica 0 must call it (TP peers all-gather their
-    shards; each PP stage's TP-rank-0 sends its layers to global rank 0); with expert parallelism
-    every rank of expert-data-parallel replica 0 too (EP peers send their experts to EP rank 0, the
-    stage's TP/DP rank 0).  Other ranks may call it and return ``{}``.  Names and order are
-    :func:`hf_param_names`.
-    """
+def _stage_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+    """This rank's PP stage as HF-named CPU tensors (per-expert names with MoE) on the stage's
+    leader (TP rank 0 of data-parallel replica 0, which also receives the stage's experts from its
+    EP peers), None elsewhere.  Collective over the TP group (and the EP group with EP > 1)."""
     from megatron.core import parallel_state as ps
 
     gpt = unwrap_gpt(model)
@@ -521,7 +517,7 @@ def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtyp
         experts = bridge_moe.gather_expert_state(local)
         entries = [e for e in entries if not e.expert]
     if dist.is_initialized() and ps.get_data_parallel_rank() != 0:
-        return {}
+        return None
     tp_size = ps.get_tensor_model_parallel_world_size()
     tp_group = ps.get_tensor_model_parallel_group() if tp_size > 1 else None
     stage: dict[str, torch.Tensor] = {}
@@ -531,11 +527,63 @@ def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtyp
         for name, t in _to_hf(entry, params[entry.megatron_name], spec, tp_group, tp_size).items():
             stage[name] = t.to("cpu", dtype=dtype or t.dtype)
     if ps.get_tensor_model_parallel_rank() != 0:
-        return {}
+        return None
     if ep_size > 1:
         if not experts:  # Megatron's rank order puts EP rank 0 of replica 0 on the stage's TP/DP rank 0
             raise RuntimeError(f"rank {dist.get_rank()}: TP/DP rank 0 of its stage but not EP rank 0 of expert replica 0")
         stage.update(experts)
+    return stage
+
+
+def _hf_order(stage: dict[str, torch.Tensor], spec: HFModelSpec) -> dict[str, torch.Tensor]:
+    """Fuse per-expert tensors (MoE) and order by :func:`hf_param_names` (names absent from
+    ``stage`` are skipped, as are names the HF model does not have)."""
+    if spec.num_experts:
+        stage = bridge_moe.fuse_experts(stage, spec.num_layers, spec.num_experts)
+    return {n: stage[n] for n in hf_param_names(spec) if n in stage}
+
+
+@torch.no_grad()
+def export_hf_stage(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """This PP stage's HF-named CPU tensors on the stage's leader (TP rank 0 of data-parallel
+    replica 0; see :func:`is_stage_leader`), ``{}`` on other ranks.  Nothing crosses the PP group:
+    this is what per-stage publishing (:mod:`consumers.stage_publish`) sends from each stage.
+
+    Collective like :func:`export_hf_state`, minus the PP gather.  The names are the HF names of
+    the stage's layers (the first stage also has the embedding, the last one the final norm and
+    ``lm_head``), in :func:`hf_param_names` order; the stages' exports are disjoint and together
+    are exactly :func:`export_hf_state`'s.
+    """
+    stage = _stage_state(model, spec, dtype)
+    return {} if stage is None else _hf_order(stage, spec)
+
+
+def is_stage_leader() -> bool:
+    """True on the rank that holds its PP stage's export (:func:`export_hf_stage`): the member of
+    global rank 0's pipeline group for its stage (TP rank 0 of data-parallel replica 0)."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        return True
+    return 0 in dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+
+
+@torch.no_grad()
+def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The full model as HF-named CPU tensors on global rank 0 (``{}`` on other ranks).
+
+    Collective: every rank of data-parallel replica 0 must call it (TP peers all-gather their
+    shards; each PP stage's TP-rank-0 sends its layers to global rank 0); with expert parallelism
+    every rank of expert-data-parallel replica 0 too (EP peers send their experts to EP rank 0, the
+    stage's TP/DP rank 0).  Other ranks may call it and return ``{}``.  Names and order are
+    :func:`hf_param_names`.  (Checkpoints and HF export use this; weight publishing with
+    ``weights.per_stage_publish`` uses :func:`export_hf_stage` instead.)
+    """
+    from megatron.core import parallel_state as ps
+
+    stage = _stage_state(model, spec, dtype)
+    if stage is None:
+        return {}
     pp_size = ps.get_pipeline_model_parallel_world_size()
     if pp_size > 1:
         pp_group = ps.get_pipeline_model_parallel_group()
@@ -546,13 +594,11 @@ def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtyp
         stage = {k: v for part in gathered for k, v in part.items()}
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
-    if spec.num_experts:
-        stage = bridge_moe.fuse_experts(stage, spec.num_layers, spec.num_experts)
-    order = hf_param_names(spec)
-    missing = [n for n in order if n not in stage]
+    out = _hf_order(stage, spec)
+    missing = [n for n in hf_param_names(spec) if n not in out]
     if missing:
         raise RuntimeError(f"export is missing HF tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    return {n: stage[n] for n in order}
+    return out
 
 
 def split_fused_experts(hf: Mapping[str, torch.Tensor], spec: HFModelSpec | None = None) -> dict[str, torch.Tensor]:

@@ -19,7 +19,11 @@ publish weights to every engine -> ``Published`` (broker opens credits for the n
 With ``weights.async_publish`` the publish of version v runs in a background thread
 (``consumers.publish_async``) while rank 0 asks for the next batch and trains it; ``Published(v)``
 (and step v's line in ``steps.jsonl``) still follows the end of that publish, sent from this thread,
-and version v+1 is published only after v finished.
+and version v+1 is published only after v finished.  With ``trainer.pipeline_parallel > 1`` and
+``weights.per_stage_publish`` every rank exports only its PP stage and every stage leader
+broadcasts its own part (``consumers.stage_publish``); rank 0 still drives the engines and the
+broker, and ``run.verify_weights`` compares the engines' checksum with the one rank 0 combines
+from every stage's per-tensor digests.
 
     slipstream train --config run/config.json --broker tcp://127.0.0.1:5556 --engine-url http://...
 """
@@ -157,35 +161,57 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     from consumers.checkpoint import finish_run, maybe_checkpoint, prepare_start
     from consumers.publish_async import AsyncPublisher
     from consumers.publisher import WeightPublisher
+    from consumers.stage_publish import StagePublisher
     from consumers.trainer import TrainerRank, init_distributed
+    from pipeline.weightsync import DEFAULT_GROUP_NAME
 
     init_distributed()
     rank = TrainerRank(cfg.trainer, cfg.model.path)
     is_pub = rank.is_publisher
+    # weights.per_stage_publish: every PP stage's leader broadcasts its own layers over a weight
+    # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
+    per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish
+    export = rank.export_hf_stage if per_stage else rank.export_hf_state
     start_step, version = prepare_start(rank, cfg, run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
     # Collective; engines start from these weights.  With resume_from set (the launcher restarts a
     # crashed trainer so), the engines may serve a newer, abandoned policy: always publish then, so
     # that the checkpoint's weights and version are live before the hello (η = 0 stays exact).
-    initial = rank.export_hf_state() if version > 0 or cfg.trainer.resume_from else None
+    # Per-stage publishing needs a stage's part at connect too (its layout is announced then).
+    initial = export() if version > 0 or cfg.trainer.resume_from or per_stage else None
     if rank.is_publisher and cfg.trainer.resume_from:
         _supersede_steps(run_dir / "steps.jsonl", start_step)
     client: TrainerClient | None = None
     publisher: WeightPublisher | None = None
+    stage_pub: StagePublisher | None = None
     metrics: TrainerMetrics | None = None
+    backend = cfg.trainer.resolved_weight_backend(torch.cuda.is_available())
     if is_pub:
         metrics = TrainerMetrics()
         if cfg.metrics.enabled:
             _, port = serve_metrics(metrics.registry, cfg.metrics.host, 0)
             write_json_atomic(port_file(run_dir, "trainer"), {"metrics_port": port})
         publisher = WeightPublisher(
-            engine_urls, master_address=cfg.queue.host, backend=cfg.trainer.resolved_weight_backend(torch.cuda.is_available()),
+            engine_urls, master_address=cfg.queue.host, backend=backend,
             bucket_bytes=cfg.trainer.publish_bucket_bytes, timeout_s=cfg.trainer.weight_group_timeout_s,
             engine_kind=cfg.weights.engine_kind, pause_mode=cfg.weights.pause_mode, flush_cache=cfg.weights.flush_cache,
-            resync=cfg.weights.resync_engines, rejoin_timeout_s=cfg.weights.rejoin_timeout_s,
+            resync=cfg.weights.resync_engines and not per_stage, rejoin_timeout_s=cfg.weights.rejoin_timeout_s,
         )
+    if per_stage:  # collective: every rank, every stage's group
+        stage_pub = StagePublisher(
+            publisher, rank.pp_rank, rank.is_stage_leader, engine_urls, DEFAULT_GROUP_NAME, master_address=cfg.queue.host,
+            backend=backend, bucket_bytes=cfg.trainer.publish_bucket_bytes, timeout_s=cfg.trainer.weight_group_timeout_s,
+            resync=cfg.weights.resync_engines,
+        )
+        assert initial is not None
+        stage_pub.connect(initial)
+        if version > 0 or cfg.trainer.resume_from:
+            stage_pub.publish(initial, version, checksum=False)
+    elif publisher is not None:
         publisher.connect()  # a restarted trainer rejoins with a new rendezvous; engines drop the dead group
         if initial is not None:  # resumed or post-SFT weights reach the engines before any rollout
             publisher.publish(initial, version, checksum=False)
+    if is_pub:
+        assert metrics is not None
         client = TrainerClient(broker_endpoint, "trainer-0", Limits(max_message_bytes=cfg.queue.max_message_bytes), hwm=cfg.queue.socket_hwm,
                                heartbeat_interval_s=cfg.queue.heartbeat_interval_s, peer_timeout_s=cfg.queue.peer_timeout_s,
                                curve=CurveKeys.from_config(cfg.queue))
@@ -217,9 +243,9 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         _observe(metrics, rec, ctx["train_s"], pub)
 
     background = None
-    if is_pub and cfg.weights.async_publish:
-        assert publisher is not None
-        background = AsyncPublisher(publisher, finish, checksum=cfg.run.verify_weights,
+    if cfg.weights.async_publish and (stage_pub is not None or is_pub):
+        assert publisher is not None or stage_pub is not None
+        background = AsyncPublisher(stage_pub or publisher, finish if is_pub else _stage_done, checksum=cfg.run.verify_weights,  # type: ignore[arg-type]
                                     timeout_s=cfg.trainer.weight_group_timeout_s * 4 + 60.0)
     del initial
     for step in range(start_step + 1, cfg.run.steps + 1):
@@ -237,7 +263,8 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         t2 = time.monotonic()
         trained_from = version
         version += 1
-        named = rank.export_hf_state()
+        named = export()
+        ctx: dict[str, Any] = {}
         if is_pub:
             assert client is not None and publisher is not None and metrics is not None
             client.commit(batch.lease_id, step, version, timeout_s=cfg.run.startup_timeout_s)
@@ -245,10 +272,15 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             # killed while the publish runs must not leave them out of consumed.jsonl.
             _record_consumed(consumed_path, batch, step, trained_from)
             ctx = {"step": step, "batch": batch, "stats": stats, "trained_from": trained_from, "wait_s": t1 - t0, "train_s": t2 - t1}
-            if background is not None:
-                background.submit(named, version, ctx)  # waits for (and announces) version - 1 first
-            else:
-                finish(version, publisher.publish(named, version, checksum=cfg.run.verify_weights), ctx)
+        if background is not None:
+            background.submit(named, version, ctx)  # waits for (and announces) version - 1 first
+        elif stage_pub is not None:  # collective: every rank
+            info = stage_pub.publish(named, version, checksum=cfg.run.verify_weights)
+            if is_pub:
+                finish(version, info, ctx)
+        elif is_pub:
+            assert publisher is not None
+            finish(version, publisher.publish(named, version, checksum=cfg.run.verify_weights), ctx)
         del named
         if background is not None and cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
             background.wait()  # a checkpoint is taken only once its version is published and its step recorded
@@ -266,6 +298,12 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _stage_done(version: int, info: dict[str, Any], ctx: Any) -> None:
+    """Stage leaders k >= 1 (per-stage publishing): their part of ``version`` is sent."""
+    if info:
+        log.debug("stage %s sent its part of version %d", info.get("stage"), version)
 
 
 def _record_consumed(path: Path, batch: Batch, step: int, trained_from: int) -> None:

@@ -7,6 +7,11 @@ snapshots the HF-named tensors into persistent buffers (:class:`WeightSnapshot`:
 GPU, a CPU copy on CPU; allocated once, reused every step) and publishes the snapshot from a
 background thread while the trainer fetches and trains the next batch.
 
+Per-stage publishing (:class:`consumers.stage_publish.StagePublisher`, every trainer rank): a
+publisher with a ``prepare`` method gets ``prepare(named, version, checksum)`` called on the
+caller's thread (it is a collective on the trainer world) after the previous version finished and
+before the snapshot, then ``send(snapshot, prepared)`` runs in the background thread.
+
 Completion is reported on the caller's thread only (:meth:`poll` / :meth:`wait` call ``on_done``),
 so the loop sends ``Published(v)`` itself (``TrainerClient`` is not thread-safe), and only after
 every engine has ``v``.  The loop calls :meth:`poll` while it waits for the next batch.
@@ -24,15 +29,24 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from consumers.publisher import WeightPublisher, spawn
+from consumers.publisher import spawn
 
 log = logging.getLogger(__name__)
 
 OnDone = Callable[[int, dict[str, Any], Any], None]
+
+
+class Publisher(Protocol):
+    """What AsyncPublisher drives: a :class:`consumers.publisher.WeightPublisher`, or a
+    :class:`consumers.stage_publish.StagePublisher` (which also has ``prepare``/``send``)."""
+
+    engine_urls: list[str]
+
+    def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> dict[str, Any]: ...
 
 
 class WeightSnapshot:
@@ -83,7 +97,7 @@ class WeightSnapshot:
 class AsyncPublisher:
     """One publish in flight at a time, from a background thread; see the module docstring."""
 
-    def __init__(self, publisher: WeightPublisher, on_done: OnDone, checksum: bool = True,
+    def __init__(self, publisher: Publisher, on_done: OnDone, checksum: bool = True,
                  timeout_s: float = 600.0) -> None:
         self.publisher = publisher
         self.on_done = on_done
@@ -100,8 +114,14 @@ class AsyncPublisher:
     def submit(self, named: Mapping[str, torch.Tensor], version: int, ctx: Any = None) -> None:
         """Wait for the previous publish (and report it), snapshot ``named``, start publishing it."""
         self.wait(self.timeout_s)
-        snap = self.snapshot.take(named)
-        fut = spawn(self.publisher.publish, snap, version, self.checksum)
+        prepare = getattr(self.publisher, "prepare", None)
+        if prepare is not None:  # per-stage publishing: a collective, so on this thread
+            prepared = prepare(named, version, self.checksum)
+            snap = self.snapshot.take(named)
+            fut = spawn(self.publisher.send, snap, prepared)  # type: ignore[attr-defined]
+        else:
+            snap = self.snapshot.take(named)
+            fut = spawn(self.publisher.publish, snap, version, self.checksum)
         self._pending = (version, fut, ctx)
         log.debug("publishing version %d in the background", version)
 
@@ -131,7 +151,7 @@ class AsyncPublisher:
             except FutureTimeout:
                 if time.monotonic() >= deadline:
                     raise TimeoutError(
-                        f"publish of version {version} to {', '.join(self.publisher.engine_urls)} did not finish "
+                        f"publish of version {version} to {', '.join(self.publisher.engine_urls) or 'the engines'} did not finish "
                         f"within {timeout:.0f}s"
                     ) from None
                 log.info("waiting for the publish of version %d to finish (%.0fs so far)", version, time.monotonic() - t0)

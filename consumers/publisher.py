@@ -18,7 +18,13 @@ server that speaks SGLang's HTTP subset (slipstream's embedded engine, or real S
    publisher brackets the buckets with ``POST /pause_generation {mode}`` and
    ``/continue_generation`` (plus ``/flush_cache`` when configured) and reports the pause
    (``pause_s``; for the embedded engine: the longest swap pause an engine reported).
-4. Joining: with ``resync=True`` each publish first asks every engine its ``weight_version``
+4. Pipeline stages (``remote_parts``, :mod:`consumers.stage_publish`): other trainer ranks
+   (pipeline-stage leaders) broadcast their stages' tensors over weight groups they host; the
+   publisher asks every engine to join those groups too and announces their tensors (it knows
+   only their layout): embedded engines get one request per version listing every part
+   (:data:`pipeline.weightsync.PARTS_FIELD`), SGLang one request per bucket, part by part, each
+   with its part's ``group_name``.
+5. Joining: with ``resync=True`` each publish first asks every engine its ``weight_version``
    (``GET /get_model_info``).  If one lags (restarted, or joined late) or does not answer yet, the
    publisher waits (up to ``rejoin_timeout_s``) until every engine answers, re-creates the weight
    group with all of them, and the publish then brings every engine to the current version.
@@ -40,7 +46,7 @@ How:
 
 from __future__ import annotations
 
-import collections
+import functools
 import http.client
 import json
 import logging
@@ -51,17 +57,19 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from concurrent.futures import Future, as_completed
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from consumers.bucket_send import BucketSender
 from pipeline.weightsync import (
     CHUNKS_FIELD,
     DEFAULT_GROUP_NAME,
+    PARTS_FIELD,
     WeightGroup,
-    contiguous_span,
+    dtype_from_name,
     dtype_name,
-    flatten_into,
     init_weight_group,
     weights_checksum,
 )
@@ -131,6 +139,45 @@ def chunked_update_payload(named: Mapping[str, torch.Tensor], buckets: list[list
     embedded engine: every tensor's name/dtype/shape, plus each bucket's byte size."""
     payload = bucket_payload(named, group_name, version)
     payload[CHUNKS_FIELD] = bucket_sizes(named, buckets)
+    return payload
+
+
+@dataclass
+class RemotePart:
+    """A pipeline stage's share of every update: its leader broadcasts it, as rank 0 of the weight
+    group ``group_name`` it hosts at ``address:port`` (:mod:`consumers.stage_publish`); this
+    publisher only announces it, from ``layout`` ((name, dtype, shape) per tensor, in order)."""
+
+    stage: int
+    group_name: str
+    address: str
+    port: int
+    layout: list[tuple[str, str, list[int]]]
+
+    @functools.cached_property
+    def meta(self) -> dict[str, torch.Tensor]:
+        """The part's tensors as ``meta`` tensors: names, dtypes and shapes, no bytes."""
+        return {n: torch.empty(shape, dtype=dtype_from_name(dt), device="meta") for n, dt, shape in self.layout}
+
+    def buckets(self, bucket_bytes: int) -> list[list[str]]:
+        """The buckets its leader sends: the same plan as the publisher's own."""
+        return plan_buckets(self.meta, bucket_bytes)
+
+
+def parts_update_payload(named: Mapping[str, torch.Tensor], buckets: list[list[str]], group_name: str,
+                         version: int, remote: list[RemotePart], bucket_bytes: int) -> dict[str, Any]:
+    """Body of the single /update_weights_from_distributed request of a multi-part update (embedded
+    engines): every part's tensors (ours first), and per part its group, tensor count and chunks."""
+    every: dict[str, torch.Tensor] = dict(named)
+    parts = [{"group_name": group_name, "num_tensors": len(named), "chunks": bucket_sizes(named, buckets)}]
+    for part in remote:
+        every.update(part.meta)
+        parts.append({"group_name": part.group_name, "num_tensors": len(part.meta),
+                      "chunks": bucket_sizes(part.meta, part.buckets(bucket_bytes))})
+    if len(every) != sum(p["num_tensors"] for p in parts):
+        raise PublishError("a tensor name appears in several pipeline stages' parts")
+    payload = bucket_payload(every, group_name, version)
+    payload[PARTS_FIELD] = parts
     return payload
 
 
@@ -341,7 +388,8 @@ class WeightPublisher:
         # Where the last publish spent its time (wall seconds): resync, checksum, send (first request
         # to last reply) and flatten (inside send, overlapping the transfer).
         self._timings: dict[str, float] = {}
-        self._flat: list[torch.Tensor] = []  # two buckets' bytes, reused by every publish (no re-allocation)
+        self._sender = BucketSender(backend)
+        self.remote_parts: list[RemotePart] = []  # other pipeline stages' groups (consumers.stage_publish)
         self._conns = Connections()
         self._layout_json: tuple[Any, bytes, int] | None = None  # (layout key, request minus its version, largest bucket)
 
@@ -394,7 +442,11 @@ class WeightPublisher:
     def _call_all(self, route: str, payload: dict[str, Any] | None, what: str) -> list[dict[str, Any]]:
         """Send one request to every engine at once and wait (``timeout_s``) for every reply;
         raise PublishError naming the engines that failed."""
-        futures = self._post_all(route, [payload] * len(self.engine_urls), what)
+        return self._collect(self._post_all(route, [payload] * len(self.engine_urls), what), route, what)
+
+    def _collect(self, futures: list[Future], route: str, what: str) -> list[dict[str, Any]]:
+        """Wait (``timeout_s``) for every engine's reply to one request each; raise PublishError
+        naming the engines that failed."""
         errors = []
         for url, fut in zip(self.engine_urls, futures, strict=True):
             try:
@@ -426,12 +478,22 @@ class WeightPublisher:
     def _resync(self) -> None:
         """Re-create the group when an engine lags the last published version or is unreachable
         (restarted, or joined late); waits up to ``rejoin_timeout_s`` for every engine to answer."""
+        if self.resync_needed():
+            self.close()  # best effort: engines still in the old group leave it
+            self.connect()
+            self.rejoins += 1
+
+    def resync_needed(self) -> bool:
+        """True if an engine lags the last published version or was unreachable (then waits, up to
+        ``rejoin_timeout_s``, until every engine answers): the weight group(s) must be re-created
+        before the next publish.  Per-stage publishing (:mod:`consumers.stage_publish`) calls this
+        and re-creates every stage's group itself."""
         if self.version is None or self._group is None:
-            return
+            return False
         versions = self.engine_versions(timeout_s=min(self.timeout_s, 10.0))
         lagging = {u: v for u, v in versions.items() if v != str(self.version)}
         if not lagging:
-            return
+            return False
         log.warning("weight publisher: engine(s) not at v%d: %s; re-creating the weight group", self.version, lagging)
         deadline = time.monotonic() + self.rejoin_timeout_s
         while any(v is None for v in versions.values()):
@@ -444,9 +506,7 @@ class WeightPublisher:
             log.info("weight publisher: waiting for %s to answer %s (%.0fs left)", silent, ROUTE_MODEL_INFO, deadline - time.monotonic())
             time.sleep(0.5)
             versions = self.engine_versions(timeout_s=min(self.timeout_s, 10.0))
-        self.close()  # best effort: engines still in the old group leave it
-        self.connect()
-        self.rejoins += 1
+        return True
 
     def _reset(self) -> None:
         """After a failure the group is unusable (a collective may still block until its timeout
@@ -454,10 +514,15 @@ class WeightPublisher:
         self._group = None
 
     # ------------------------------------------------------------------ API
-    def connect(self) -> None:
-        """Create the weight-update group: engines join as ranks 1..N, this process as rank 0."""
+    def connect(self, remote_parts: list[RemotePart] | None = None) -> None:
+        """Create the weight-update group: engines join as ranks 1..N, this process as rank 0.
+        ``remote_parts`` (per-stage publishing): the engines also join each part's group (the same
+        engine ranks; its leader hosts the rendezvous and is rank 0), and every publish announces
+        the parts' tensors after ours."""
         if self._group is not None:
             return
+        if remote_parts is not None:
+            self.remote_parts = list(remote_parts)
         port = free_port(self.master_address)
         world = 1 + sum(self.ranks_per_engine)
         offsets = [1 + sum(self.ranks_per_engine[:i]) for i in range(len(self.engine_urls))]
@@ -468,17 +533,24 @@ class WeightPublisher:
         what = f"joining weight group {self.group_name!r} at {self.master_address}:{port}"
         log.info("weight publisher: %d engine(s) joining %s:%d (%s)", len(self.engine_urls), self.master_address, port, self.backend)
         futures = self._post_all(route, payloads, what)
+        remote = [(f"joining stage {part.stage}'s weight group {part.group_name!r} at {part.address}:{part.port}",
+                   self._post_all(route, [init_group_payload(part.address, part.port, offset, world, part.group_name, self.backend)
+                                          for offset in offsets], f"joining weight group {part.group_name!r}"))
+                  for part in self.remote_parts]
         own = spawn(
             init_weight_group, self.master_address, port, rank=0, world_size=world, backend=self.backend,
             group_name=self.group_name, timeout_s=self.timeout_s,
         )
         try:
             group = self._wait(futures, own, route, what, f"rank 0 rendezvous at {self.master_address}:{port}")
+            for part_what, part_futures in remote:  # the stage leader hosts it: engines' replies tell
+                self._collect(part_futures, route, part_what)
         except PublishError:
             self._reset()
             raise
         self._group, self.master_port = group, port
-        log.info("weight publisher: group %r ready (world %d)", self.group_name, world)
+        log.info("weight publisher: group %r ready (world %d)%s", self.group_name, world,
+                 f", plus {len(remote)} pipeline stage group(s)" if remote else "")
 
     def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> dict[str, Any]:
         """Send every tensor to every engine; returns ``{seconds, bytes, buckets, checksum, version,
@@ -518,28 +590,38 @@ class WeightPublisher:
             pause_s = max((float(r.get("pause_seconds", 0.0)) for r in replies), default=0.0)
         self.version = version
         seconds = time.perf_counter() - t0
+        parts = self._parts_info(named)
+        total += sum(p["bytes"] for p in parts[1:])
         log.info(
             "published version %d: %.1f MiB in %d bucket(s) to %d engine(s) in %.3fs (generation paused %.2f ms)",
             version, total / 2**20, nbuckets, len(self.engine_urls), seconds, pause_s * 1e3,
         )
-        return {"seconds": seconds, "bytes": total, "buckets": nbuckets, "checksum": digest, "version": version,
-                "timings": dict(self._timings),
-                "pause_s": pause_s, "rejoined": self.rejoins - rejoins}
+        out = {"seconds": seconds, "bytes": total, "buckets": nbuckets, "checksum": digest, "version": version,
+               "timings": dict(self._timings),
+               "pause_s": pause_s, "rejoined": self.rejoins - rejoins}
+        if self.remote_parts:
+            out["parts"] = parts
+            out["engine_parts"] = [len(r.get("parts") or []) for r in replies]  # as each engine's reply reports
+            for p in parts:  # the engines' receive time per part (slowest engine), when they report it
+                p["engine_receive_s"] = max((float(e.get("receive_s", 0.0)) for r in replies for e in r.get("parts") or []
+                                             if e.get("group_name") == p["group"]), default=None)
+                log.info("version %d, stage %d: %.1f MiB over group %r (engines received it in %s)", version, p["stage"],
+                         p["bytes"] / 2**20, p["group"],
+                         "n/a" if p["engine_receive_s"] is None else f"{p['engine_receive_s']:.3f}s")
+        return out
+
+    def _parts_info(self, named: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Per part (ours first): stage, group, tensor count and bytes."""
+        return [{"stage": stage, "group": group, "tensors": len(tensors),
+                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+                for stage, group, tensors in [(0, self.group_name, named),
+                                              *((p.stage, p.group_name, p.meta) for p in self.remote_parts)]]
 
     def _continue_best_effort(self, version: int) -> None:
         try:
             self._call_all(ROUTE_CONTINUE, continue_payload(), f"continuing generation after the failed version {version}")
         except PublishError as e:
             log.error("weight publisher: could not resume generation after a failed publish: %s", e)
-
-    def _buffers(self, need: int, count: int, device: torch.device) -> list[torch.Tensor]:
-        """``count`` (1 or 2) persistent flat buffers of ``need`` bytes, allocated once and grown
-        when needed; with two, bucket ``i + 1`` is flattened into one while bucket ``i`` is still
-        on the wire from the other."""
-        if len(self._flat) < count or self._flat[0].numel() < need or self._flat[0].device != device:
-            self._flat = []  # free the old ones before allocating
-            self._flat = [torch.empty(need, dtype=torch.uint8, device=device) for _ in range(count)]
-        return self._flat
 
     def _send_buckets(self, named: Mapping[str, torch.Tensor], version: int) -> tuple[int, int, list[dict[str, Any]]]:
         """Send every bucket; returns (bytes, buckets, the engines' replies to the last request)."""
@@ -549,48 +631,27 @@ class WeightPublisher:
             return self._send_chunked(named, buckets, version)
         return self._send_per_bucket(named, buckets, version)
 
-    def _bucket_bytes(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], i: int,
-                      largest: int) -> torch.Tensor:
-        """Bucket ``i``'s bytes: a view when its tensors already lie back to back (a
-        :class:`consumers.publish_async.WeightSnapshot`), else flattened into buffer ``i % 2``
-        (buffers of ``largest`` bytes, the biggest bucket's size)."""
-        tensors = [named[n] for n in buckets[i]]
-        span = contiguous_span(tensors)
-        if span is not None:
-            return span
-        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        bufs = self._buffers(largest, min(2, len(buckets)), device)
-        return flatten_into(bufs[i % len(bufs)], tensors)
-
     def _broadcast_buckets(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]],
                            indices: list[int], largest: int) -> int:
-        """Broadcast ``buckets[i]`` for ``i`` in ``indices``, back to back: bucket ``i + 1`` is
-        flattened while bucket ``i`` is on the wire, and a buffer is refilled only after the
-        broadcast that used it completed (on GPU, ``wait`` orders the stream).  Returns the bytes sent."""
+        """Broadcast ``buckets[i]`` for ``i`` in ``indices`` (:class:`consumers.bucket_send.BucketSender`)."""
         assert self._group is not None
-        pending: collections.deque[Any] = collections.deque()
-        total = 0
-        for i in indices:
-            if len(pending) == 2:
-                pending.popleft().wait()
-            t = time.perf_counter()
-            flat = self._bucket_bytes(named, buckets, i, largest)
-            self._timings["flatten_s"] += time.perf_counter() - t
-            pending.append(self._group.broadcast_async(flat, 0))
-            total += flat.numel()
-        while pending:
-            pending.popleft().wait()
-        return total
+        return self._sender.broadcast(self._group, named, buckets, indices, largest, self._timings)
 
     def _chunked_request(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[bytes, int]:
         """The JSON body of :meth:`_send_chunked`'s request, and the largest bucket's size.  Its
         layout part (hundreds of names, dtypes and shapes) is encoded once and reused while the
         layout stays the same; only the version changes from one update to the next."""
-        key = (tuple((n, t.dtype, t.shape) for n, t in named.items()), tuple(map(len, buckets)))
+        key = (tuple((n, t.dtype, t.shape) for n, t in named.items()), tuple(map(len, buckets)),
+               tuple((p.group_name, len(p.layout)) for p in self.remote_parts))  # parts' layouts never change
         if self._layout_json is None or self._layout_json[0] != key:
-            payload = chunked_update_payload(named, buckets, self.group_name, 0)
+            if self.remote_parts:  # per-stage publishing: every part, ours first (PARTS_FIELD)
+                payload = parts_update_payload(named, buckets, self.group_name, 0, self.remote_parts, self.bucket_bytes)
+                largest = max(payload[PARTS_FIELD][0]["chunks"])
+            else:
+                payload = chunked_update_payload(named, buckets, self.group_name, 0)
+                largest = max(payload[CHUNKS_FIELD])
             del payload["weight_version"]
-            self._layout_json = (key, json.dumps(payload).encode(), max(payload[CHUNKS_FIELD]))
+            self._layout_json = (key, json.dumps(payload).encode(), largest)
         _, layout, largest = self._layout_json
         return b'{"weight_version": "%d", ' % version + layout[1:], largest
 
@@ -618,36 +679,49 @@ class WeightPublisher:
 
     def _send_per_bucket(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[int, int, list[dict[str, Any]]]:
         """SGLang: one request per bucket, strictly in order (SGLang receives a request's tensors
-        when the request arrives); only the last carries ``weight_version``."""
+        when the request arrives); only the last carries ``weight_version``.  With remote parts
+        (per-stage publishing) our buckets go first, then each part's, each request naming its
+        part's group; the part's leader broadcasts those buckets (we only wait for the replies)."""
         total = 0
         replies: list[dict[str, Any]] = []
         flush = self.flush_cache
         largest = max(bucket_sizes(named, buckets))
-        for i, names in enumerate(buckets):
-            last = i == len(buckets) - 1
-            payload = bucket_payload({n: named[n] for n in names}, self.group_name, version if last else None,
-                                     flush_cache=flush)
-            what = f"bucket {i + 1}/{len(buckets)} of version {version}" + (" (swap)" if last else "")
-            t = time.perf_counter()
-            futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
-            # flattened while the engines parse the request
-            own = spawn(self._broadcast_buckets, named, buckets, [i], largest)
-            try:
-                total += self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
-            except PublishError:
-                self._reset()
-                raise
-            self._timings["send_s"] += time.perf_counter() - t
-            if last:
-                replies = [f.result() for f in futures]
-        return total, len(buckets), replies
+        plans = [(0, self.group_name, named, buckets), *((p.stage, p.group_name, p.meta, p.buckets(self.bucket_bytes))
+                                                         for p in self.remote_parts)]
+        count = sum(len(b) for *_, b in plans)
+        done: Future = Future()
+        done.set_result(0)
+        sent = 0
+        for stage, group_name, tensors, part_buckets in plans:
+            for i, names in enumerate(part_buckets):
+                sent += 1
+                last = sent == count
+                payload = bucket_payload({n: tensors[n] for n in names}, group_name, version if last else None,
+                                         flush_cache=flush)
+                what = (f"bucket {i + 1}/{len(part_buckets)}" + (f" of stage {stage} (group {group_name!r})" if self.remote_parts else "")
+                        + f" of version {version}" + (" (swap)" if last else ""))
+                t = time.perf_counter()
+                futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
+                # flattened while the engines parse the request; another stage's leader sends its own
+                own = spawn(self._broadcast_buckets, named, buckets, [i], largest) if stage == 0 else done
+                try:
+                    total += self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
+                except PublishError:
+                    self._reset()
+                    raise
+                self._timings["send_s"] += time.perf_counter() - t
+                if last:
+                    replies = [f.result() for f in futures]
+        return total, count, replies
 
     def close(self) -> None:
-        """Ask engines to leave the group (best effort) and drop ours."""
+        """Ask engines to leave the group(s) (best effort) and drop ours."""
         if self._group is not None:
-            futures = self._post_all(
-                ROUTE_DESTROY_GROUP, [destroy_payload(self.group_name)] * len(self.engine_urls), "leaving the weight group",
-            )
+            futures = [
+                fut for name in [self.group_name, *(p.group_name for p in self.remote_parts)]
+                for fut in self._post_all(ROUTE_DESTROY_GROUP, [destroy_payload(name)] * len(self.engine_urls),
+                                          f"leaving the weight group {name!r}")
+            ]
             for fut in futures:
                 try:
                     fut.result(timeout=self.timeout_s)

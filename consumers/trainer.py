@@ -32,6 +32,7 @@ How:
     rank = TrainerRank(TrainerConfig(), "/path/to/hf")
     stats = rank.train_step(groups)          # groups: this DP rank's list[TrajectoryGroup]
     named = rank.export_hf_state()           # full HF state dict on global rank 0, {} elsewhere
+    part = rank.export_hf_stage()            # this PP stage's part on its leader (per-stage publishing)
 
 Single process: :func:`init_distributed` uses env:// when MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE
 are all set, else a private one-process group on 127.0.0.1.  Multi-process: ``torchrun
@@ -406,6 +407,16 @@ class TrainerRank:
     def export_hf_state(self) -> dict[str, torch.Tensor]:
         """Full HF-named weights on global rank 0 (``{}`` elsewhere); collective over DP replica 0."""
         return bridge.export_hf_state(self.model, self.spec)
+
+    def export_hf_stage(self) -> dict[str, torch.Tensor]:
+        """This PP stage's HF-named weights on the stage's leader (``{}`` elsewhere; see
+        :attr:`is_stage_leader`); collective over DP replica 0, nothing crosses the PP group."""
+        return bridge.export_hf_stage(self.model, self.spec)
+
+    @property
+    def is_stage_leader(self) -> bool:
+        """Holds its PP stage's export and publishes it with ``weights.per_stage_publish``."""
+        return bridge.is_stage_leader()
 
     def shutdown(self) -> None:
         """Tear down Megatron's parallel state (the process group is the caller's)."""

@@ -12,6 +12,9 @@ depends on the engine kind and on the loop:
   prefix cache (KV computed with older weights) before ``/continue_generation``.
 * ``async_publish``: publish version v from a background thread while the trainer fetches and trains
   the next batch (``consumers.publish_async``).
+* ``per_stage_publish``: with ``trainer.pipeline_parallel > 1``, each pipeline stage's leader
+  broadcasts its own layers over a weight group of its own (``consumers.stage_publish``) instead
+  of gathering every stage onto trainer rank 0 first.
 * ``resync_engines``: before each publish, ask every engine its ``weight_version``
   (``/get_model_info``); an engine that restarted or joined late is brought into a new weight group
   and receives the current weights with that publish.
@@ -56,6 +59,13 @@ class WeightSyncConfig:
         "Publish each version from a background thread while the trainer fetches and trains the next batch "
         "(helps only with queue.max_staleness >= 1). 'Published' still reaches the broker only after every "
         "engine serves the version, and version v+1 is sent only after v finished.",
+        True,
+    )
+    per_stage_publish: bool = doc(
+        "Only with trainer.pipeline_parallel > 1: each pipeline stage's leader (TP rank 0 of data-parallel "
+        "replica 0) broadcasts its own stage's weights over a weight group of its own, so no stage's weights "
+        "travel through trainer rank 0, which still drives the engines over HTTP. False gathers every stage "
+        "onto rank 0 and publishes from there (one weight group).",
         True,
     )
     resync_engines: bool = doc(

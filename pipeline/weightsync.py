@@ -34,6 +34,19 @@ DEFAULT_GROUP_NAME = "weight_update_group"
 #: SGLang): the request describes a whole update whose flattened bytes arrive in several
 #: broadcasts of these byte sizes, one request per update instead of one per bucket.
 CHUNKS_FIELD = "slipstream_chunks"
+#: slipstream extension of /update_weights_from_distributed (embedded engine only, never sent to
+#: SGLang): the update's tensors come from several publishers, one weight group each (one per
+#: trainer pipeline stage, DESIGN §8).  A list of ``{"group_name", "num_tensors", "chunks"}``, one
+#: per part, in the order of ``names``: part 0 is the first ``num_tensors`` names, and so on; each
+#: part's flattened bytes arrive over its own group in broadcasts of ``chunks`` byte sizes.
+#: Exclusive with :data:`CHUNKS_FIELD` (the single-part form).
+PARTS_FIELD = "slipstream_parts"
+
+
+def part_group_name(base: str, stage: int) -> str:
+    """Weight group of pipeline stage ``stage``'s publisher: ``base`` for stage 0 (trainer rank 0's
+    group, the single-publisher name), ``f"{base}-pp{stage}"`` for the others."""
+    return base if stage == 0 else f"{base}-pp{stage}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -180,14 +193,37 @@ def unflatten_bucket(flat: torch.Tensor, dtypes: list[torch.dtype], shapes: list
     return out
 
 
-def weights_checksum(named: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, bytes) in sorted name order: equal on trainer and engine
-    exactly when every published tensor arrived bit for bit."""
+def tensor_digest(name: str, t: torch.Tensor) -> str:
+    """sha256 of one tensor's name, dtype, shape and bytes (hex)."""
+    t = t.detach().to("cpu").contiguous()
     h = hashlib.sha256()
-    for name in sorted(named):
-        t = named[name].detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(dtype_name(t.dtype).encode())
-        h.update(repr(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(name.encode())
+    h.update(dtype_name(t.dtype).encode())
+    h.update(repr(tuple(t.shape)).encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def tensor_digests(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """:func:`tensor_digest` of every tensor: what a pipeline stage's publisher sends trainer rank 0
+    so that it can compute the checksum of the whole model without its tensors."""
+    return {name: tensor_digest(name, t) for name, t in named.items()}
+
+
+def combine_digests(digests: Mapping[str, str]) -> str:
+    """The checksum of a state dict from its per-tensor digests: sha256 over (name, digest) in
+    sorted name order.  Parts' digests merge with ``{**a, **b}`` (names are unique across parts)."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(digests[name].encode())
+    return h.hexdigest()
+
+
+def weights_checksum(named: Mapping[str, torch.Tensor]) -> str:
+    """``combine_digests(tensor_digests(named))``: equal on trainer and engine exactly when every
+    published tensor arrived bit for bit (per-tensor sha256 of name, dtype, shape and bytes,
+    combined in sorted name order, so that per-stage publishers can contribute their parts'
+    digests instead of their tensors)."""
+    return combine_digests(tensor_digests(named))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -113,6 +114,28 @@ def test_staleness_two_completes_within_bound(tmp_path: Path) -> None:
     stale = [c["trained_from_version"] - c["min_version"] for c in consumed]
     assert max(stale) <= 2
     assert max(stale) >= 1, "with η = 2 the run should actually be asynchronous"
+    _assert_account_balances(run_dir)
+    _assert_no_orphans(run_dir)
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_run_publishes_each_stage_from_its_own_rank(tmp_path: Path) -> None:
+    """PP = 2 through the launcher: each stage's leader broadcasts its own layers (its own weight
+    group), rank 0 drives the engine, and every version still lands bit for bit."""
+    r, run_dir = _run(tmp_path, "trainer.pipeline_parallel=2", "run.steps=6", "run.verify_weights=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = _steps(run_dir)
+    assert [s["policy_version"] for s in steps] == list(range(1, 7))
+    for s in steps:
+        assert s["engine_checksums"] and all(c == s["weights_checksum"] for c in s["engine_checksums"]), s["step"]
+    log = (run_dir / "logs" / "trainer.log").read_text()
+    # trainer rank 1 (stage 1's leader) sent its part of every version over its own group ...
+    sent = re.findall(r"trainer-1 consumers.stage_publish: stage 1: version (\d+): [\d.]+ MiB .* over group '[^']*-pp1'", log)
+    assert sorted(map(int, sent)) == list(range(1, 7)), sent
+    # ... and rank 0 saw the engine receive both parts of every version, each over its group
+    for stage, group in ((0, "weight_update_group"), (1, "weight_update_group-pp1")):
+        got = re.findall(rf"trainer-0 consumers.publisher: version (\d+), stage {stage}: [\d.]+ MiB over group '{group}'", log)
+        assert sorted(map(int, got)) == list(range(1, 7)), (stage, got)
     _assert_account_balances(run_dir)
     _assert_no_orphans(run_dir)
 

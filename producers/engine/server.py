@@ -20,7 +20,8 @@ Contract notes (where this engine differs from, or extends, SGLang):
 - ``text`` in responses is always ``""`` (no detokenization); text prompts are refused (400).
 - ``meta_info`` adds ``output_token_weight_versions`` (policy version per token) and
   ``output_token_times`` (engine monotonic clock per token).  Update replies add ``pause_seconds``,
-  ``adopted`` and ``timings`` (where the request spent its time).
+  ``adopted`` and ``timings`` (where the request spent its time); a multi-part update's reply
+  (``slipstream_parts``, one part per trainer pipeline stage) adds ``parts``.
 - ``pause_generation`` mode ``retract`` drops the KV caches of running sequences and re-prefills
   them on ``continue_generation`` (with the weights live at that time); ``in_place`` keeps them.
 - ``ignore_eos`` disables both EOS and ``stop_token_ids`` (SGLang's rule); ``max_new_tokens`` wins
@@ -398,6 +399,8 @@ class EngineServer:
                         "receive_s": result.received_at - result.posted_at,
                         "swap_wait_s": swapped - result.received_at - pause, "swap_s": pause,
                         "handler_s": swapped - started},
+            # slipstream extension, multi-part updates (slipstream_parts): bytes and receive time per part
+            **({"parts": result.parts} if result.parts is not None else {}),
         })
 
     async def update_version(self, request: web.Request) -> web.Response:

@@ -23,6 +23,19 @@ Failure semantics (explicit, because a half-applied update would silently mislab
   unknown dtype, missing group) is refused before receiving; the trainer's broadcast then fails
   by its weight-group timeout.
 
+Multi-part updates (:data:`pipeline.weightsync.PARTS_FIELD`, per-stage publishing): one request
+lists every tensor, part by part; each part's bytes arrive over its own group (one per trainer
+pipeline stage).  Every part's broadcasts are posted before any is waited for, so the parts
+arrive in parallel, into consecutive slices of one staging buffer (adoption still works: one
+buffer covers every parameter).  One swap, one reply (``parts``: bytes and receive time per part).
+If any part's transfer fails (its publisher died or went silent past the group timeout), the
+receive thread still waits for every other part's broadcasts to end (each bounded by its group's
+timeout, so no receive writes into staging later), then the whole update is dropped: nothing is
+swapped, the reply names the part's group.  Re-joining a group (``/init_weights_update_group``,
+what the trainer's resync does for every group) aborts that group's old instance and abandons the
+update in flight, all parts of it, including those that already arrived: an update is swapped
+whole or not at all, and a rejoin never waits for a part from a group that is gone.
+
 Run: not on its own; the engine server owns one receiver.  The trainer side is
 ``pipeline.weightsync``: ``group.broadcast(flatten_bucket(tensors), src=0)``.
 """
@@ -44,6 +57,7 @@ import torch
 from pipeline.weightsync import (
     CHUNKS_FIELD,
     DEFAULT_GROUP_NAME,
+    PARTS_FIELD,
     WeightGroup,
     dtype_from_name,
     init_weight_group,
@@ -62,6 +76,19 @@ class WeightUpdateError(RuntimeError):
     """An update that was (or must be) refused; the message goes back as ``success: false``."""
 
 
+@dataclass
+class PartSpec:
+    """One part of a multi-part update (:data:`PARTS_FIELD`): tensors ``first .. first +
+    num_tensors - 1`` of the request, whose ``nbytes`` arrive over ``group_name`` in broadcasts
+    of ``chunks`` bytes."""
+
+    group_name: str
+    first: int
+    num_tensors: int
+    chunks: list[int]
+    nbytes: int = 0
+
+
 @dataclass(eq=False)
 class BucketSpec:
     """A parsed ``/update_weights_from_distributed`` request."""
@@ -75,6 +102,7 @@ class BucketSpec:
     flush_cache: bool = True
     abort_all_requests: bool = False
     chunks: list[int] | None = None  # slipstream extension: the flat bytes arrive in broadcasts of these sizes
+    parts: list[PartSpec] | None = None  # slipstream extension: the bytes arrive over several groups
     layout: Layout | None = None  # where the check against the model is cached (parse_update_request)
 
     @functools.cached_property
@@ -101,6 +129,7 @@ class BucketResult:
     posted_at: float = 0.0
     received_at: float = 0.0
     swap: cf.Future[float] | None = None  # the swap the receiver started (last bucket, with a swap hook)
+    parts: list[dict[str, Any]] | None = None  # multi-part update: group, tensors, bytes, receive time per part
 
 
 @dataclass(eq=False)
@@ -216,7 +245,53 @@ def _parse_options(body: dict[str, Any], names: list[str], dtypes: list[torch.dt
         if sum(chunks) != spec.nbytes:
             raise RequestError(CHUNKS_FIELD, f"chunks add up to {sum(chunks)} bytes but the tensors need {spec.nbytes}")
         spec.chunks = list(chunks)
+    parts = body.get(PARTS_FIELD)
+    if parts is not None:
+        spec.parts = _parse_parts(parts, spec, chunks is not None)
+        spec.group_name = spec.parts[0].group_name
     return spec
+
+
+def _parse_parts(raw: Any, spec: BucketSpec, with_chunks: bool) -> list[PartSpec]:
+    """Validate :data:`PARTS_FIELD` against the request's tensors; RequestError names the field."""
+    if with_chunks:
+        raise RequestError(PARTS_FIELD, f"cannot be combined with {CHUNKS_FIELD} (each part gives its own chunks)")
+    if spec.load_format != "flattened_bucket":
+        raise RequestError(PARTS_FIELD, "needs load_format 'flattened_bucket'")
+    if not isinstance(raw, list) or not raw:
+        raise RequestError(PARTS_FIELD, f"expected a non-empty list of {{group_name, num_tensors, chunks}} objects, got {raw!r:.200}")
+    parts: list[PartSpec] = []
+    seen: dict[str, int] = {}
+    first = 0
+    for i, part in enumerate(raw):
+        where = f"{PARTS_FIELD}[{i}]"
+        if not isinstance(part, dict):
+            raise RequestError(where, f"expected an object {{group_name, num_tensors, chunks}}, got {part!r:.200}")
+        unknown = sorted(set(part) - {"group_name", "num_tensors", "chunks"})
+        if unknown:
+            raise RequestError(where, f"unknown key(s) {unknown}")
+        group = part.get("group_name")
+        if not isinstance(group, str) or not group:
+            raise RequestError(f"{where}.group_name", f"expected a weight group name, got {group!r}")
+        if group in seen:
+            raise RequestError(f"{where}.group_name", f"group {group!r} is already part {seen[group]}'s")
+        seen[group] = i
+        n = part.get("num_tensors")
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise RequestError(f"{where}.num_tensors", f"expected a positive tensor count, got {n!r}")
+        chunks = part.get("chunks")
+        if not isinstance(chunks, list) or not chunks or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in chunks):
+            raise RequestError(f"{where}.chunks", f"expected a non-empty list of positive byte counts, got {chunks!r:.200}")
+        parts.append(PartSpec(group, first, n, list(chunks)))
+        first += n
+    if first != len(spec.names):
+        raise RequestError(PARTS_FIELD, f"the parts' num_tensors add up to {first} but names has {len(spec.names)}")
+    for i, part in enumerate(parts):
+        part.nbytes = sum(spec.sizes[part.first : part.first + part.num_tensors])
+        if sum(part.chunks) != part.nbytes:
+            raise RequestError(f"{PARTS_FIELD}[{i}].chunks", f"chunks add up to {sum(part.chunks)} bytes but the part's "
+                               f"{part.num_tensors} tensors need {part.nbytes}")
+    return parts
 
 
 class _SerialWorker:
@@ -406,8 +481,15 @@ class WeightReceiver:
     def submit_bucket(self, spec: BucketSpec) -> cf.Future[BucketResult]:
         """Receive one bucket on the receive thread; see the module docstring for the failure rules."""
         with self._lock:
+            known = ", ".join(repr(g) for g in self._groups) or "none"
+            for i, part in enumerate(spec.parts or []):
+                if part.group_name not in self._groups:
+                    raise RequestError(f"{PARTS_FIELD}[{i}].group_name", f"no weight group named {part.group_name!r} "
+                                       f"(joined: {known}); call /init_weights_update_group first")
+            backends = {self._groups[p.group_name][1] for p in spec.parts or []}
+            if len(backends) > 1:
+                raise RequestError(PARTS_FIELD, f"the parts' groups mix backends {sorted(backends)}; one staging buffer needs one")
             if spec.group_name not in self._groups:
-                known = ", ".join(repr(g) for g in self._groups) or "none"
                 raise WeightUpdateError(
                     f"no weight group named {spec.group_name!r} (joined: {known}); call /init_weights_update_group first"
                 )
@@ -416,7 +498,9 @@ class WeightReceiver:
     def _receive(self, spec: BucketSpec) -> BucketResult:
         with self._lock:
             group, backend = self._groups[spec.group_name]
+            groups = [self._groups[p.group_name][0] for p in spec.parts] if spec.parts else [group]
         recv_device = torch.device("cpu") if backend == "gloo" else self._device
+        part_done: list[float] = []
         t0 = time.perf_counter()
         try:
             # Post the receive first: the request is checked against the model while the bytes arrive.
@@ -424,13 +508,13 @@ class WeightReceiver:
                 # On the side stream, posting and waiting both: a NCCL work's wait() orders the
                 # *current* stream after the transfer, which must not be the decode stream.
                 with torch.cuda.stream(self._side):
-                    pending = _post_recv(group, spec, recv_device, self._arena)
+                    pending = _post_recv(groups, spec, recv_device, self._arena, part_done)
                     posted_at = time.perf_counter()
                     problem = self._checked(spec)
                     tensors = pending()
                 self._side.synchronize()  # the bytes are really here before we say so (and time it)
             else:
-                pending = _post_recv(group, spec, recv_device, self._arena)
+                pending = _post_recv(groups, spec, recv_device, self._arena, part_done)
                 posted_at = time.perf_counter()
                 problem = self._checked(spec)
                 tensors = pending()
@@ -441,7 +525,9 @@ class WeightReceiver:
                     self._poisoned = None
             if spec.weight_version is not None:
                 self._arena.end_update(handed_over=False)
-            raise WeightUpdateError(f"receiving the bucket over group {spec.group_name!r} failed: {e}") from e
+            what = "the update's parts" if spec.parts else f"the bucket over group {spec.group_name!r}"
+            abandoned = "" if spec.weight_version is None else f"; update to version {spec.weight_version} abandoned, nothing was swapped"
+            raise WeightUpdateError(f"receiving {what} failed: {e}{abandoned}") from e
         received_at = time.perf_counter()
         receive_s = received_at - t0
         self._metrics.receive_seconds.observe(receive_s)
@@ -450,6 +536,12 @@ class WeightReceiver:
                  receive_s * 1e3, spec.weight_version)
         result = BucketResult(nbytes=spec.nbytes, receive_s=receive_s, num_tensors=len(tensors),
                               posted_at=posted_at, received_at=received_at)
+        if spec.parts:
+            result.parts = [{"group_name": p.group_name, "num_tensors": p.num_tensors, "bytes": p.nbytes,
+                             "receive_s": done - t0} for p, done in zip(spec.parts, part_done, strict=True)]
+            for p in result.parts:
+                log.info("  part over group %r: %d tensors, %d bytes, received after %.1f ms", p["group_name"],
+                         p["num_tensors"], p["bytes"], p["receive_s"] * 1e3)
         with self._lock:
             if problem is not None and self._poisoned is None:
                 self._poisoned = problem
@@ -510,29 +602,46 @@ class WeightReceiver:
         return None
 
 
-def _post_recv(group: WeightGroup, spec: BucketSpec, device: torch.device,
-               arena: StagingArena | None = None) -> Callable[[], list[torch.Tensor]]:
-    """Join rank 0's broadcast(s) of one bucket; returns a function that waits for the bytes and
-    returns the received tensors (views into ``arena`` for a flattened bucket when one is given).
-    A flattened bucket's broadcasts are only posted here (the caller works meanwhile); the
-    per-tensor format (no ``load_format``) is received here, one blocking broadcast per tensor."""
+def _post_recv(groups: list[WeightGroup], spec: BucketSpec, device: torch.device,
+               arena: StagingArena | None = None, part_done: list[float] | None = None) -> Callable[[], list[torch.Tensor]]:
+    """Join rank 0's broadcast(s) of one bucket (``groups``: one per part of a multi-part update,
+    else the request's group); returns a function that waits for the bytes and returns the
+    received tensors (views into ``arena`` for a flattened bucket when one is given), appending
+    to ``part_done`` when each part's bytes were in.  A flattened bucket's broadcasts are only
+    posted here (the caller works meanwhile), every part's before any wait; the per-tensor format
+    (no ``load_format``) is received here, one blocking broadcast per tensor."""
     if spec.load_format == "flattened_bucket":
         if arena is not None:
             flat = arena.take(spec.nbytes, device)
         else:
             flat = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
+        segments = ([(p.group_name, p.chunks) for p in spec.parts] if spec.parts
+                    else [(spec.group_name, spec.chunks or [spec.nbytes])])
         offset = 0
-        works = []
-        for n in spec.chunks or [spec.nbytes]:  # one broadcast per chunk the publisher sends
-            works.append(group.broadcast_async(flat[offset : offset + n], src=0))
-            offset += n
+        works: list[list[Any]] = []
+        for group, (_, chunks) in zip(groups, segments, strict=True):
+            part_works = []
+            for n in chunks:  # one broadcast per chunk the publisher sends
+                part_works.append(group.broadcast_async(flat[offset : offset + n], src=0))
+                offset += n
+            works.append(part_works)
 
         def finish() -> list[torch.Tensor]:
-            for work in works:
-                work.wait()
+            failed: list[str] = []
+            for (name, _), part_works in zip(segments, works, strict=True):
+                try:
+                    for work in part_works:
+                        work.wait()
+                except Exception as e:  # keep waiting for the other parts: nothing may write into staging later
+                    failed.append(f"part over group {name!r}: {e}")
+                if part_done is not None:
+                    part_done.append(time.perf_counter())
+            if failed:
+                raise WeightUpdateError("; ".join(failed))
             return unflatten_bucket(flat, spec.dtypes, spec.shapes)
 
         return finish
+    group = groups[0]
     tensors = [torch.empty(shape, dtype=dt, device=device) for dt, shape in zip(spec.dtypes, spec.shapes, strict=True)]
     for t in tensors:
         group.broadcast(t, src=0)
