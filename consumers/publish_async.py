@@ -49,6 +49,15 @@ class Publisher(Protocol):
     def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> dict[str, Any]: ...
 
 
+class FlatState(dict[str, torch.Tensor]):
+    """HF-named tensors as :meth:`WeightSnapshot.take` returns them; ``contiguous`` when they all
+    lie back to back, in order, in one buffer.  The bucket size bounds the publisher's flatten
+    buffers, and such a state needs none, so the publisher may send it in one broadcast, from a
+    view (fewer broadcasts to post on both sides)."""
+
+    contiguous: bool = False
+
+
 class WeightSnapshot:
     """Persistent copies of the published tensors.  The first :meth:`take` allocates one flat
     ``uint8`` buffer per device holding every tensor back to back in the dict's order (the same
@@ -60,6 +69,7 @@ class WeightSnapshot:
         self._bufs: dict[str, torch.Tensor] = {}
         self._flat: dict[torch.device, torch.Tensor] = {}
         self._layout: list[tuple[str, torch.Size, torch.dtype, torch.device]] = []
+        self._contiguous = False  # every tensor is a view into the one flat buffer, in order
 
     def _allocate(self, named: Mapping[str, torch.Tensor]) -> None:
         self._layout = [(n, t.shape, t.dtype, t.device) for n, t in named.items()]
@@ -69,20 +79,24 @@ class WeightSnapshot:
             sizes[device] = sizes.get(device, 0) + shape.numel() * dtype.itemsize
         self._flat = {d: torch.empty(n, dtype=torch.uint8, device=d) for d, n in sizes.items()}
         offsets = dict.fromkeys(sizes, 0)
+        own: list[str] = []  # tensors outside the flat buffer
         for name, shape, dtype, device in self._layout:
             n = shape.numel() * dtype.itemsize
             off = offsets[device]
             if off % dtype.itemsize:  # not aligned for a view of this dtype: a buffer of its own
                 self._bufs[name] = torch.empty(shape, dtype=dtype, device=device)
+                own.append(name)
             else:
                 self._bufs[name] = self._flat[device][off : off + n].view(dtype).view(shape)
             offsets[device] = off + n
+        self._contiguous = len(self._flat) == 1 and not own
 
-    def take(self, named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def take(self, named: Mapping[str, torch.Tensor]) -> FlatState:
         layout = [(n, t.shape, t.dtype, t.device) for n, t in named.items()]
         if layout != self._layout:
             self._allocate(named)
-        out: dict[str, torch.Tensor] = {}
+        out = FlatState()
+        out.contiguous = self._contiguous
         cuda = False
         for name, t in named.items():
             buf = self._bufs[name]

@@ -628,6 +628,10 @@ class WeightPublisher:
         assert self._group is not None
         buckets = plan_buckets(named, self.bucket_bytes)
         if self.engine_kind == "embedded":
+            if getattr(named, "contiguous", False) and not self.remote_parts:
+                # a flat snapshot (consumers.publish_async.FlatState) needs no flatten buffer, which
+                # is what the bucket size bounds: one broadcast, from a view
+                buckets = [list(named)]
             return self._send_chunked(named, buckets, version)
         return self._send_per_bucket(named, buckets, version)
 

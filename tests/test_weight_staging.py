@@ -239,6 +239,7 @@ def test_snapshot_is_one_flat_buffer_that_publishes_without_a_copy():
     named = {n: t.contiguous() for n, t in _tensors(3).items()}
     snap = WeightSnapshot()
     first = snap.take(named)
+    assert first.contiguous  # one buffer, every tensor a view in order: publishable in one broadcast
     names = list(named)
     span = contiguous_span([first[n] for n in names])
     assert span is not None and torch.equal(span, flatten_bucket(named.values()))
@@ -255,3 +256,6 @@ def test_snapshot_is_one_flat_buffer_that_publishes_without_a_copy():
     assert torch.equal(again[names[0]], named[names[0]] + 1)
     other = snap.take({"x": torch.ones(3)})
     assert list(other) == ["x"] and torch.equal(other["x"], torch.ones(3))
+    # a float32 after 3 bf16 values would sit at byte 6, misaligned: it gets a buffer of its own
+    odd = snap.take({"h": torch.ones(3, dtype=torch.bfloat16), "f": torch.ones(2)})
+    assert not odd.contiguous and torch.equal(odd["f"], torch.ones(2))

@@ -152,6 +152,25 @@ def test_update_reply_accounts_for_the_request_time(engine: Engine, reference: d
         pub.close()
 
 
+def test_flat_snapshot_goes_out_in_one_broadcast(engine: Engine, reference: dict[str, torch.Tensor]) -> None:
+    """The bucket size bounds the publisher's flatten buffers; a flat snapshot needs none, so it
+    is sent whole, in one broadcast, and lands bit for bit like the bucketed plain dict."""
+    pub = WeightPublisher([engine.base], bucket_bytes=40_000, timeout_s=30, group_name="ws-flat")
+    pub.connect()
+    try:
+        plain = _weights(reference, seed=21)
+        info = pub.publish(plain, version=21)
+        assert info["buckets"] > 2
+        snap = WeightSnapshot().take(_weights(reference, seed=22))
+        assert snap.contiguous
+        info = pub.publish(snap, version=22)
+        assert info["buckets"] == 1 and info["bytes"] == sum(t.numel() * t.element_size() for t in snap.values())
+        assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == info["checksum"] == weights_checksum(snap)
+        assert engine.version() == 22
+    finally:
+        pub.close()
+
+
 def test_failed_publish_still_continues_generation(engine: Engine, reference: dict[str, torch.Tensor],
                                                    calls: list[tuple[str, Any]]) -> None:
     pub = WeightPublisher([engine.base], timeout_s=30, engine_kind="sglang", pause_mode="abort", group_name="ws-fail")
