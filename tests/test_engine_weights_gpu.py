@@ -6,7 +6,7 @@ default stream, every decode kernel queued after it would wait for the transfer,
 CPU tests cannot see.  Here the publisher (this process, GPU 0) posts the update request and
 holds its broadcast back for ``DELAY_S``; a long generation on the engine (GPU 1) must keep
 decoding all that time, switch version exactly once, and the engine must then hold the
-published tensors bit for bit (adopted, no copy).
+published tensors bit for bit.
 
     pytest -m gpu tests/test_engine_weights_gpu.py -q
 """
