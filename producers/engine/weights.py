@@ -635,6 +635,8 @@ def _post_recv(groups: list[WeightGroup], spec: BucketSpec, device: torch.device
                 except Exception as e:  # keep waiting for the other parts: nothing may write into staging later
                     failed.append(f"part over group {name!r}: {e}")
                 if part_done is not None:
+                    if spec.parts and flat.is_cuda:  # NCCL's wait() only orders the stream: time the bytes
+                        torch.cuda.current_stream(flat.device).synchronize()
                     part_done.append(time.perf_counter())
             if failed:
                 raise WeightUpdateError("; ".join(failed))
