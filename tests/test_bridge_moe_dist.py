@@ -11,7 +11,9 @@ For each layout, against independent transformers references computed in the wor
   tenth of the learning rate: Adam's first step is ~lr*sign(g), so a wrong gradient shows as ~lr);
 - export -> safetensors -> re-import into a fresh rank -> export again is bit-exact;
 - a Megatron distributed checkpoint (consumers/checkpoint.py) saved after the step and loaded into
-  a fresh rank exports the same weights, bit for bit.
+  a fresh rank exports the same weights, bit for bit;
+- ``export_hf_stage()`` (per-stage publishing): one leader per PP stage holds a part, and the parts
+  are disjoint and together equal ``export_hf_state()``, bit for bit.
 
 Layouts: TP2, PP2, EP2, TP2xEP2 on 2 ranks; TP2xPP2, PP2xEP2, TP2xPP2xEP2, EP4 on 4 ranks.  The
 pytest tests launch ``torchrun --nproc_per_node=2`` (and 4) on this file; ``__main__`` is the worker:
@@ -118,6 +120,17 @@ def worker(model_dir: str, out_path: str) -> None:
         res["loss"], res["ref_loss"], res["grad_norm"], res["ref_grad_norm"] = (
             stats["loss"], ref_loss, stats["grad_norm"], ref_gnorm)
         after = trainer.export_hf_state()
+        # per-stage publishing's export: each PP stage's leader holds its own layers, and the
+        # stages' parts are disjoint and together equal the gathered export, bit for bit
+        stage_parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(stage_parts, trainer.export_hf_stage())
+        if rank == 0:
+            held = [p for p in stage_parts if p]
+            union = {k: v for p in held for k, v in p.items()}
+            res["stage_leaders"], res["pp"] = float(len(held)), float(pp)
+            res["stage_export_exact"] = float(
+                sum(len(p) for p in held) == len(union) and list(union) != [] and set(union) == set(after)
+                and all(torch.equal(union[k], after[k]) for k in after))
         ck = save_checkpoint(trainer, Path(out_path).parent / f"ck-{name}", step=1)
         trainer.shutdown()
         # a Megatron distributed checkpoint (experts sharded over EP) loads into a fresh rank
@@ -182,6 +195,8 @@ def check_layout(r: dict[str, float]) -> None:
     assert r["after_step_max_diff"] < 0.1 * 3e-4, r
     assert r["reimport_exact"] == 1.0
     assert r["checkpoint_exact"] == 1.0, "Megatron distributed checkpoint save -> load must be bit-exact"
+    assert r["stage_leaders"] == r["pp"], "one stage leader per PP stage holds a part"
+    assert r["stage_export_exact"] == 1.0, "the stages' own exports must add up to the gathered export"
 
 
 @pytest.fixture(scope="module")
