@@ -590,8 +590,8 @@ class WeightPublisher:
             pause_s = max((float(r.get("pause_seconds", 0.0)) for r in replies), default=0.0)
         self.version = version
         seconds = time.perf_counter() - t0
-        parts = self._parts_info(named)
-        total += sum(p["bytes"] for p in parts[1:])
+        parts = self._parts_info(named) if self.remote_parts else []
+        total += sum(p["bytes"] for p in parts[1:])  # the other stages' leaders sent these
         log.info(
             "published version %d: %.1f MiB in %d bucket(s) to %d engine(s) in %.3fs (generation paused %.2f ms)",
             version, total / 2**20, nbuckets, len(self.engine_urls), seconds, pause_s * 1e3,
@@ -612,8 +612,7 @@ class WeightPublisher:
 
     def _parts_info(self, named: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
         """Per part (ours first): stage, group, tensor count and bytes."""
-        return [{"stage": stage, "group": group, "tensors": len(tensors),
-                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+        return [{"stage": stage, "group": group, "tensors": len(tensors), "bytes": bucket_sizes(tensors, [list(tensors)])[0]}
                 for stage, group, tensors in [(0, self.group_name, named),
                                               *((p.stage, p.group_name, p.meta) for p in self.remote_parts)]]
 
@@ -626,14 +625,13 @@ class WeightPublisher:
     def _send_buckets(self, named: Mapping[str, torch.Tensor], version: int) -> tuple[int, int, list[dict[str, Any]]]:
         """Send every bucket; returns (bytes, buckets, the engines' replies to the last request)."""
         assert self._group is not None
-        buckets = plan_buckets(named, self.bucket_bytes)
-        if self.engine_kind == "embedded":
-            if getattr(named, "contiguous", False) and not self.remote_parts:
-                # a flat snapshot (consumers.publish_async.FlatState) needs no flatten buffer, which
-                # is what the bucket size bounds: one broadcast, from a view
-                buckets = [list(named)]
-            return self._send_chunked(named, buckets, version)
-        return self._send_per_bucket(named, buckets, version)
+        if self.engine_kind == "sglang":
+            return self._send_per_bucket(named, plan_buckets(named, self.bucket_bytes), version)
+        if getattr(named, "contiguous", False) and not self.remote_parts:
+            # a flat snapshot (consumers.publish_async.FlatState) needs no flatten buffer, which is
+            # what the bucket size bounds: one broadcast, from a view
+            return self._send_chunked(named, [list(named)], version)
+        return self._send_chunked(named, plan_buckets(named, self.bucket_bytes), version)
 
     def _broadcast_buckets(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]],
                            indices: list[int], largest: int) -> int:

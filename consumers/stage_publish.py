@@ -70,7 +70,15 @@ import torch
 import torch.distributed as dist
 
 from consumers.bucket_send import BucketSender
-from consumers.publisher import PublishError, RemotePart, WeightPublisher, free_port, plan_buckets, spawn
+from consumers.publisher import (
+    PublishError,
+    RemotePart,
+    WeightPublisher,
+    bucket_sizes,
+    free_port,
+    plan_buckets,
+    spawn,
+)
 from pipeline.weightsync import (
     WeightGroup,
     combine_digests,
@@ -309,7 +317,7 @@ class StagePublisher:
                                "restart the trainer")
         t0 = time.perf_counter()
         buckets = plan_buckets(part, self.bucket_bytes)
-        largest = max(sum(part[n].numel() * part[n].element_size() for n in b) for b in buckets)
+        largest = max(bucket_sizes(part, buckets))
         timings = {"flatten_s": 0.0}
         try:
             total = self._sender.broadcast(self._group, part, buckets, list(range(len(buckets))), largest, timings)

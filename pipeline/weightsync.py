@@ -122,14 +122,9 @@ class WeightGroup:
         return self.pg.broadcast([tensor], opts)
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element of ``dtype`` (no tensor allocation, unlike ``torch.empty((), dtype)``)."""
-    return dtype.itemsize
-
-
 def tensor_sizes(dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[int]:
     """Byte size of each tensor described by ``dtypes``/``shapes`` (a bucket's layout)."""
-    return [math.prod(shape) * itemsize(dt) for dt, shape in zip(dtypes, shapes, strict=True)]
+    return [math.prod(shape) * dt.itemsize for dt, shape in zip(dtypes, shapes, strict=True)]
 
 
 def _byte_view(t: torch.Tensor) -> torch.Tensor:

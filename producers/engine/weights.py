@@ -43,6 +43,7 @@ Run: not on its own; the engine server owns one receiver.  The trainer side is
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import logging
 import queue
@@ -240,7 +241,7 @@ def _parse_options(body: dict[str, Any], names: list[str], dtypes: list[torch.dt
     if chunks is not None:
         if load_format != "flattened_bucket":
             raise RequestError(CHUNKS_FIELD, "needs load_format 'flattened_bucket'")
-        if not isinstance(chunks, list) or not chunks or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in chunks):
+        if not _byte_counts(chunks):
             raise RequestError(CHUNKS_FIELD, f"expected a non-empty list of positive byte counts, got {chunks!r}")
         if sum(chunks) != spec.nbytes:
             raise RequestError(CHUNKS_FIELD, f"chunks add up to {sum(chunks)} bytes but the tensors need {spec.nbytes}")
@@ -250,6 +251,12 @@ def _parse_options(body: dict[str, Any], names: list[str], dtypes: list[torch.dt
         spec.parts = _parse_parts(parts, spec, chunks is not None)
         spec.group_name = spec.parts[0].group_name
     return spec
+
+
+def _byte_counts(value: Any) -> bool:
+    """True for a non-empty list of positive ints (a broadcast plan's byte sizes)."""
+    return isinstance(value, list) and bool(value) and all(
+        not isinstance(c, bool) and isinstance(c, int) and c > 0 for c in value)
 
 
 def _parse_parts(raw: Any, spec: BucketSpec, with_chunks: bool) -> list[PartSpec]:
@@ -280,7 +287,7 @@ def _parse_parts(raw: Any, spec: BucketSpec, with_chunks: bool) -> list[PartSpec
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise RequestError(f"{where}.num_tensors", f"expected a positive tensor count, got {n!r}")
         chunks = part.get("chunks")
-        if not isinstance(chunks, list) or not chunks or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in chunks):
+        if not _byte_counts(chunks):
             raise RequestError(f"{where}.chunks", f"expected a non-empty list of positive byte counts, got {chunks!r:.200}")
         parts.append(PartSpec(group, first, n, list(chunks)))
         first += n
@@ -502,22 +509,18 @@ class WeightReceiver:
         recv_device = torch.device("cpu") if backend == "gloo" else self._device
         part_done: list[float] = []
         t0 = time.perf_counter()
+        # On CUDA, on the side stream, posting and waiting both: a NCCL work's wait() orders the
+        # *current* stream after the transfer, which must not be the decode stream.
+        side = self._side if recv_device.type == "cuda" else None
         try:
-            # Post the receive first: the request is checked against the model while the bytes arrive.
-            if self._side is not None and recv_device.type == "cuda":
-                # On the side stream, posting and waiting both: a NCCL work's wait() orders the
-                # *current* stream after the transfer, which must not be the decode stream.
-                with torch.cuda.stream(self._side):
-                    pending = _post_recv(groups, spec, recv_device, self._arena, part_done)
-                    posted_at = time.perf_counter()
-                    problem = self._checked(spec)
-                    tensors = pending()
-                self._side.synchronize()  # the bytes are really here before we say so (and time it)
-            else:
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                # Post the receive first: the request is checked against the model while the bytes arrive.
                 pending = _post_recv(groups, spec, recv_device, self._arena, part_done)
                 posted_at = time.perf_counter()
                 problem = self._checked(spec)
                 tensors = pending()
+            if side is not None:
+                side.synchronize()  # the bytes are really here before we say so (and time it)
         except Exception as e:
             with self._lock:  # a broken transfer poisons the pending update like a bad bucket does
                 self._poisoned, self._staged = self._poisoned or f"receive failed: {e}", {}
