@@ -23,6 +23,15 @@ def env() -> dict[str, str]:
     return e
 
 
+def torchrun(script: str | Path, *args: str, nproc: int = 2) -> tuple[list[str], dict[str, str]]:
+    """Command and environment that run ``script`` under ``torchrun --standalone`` with ``nproc``
+    processes: :func:`env` (the repo on PYTHONPATH, one OpenMP thread each) minus any
+    torch.distributed variables inherited from an enclosing launcher."""
+    e = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    return cmd, e
+
+
 def wait_json(path: Path, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> dict:
     deadline = time.monotonic() + timeout_s
     while not path.exists():

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import torchrun
+
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = [("tp2", 2, 1, 1), ("pp2", 1, 2, 1), ("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2)]  # name, TP, PP, EP
 # 4 processes (~80 s on 2 cores; the GPU test runs them on 4 GPUs)
@@ -172,10 +174,7 @@ def run_layouts(tmp: Path, nproc: int = 2) -> dict[str, dict[str, float]]:
 
     model_dir, _ = _make(tmp, norm_topk_prob=True)
     out = tmp / "results.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", __file__, str(model_dir), str(out)]
+    cmd, env = torchrun(__file__, str(model_dir), str(out), nproc=nproc)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

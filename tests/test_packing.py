@@ -22,7 +22,6 @@ worker by hand: ``OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 tests/test_packi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from pipeline.configbase import ConfigError
 from schemas.messages import Trajectory, TrajectoryGroup
+from tests.helpers import torchrun
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron"),
@@ -318,10 +318,7 @@ def test_refuses_fused_softmax():
 def test_packed_equals_padded_tp2_pp2(model_dir, tmp_path):
     """One torchrun launch (2 processes, gloo) checks TP=2 and PP=2: ~20-30 s on 2 cores."""
     out = tmp_path / "out.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(model_dir), str(out)]
+    cmd, env = torchrun(__file__, str(model_dir), str(out))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())

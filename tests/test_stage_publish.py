@@ -23,7 +23,6 @@ too), and 4 (the first, embedded publisher again) after the engine was restarted
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import torchrun
 from tests.test_engine_helpers import Engine, free_port
 from tests.test_trainer_dist import _groups
 
@@ -170,10 +170,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     port = free_port()
     engine = Engine(model_dir, tmp / "engine", "--port", str(port))
     out = tmp / "results.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node=2", __file__, str(model_dir), engine.base, str(port), str(out)]
+    cmd, env = torchrun(__file__, str(model_dir), engine.base, str(port), str(out))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=Path(__file__).parents[1])
     try:

@@ -20,13 +20,14 @@ block is the worker.  Run by hand:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import torchrun
 
 LAYOUTS = [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)]
 
@@ -190,10 +191,7 @@ def dist_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     model_dir = make_tiny_model(tmp / "tiny")
     out = tmp / "results.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node=2", __file__, str(model_dir), str(out)]
+    cmd, env = torchrun(__file__, str(model_dir), str(out))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

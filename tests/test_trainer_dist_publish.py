@@ -15,7 +15,6 @@ gathered tensors of step 1, and after a synchronous publish of step 2, of step 2
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import torchrun
 from tests.test_engine_helpers import Engine
 from tests.test_trainer_dist import _groups
 
@@ -119,10 +119,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     model_dir = make_tiny_model(tmp / "tiny")
     engine = Engine(model_dir, tmp / "engine")
     out = tmp / "results.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node=2", __file__, str(model_dir), engine.base, str(out)]
+    cmd, env = torchrun(__file__, str(model_dir), engine.base, str(out))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
         if proc.returncode != 0:
