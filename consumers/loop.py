@@ -248,13 +248,14 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         background = AsyncPublisher(stage_pub or publisher, finish if is_pub else _stage_done, checksum=cfg.run.verify_weights,  # type: ignore[arg-type]
                                     timeout_s=cfg.trainer.weight_group_timeout_s * 4 + 60.0)
     del initial
+    on_idle = _idle_callback(cfg, publisher if stage_pub is None else None, background, export, version)
     for step in range(start_step + 1, cfg.run.steps + 1):
         t0 = time.monotonic()
         batch = None
         if is_pub:
             assert client is not None
             batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
-                                         on_idle=background.poll if background is not None else None)
+                                         on_idle=on_idle)
         batch = broadcast_batch(batch)
         if batch.replay and is_pub:
             log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
@@ -298,6 +299,30 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _idle_callback(cfg: SlipstreamConfig, publisher: Any, background: Any, export: Any, start_version: int) -> Any:
+    """What rank 0 runs while it waits for a batch: report a finished background publish, and bring
+    back embedded engines the launcher restarted (``consumers.engine_rejoin``)."""
+    rejoin = None
+    if publisher is not None and cfg.weights.resync_engines and cfg.weights.engine_kind == "embedded":
+        from consumers.engine_rejoin import EngineRejoin
+
+        if background is not None:
+            current = background.snapshot.last
+        elif not dist.is_initialized() or dist.get_world_size() == 1:
+            current = export  # one rank: its model still holds the version it last published
+        else:
+            current = lambda: None  # noqa: E731
+        rejoin = EngineRejoin(publisher, current, start_version)
+    if rejoin is None:
+        return background.poll if background is not None else None
+
+    def on_idle() -> None:
+        if background is None or background.poll():
+            rejoin.poll()
+
+    return on_idle
 
 
 def _stage_done(version: int, info: dict[str, Any], ctx: Any) -> None:

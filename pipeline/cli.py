@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("config", type=Path)
     r.add_argument("--run-dir", type=Path, default=None)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    r.add_argument("--dry-run", action="store_true", help="validate the config and print it; start nothing")
+    r.add_argument("--dry-run", action="store_true", help="validate the config, print it and the placement plan; start nothing")
     b = sub.add_parser("broker", help="run the queue broker")
     _common(b)
     b.add_argument("--metrics-port", type=int, default=0, help="metrics port (0 = any free port; a restart reuses the first)")
@@ -123,15 +123,18 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     from pipeline.configbase import to_dict
     from pipeline.launcher import run
     from pipeline.logs import setup_logging
+    from pipeline.placement import plan_for
 
     cfg = load_config(args.config, [*args.set, *flag_overrides(extra)])
     setup_logging("launcher", cfg.run.log_level, cfg.run.log_format)
+    plan = plan_for(cfg)  # ConfigError (exit 2) on a placement that cannot work
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
+        print(plan.format(), file=sys.stderr)
         print(f"config OK: {args.config}", file=sys.stderr)
         return 0
     run_dir = args.run_dir or Path(cfg.run.run_dir or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return run(cfg, run_dir, args.config)
+    return run(cfg, run_dir, args.config, plan)
 
 
 def _stop_event_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:

@@ -8,12 +8,22 @@ log and metrics URL of every process.  The console shows a progress bar and one 
 read from ``steps.jsonl``.  The run ends when the trainer finishes its steps (exit 0), when any
 child fails for good (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130).
 
-A crashed broker or producer is restarted, up to ``run.max_restarts`` times per process, after
+Placement (``pipeline/placement.py``): before anything starts, the GPUs are detected and every
+trainer rank and engine is given its GPU(s) through ``CUDA_VISIBLE_DEVICES`` (the broker and the
+producers get none), plus ``PYTORCH_CUDA_ALLOC_CONF`` (``placement.alloc_conf``) unless the
+environment sets allocator options; the rest of the launcher's environment (``NCCL_*`` included)
+passes through.  ``placement.json`` holds the plan and ``processes.json`` each process's GPUs (and,
+for engines, the expected weight transport, the one the trainer reports choosing, and the memory budget).
+
+A crashed broker, producer or embedded engine is restarted, up to ``run.max_restarts`` times per process, after
 ``run.restart_backoff_s`` (doubling per restart); so is a crashed trainer (any exit but 0 and 2)
 when ``trainer.checkpoint_every > 0``, with ``trainer.resume_from = "latest"``; the broker then
 replays the batches the dead trainer committed after that checkpoint (``pipeline/queue.py``).  The broker comes back on the ports (and metrics
 port) it first bound and recovers its queue from RUN_DIR/journal; producers and the trainer
-reconnect on their own.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
+reconnect on their own.  An engine comes back on its port with generation paused
+(``--start-paused``): the producers' retried requests queue there, and the trainer re-creates the
+weight group, sends it the current weights and continues it (``consumers/engine_rejoin.py``), so
+it never decodes with the stale weights it loaded from ``model.path``.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
 and ``summary.json`` counts restarts per role.
 """
 
@@ -36,6 +46,7 @@ from typing import Any, TextIO
 
 from pipeline.config import SlipstreamConfig
 from pipeline.configbase import to_dict
+from pipeline.placement import Plan, plan_for
 from pipeline.rundir import port_file, stats_file, wait_for_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -57,13 +68,16 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     metrics_url: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # its whole environment (placement included)
     _log: TextIO | None = None
 
-    def start(self, env: dict[str, str]) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
+        if env is not None:
+            self.env = env
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")  # type: ignore[assignment]
         self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
             start_new_session=True, preexec_fn=_set_pdeathsig,
         )
         log.info("started %s (pid %d): log %s", self.name, self.proc.pid, self.log_path)
@@ -98,11 +112,13 @@ def child_env(cfg: SlipstreamConfig) -> dict[str, str]:
 
 
 class Launcher:
-    def __init__(self, cfg: SlipstreamConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: SlipstreamConfig, run_dir: Path, plan: Plan | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.children: list[Child] = []
         self.env = child_env(cfg)
+        self.plan = plan if plan is not None else plan_for(cfg)
+        self._trainer_ports_mtime = 0.0
         self.config_path = run_dir / "config.json"
         self._stop_reason: str | None = None
         self.restarts: collections.Counter[str] = collections.Counter()  # per process name
@@ -115,14 +131,29 @@ class Launcher:
     def _spawn(self, name: str, role: str, cmd: list[str]) -> Child:
         child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log")
         self._forget_ports(name)
-        script = self.run_dir / "cmds" / f"{name}.sh"
-        script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text("#!/bin/sh\n# re-run this process by hand (same environment as the launcher gave it)\n"
-                          "OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 exec " + shlex.join(cmd) + "\n")
-        script.chmod(0o755)
-        child.start(self.env)
+        env = self.plan.env_for(name if role in ("trainer", "engine") else "", self.env)
+        child.extra = self._placement_extra(name, env)
+        self._write_script(child, env)
+        child.start(env)
         self.children.append(child)
         return child
+
+    def _write_script(self, child: Child, env: dict[str, str]) -> None:
+        placed = " ".join(f"{k}={shlex.quote(env[k])}" for k in ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF") if k in env)
+        script = self.run_dir / "cmds" / f"{child.name}.sh"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text("#!/bin/sh\n# re-run this process by hand (same environment as the launcher gave it)\n"
+                          f"OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 {placed} exec " + shlex.join(child.cmd) + "\n")
+        script.chmod(0o755)
+
+    def _placement_extra(self, name: str, env: dict[str, str]) -> dict[str, Any]:
+        """What processes.json records about where a process runs."""
+        gpus = self.plan.gpus_of(name)
+        out: dict[str, Any] = {"gpus": gpus, "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", "")}
+        eng = next((e for e in self.plan.engines if e.name == name), None)
+        if eng is not None:
+            out.update(weight_transport_expected=eng.transport, memory_budget=eng.budget)
+        return out
 
     def _forget_ports(self, name: str) -> None:
         """Remove a process's port file before it (re)starts: one left by an earlier life (a crashed
@@ -134,11 +165,30 @@ class Launcher:
         return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
 
     def _write_processes(self) -> None:
+        chosen = self._weight_transports()
         write_json_atomic(self.run_dir / "processes.json", [
             {"name": c.name, "role": c.role, "pid": c.proc.pid if c.proc else None, "cmd": c.cmd,
-             "log": str(c.log_path), "metrics_url": c.metrics_url, **c.extra}
+             "log": str(c.log_path), "metrics_url": c.metrics_url, **c.extra,
+             **({"weight_transport": chosen[c.extra["url"]]} if c.extra.get("url") in chosen else {})}
             for c in self.children
         ])
+
+    def _weight_transports(self) -> dict[str, str]:
+        """The transport the trainer chose per engine URL, once it reported them in its port file
+        (``weight_transports``); {} before."""
+        info = _read_json(port_file(self.run_dir, "trainer"))
+        got = info.get("weight_transports") if isinstance(info, dict) else None
+        return {str(k).rstrip("/"): str(v) for k, v in got.items()} if isinstance(got, dict) else {}
+
+    def _refresh_processes(self) -> None:
+        """Rewrite processes.json when the trainer's port file changed (it adds the transports later)."""
+        try:
+            mtime = port_file(self.run_dir, "trainer").stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime != self._trainer_ports_mtime:
+            self._trainer_ports_mtime = mtime
+            self._write_processes()
 
     # ------------------------------------------------------------------ start
     def start_all(self) -> None:
@@ -154,7 +204,7 @@ class Launcher:
         # A restarted broker binds these same ports, so producers and the trainer reconnect by themselves.
         broker.cmd = [*broker.cmd, "--set", f"queue.producer_port={ports['producer_port']}", "--set", f"queue.trainer_port={ports['trainer_port']}",
                       "--metrics-port", str(ports["metrics_port"])]
-        broker.extra = {"producer_endpoint": f"tcp://{cfg.queue.host}:{ports['producer_port']}", "trainer_endpoint": f"tcp://{cfg.queue.host}:{ports['trainer_port']}"}
+        broker.extra |= {"producer_endpoint": f"tcp://{cfg.queue.host}:{ports['producer_port']}", "trainer_endpoint": f"tcp://{cfg.queue.host}:{ports['trainer_port']}"}
 
         engine_urls = list(cfg.producer.engine_urls)
         if cfg.producer.engine == "embedded":
@@ -169,8 +219,11 @@ class Launcher:
             engine_urls = []
             for i, e in enumerate(engines):
                 info = self._ready(e, f"engine-{i}")  # the engine writes its bare port number
-                url = f"http://{host}:{info['port'] if isinstance(info, dict) else int(info)}"
+                port = info["port"] if isinstance(info, dict) else int(info)
+                url = f"http://{host}:{port}"
                 e.metrics_url = f"{url}/metrics"
+                e.extra["url"] = url
+                e.cmd[e.cmd.index("--port") + 1] = str(port)  # a restarted engine comes back on it
                 engine_urls.append(url)
 
         for p in range(cfg.producer.num_producers):
@@ -197,8 +250,8 @@ class Launcher:
         self._stop_reason = reason
 
     def _restartable(self, child: Child) -> bool:
-        """Brokers and producers always; the trainer only with checkpoints to resume from."""
-        return child.role in ("broker", "producer") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
+        """Brokers, producers and engines always; the trainer only with checkpoints to resume from."""
+        return child.role in ("broker", "producer", "engine") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
 
     def restart(self, child: Child) -> bool:
         """Restart a crashed broker, producer or (with ``trainer.checkpoint_every``) trainer in place
@@ -230,9 +283,16 @@ class Launcher:
         self.restarts_by_role[child.role] += 1
         if child.role == "trainer" and "trainer.resume_from=\"latest\"" not in child.cmd:
             child.cmd = [*child.cmd, "--set", 'trainer.resume_from="latest"']
-        child.start(self.env)
+        if child.role == "engine" and "--start-paused" not in child.cmd:
+            # Same port, generation paused: it decodes nothing with the weights it loads from model.path
+            # until the trainer re-created the weight group, sent the current version and continued it
+            # (consumers/engine_rejoin.py; weights.resync_engines).
+            child.cmd = [*child.cmd, "--start-paused"]
+        self._write_script(child, child.env)
+        child.start()
         info = self._ready(child, child.name)  # raises TimeoutError/RuntimeError if it cannot come up
-        child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
+        if child.role != "engine":  # an engine keeps its port, so its metrics URL
+            child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
         self._write_processes()
         log.warning("%s restarted (pid %d)", child.name, child.proc.pid if child.proc else -1)
         return True
@@ -241,6 +301,7 @@ class Launcher:
         trainer = next(c for c in self.children if c.role == "trainer")
         while True:
             console.poll()
+            self._refresh_processes()
             if self._stop_reason is not None:
                 log.warning("stopping: %s", self._stop_reason)
                 return 130
@@ -374,16 +435,19 @@ class Console:
         self.bar.close()
 
 
-def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None) -> int:
+def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None, plan: Plan | None = None) -> int:
+    plan = plan if plan is not None else plan_for(cfg)  # a bad placement fails before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", to_dict(cfg))
+    write_json_atomic(run_dir / "placement.json", plan.to_json())
+    log.info("%s", plan.format())
     if source is not None and source.exists():
         (run_dir / "config.toml").write_text(source.read_text())
     if cfg.model.make_tiny_if_missing:
         from pipeline.tiny import ensure_tiny_model
 
         ensure_tiny_model(cfg.model.path, seed=cfg.run.seed)
-    launcher = Launcher(cfg, run_dir)
+    launcher = Launcher(cfg, run_dir, plan)
     previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty())
     t0 = time.monotonic()
