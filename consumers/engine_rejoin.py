@@ -106,14 +106,13 @@ class EngineRejoin:
         if not lagging and not paused and self.publisher.connected:
             return False
         try:
-            self._bring_back(version, lagging, paused)
+            return self._bring_back(version, lagging, paused)
         except (PublishError, TimeoutError, OSError) as e:
             log.warning("engine rejoin: could not bring %s back to v%d yet (%s); trying again in %.0fs",
-                        ", ".join(lagging or paused), version, e, self.interval_s)
+                        ", ".join(lagging or paused) or "the weight group", version, e, self.interval_s)
             return False
-        return True
 
-    def _bring_back(self, version: int, lagging: list[str], paused: list[str]) -> None:
+    def _bring_back(self, version: int, lagging: list[str], paused: list[str]) -> bool:
         pub = self.publisher
         weights = self.current() if lagging else None
         if lagging and weights is None:
@@ -122,7 +121,7 @@ class EngineRejoin:
                             "(synchronous publishing from several ranks, or per-stage publishing): they get the "
                             "next version with the next publish", ", ".join(lagging), version, version)
                 self._warned = True
-            return
+            return False
         t0 = time.monotonic()
         log.warning("engine rejoin: %s; re-creating the weight group%s",
                     "; ".join([*(f"{u} lags v{version}" for u in lagging), *(f"{u} is paused (restarted)" for u in paused if u not in lagging)]),
@@ -138,5 +137,6 @@ class EngineRejoin:
             if not reply.get("success", reply.get("status") == "ok"):
                 raise PublishError(f"{url}{ROUTE_CONTINUE}: {reply}")
         self.rejoined += len(set(lagging) | set(paused))
-        log.warning("engine rejoin: %s serve%s v%d again (%.2fs)", ", ".join(sorted(set(lagging) | set(paused))),
+        log.warning("engine rejoin: %s serve%s v%d again (%.2fs)", ", ".join(sorted(set(lagging) | set(paused))) or "every engine",
                     "s" if len(set(lagging) | set(paused)) == 1 else "", version, time.monotonic() - t0)
+        return True
