@@ -77,7 +77,7 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")  # type: ignore[assignment]
         self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env or None,
             start_new_session=True, preexec_fn=_set_pdeathsig,
         )
         log.info("started %s (pid %d): log %s", self.name, self.proc.pid, self.log_path)
