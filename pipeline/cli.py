@@ -6,6 +6,7 @@
     slipstream train   --config RUN/config.json --run-dir RUN --broker tcp://... --engine-url http://...
     slipstream engine  --model DIR --port 0 --port-file F       (the embedded engine server)
     slipstream make-tiny-model DIR
+    slipstream make-model DIR --preset qwen3-0.6b                (random weights of an architecture preset)
     slipstream keys DIR                                          (CURVE server + client certificates)
     slipstream config [--markdown]                               (every config key, default and doc)
     slipstream dashboard [--check]                               (write / check ops/grafana/slipstream.json)
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-tiny-model", help="write the tiny example's HF checkpoint")
     m.add_argument("out", type=Path)
     m.add_argument("--seed", type=int, default=0)
+    mm = sub.add_parser("make-model", help="write a random-initialised HF checkpoint of an architecture preset (pipeline/presets.py)")
+    mm.add_argument("out", type=Path)
+    mm.add_argument("--preset", required=True, help="tiny, qwen3-0.6b, qwen3-1.7b, qwen3-4b or qwen3-8b")
+    mm.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("config", help="print every config key with its default and doc")
     c.add_argument("--markdown", action="store_true")
     bn = sub.add_parser("bench", help="run benchmarks (baseline side by side) and write JSON to bench/results")
@@ -288,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.tiny import make_tiny_model
 
             make_tiny_model(args.out, seed=args.seed)
+            return 0
+        if args.command == "make-model":
+            from pipeline.presets import PRESETS, make_model
+
+            if args.preset not in PRESETS:
+                raise ConfigError("--preset", f"must be one of {list(PRESETS)}, got {args.preset!r}")
+            make_model(args.out, args.preset, seed=args.seed)
             return 0
         if args.command == "config":
             return _cmd_config(args)

@@ -64,9 +64,18 @@ class RunConfig:
 class ModelConfig:
     path: str = doc("Hugging Face checkpoint directory (config.json, safetensors, tokenizer).", "")
     make_tiny_if_missing: bool = doc("Create the tiny example checkpoint at 'path' if it does not exist.", False)
+    make_if_missing: str = doc(
+        "Create a random-initialised checkpoint of this architecture preset at 'path' if none is there (nothing is "
+        "downloaded; pipeline/presets.py): 'tiny', or the Qwen3 dense shapes 'qwen3-0.6b', 'qwen3-1.7b', "
+        "'qwen3-4b', 'qwen3-8b' (bf16, with the tiny task's tokenizer). '' = off.",
+        "",
+    )
 
     def __post_init__(self) -> None:
+        from pipeline.presets import PRESETS
+
         check(bool(self.path), "path", "a model checkpoint directory is required")
+        check(self.make_if_missing in ("", *PRESETS), "make_if_missing", f"must be '' or one of {list(PRESETS)}, got {self.make_if_missing!r}")
 
 
 def _is_loopback(host: str) -> bool:

@@ -443,10 +443,11 @@ def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None, plan: Plan | 
     log.info("%s", plan.format())
     if source is not None and source.exists():
         (run_dir / "config.toml").write_text(source.read_text())
-    if cfg.model.make_tiny_if_missing:
-        from pipeline.tiny import ensure_tiny_model
+    preset = cfg.model.make_if_missing or ("tiny" if cfg.model.make_tiny_if_missing else "")
+    if preset:
+        from pipeline.presets import ensure_model
 
-        ensure_tiny_model(cfg.model.path, seed=cfg.run.seed)
+        ensure_model(cfg.model.path, preset, seed=cfg.run.seed)
     launcher = Launcher(cfg, run_dir, plan)
     previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty())
