@@ -9,6 +9,8 @@
     slipstream make-model DIR --preset qwen3-0.6b                (random weights of an architecture preset)
     slipstream keys DIR                                          (CURVE server + client certificates)
     slipstream config [--markdown]                               (every config key, default and doc)
+    slipstream bench queue|async|all [--out DIR]                 (benchmarks; JSON under bench/results)
+    slipstream bench e2e CONFIG [--steps 30] [--staleness 0,2]   (the whole job at each max_staleness, side by side)
     slipstream dashboard [--check]                               (write / check ops/grafana/slipstream.json)
     slipstream scrape-config RUN_DIR [--out F] [--rules R.yml]   (Prometheus config for a run)
     slipstream status RUN_DIR [--once]                           (one-screen view of a running job)
@@ -73,10 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print every config key with its default and doc")
     c.add_argument("--markdown", action="store_true")
     bn = sub.add_parser("bench", help="run benchmarks (baseline side by side) and write JSON to bench/results")
-    bn.add_argument("which", choices=["queue", "async", "all"])
+    bn.add_argument("which", choices=["queue", "async", "e2e", "all"])
+    bn.add_argument("config", nargs="?", type=Path, default=None, help="e2e: the run's config (e.g. examples/gpu/one_gpu.toml)")
     bn.add_argument("--groups", type=int, default=2000, help="queue: groups of 8 trajectories to move")
-    bn.add_argument("--steps", type=int, default=60, help="async: trainer steps per run")
-    bn.add_argument("--out", type=Path, default=Path("bench/results"))
+    bn.add_argument("--steps", type=int, default=None, help="async: trainer steps per run (60); e2e: the same (30)")
+    bn.add_argument("--staleness", default="0,2", help="e2e: comma-separated max_staleness values, the first is the baseline")
+    bn.add_argument("--max-run-seconds", type=float, default=3600.0, help="e2e: interrupt a run after this long (compare the steps done)")
+    bn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e2e: config override for every run")
+    bn.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")), help="default $OUT, else bench/results")
     _add_ops_commands(sub)
     return ap
 
@@ -249,6 +255,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return run_trainer(cfg, args.run_dir, args.broker, args.engine_url)  # type: ignore[arg-type]
 
 
+def _cmd_bench_e2e(args: argparse.Namespace, command: str) -> int:
+    from pipeline.bench_e2e import run_e2e
+    from pipeline.logs import setup_logging
+
+    if args.config is None:
+        raise ConfigError("bench e2e", "needs the run's config: slipstream bench e2e CONFIG [--steps N] [--staleness 0,2]")
+    try:
+        etas = [int(x) for x in args.staleness.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError("--staleness", f"expected comma-separated integers, got {args.staleness!r}") from None
+    if not etas or min(etas) < 0:
+        raise ConfigError("--staleness", f"expected max_staleness values >= 0, got {args.staleness!r}")
+    setup_logging("bench", "INFO", "text")
+    result = run_e2e(args.config, args.steps or 30, etas, args.out, command, args.set, args.max_run_seconds)
+    return 0 if all(r["exit_code"] == 0 for r in result["runs"].values()) else 1
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from pipeline.config import SlipstreamConfig
     from pipeline.configbase import field_docs
@@ -307,10 +330,12 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import bench
 
             command = "slipstream " + " ".join(argv)
+            if args.which == "e2e":
+                return _cmd_bench_e2e(args, command)
             if args.which in ("queue", "all"):
                 bench.run_queue(args.groups, args.out, command)
             if args.which in ("async", "all"):
-                bench.run_async(args.steps, args.out, command)
+                bench.run_async(args.steps or 60, args.out, command)
             return 0
         if args.command in ("dashboard", "scrape-config", "status"):
             return _cmd_ops(args)
