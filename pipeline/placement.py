@@ -285,19 +285,27 @@ def _default_engines(n_engines: int, trainer: list[int], n_gpus: int) -> list[in
     return [pool[i % len(pool)] for i in range(n_engines)]
 
 
+def weight_backend(cfg: SlipstreamConfig, cuda: bool) -> tuple[str, str]:
+    """(the weight group's backend with 'auto' resolved, the key that sets it): ``weights.backend``,
+    or ``trainer.weight_backend`` in builds from before it moved."""
+    if hasattr(cfg.weights, "resolved_backend"):
+        return cfg.weights.resolved_backend(cuda), "weights.backend"
+    return cfg.trainer.resolved_weight_backend(cuda), "trainer.weight_backend"
+
+
 def _transport(cfg: SlipstreamConfig, gpu: int | None, publisher_gpus: list[int], on_gpu: bool) -> str:
     setting = getattr(cfg.weights, "transport", None)  # weights.transport: auto | broadcast | ipc
-    backend = cfg.trainer.resolved_weight_backend(on_gpu)
+    backend, key = weight_backend(cfg, on_gpu)
     if setting == "ipc":
         return "ipc"
     colocated = gpu is not None and gpu in publisher_gpus
     if colocated and setting in (None, "broadcast") and backend == "nccl":
         reason = ("weights.transport = 'broadcast'" if setting == "broadcast" else "this build has no weights.transport (CUDA IPC)")
         raise ConfigError(
-            "trainer.weight_backend",
+            key,
             f"an engine shares GPU {gpu} with a publishing trainer rank, and {reason}: an NCCL broadcast cannot reach a "
-            "process on the sender's own GPU (NCCL refuses two ranks on one device). Use weights.transport = 'ipc' "
-            "(or 'auto'), trainer.weight_backend = 'gloo' (through host memory), or placement.engine_devices on another GPU",
+            f"process on the sender's own GPU (NCCL refuses two ranks on one device). Use weights.transport = 'ipc' "
+            f"(or 'auto'), {key} = 'gloo' (through host memory), or placement.engine_devices on another GPU",
         )
     if colocated and setting in ("auto", None):
         return "ipc"
@@ -344,9 +352,10 @@ def make_plan(cfg: SlipstreamConfig, detected: Detected, env: Mapping[str, str] 
     if getattr(cfg.engine, "device", "auto") == "cpu":
         engine_gpus = [None] * n_engines  # engine.device = 'cpu': engines ignore any GPU
     on_gpu = bool(trainer)
-    if on_gpu and n_engines and any(g is None for g in engine_gpus) and cfg.trainer.resolved_weight_backend(True) == "nccl":
-        raise ConfigError("trainer.weight_backend", "engines run on the CPU (engine.device = 'cpu') but the trainer is on GPUs and "
-                          "would publish over NCCL, which needs a GPU on both ends: set trainer.weight_backend = 'gloo'")
+    backend, backend_key = weight_backend(cfg, True)
+    if on_gpu and n_engines and any(g is None for g in engine_gpus) and backend == "nccl":
+        raise ConfigError(backend_key, "engines run on the CPU (engine.device = 'cpu') but the trainer is on GPUs and "
+                          f"would publish over NCCL, which needs a GPU on both ends: set {backend_key} = 'gloo'")
     pubs = publishing_ranks(cfg)
     publisher_gpus = [trainer[r] for r in pubs if r < len(trainer)]
     engines = []

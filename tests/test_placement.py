@@ -16,7 +16,7 @@ from pipeline import placement
 from pipeline.config import SlipstreamConfig, load_config
 from pipeline.configbase import ConfigError
 from pipeline.launcher import Launcher
-from pipeline.placement import Detected, Gpu, assumed_gpus, detect_gpus, make_plan, plan_for
+from pipeline.placement import Detected, Gpu, assumed_gpus, detect_gpus, make_plan, plan_for, weight_backend
 from tests.helpers import REPO, env, slipstream
 
 TINY = REPO / "examples" / "tiny" / "config.toml"
@@ -27,7 +27,7 @@ def cfg_with(*sets: str, transport: str | None = "auto", mem_fraction: float | N
     weights.transport and engine.mem_fraction keys of the weights and engine branches when this
     build lacks them (the plan reads them with getattr)."""
     cfg = load_config(TINY, list(sets))
-    if transport is not None and not hasattr(cfg.weights, "transport"):
+    if transport is not None:
         cfg.weights.transport = transport  # type: ignore[attr-defined]
     if mem_fraction is not None:
         cfg.engine.mem_fraction = mem_fraction  # type: ignore[attr-defined]
@@ -141,12 +141,13 @@ def test_allocator_option_unless_the_user_set_one() -> None:
     (["producer.num_engines=2", "placement.engine_devices=[1]"], 2, "placement.engine_devices", "producer.num_engines = 2"),
     (["producer.engine='attach'", "producer.engine_urls=['http://x:1']", "placement.engine_devices=[1]"], 2,
      "placement.engine_devices", "starts none"),
-    (["engine.device='cpu'"], 2, "trainer.weight_backend", "NCCL, which needs a GPU on both ends"),
+    (["engine.device='cpu'"], 2, "<backend>", "NCCL, which needs a GPU on both ends"),
 ])
 def test_plan_errors_name_the_key(sets: list[str], n: int, key: str, words: str) -> None:
+    cfg = cfg_with(*sets)
     with pytest.raises(ConfigError) as e:
-        make_plan(cfg_with(*sets), gpus(n), {})
-    assert e.value.key == key and words in e.value.message, e.value
+        make_plan(cfg, gpus(n), {})
+    assert e.value.key == (weight_backend(cfg, True)[1] if key == "<backend>" else key) and words in e.value.message, e.value
 
 
 def test_duplicate_trainer_gpu_is_refused_by_the_config() -> None:
@@ -158,11 +159,14 @@ def test_duplicate_trainer_gpu_is_refused_by_the_config() -> None:
 
 def test_colocated_broadcast_over_nccl_is_refused() -> None:
     """NCCL refuses two ranks on one device: a colocated engine needs IPC (or gloo)."""
-    for transport in (None, "broadcast"):  # None: a build without weights.transport
+    has_ipc = hasattr(load_config(TINY).weights, "transport")
+    for transport in ["broadcast"] + ([] if has_ipc else [None]):  # None: a build without weights.transport
+        cfg = cfg_with(transport=transport)
         with pytest.raises(ConfigError) as e:
-            make_plan(cfg_with(transport=transport), gpus(1), {})
-        assert e.value.key == "trainer.weight_backend" and "NCCL refuses two ranks on one device" in e.value.message
-    gloo = make_plan(cfg_with("trainer.weight_backend='gloo'", transport="broadcast"), gpus(1), {})
+            make_plan(cfg, gpus(1), {})
+        assert e.value.key == weight_backend(cfg, True)[1] and "NCCL refuses two ranks on one device" in e.value.message
+    key = weight_backend(cfg, True)[1]
+    gloo = make_plan(cfg_with(f"{key}='gloo'", transport="broadcast"), gpus(1), {})
     assert gloo.engines[0].transport == "broadcast (gloo)"
     assert make_plan(cfg_with(transport="ipc"), gpus(2), {}).engines[0].transport == "ipc"  # forced
 
