@@ -53,7 +53,8 @@ from pipeline.bench import machine
 log = logging.getLogger(__name__)
 
 KEEP = ("steps.jsonl", "summary.json", "processes.json", "placement.json", "config.json", "logs")
-ENGINE_GAUGE = re.compile(r"^(slipstream_engine_\w*(?:bytes|tokens|requests)\w*)(\{[^}]*\})? (\S+)$")
+ENGINE_METRIC = re.compile(r"^(slipstream_engine_\w+)(\{[^}]*\})? (\S+)$")
+HISTOGRAM_PARTS = ("_bucket", "_sum", "_count", "_created")
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -141,8 +142,8 @@ def _scrape(url: str, timeout_s: float = 2.0) -> dict[str, float]:
     out: dict[str, float] = {}
     with urllib.request.urlopen(url, timeout=timeout_s) as r:
         for line in r.read().decode().splitlines():
-            m = ENGINE_GAUGE.match(line)
-            if m:
+            m = ENGINE_METRIC.match(line)
+            if m and not m.group(1).endswith(HISTOGRAM_PARTS):
                 out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
     return out
 
@@ -247,7 +248,13 @@ def _from_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
             for k, v in vals.items():
                 if not k.split("{", 1)[0].endswith("_total"):
                     gauges[f"{eng}:{k}"] = max(gauges.get(f"{eng}:{k}", v), v)
+    within = {}
+    for eng in {k.split(":", 1)[0] for k in gauges}:
+        limit, peak_used = gauges.get(f"{eng}:slipstream_engine_memory_limit_bytes"), gauges.get(f"{eng}:slipstream_engine_memory_peak_bytes")
+        if limit and peak_used is not None:
+            within[eng] = peak_used <= limit
     return {
+        "engine_memory_within_budget": within or None,
         "gpu_util_pct_mean": {str(i): round(sum(u) / len(u), 1) for i, u in util.items()},
         "gpu_util_pct_max": {str(i): max(u) for i, u in util.items()},
         "gpu_mem_peak_bytes_by_process": peak("gpu_mem"),
@@ -398,6 +405,7 @@ def table(result: dict[str, Any]) -> str:
         ("publish (s, mean)", "publish_s_mean"), ("publish GB/s", "publish_gb_per_s"), ("engine pause (s, max)", "engine_pause_s_max"),
         ("staleness (mean)", "staleness_mean"), ("GPU util % (mean)", "gpu_util_pct_mean"),
         ("summary balances", "summary_balanced"), ("verify_weights every step", "verify_weights_every_step"),
+        ("engine memory within budget", "engine_memory_within_budget"),
     ]
     lines = [f"{'':28}" + "".join(f"{k:>26}" for k in keys)]
     for label, key in rows:

@@ -380,6 +380,7 @@ def make_plan(cfg: SlipstreamConfig, detected: Detected, env: Mapping[str, str] 
     if n > len(set(trainer) | {g for g in engine_gpus if g is not None}) and n:
         unused = sorted(set(range(n)) - set(trainer) - {g for g in engine_gpus if g is not None})
         notes.append(f"GPU(s) {unused} unused (raise producer.num_engines, or the trainer's parallelism)")
+    notes += _memory_notes(cfg, trainer, engines)
     user_alloc = [f"{k}={env[k]}" for k in ALLOC_ENV if k in env]
     alloc = "" if user_alloc else p.alloc_conf
     if user_alloc and gpus:
@@ -400,6 +401,19 @@ def _check_budgets(cfg: SlipstreamConfig, engines: list[EnginePlacement]) -> Non
         if k * frac > 1.0:
             raise ConfigError("engine.mem_fraction", f"{k} engines share GPU {g}, and {k} x {frac:g} of its memory is more than all of it: "
                               "lower engine.mem_fraction or spread them with placement.engine_devices")
+
+
+def _memory_notes(cfg: SlipstreamConfig, trainer: list[int], engines: list[EnginePlacement]) -> list[str]:
+    """How a GPU shared by engines and a trainer rank is split (engines take their mem_fraction)."""
+    frac = getattr(cfg.engine, "mem_fraction", None)
+    if not isinstance(frac, float):
+        return []
+    out = []
+    for g in sorted({e.gpu for e in engines if e.gpu is not None and e.gpu in trainer}):
+        k = sum(1 for e in engines if e.gpu == g)
+        out.append(f"GPU {g}: {k} engine(s) may hold {k * frac:.2f} of its memory (engine.mem_fraction {frac:g} each); "
+                   f"trainer rank {trainer.index(g)} there gets the rest ({1 - k * frac:.2f})")
+    return out
 
 
 def plan_for(cfg: SlipstreamConfig, env: Mapping[str, str] | None = None) -> Plan:

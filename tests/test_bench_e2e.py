@@ -68,7 +68,10 @@ def test_analyse_compares_the_steps_every_run_completed(tmp_path: Path) -> None:
     (rd / "summary.json").write_text(json.dumps({"trajectories": {"balanced": True}}))
     samples = [{"t": float(t), "steps": t // 2, "devices": [{"index": 0, "util_pct": 50.0 + t, "mem_used_bytes": t << 30, "mem_total_bytes": 8 << 30}],
                 "gpu_mem": {"trainer": t << 29}, "rss": {"trainer": 1 << 30},
-                "engines": {"engine-0": {"slipstream_engine_generated_tokens_total": 100.0 * t}}} for t in range(0, 12)]
+                "engines": {"engine-0": {"slipstream_engine_generated_tokens_total": 100.0 * t, "slipstream_engine_memory_limit_bytes": 5e9,
+                                         "slipstream_engine_memory_peak_bytes": 4e9 + t},
+                            "engine-1": {"slipstream_engine_memory_limit_bytes": 5e9, "slipstream_engine_memory_peak_bytes": 4.5e9 + 1e8 * t}}}
+               for t in range(0, 12)]
     a = analyse(rd, samples, 30.0, 130, steps_wanted=10, common=4)
     assert a["steps_completed"] == 5 and a["steps_compared"] == 4 and a["trainer_loop_s"] == 8.0
     assert a["steady_s_per_step"] == 2.0 and a["tokens_trained"] == 400 and a["publish_gb_per_s"] == 4.0
@@ -77,5 +80,6 @@ def test_analyse_compares_the_steps_every_run_completed(tmp_path: Path) -> None:
     assert a["gpu_util_pct_mean"] == {"0": pytest.approx(sum(50.0 + t for t in range(2, 12)) / 10)}
     assert a["gpu_mem_peak_bytes_by_process"] == {"trainer": 11 << 29} and a["gpu_mem_peak_bytes_by_device"] == {"0": 11 << 30}
     assert a["tokens_generated_per_s"] == pytest.approx(100.0)  # from the first token to the last step's sample
+    assert a["engine_memory_within_budget"] == {"engine-0": True, "engine-1": False}  # engine-1 peaked at 5.6e9 > 5e9
     result = {"runs": {"max_staleness_0": a}, "baseline": "max_staleness_0", "speedup_trainer_loop": {"max_staleness_0": 1.0}}
     assert "trainer loop (s)" in table(result)
