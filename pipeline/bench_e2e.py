@@ -334,6 +334,13 @@ def run_e2e(config: Path, steps: int, etas: list[int], out_dir: Path, command: s
     name = f"{stamp}-e2e-{_slug(info)}"
     keep = out_dir / f"{name}-runs"
     raw: dict[int, dict[str, Any]] = {}
+    head = {
+        "benchmark": "whole job (slipstream run): the same steps at each max_staleness, side by side, same machine, same run",
+        "command": command, "config": str(config), "overrides": sets, "device": info, "placement": plan.to_json(),
+        "model_make_s": made_s, "steps": steps, "staleness": etas, "baseline": f"max_staleness_{etas[0]}", "kept_run_files": str(keep),
+    }
+    path = out_dir / f"{name}.json"
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for eta in etas:
             rd = Path(tmp) / f"eta{eta}"
@@ -341,31 +348,31 @@ def run_e2e(config: Path, steps: int, etas: list[int], out_dir: Path, command: s
             raw[eta] = run_one(config, eta, steps, rd, sets, max_run_s)
             raw[eta]["run_dir"] = rd
             _keep(rd, keep / f"eta{eta}", Path(raw[eta]["launcher_log"]))
-        counts = []
-        for eta in etas:
-            p = raw[eta]["run_dir"] / "steps.jsonl"
-            counts.append(len(p.read_text().splitlines()) if p.exists() else 0)
-        common = min(counts)
-        runs = {f"max_staleness_{eta}": analyse(raw[eta]["run_dir"], raw[eta]["samples"], raw[eta]["wall"], raw[eta]["code"], steps, common)
-                for eta in etas}
-    for eta in etas:
-        runs[f"max_staleness_{eta}"]["command"] = " ".join(raw[eta]["cmd"])
-    base = runs.get(f"max_staleness_{etas[0]}", {}).get("trainer_loop_s")
-    result = {
-        "benchmark": "whole job (slipstream run): the same steps at each max_staleness, side by side, same machine, same run",
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "command": command, "config": str(config),
-        "overrides": sets, "device": info, "placement": plan.to_json(), "model_make_s": made_s, "steps": steps,
-        "common_steps": common, "complete": all(c == steps for c in counts), "gpu_sampler": raw[etas[0]]["sampler"],
-        "runs": runs, "baseline": f"max_staleness_{etas[0]}",
-        "speedup_trainer_loop": {k: (base / r["trainer_loop_s"] if base and r.get("trainer_loop_s") else None) for k, r in runs.items()},
-        "kept_run_files": str(keep),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2))
+            result = {**head, **_compare(raw, steps)}  # written after every run: a cut-off bench keeps what ran
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
     print(table(result))
     return result
+
+
+def _compare(raw: dict[int, dict[str, Any]], steps: int) -> dict[str, Any]:
+    """The runs so far, compared on the steps all of them completed."""
+    counts = {}
+    for eta, r in raw.items():
+        p = r["run_dir"] / "steps.jsonl"
+        counts[eta] = len(p.read_text().splitlines()) if p.exists() else 0
+    common = min(counts.values())
+    runs = {}
+    for eta, r in raw.items():
+        runs[f"max_staleness_{eta}"] = {**analyse(r["run_dir"], r["samples"], r["wall"], r["code"], steps, common), "command": " ".join(r["cmd"])}
+    first = next(iter(raw))
+    base = runs[f"max_staleness_{first}"].get("trainer_loop_s")
+    return {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "common_steps": common,
+        "complete": all(c == steps for c in counts.values()), "gpu_sampler": raw[first]["sampler"], "runs": runs,
+        "speedup_trainer_loop": {k: (base / r["trainer_loop_s"] if base and r.get("trainer_loop_s") else None) for k, r in runs.items()},
+    }
 
 
 def _keep(run_dir: Path, dest: Path, launcher_log: Path) -> None:

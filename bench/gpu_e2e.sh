@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole job on ONE GPU (issue 12): `slipstream bench e2e` on examples/gpu/one_gpu.toml (trainer
+# and engine colocated on GPU 0, weights by CUDA IPC, Qwen3-0.6B shape made locally, random init,
+# bf16; 16 prompts x 8 samples x 256 new tokens per step), the same 30 steps at max_staleness 0
+# (the synchronous baseline) and 2, measured in the same run. Writes under $OUT:
+#   <date>-e2e-1xh200.json           the two runs side by side (command, device, date, placement)
+#   <date>-e2e-1xh200-runs/eta{0,2}/ each run's logs, steps.jsonl, summary.json, processes.json
+#   gpu_e2e.log                      this script's output (the summary table is at its end)
+#
+# Needs, beyond the GPU image: the wheels of pyzmq and megatron-core (cp312), installed first:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# Then, from the repository root:
+#   OUT=$OUT bash bench/gpu_e2e.sh                # ~5-8 minutes; hard stop at 9 (see MAX_RUN_S)
+# Knobs (environment): STEPS (30), MAX_RUN_S (220: a run still going after this is interrupted and
+# the comparison uses the steps both runs completed; the JSON says so), CONFIG, MODEL_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+STEPS=${STEPS:-30}
+MAX_RUN_S=${MAX_RUN_S:-220}
+CONFIG=${CONFIG:-examples/gpu/one_gpu.toml}
+MODEL_DIR=${MODEL_DIR:-/tmp/slipstream-qwen3-0.6b}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
+exec > >(tee "$OUT/gpu_e2e.log") 2>&1
+echo "== $(date -u +%FT%TZ) bench/gpu_e2e.sh: CONFIG=$CONFIG STEPS=$STEPS MAX_RUN_S=$MAX_RUN_S"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, zmq, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count(), 'megatron-core', m.__version__, 'pyzmq', zmq.__version__)" || { echo "missing packages (carry the pyzmq and megatron-core wheels)"; exit 3; }
+python3 -c "import pynvml" 2>/dev/null && echo "GPU sampling: NVML" || echo "GPU sampling: nvidia-smi (no pynvml)"
+SETS=(--set "model.path='$MODEL_DIR'")
+python3 -m pipeline.cli run "$CONFIG" --dry-run "${SETS[@]}" > /dev/null || exit 2   # prints the placement plan
+t0=$(date +%s)
+python3 -m pipeline.cli make-model "$MODEL_DIR" --preset qwen3-0.6b || exit 4
+echo "model made in $(( $(date +%s) - t0 )) s"
+left=$(( 530 - ($(date +%s) - t0) ))   # the whole script stays under 9 minutes
+timeout "$left" python3 -m pipeline.cli bench e2e "$CONFIG" --steps "$STEPS" --staleness 0,2 --max-run-seconds "$MAX_RUN_S" \
+    --out "$OUT" "${SETS[@]}"
+rc=$?
+echo "== bench e2e exit code $rc after $(( $(date +%s) - t0 )) s"
+exit $rc
