@@ -12,14 +12,20 @@
 # Then, from the repository root:
 #   OUT=$OUT bash bench/gpu_e2e.sh                # ~5-8 minutes; hard stop at 9 (see MAX_RUN_S)
 # Knobs (environment): STEPS (30), MAX_RUN_S (220: a run still going after this is interrupted and
-# the comparison uses the steps both runs completed; the JSON says so), CONFIG, MODEL_DIR.
+# the comparison uses the steps both runs completed; the JSON says so), CONFIG, PRESET, MODEL_DIR, and SETS
+# (space-separated key=value overrides for both runs). The multi-GPU runs of issue 20 use the same
+# script on a machine with more GPUs:
+#   CONFIG=examples/gpu/multi_gpu.toml bash bench/gpu_e2e.sh                        # 2 GPUs: trainer | engine
+#   CONFIG=examples/gpu/multi_gpu.toml SETS="trainer.tensor_parallel=2 producer.num_engines=2" bash bench/gpu_e2e.sh  # 4 GPUs
+# and a CPU smoke test of the script itself: CONFIG=examples/tiny/config.toml PRESET=tiny STEPS=3 OUT=/tmp/o bash bench/gpu_e2e.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 STEPS=${STEPS:-30}
 MAX_RUN_S=${MAX_RUN_S:-220}
 CONFIG=${CONFIG:-examples/gpu/one_gpu.toml}
-MODEL_DIR=${MODEL_DIR:-/tmp/slipstream-qwen3-0.6b}
+PRESET=${PRESET:-qwen3-0.6b}
+MODEL_DIR=${MODEL_DIR:-/tmp/slipstream-$PRESET}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
@@ -28,14 +34,15 @@ echo "== $(date -u +%FT%TZ) bench/gpu_e2e.sh: CONFIG=$CONFIG STEPS=$STEPS MAX_RU
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, zmq, megatron.core as m; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count(), 'megatron-core', m.__version__, 'pyzmq', zmq.__version__)" || { echo "missing packages (carry the pyzmq and megatron-core wheels)"; exit 3; }
 python3 -c "import pynvml" 2>/dev/null && echo "GPU sampling: NVML" || echo "GPU sampling: nvidia-smi (no pynvml)"
-SETS=(--set "model.path='$MODEL_DIR'")
-python3 -m pipeline.cli run "$CONFIG" --dry-run "${SETS[@]}" > /dev/null || exit 2   # prints the placement plan
+ARGS=(--set "model.path='$MODEL_DIR'")
+for kv in ${SETS:-}; do ARGS+=(--set "$kv"); done
+python3 -m pipeline.cli run "$CONFIG" --dry-run "${ARGS[@]}" > /dev/null || exit 2   # prints the placement plan
 t0=$(date +%s)
-python3 -m pipeline.cli make-model "$MODEL_DIR" --preset qwen3-0.6b || exit 4
+python3 -m pipeline.cli make-model "$MODEL_DIR" --preset "$PRESET" || exit 4
 echo "model made in $(( $(date +%s) - t0 )) s"
 left=$(( 530 - ($(date +%s) - t0) ))   # the whole script stays under 9 minutes
 timeout "$left" python3 -m pipeline.cli bench e2e "$CONFIG" --steps "$STEPS" --staleness 0,2 --max-run-seconds "$MAX_RUN_S" \
-    --out "$OUT" "${SETS[@]}"
+    --out "$OUT" "${ARGS[@]}"
 rc=$?
 echo "== bench e2e exit code $rc after $(( $(date +%s) - t0 )) s"
 exit $rc
