@@ -19,8 +19,8 @@ by the launcher and not yet given the current weights".
 The current weights are the last published version's: the async snapshot
 (``consumers.publish_async.WeightSnapshot.last``) or, with synchronous publishing and a single
 trainer rank, a fresh export (the model has not changed since its publish).  Otherwise (several
-ranks publishing synchronously, or per-stage publishing, whose stage groups rank 0 cannot re-create
-alone) the engine rejoins at the next publish and is continued after it.
+ranks publishing synchronously) the engine rejoins at the next publish and is continued after it;
+so with per-stage publishing (``regroup=False``), whose stage groups rank 0 cannot re-create alone.
 
     rejoin = EngineRejoin(publisher, current=lambda: snapshot.last(), start_version=version)
     rejoin.poll()     # from the loop's idle callback; cheap when every engine is up to date
@@ -66,15 +66,21 @@ class EngineRejoin:
     publish (0, or a resumed checkpoint's)."""
 
     def __init__(self, publisher: RejoinPublisher, current: Callable[[], Mapping[str, torch.Tensor] | None],
-                 start_version: int, interval_s: float = 1.0, timeout_s: float = 2.0) -> None:
+                 start_version: int, interval_s: float = 1.0, timeout_s: float = 2.0, regroup: bool = True) -> None:
         self.publisher = publisher
         self.current = current
+        self.regroup = regroup  # False (per-stage publishing): only continue engines the last publish brought up to date
         self.start_version = start_version
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.rejoined = 0  # engines brought back
         self._next = 0.0
         self._warned = False
+
+    def _continue(self, url: str) -> None:
+        reply = post_json(f"{url}{ROUTE_CONTINUE}", continue_payload(), self.timeout_s * 5, "continuing generation")
+        if not reply.get("success", reply.get("status") == "ok"):
+            raise PublishError(f"{url}{ROUTE_CONTINUE}: {reply}")
 
     def states(self) -> dict[str, tuple[str | None, bool]]:
         """Each engine's (weight_version, paused); (None, False) when it does not answer."""
@@ -114,6 +120,14 @@ class EngineRejoin:
 
     def _bring_back(self, version: int, lagging: list[str], paused: list[str]) -> bool:
         pub = self.publisher
+        if not self.regroup:  # the stage groups are re-created by the next publish (consumers.stage_publish)
+            current = [u for u in paused if u not in lagging and pub.version is not None]
+            for url in current:
+                self._continue(url)
+            if current:
+                self.rejoined += len(current)
+                log.warning("engine rejoin: %s got v%d with the last publish: continued", ", ".join(current), version)
+            return bool(current)
         weights = self.current() if lagging else None
         if lagging and weights is None:
             if not self._warned:
@@ -133,9 +147,7 @@ class EngineRejoin:
             assert weights is not None
             pub.publish(weights, version, checksum=False)  # with resync on, it re-creates the group itself
         for url in paused:
-            reply = post_json(f"{url}{ROUTE_CONTINUE}", continue_payload(), self.timeout_s * 5, "continuing generation")
-            if not reply.get("success", reply.get("status") == "ok"):
-                raise PublishError(f"{url}{ROUTE_CONTINUE}: {reply}")
+            self._continue(url)
         self.rejoined += len(set(lagging) | set(paused))
         log.warning("engine rejoin: %s serve%s v%d again (%.2fs)", ", ".join(sorted(set(lagging) | set(paused))) or "every engine",
                     "s" if len(set(lagging) | set(paused)) == 1 else "", version, time.monotonic() - t0)

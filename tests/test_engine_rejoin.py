@@ -6,7 +6,8 @@ checkpoint (version 0) and queues requests but decodes none.  :class:`EngineRejo
 trainer runs while it waits for a batch) finds it paused and lagging, re-creates the weight group,
 sends the last published version and continues it; the request that waited is then generated
 with that version only (every token stamped with it), and the engine hashes to the trainer's
-weights.  Without a copy of the current weights to send, it stays paused.
+weights.  Without a copy of the current weights to send, it stays paused; with per-stage
+publishing it is continued once a publish brought it up to date.
 
     /work/venv/bin/pytest tests/test_engine_rejoin.py -q
 """
@@ -89,6 +90,15 @@ def test_restarted_engine_serves_only_the_current_weights(model_dir: Path, tmp_p
         eng = Engine(model_dir, tmp_path / "a3", "--port", str(port), "--start-paused")
         assert not rejoin.poll()
         assert eng.ok("GET", "/get_server_info")["paused"] is True and eng.version() == 0
+
+        # per-stage publishing (regroup=False): nothing until a publish brought it up to date, then continued
+        staged = EngineRejoin(pub, lambda: None, start_version=0, interval_s=0.0, regroup=False)
+        assert not staged.poll() and eng.ok("GET", "/get_server_info")["paused"] is True
+        v3 = _weights(model_dir, seed=3)
+        assert pub.publish(v3, version=3)["rejoined"] == 1  # the publisher's own resync re-creates the group
+        assert eng.ok("GET", "/get_server_info")["paused"] is True, "a publish alone does not continue it"
+        assert staged.poll() and eng.ok("GET", "/get_server_info")["paused"] is False
+        assert eng.generate(_request(3))["meta_info"]["output_token_weight_versions"] == [3] * 3
     finally:
         pub.close()
         for e in (eng, other):
