@@ -44,8 +44,9 @@ class RunConfig:
     )
     batch_timeout_s: float = doc("How long the trainer waits for one batch before it gives up (it logs while it waits).", 600.0)
     max_restarts: int = doc(
-        "How many times the launcher restarts a crashed broker or producer (each process separately) before it "
-        "fails the run. The broker comes back on the same ports and recovers its queue from the journal.",
+        "How many times the launcher restarts a crashed broker, producer or embedded engine (each process separately) "
+        "before it fails the run. The broker comes back on the same ports and recovers its queue from the journal; an "
+        "engine on its port, paused until the trainer sent it the current weights.",
         3,
     )
     restart_backoff_s: float = doc("Wait before the first restart of a process; doubles with each further restart of it.", 1.0)
