@@ -36,6 +36,7 @@ from typing import Any, TextIO
 
 from pipeline.config import SlipstreamConfig
 from pipeline.configbase import to_dict
+from pipeline.preflight import log_tail
 from pipeline.rundir import port_file, stats_file, wait_for_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,11 @@ class Child:
 
 def child_env(cfg: SlipstreamConfig) -> dict[str, str]:
     env = dict(os.environ)
+    # Offline: a hub id in model.path was resolved to a local snapshot before any child started (pipeline/hub.py).
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    if cfg.run.python_path:
+        env["PYTHONPATH"] = os.pathsep.join([*cfg.run.python_path, *filter(None, [env.get("PYTHONPATH", "")])])
     return env
 
 
@@ -131,7 +135,10 @@ class Launcher:
             port_file(self.run_dir, name).unlink()
 
     def _ready(self, child: Child, name: str) -> dict[str, Any]:
-        return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
+        try:
+            return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
+        except (RuntimeError, TimeoutError) as e:  # the cause is in the child's log: show it
+            raise type(e)(f"{e}{log_tail(child.log_path)}") from None
 
     def _write_processes(self) -> None:
         write_json_atomic(self.run_dir / "processes.json", [
@@ -252,14 +259,15 @@ class Launcher:
                 if self.restart(trainer):
                     continue
                 why = "" if self._restartable(trainer) or code == 2 else " (not restarted: it resumes only from checkpoints, trainer.checkpoint_every = 0)"
-                log.error("trainer exited with code %d; see %s%s%s", code, trainer.log_path, why, _fatal_line(trainer.log_path))
+                log.error("trainer exited with code %d; see %s%s%s%s", code, trainer.log_path, why, _fatal_line(trainer.log_path), log_tail(trainer.log_path))
                 return 1
             for c in self.children:
                 if c.role != "trainer" and not c.alive():
                     assert c.proc is not None
                     if self.restart(c):
                         continue
-                    log.error("%s exited unexpectedly with code %s; see %s%s", c.name, c.proc.returncode, c.log_path, _fatal_line(c.log_path))
+                    log.error("%s exited unexpectedly with code %s; see %s%s%s", c.name, c.proc.returncode, c.log_path, _fatal_line(c.log_path),
+                              log_tail(c.log_path))
                     return 1
             time.sleep(0.2)
 
@@ -315,6 +323,20 @@ class Launcher:
         return out
 
 
+def resolve_model_for_run(cfg: SlipstreamConfig) -> SlipstreamConfig:
+    """``model.path`` as a local directory (a hub id is downloaded once here, see pipeline/hub.py);
+    the children then read that snapshot offline.  Raises ConfigError naming model.path."""
+    import dataclasses
+
+    from pipeline.hub import resolve_model
+
+    local = resolve_model(cfg.model.path, cfg.model.revision)
+    if local == cfg.model.path:
+        return cfg
+    log.info("model.path %r resolved to %s; every process reads that snapshot offline", cfg.model.path, local)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=local, revision=""))
+
+
 def _fatal_line(log_path: Path) -> str:
     """The child's last 'slipstream: ...' line (a config or plug-in error), to repeat in our message."""
     try:
@@ -342,6 +364,13 @@ class Console:
         self.offset = 0
         self.last_wall = 0.0
         self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+        # While the bar is drawn, the launcher's log lines go through tqdm.write: each on a line of
+        # its own above the bar, not glued onto it.
+        self._swapped: list[tuple[logging.StreamHandler[TextIO], TextIO]] = []
+        if enabled:
+            for h in logging.getLogger().handlers:
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr:
+                    self._swapped.append((h, h.setStream(_BarStream(self.bar))))  # type: ignore[arg-type, func-returns-value]
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -371,18 +400,43 @@ class Console:
         self.bar.update(1)
 
     def close(self) -> None:
+        for h, stream in self._swapped:
+            h.setStream(stream)
+        self._swapped.clear()
         self.bar.close()
+
+
+class _BarStream:
+    """A text stream that writes whole lines with ``tqdm.write`` (above the progress bar)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            self.bar.write(line, file=sys.stderr)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self.bar.write(self._partial, file=sys.stderr)
+            self._partial = ""
 
 
 def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", to_dict(cfg))
     if source is not None and source.exists():
         (run_dir / "config.toml").write_text(source.read_text())
-    if cfg.model.make_tiny_if_missing:
+    if cfg.model.make_tiny_if_missing and not Path(cfg.model.path).exists():
         from pipeline.tiny import ensure_tiny_model
 
+        log.info("making the tiny example model at %s (model.make_tiny_if_missing; once, ~10-20 s)", cfg.model.path)
         ensure_tiny_model(cfg.model.path, seed=cfg.run.seed)
+    cfg = resolve_model_for_run(cfg)  # a hub id -> its local snapshot, before any child starts
+    write_json_atomic(run_dir / "config.json", to_dict(cfg))
     launcher = Launcher(cfg, run_dir)
     previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty())

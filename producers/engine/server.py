@@ -420,7 +420,12 @@ class EngineServer:
 
 # ---------------------------------------------------------------------- entry point
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m producers.engine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="slipstream engine",
+        description="slipstream's embedded inference engine: serves a Hugging Face checkpoint over SGLang's HTTP API subset "
+                    "(/generate with per-token log-probs, weight updates from a trainer, /health, /metrics). 'slipstream run' "
+                    "starts it for you; start it by hand to attach a run to it (producer.engine = 'attach').",
+        epilog="Engine settings (slipstream config, keys engine.*) go in with --set KEY=VALUE, e.g. --set max_running_requests=64.")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=30000, help="port to bind; 0 picks a free one")
