@@ -179,6 +179,9 @@ class SlipstreamConfig:
     def __post_init__(self) -> None:
         check(bool(self.model.path), "model.path",
               "is required (no default): a Hugging Face checkpoint directory or hub id, e.g. model.path = 'Qwen/Qwen3-0.6B'")
+        check(self.producer.engine != "sglang" or self.weights.engine_kind == "sglang", "weights.engine_kind",
+              "must be 'sglang' when producer.engine = 'sglang' (slipstream launches SGLang servers and must publish to them "
+              "the way SGLang expects: paused, one request per bucket)")
         max_traj = self.queue.groups_per_step * self.producer.group_size
         check(
             self.queue.max_queued_trajectories >= max_traj,

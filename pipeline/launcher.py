@@ -58,13 +58,14 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     metrics_url: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    env_extra: dict[str, str] = field(default_factory=dict)  # on top of the launcher's env (e.g. CUDA_VISIBLE_DEVICES)
     _log: TextIO | None = None
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")  # type: ignore[assignment]
         self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**env, **self.env_extra},
             start_new_session=True, preexec_fn=_set_pdeathsig,
         )
         log.info("started %s (pid %d): log %s", self.name, self.proc.pid, self.log_path)
@@ -116,13 +117,14 @@ class Launcher:
     def _cli(self, *args: str) -> list[str]:
         return [PY, "-m", "pipeline.cli", *args]
 
-    def _spawn(self, name: str, role: str, cmd: list[str]) -> Child:
-        child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log")
+    def _spawn(self, name: str, role: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log", env_extra=dict(env or {}))
         self._forget_ports(name)
         script = self.run_dir / "cmds" / f"{name}.sh"
         script.parent.mkdir(parents=True, exist_ok=True)
+        extra = "".join(f"{k}={shlex.quote(v)} " for k, v in child.env_extra.items())
         script.write_text("#!/bin/sh\n# re-run this process by hand (same environment as the launcher gave it)\n"
-                          "OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 exec " + shlex.join(cmd) + "\n")
+                          f"OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 {extra}exec " + shlex.join(cmd) + "\n")
         script.chmod(0o755)
         child.start(self.env)
         self.children.append(child)
@@ -136,6 +138,11 @@ class Launcher:
 
     def _ready(self, child: Child, name: str) -> dict[str, Any]:
         try:
+            if child.extra.get("health_url"):  # an SGLang server or router: ready when GET /health answers 200
+                from producers.sglang_launch import wait_healthy
+
+                wait_healthy(child.extra["health_url"], self.cfg.run.startup_timeout_s, child.name, child.alive)
+                return {}
             return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
         except (RuntimeError, TimeoutError) as e:  # the cause is in the child's log: show it
             raise type(e)(f"{e}{log_tail(child.log_path)}") from None
@@ -179,9 +186,12 @@ class Launcher:
                 url = f"http://{host}:{info['port'] if isinstance(info, dict) else int(info)}"
                 e.metrics_url = f"{url}/metrics"
                 engine_urls.append(url)
+        generate_urls = engine_urls
+        if cfg.producer.engine == "sglang":
+            engine_urls, generate_urls = self._start_sglang(host)
 
         for p in range(cfg.producer.num_producers):
-            mine = engine_urls[p::cfg.producer.num_producers] or engine_urls
+            mine = generate_urls[p::cfg.producer.num_producers] or generate_urls
             cmd = self._cli("produce", "--config", str(self.config_path), "--run-dir", str(rd), "--producer-id", f"producer-{p}",
                             "--broker", broker.extra["producer_endpoint"], *[a for u in mine for a in ("--engine-url", u)])
             child = self._spawn(f"producer-{p}", "producer", cmd)
@@ -199,13 +209,34 @@ class Launcher:
         trainer.metrics_url = f"http://{host}:{self._ready(trainer, 'trainer')['metrics_port']}/metrics"
         self._write_processes()
 
+    def _start_sglang(self, host: str) -> tuple[list[str], list[str]]:
+        """Start the SGLang servers (then the router, if any) and wait for /health; returns the
+        servers' URLs (the trainer publishes to each) and the URLs producers generate with."""
+        from producers.sglang_launch import plan
+
+        metrics = bool(self.cfg.producer.sglang.get("enable_metrics"))
+        started: dict[str, list[Child]] = {"server": [], "router": []}
+        entries = plan(self.cfg, host)
+        for role in ("server", "router"):  # the router starts once its workers answer /health
+            for s in (s for s in entries if s["role"] == role):
+                child = self._spawn(s["name"], "engine", s["argv"], env=s["env"])
+                child.extra = {"health_url": s["url"], "sglang": role}
+                child.metrics_url = f"{s['url']}/metrics" if metrics and role == "server" else ""
+                started[role].append(child)
+            for child in started[role]:
+                self._ready(child, child.name)
+                log.info("%s ready at %s", child.name, child.extra["health_url"])
+        servers = [c.extra["health_url"] for c in started["server"]]
+        return servers, [c.extra["health_url"] for c in started["router"]] or servers
+
     # ------------------------------------------------------------------ supervise
     def request_stop(self, reason: str) -> None:
         self._stop_reason = reason
 
     def _restartable(self, child: Child) -> bool:
         """Brokers and producers always; the trainer only with checkpoints to resume from."""
-        return child.role in ("broker", "producer") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
+        return (child.role in ("broker", "producer") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
+                or bool(child.extra.get("sglang")))  # SGLang servers and the router (same port again)
 
     def restart(self, child: Child) -> bool:
         """Restart a crashed broker, producer or (with ``trainer.checkpoint_every``) trainer in place
@@ -239,7 +270,8 @@ class Launcher:
             child.cmd = [*child.cmd, "--set", 'trainer.resume_from="latest"']
         child.start(self.env)
         info = self._ready(child, child.name)  # raises TimeoutError/RuntimeError if it cannot come up
-        child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
+        if info.get("metrics_port") or not child.extra.get("health_url"):  # an SGLang server keeps its URL
+            child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
         self._write_processes()
         log.warning("%s restarted (pid %d)", child.name, child.proc.pid if child.proc else -1)
         return True

@@ -51,7 +51,8 @@ from producers.plugins import Prompt
 log = logging.getLogger(__name__)
 
 KEY = "producer.prompts_args"
-_MISSING = object()
+_MISSING = object()  # get_key's "no default: raise KeyError"
+_ABSENT = object()  # a default that tells a missing key from a None value
 
 #: Keys of the prompt files of peer frameworks (``preset = ...``); explicit keys win.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -94,7 +95,7 @@ def check_keys(records: list[Any], keys: dict[str, str], where: str = "") -> Non
         for name, key in keys.items():
             if not key:
                 continue
-            if not isinstance(r, dict) or get_key(r, key, _MISSING) is _MISSING:
+            if not isinstance(r, dict) or get_key(r, key, _ABSENT) is _ABSENT:
                 have = _key_paths(r) if isinstance(r, dict) else type(r).__name__
                 raise ConfigError(f"{KEY}.{name}", f"record {i} has no key {key!r} ({where + ': ' if where else ''}its keys: {have})")
 
@@ -202,7 +203,7 @@ class PromptDataset(Iterator[Prompt]):
         else:
             raise ConfigError(f"{KEY}.input_key", f"record {row}: {self.input_key!r} is {type(content).__name__}; chat messages need chat_template = true")
         pid = str(get_key(r, self.id_key)) if self.id_key else f"{self.name}-{row}"
-        meta = {k: v for k in self.metadata_keys if (v := get_key(r, k, _MISSING)) is not _MISSING}
+        meta = {k: v for k in self.metadata_keys if (v := get_key(r, k, _ABSENT)) is not _ABSENT}
         meta.update({"epoch": self.epoch, "row": row})
         label = get_key(r, self.label_key) if self.label_key else ""
         return Prompt(prompt_id=pid, text=text, tokens=tokens, label="" if label is None else str(label), metadata=meta)
