@@ -206,7 +206,7 @@ def _gpt_stage_from_hf(cfg: TrainerConfig, spec: bridge.HFModelSpec, tconfig: An
         gpt.cuda(torch.cuda.current_device())
     if spec.num_experts:
         bridge_moe.adapt_moe_layers(gpt)  # TP > 1 without sequence parallelism
-    hf_state = bridge.load_hf_state(hf_path)
+    hf_state = bridge.open_hf_checkpoint(hf_path)  # lazy: this rank reads only its own TP slices
     n = bridge.load_hf_into_megatron(gpt, hf_state, ps.get_tensor_model_parallel_rank(), cfg.tensor_parallel, spec)
     return gpt, n
 

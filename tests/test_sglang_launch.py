@@ -161,11 +161,15 @@ def _wait_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout_s: float 
 
 @pytest.mark.slow
 def test_launches_standin_learns_and_restarts_a_killed_server(tmp_path: Path) -> None:
+    """Two stand-in servers on GPUs 3 and 5; sglang-0 is killed at step 10, restarted on its port,
+    and brought up to date by the trainer's next publish (weights.resync_engines) while sglang-1
+    keeps generating.  (With a single engine a restarted one would serve version 0 until the next
+    publish, which never comes: every group it generates is too stale.)"""
     run_dir, record = tmp_path / "run", tmp_path / "argv.jsonl"
     args = ["run", str(TINY), "--run-dir", str(run_dir), "--set", f"model.path='{tmp_path.parent / 'tiny-qwen3'}'",
             *[a for o in SGLANG for a in ("--set", o)],
             "--set", f"producer.sglang_command={json.dumps([sys.executable, str(STANDIN)])}",
-            "--set", "producer.sglang_gpu_ids=[3]", "--set", "run.steps=60",
+            "--set", "producer.num_engines=2", "--set", "producer.sglang_gpu_ids=[3, 5]", "--set", "run.steps=60",
             "--sglang-mem-fraction-static", "0.5", "--sglang-enable-metrics", "true", "--sglang-random-seed", "7"]
     e = {**env(), "SLIPSTREAM_STANDIN_RECORD": str(record)}
     proc = subprocess.Popen(slipstream(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=tmp_path)
@@ -173,25 +177,28 @@ def test_launches_standin_learns_and_restarts_a_killed_server(tmp_path: Path) ->
         _wait_steps(run_dir, 10, proc)
         server = next(p for p in json.loads((run_dir / "processes.json").read_text()) if p["name"] == "sglang-0")
         os.kill(server["pid"], signal.SIGKILL)
-        out, err = proc.communicate(timeout=420)
+        _out, err = proc.communicate(timeout=420)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
     assert proc.returncode == 0, err[-4000:]
     starts = [json.loads(line) for line in record.read_text().splitlines()]
-    assert len(starts) == 2 and starts[0]["pid"] != starts[1]["pid"], starts  # started, killed, restarted
-    assert starts[0]["argv"] == starts[1]["argv"]  # the same port and flags again
-    argv = starts[0]["argv"]
+    assert len(starts) == 3, starts  # two servers started, sglang-0 killed and started again
+    first, restarted = starts[0], starts[2]
+    assert first["pid"] == server["pid"] != restarted["pid"]
+    assert restarted["argv"] == first["argv"]  # the same port and flags again
+    assert [s["cuda_visible_devices"] for s in starts] == ["3", "5", "3"]
+    argv = first["argv"]
     assert argv[argv.index("--model-path") + 1] == str(tmp_path.parent / "tiny-qwen3")
     assert argv[argv.index("--mem-fraction-static") + 1] == "0.5" and "--enable-metrics" in argv
     assert argv[argv.index("--random-seed") + 1] == "7"
-    assert all(s["cuda_visible_devices"] == "3" for s in starts)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"]["engine"] == 1 and summary["trajectories"]["balanced"] is True
     steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 60
-    assert "sglang-0 exited" in err and "restarting it" in err
-    first = sum(s["reward_mean"] for s in steps[:10]) / 10
-    last = sum(s["reward_mean"] for s in steps[-10:]) / 10
-    assert last - first >= 0.2, f"reward {first:.3f} -> {last:.3f}"
+    assert "sglang-0 exited with code -9; restarting it" in err
+    assert all(c == steps[-1]["weights_checksum"] for c in steps[-1]["engine_checksums"]) and len(steps[-1]["engine_checksums"]) == 2
+    first10 = sum(s["reward_mean"] for s in steps[:10]) / 10
+    last10 = sum(s["reward_mean"] for s in steps[-10:]) / 10
+    assert last10 - first10 >= 0.2, f"reward {first10:.3f} -> {last10:.3f}"
