@@ -55,7 +55,9 @@ def load_examples(path: str | Path, model_path: str | Path, append_eos: bool = T
                     from producers.tokenizer import load_tokenizer
 
                     tok = load_tokenizer(model_path)
-                    eos = json.loads((Path(model_path) / "config.json").read_text()).get("eos_token_id")
+                    config = Path(model_path) / "config.json"
+                    eos = json.loads(config.read_text()).get("eos_token_id") if config.exists() else None
+                    eos = eos[0] if isinstance(eos, list) and eos else eos  # Llama 3 lists several
                     eos = tok.eos_token_id if eos is None else eos
                 if key == "prompt":
                     pair.append(list(tok.encode(v).ids))
