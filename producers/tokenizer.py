@@ -32,6 +32,9 @@ from pipeline.configbase import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: Files one of which a checkpoint's tokenizer needs (besides sentencepiece ``*.model``, ``*.tiktoken``).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+
 
 @dataclass(frozen=True)
 class Encoding:
@@ -81,12 +84,17 @@ def load_tokenizer(path: str | Path, key: str = "model.path") -> ModelTokenizer:
     p = str(path)
     if not Path(p).is_dir():
         raise ConfigError(key, f"tokenizer directory {p!r} does not exist")
+    files = sorted(f.name for f in Path(p).iterdir() if f.name in TOKENIZER_FILES or f.suffix in (".model", ".tiktoken"))
+    if not files:  # transformers would build an empty tokenizer from config.json alone
+        raise ConfigError(key, f"cannot load a tokenizer from {p!r} (tokenizer files there: none; expected one of "
+                               f"{', '.join(TOKENIZER_FILES)}, *.model or *.tiktoken)")
     try:
         hf = AutoTokenizer.from_pretrained(p)
     except Exception as e:  # transformers raises OSError, ValueError, ImportError (sentencepiece missing), ...
-        files = sorted(f.name for f in Path(p).iterdir() if "token" in f.name or f.suffix in (".model", ".jinja"))
         raise ConfigError(key, f"cannot load a tokenizer from {p!r} with transformers' AutoTokenizer "
-                               f"(tokenizer files there: {files or 'none'}): {type(e).__name__}: {e}") from None
+                               f"(tokenizer files there: {files}): {type(e).__name__}: {e}") from None
+    if len(hf) < 2:
+        raise ConfigError(key, f"the tokenizer loaded from {p!r} has {len(hf)} token(s) (tokenizer files there: {files})")
     log.info("tokenizer %s from %s (vocab %d, chat template: %s)", type(hf).__name__, p, len(hf),
              "yes" if getattr(hf, "chat_template", None) else "no")
     return ModelTokenizer(hf, p)
