@@ -84,7 +84,7 @@ def test_unreachable_hub_error(cache: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_local_path_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match=r"does not exist \(and is not a Hugging Face hub id"):
         resolve_model(str(tmp_path / "missing" / "dir" / "x"))
