@@ -17,7 +17,7 @@ What:
 
 Why our own: the families are a handful of flags apart, the mapping is ~200 lines, and a test of
 logits parity against the transformers forward keeps it honest (``tests/test_bridge.py``).
-mbridge needs four workarounds on CPU and is no longer released (shared/notes/megatron-on-cpu.md).
+mbridge needs four workarounds on CPU and is no longer released (docs/notes/megatron-on-cpu.md).
 
 Layouts (megatron-core 0.16, local spec):
 - ``linear_qkv.weight`` is ``[ng * (q_per_group + 2) * head_dim, hidden]``: for each query group,

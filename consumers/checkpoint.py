@@ -20,7 +20,7 @@ What:
 Why a synchronous writer: megatron-core 0.16's default ``torch_dist`` save strategy writes through
 ``FileSystemWriterAsync``, which forks writer processes, starts a ``spawn`` multiprocessing Manager
 and needs ``psutil``: fragile on CPU-only hosts (a fork after OpenMP threads can hang; see
-shared/notes/tiny-task.md).  :class:`SyncTorchDistSaveStrategy` keeps Megatron's translation to
+docs/notes/tiny-task.md).  :class:`SyncTorchDistSaveStrategy` keeps Megatron's translation to
 PyTorch Distributed Checkpoint (same on-disk format, loadable with Megatron's default load
 strategy) but saves with ``torch.distributed.checkpoint``'s plain ``FileSystemWriter`` in-process.
 

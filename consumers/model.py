@@ -7,7 +7,7 @@ DDP around it, and Megatron's optimizer (Adam, fp32 master weights) over it.
 :func:`initialize_parallel` sets up ``parallel_state`` (DP = world / (TP * PP); for MoE models the
 experts are split ``expert_parallel`` ways inside TP x DP, and never TP-sharded: expert TP = 1).
 
-Why these settings (shared/notes/megatron-on-cpu.md):
+Why these settings (docs/notes/megatron-on-cpu.md):
 - ``calculate_per_token_loss=True``: loss functions return a *sum* plus a token count; Megatron
   divides the gradients by the global (all-DP) token count, which is the GRPO token mean.
 - ``variable_seq_lengths=True`` (each microbatch is padded to its own length) needs

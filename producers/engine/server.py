@@ -12,7 +12,7 @@ What: loads a Hugging Face causal LM through transformers, starts the decode sch
 - ``GET /slipstream/weights_checksum`` (slipstream extension, for tests and debugging).
 
 Why: the producer's HTTP client is the one used against real SGLang servers, so the embedded
-engine must speak the same fields (``notes/sglang-0.5.23-api.md``).  The event loop only parses,
+engine must speak the same fields (``docs/notes/sglang-0.5.23-api.md``).  The event loop only parses,
 validates and waits: the model runs on the scheduler thread and broadcasts are received on the
 weight-receive thread, so neither blocks HTTP nor decoding.
 
