@@ -114,3 +114,33 @@ def test_child_start_up_failure_shows_the_childs_error(tmp_path: Path, model: Pa
     assert f"last lines of {tmp_path / 'run' / 'logs' / 'engine-0.log'}" in r.stderr
     engine_error = [ln for ln in (tmp_path / "run" / "logs" / "engine-0.log").read_text().splitlines() if "could not load model" in ln]
     assert engine_error and engine_error[-1] in r.stderr, r.stderr[-3000:]
+
+
+def test_launcher_log_lines_go_above_the_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """While the console's bar is drawn, stderr log records are written by tqdm.write (each on a
+    line of its own, the bar redrawn below), not glued onto the bar; closing restores the stream."""
+    import logging
+    import sys
+
+    from pipeline.launcher import Console
+
+    handler = logging.StreamHandler(sys.stderr)
+    logger = logging.getLogger("test.console")
+    logger.addHandler(handler)
+    logger.propagate = False
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        console = Console(tmp_path / "steps.jsonl", 10, 1, enabled=True)
+        assert handler.stream is not sys.stderr  # swapped while the bar is up
+        logger.warning("hello from the launcher")
+        console.close()
+        assert handler.stream is sys.stderr
+    finally:
+        root.removeHandler(handler)
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    before, _, after = err.partition("hello from the launcher\n")
+    assert _ == "hello from the launcher\n", err
+    assert before.endswith(("\r", "\x1b[A", "\r\x1b[K", "\x1b[K")) or before.rstrip(" ").endswith("\r") or before == "", repr(before[-40:])
+    assert "0/10" in after  # the bar is drawn again below the message
