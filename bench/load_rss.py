@@ -1,8 +1,8 @@
 """Peak memory of a TP = 2 trainer rank loading a HF checkpoint: whole checkpoint vs its own slices.
 
 What it measures, side by side in one run: two ``torchrun --nproc_per_node=2`` launches (gloo,
-CPU) of ``tests/test_bridge_slices.py``'s worker on the same random 159M-parameter Qwen3
-checkpoint (636 MB fp32, 3 safetensors shards with an index).  Each rank builds its Megatron
+CPU) of ``tests/test_bridge_slices.py``'s worker on the same random 197M-parameter Qwen3
+checkpoint (790 MB fp32, safetensors shards of 256 MiB with an index; ``BIG`` there).  Each rank builds its Megatron
 stage (TP = 2) and loads the checkpoint:
 - baseline ``whole``: ``bridge.load_hf_state`` (every tensor of the checkpoint in memory, then
   sliced: what every rank did before);
@@ -41,6 +41,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_checkpoint(Path(tmp) / "big", shard_bytes=256 * 2**20, **BIG)
         ckpt_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        shards = len(list(model.glob("*.safetensors")))
         whole = measure(model, "whole", Path(tmp) / "whole.json")
         sliced = measure(model, "sliced", Path(tmp) / "sliced.json")
     peak_whole = max(r["peak_rss_bytes"] for r in whole)
@@ -53,8 +54,7 @@ def main() -> int:
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "device": {"cpu_model": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                    "torch": torch.__version__},
-        "checkpoint": {"params": "159M (Qwen3: hidden 1024, 8 layers, 16 heads, 8 kv heads, FFN 4096, vocab 32000, tied)",
-                       "bytes": ckpt_bytes, "dtype": "float32", "shards": 3},
+        "checkpoint": {"config": BIG, "tied_embeddings": True, "bytes": ckpt_bytes, "dtype": "float32", "shards": shards},
         "baseline_whole": whole,
         "sliced": sliced,
         "peak_rss_whole_bytes": peak_whole,

@@ -316,20 +316,34 @@ class HFCheckpoint(Mapping[str, torch.Tensor]):
     """A HF checkpoint's safetensors, read lazily: ``read(name, dim, rank, size)`` reads only
     chunk ``rank`` of ``size`` along ``dim`` (``safe_open(...).get_slice``), so a trainer rank holds
     its own TP slices, never the whole checkpoint.  As a Mapping, ``ckpt[name]`` reads a whole
-    tensor.  Chunks are those of ``torch.chunk`` (the layout :func:`_shard` uses)."""
+    tensor.  Chunks are those of ``torch.chunk`` (the layout :func:`_shard` uses).
+
+    Memory: safetensors maps the file and hands out tensors backed by that mapping; every page a
+    read touches counts in the process's RSS for as long as the mapping lives.  So each read opens
+    the file and lets the mapping go with the returned tensor (callers copy it into a parameter and
+    drop it), instead of keeping one mapping per file open for the whole load, under which the
+    touched pages of every tensor would add up."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         from safetensors import safe_open
 
         self.root = Path(path)
-        self._files = {f: safe_open(str(self.root / f), framework="pt") for f in _safetensors_files(self.root)}
-        self._where = {name: f for f, h in self._files.items() for name in h.keys()}  # noqa: SIM118 (safe_open is no dict)
+        self._where: dict[str, str] = {}
+        for f in _safetensors_files(self.root):
+            with safe_open(str(self.root / f), framework="pt") as h:
+                self._where.update(dict.fromkeys(h.keys(), f))
         self._overlay: dict[str, torch.Tensor] = {}  # split fused experts (MoE)
+
+    def _open(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        return safe_open(str(self.root / self._where[name]), framework="pt")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._overlay:
             return self._overlay[name]
-        return self._files[self._where[name]].get_tensor(name)
+        with self._open(name) as h:
+            return h.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         yield from self._where
@@ -345,11 +359,12 @@ class HFCheckpoint(Mapping[str, torch.Tensor]):
         if dim is None or size == 1 or name in self._overlay:
             t = self[name]
             return t if dim is None else _shard(t, dim, rank, size)
-        sl = self._files[self._where[name]].get_slice(name)
-        n = sl.get_shape()[dim]
-        step = -(-n // size)  # torch.chunk's chunk size
-        start, stop = min(rank * step, n), min((rank + 1) * step, n)
-        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+        with self._open(name) as h:
+            sl = h.get_slice(name)
+            n = sl.get_shape()[dim]
+            step = -(-n // size)  # torch.chunk's chunk size
+            start, stop = min(rank * step, n), min((rank + 1) * step, n)
+            return sl[start:stop] if dim == 0 else sl[:, start:stop]
 
     def split_fused_experts(self) -> HFCheckpoint:
         """Fused MoE expert tensors (``experts.gate_up_proj``) split per expert, as

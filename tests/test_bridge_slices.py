@@ -5,7 +5,7 @@
 - every TP shard the bridge builds from the lazy reader equals the one built from the whole
   checkpoint in memory (all parameter kinds, TP = 1, 2, 4, qkv bias included);
 - memory (slow): a TP = 2 trainer rank (torchrun, 2 processes, gloo) builds its Megatron stage and
-  loads a 159M-parameter checkpoint (636 MB fp32) either the old way (``load_hf_state``: the whole
+  loads a 197M-parameter checkpoint (790 MB fp32) either the old way (``load_hf_state``: the whole
   checkpoint in memory) or by slices; the sliced load's peak RSS (VmHWM, imports included) must be
   below 0.75x the whole load's, and the loaded weights must be identical.  The figures go to
   ``bench/results/`` when ``SLIPSTREAM_BENCH_OUT`` names a file (``bench/load_rss.py`` does that).
@@ -26,8 +26,10 @@ import torch
 
 RSS_RATIO_BOUND = 0.75
 
-#: A Qwen3 shape big enough that the checkpoint dominates a rank's memory (159M parameters).
-BIG = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
+#: A Qwen3 shape whose checkpoint dominates a rank's memory (197M parameters, 790 MB fp32), with a
+#: small vocabulary: Megatron's CPU initialisation builds each full weight before slicing it, so the
+#: largest single tensor (here an FFN weight, 34 MB) bounds the build's transient peak.
+BIG = {"vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 12,
        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 256}
 
 
