@@ -15,6 +15,12 @@ replays the batches the dead trainer committed after that checkpoint (``pipeline
 port) it first bound and recovers its queue from RUN_DIR/journal; producers and the trainer
 reconnect on their own.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
 and ``summary.json`` counts restarts per role.
+
+Before any child starts, a hub id in ``model.path`` is resolved to its local snapshot
+(:mod:`pipeline.hub`); the children run offline on it.  With ``producer.engine = "sglang"`` the
+engines are SGLang servers (and optionally a router) started from :mod:`producers.sglang_launch`'s
+plan, ready when ``/health`` answers, and restarted on the same port like a broker.  When a child
+dies while starting (or later), the error shows the last lines of its log.
 """
 
 from __future__ import annotations
@@ -462,7 +468,7 @@ def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if source is not None and source.exists():
         (run_dir / "config.toml").write_text(source.read_text())
-    if cfg.model.make_tiny_if_missing and not Path(cfg.model.path).exists():
+    if cfg.model.make_tiny_if_missing and not (Path(cfg.model.path) / "config.json").exists():
         from pipeline.tiny import ensure_tiny_model
 
         log.info("making the tiny example model at %s (model.make_tiny_if_missing; once, ~10-20 s)", cfg.model.path)
