@@ -138,4 +138,4 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return ""
     if not text:
         return f"\n  ({path} is empty)"
-    return f"\n  last {len(text)} lines of {path}:\n" + "\n".join(f"    | {ln}" for ln in text)
+    return f"\n  last {len(text)} line{'s' if len(text) > 1 else ''} of {path}:\n" + "\n".join(f"    | {ln}" for ln in text)

@@ -111,7 +111,7 @@ def test_tiny_tokenizer_ids_unchanged(tmp_path: Path) -> None:
 
 def test_missing_tokenizer_names_the_key(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"'model.path': cannot load a tokenizer from .* \(tokenizer files there: none\)"):
+    with pytest.raises(ConfigError, match=r"'model.path': cannot load a tokenizer from .* \(tokenizer files there: none; expected one of tokenizer.json"):
         load_tokenizer(tmp_path)
     with pytest.raises(ConfigError, match=r"'model.path': tokenizer directory .* does not exist"):
         load_tokenizer(tmp_path / "nope")
