@@ -20,6 +20,7 @@ from typing import Any, Literal
 from consumers.config import SFTConfig, TrainerConfig
 from consumers.weights_config import WeightSyncConfig
 from pipeline.configbase import ConfigError, apply_override, check, doc, from_dict, parse_override
+from pipeline.tracking import TrackingConfig
 from producers.config import ProducerConfig
 from producers.engine.config import EngineConfig
 
@@ -168,6 +169,7 @@ class SlipstreamConfig:
     sft: SFTConfig = doc("Optional supervised warm-up the trainer runs before RL.", default_factory=SFTConfig)
     weights: WeightSyncConfig = doc("Streaming versioned weights to the engines.", default_factory=WeightSyncConfig)
     metrics: MetricsConfig = doc("Prometheus endpoints.", default_factory=MetricsConfig)
+    tracking: TrackingConfig = doc("Experiment tracking (wandb, tensorboard).", default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         max_traj = self.queue.groups_per_step * self.producer.group_size

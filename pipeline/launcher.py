@@ -304,6 +304,9 @@ class Launcher:
             "rejected_messages": broker.get("rejected_messages", {}),
             "restarts": {role: self.restarts_by_role[role] for role in ("broker", "engine", "producer", "trainer")},
         }
+        tracking = _read_json(stats_file(rd, "tracking"))  # tracking.backend's counts (pipeline/tracking.py)
+        if tracking:
+            out["tracking"] = tracking
         if accepted is not None:
             out["trajectories"]["balanced"] = accepted == broker["trajectories_consumed"] + sum(dropped.values()) + broker["trajectories_still_queued"]
         if len(steps) >= 20:
