@@ -11,6 +11,7 @@
     slipstream dashboard [--check]                               (write / check ops/grafana/slipstream.json)
     slipstream scrape-config RUN_DIR [--out F] [--rules R.yml]   (Prometheus config for a run)
     slipstream status RUN_DIR [--once]                           (one-screen view of a running job)
+    slipstream sweep CONFIG --max-staleness 0,1,2 [--seeds 0,1] [--set ...] [--parallel N]   (pipeline/sweep.py)
 
 A bad config prints one line naming the key (no traceback) and exits 2.
 """
@@ -73,7 +74,23 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--steps", type=int, default=60, help="async: trainer steps per run")
     bn.add_argument("--out", type=Path, default=Path("bench/results"))
     _add_ops_commands(sub)
+    _add_sweep_command(sub)
     return ap
+
+
+def _add_sweep_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sw = sub.add_parser("sweep", help="run the job once per max_staleness and seed; write sweep.json, PNG plots and an HTML report")
+    sw.add_argument("config", type=Path, nargs="?", default=None)
+    sw.add_argument("--max-staleness", default=None, metavar="0,1,2", help="comma-separated η values")
+    sw.add_argument("--seeds", default="0", metavar="0,1", help="comma-separated run.seed values (default 0)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key in every run (repeatable)")
+    sw.add_argument("--parallel", type=int, default=1, help="runs at once (default 1; each run uses every process of a job)")
+    sw.add_argument("--sweep-dir", type=Path, default=None, help="default runs/<name>-<timestamp>; an existing one is continued")
+    sw.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the sweep in DIR (its plan, finished runs kept)")
+    sw.add_argument("--name", default="", help="sweep name (tracking.group of every run); default sweep-<config name>")
+    sw.add_argument("--target-reward", type=float, default=None, help="reward the time-to-target counts to (default 0.8 x the best final reward)")
+    sw.add_argument("--marks", default="", metavar="10,20,30", help="wall-clock marks (s) to report the reward at (default: 4 up to the shortest run)")
+    sw.add_argument("--smooth", type=int, default=10, help="steps in the trailing reward mean (default 10)")
 
 
 def _add_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -264,10 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         return engine_main(argv[1:])
     args, extra = _parser().parse_known_args(argv)
     try:
-        if args.command != "run" and extra:
+        if args.command not in ("run", "sweep") and extra:
             raise ConfigError(extra[0], "unrecognised argument")
         if args.command == "run":
             return _cmd_run(args, extra)
+        if args.command == "sweep":
+            from pipeline.sweep import main as sweep_main
+
+            return sweep_main(args, extra, "slipstream " + " ".join(argv))
         if args.command == "broker":
             return _cmd_broker(args)
         if args.command == "produce":
