@@ -108,6 +108,15 @@ def _steps_done(run_dir: Path) -> int:
         return 0
 
 
+def _last_wall(run_dir: Path) -> float:
+    """``wall_time_s`` of the run's newest step (trainer-loop seconds), 0 before any."""
+    try:
+        lines = (run_dir / "steps.jsonl").read_bytes().splitlines()
+        return float(json.loads(lines[-1])["wall_time_s"]) if lines else 0.0
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0.0
+
+
 @dataclass
 class Active:
     run_id: str
@@ -225,7 +234,9 @@ class Sweep:
         if self.durations:
             per_run = sum(self.durations) / len(self.durations)
         else:
-            paces = [(time.monotonic() - a.started) / _steps_done(a.run_dir) * self.steps for a in active if _steps_done(a.run_dir) >= 3]
+            # start-up so far, plus the trainer loop's pace over every step (start-up is not per step)
+            paces = [(time.monotonic() - a.started - _last_wall(a.run_dir)) + _last_wall(a.run_dir) / n * self.steps
+                     for a in active if (n := _steps_done(a.run_dir)) >= 3]
             if not paces:
                 return None
             per_run = max(paces)

@@ -139,6 +139,14 @@ def collect_run(run_dir: Path, smooth: int, marks: list[float], target: float | 
     return out
 
 
+def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
 def _stats(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -167,7 +175,7 @@ def aggregate(runs: list[dict[str, Any]], target: float | None) -> tuple[dict[st
             "staleness_histogram": {str(k): v for k, v in sorted(hist.items())},
             "time_to_target_s": _stats(reached),
             "reached_target": f"{len(reached)}/{len(mine)}",
-            "drops": dict(sum((Counter(r["drops"]) for r in mine), Counter())),
+            "drops": _sum_counts([r["drops"] for r in mine]),
         }
     best: dict[str, Any] = {"target_reward": target, "soonest_to_target": None, "best_final_reward": None}
     full = {eta: a for eta, a in by_eta.items() if a["time_to_target_s"] and a["time_to_target_s"]["n"] == len(a["seeds"])}
