@@ -187,12 +187,17 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     stage_pub: StagePublisher | None = None
     metrics: TrainerMetrics | None = None
     tracker: Tracker | None = None
+    recorder = None
     backend = cfg.trainer.resolved_weight_backend(torch.cuda.is_available())
     if is_pub:
         metrics = TrainerMetrics()
         from pipeline.configbase import to_dict
 
         tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), metrics.tracking)  # tracking.backend (pipeline/tracking.py)
+        if cfg.run.record_rollouts:  # each trained batch to RUN_DIR/rollouts, for run.mode = "train_only" (pipeline/record.py)
+            from pipeline.record import Recorder
+
+            recorder = Recorder(run_dir)
         if cfg.metrics.enabled:
             _, port = serve_metrics(metrics.registry, cfg.metrics.host, 0)
             write_json_atomic(port_file(run_dir, "trainer"), {"metrics_port": port})
@@ -264,6 +269,8 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             assert client is not None
             batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
                                          on_idle=background.poll if background is not None else None)
+            if recorder is not None:
+                recorder.write(step, batch, version)
         batch = broadcast_batch(batch)
         if batch.replay and is_pub:
             log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
