@@ -231,16 +231,21 @@ class Sweep:
 
     # ------------------------------------------------------------------ progress
     def eta_seconds(self, active: list[Active], queued: int) -> float | None:
-        if self.durations:
-            per_run = sum(self.durations) / len(self.durations)
-        else:
-            # start-up so far, plus the trainer loop's pace over every step (start-up is not per step)
-            paces = [(time.monotonic() - a.started - _last_wall(a.run_dir)) + _last_wall(a.run_dir) / n * self.steps
-                     for a in active if (n := _steps_done(a.run_dir)) >= 3]
-            if not paces:
-                return None
-            per_run = max(paces)
-        left = sum(max(0.0, per_run - (time.monotonic() - a.started)) for a in active) + queued * per_run
+        """Seconds until the sweep is done: an active run past its third step by its own trainer-loop
+        pace (plus a few seconds to shut down), one before that by the mean time of the finished runs;
+        queued runs by that mean (or, before any finished, by the slowest active run's projection)."""
+        now = time.monotonic()
+        own: dict[str, float] = {}  # an active run's projected remaining seconds
+        whole: list[float] = []  # projected total seconds of an active run: start-up so far + loop pace x steps
+        for a in active:
+            n, wall = _steps_done(a.run_dir), _last_wall(a.run_dir)
+            if n >= 3 and wall > 0:
+                own[a.run_id] = wall / n * (self.steps - n) + 5.0
+                whole.append(now - a.started - wall + wall / n * self.steps + 5.0)
+        per_run = sum(self.durations) / len(self.durations) if self.durations else (max(whole) if whole else None)
+        if per_run is None:
+            return None
+        left = sum(own.get(a.run_id, max(0.0, per_run - (now - a.started))) for a in active) + queued * per_run
         return left / self.parallel
 
     def _show(self, active: list[Active], queued: int) -> None:

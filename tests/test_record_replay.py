@@ -68,19 +68,19 @@ def test_a_damaged_recording_is_one_error_naming_what_is_wrong(tmp_path: Path) -
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     check_recording(tmp_path, 1)  # step 1 is intact
-    with pytest.raises(ConfigError, match="step-000002.batch is corrupt"):
+    with pytest.raises(ConfigError, match=r"step-000002\.batch is corrupt"):
         check_recording(tmp_path, 2)
     (tmp_path / "rollouts" / "index.jsonl").write_text(json.dumps({**read_index(tmp_path)[0], "step": 3}) + "\n")
     with pytest.raises(ConfigError, match=r"does not hold steps 1\.\.1"):
         read_index(tmp_path)
-    with pytest.raises(ConfigError, match="index.jsonl does not exist"):
+    with pytest.raises(ConfigError, match=r"index\.jsonl does not exist"):
         read_index(tmp_path / "nowhere")
 
 
 def test_train_only_needs_a_recording_and_says_so(tmp_path: Path) -> None:
     from pipeline.config import load_config
 
-    with pytest.raises(ConfigError, match="run.replay_from"):
+    with pytest.raises(ConfigError, match=r"run\.replay_from"):
         load_config(TINY, ["run.mode='train_only'"])
     r = subprocess.run(slipstream("run", str(TINY), "--run-dir", str(tmp_path / "r"), "--set", "run.mode='train_only'",
                                   "--set", f"run.replay_from='{tmp_path / 'missing'}'"), capture_output=True, text=True, env=env(), timeout=120)
@@ -150,7 +150,7 @@ def test_rollout_only_records_then_train_only_trains_it(tmp_path: Path) -> None:
     for step, b in enumerate(batches, start=1):
         assert len(b.groups) == 8
         lags = [(step - 1) - t.min_version for g in b.groups for t in g.trajectories]
-        assert 0 <= min(lags) and max(lags) <= 1, f"step {step}: staleness {max(lags)} beyond η = 1"
+        assert min(lags) >= 0 and max(lags) <= 1, f"step {step}: staleness {max(lags)} beyond η = 1"
     assert max(int(t.versions.max()) for b in batches for g in b.groups for t in g.trajectories) >= 1, "the engines' version never moved"
     _balanced(rec, 6 * 64)
 
