@@ -172,7 +172,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     is_pub = rank.is_publisher
     # weights.per_stage_publish: every PP stage's leader broadcasts its own layers over a weight
     # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
-    per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish
+    per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish and bool(engine_urls)
     export = rank.export_hf_stage if per_stage else rank.export_hf_state
     start_step, version = prepare_start(rank, cfg, run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
     # Collective; engines start from these weights.  With resume_from set (the launcher restarts a
@@ -201,7 +201,9 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         if cfg.metrics.enabled:
             _, port = serve_metrics(metrics.registry, cfg.metrics.host, 0)
             write_json_atomic(port_file(run_dir, "trainer"), {"metrics_port": port})
-        publisher = WeightPublisher(
+        from pipeline.record import NullPublisher
+
+        publisher = NullPublisher() if not engine_urls else WeightPublisher(  # no engines (run.mode = "train_only"): nothing to stream
             engine_urls, master_address=cfg.queue.host, backend=backend,
             bucket_bytes=cfg.trainer.publish_bucket_bytes, timeout_s=cfg.trainer.weight_group_timeout_s,
             engine_kind=cfg.weights.engine_kind, pause_mode=cfg.weights.pause_mode, flush_cache=cfg.weights.flush_cache,

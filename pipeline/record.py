@@ -186,6 +186,20 @@ def _step_line(step: int, version: int, batch: Batch, rec: dict[str, Any], wall_
             "trajectories_dropped": batch.dropped, "queue_depth": batch.queue_depth, "wall_time_s": wall_s, "recorded": rec["file"]}
 
 
+class NullPublisher:
+    """The trainer's publisher when no engine is there (``train_only``): a version is "published"
+    as soon as it exists; the broker still gets ``Published`` for it, so admission control and
+    staleness run on as usual."""
+
+    engine_urls: list[str] = []
+
+    def connect(self, remote_parts: Any = None) -> None:
+        log.info("no engines (run.mode = 'train_only'): weights are not streamed anywhere")
+
+    def publish(self, named: Any, version: int, checksum: bool = True) -> dict[str, Any]:
+        return {"seconds": 0.0, "bytes": 0, "buckets": 0, "checksum": "", "version": version, "pause_s": 0.0, "rejoined": 0}
+
+
 # ---------------------------------------------------------------------- train_only: the replayer process
 @dataclass
 class Pending:
