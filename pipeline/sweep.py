@@ -162,7 +162,12 @@ class Sweep:
         cmd = self.command(run_dir, eta, seed)
         (run_dir / "sweep-command.json").write_text(json.dumps(cmd))
         log_file = (run_dir / "launcher.log").open("w")
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        from pipeline.launcher import _set_pdeathsig
+
+        # Its own session (a terminal's Ctrl-C reaches only the sweep, which forwards it), and
+        # PR_SET_PDEATHSIG, so a killed sweep cannot leave a launcher behind.
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_set_pdeathsig)
         log.info("sweep: started %s (pid %d): %s", run_id, proc.pid, run_dir / "launcher.log")
         return Active(run_id, run_dir, proc, log_file, time.monotonic())
 
