@@ -330,6 +330,9 @@ def main(args: Any, argv: list[str], command: str) -> int:
         plan = SweepPlan(config=str(Path(args.config).resolve()), etas=parse_ints(args.max_staleness, "--max-staleness"),
                          seeds=parse_ints(args.seeds, "--seeds"), sets=[*args.set, *flag_overrides(argv)], name=name,
                          smooth=args.smooth, target_reward=args.target_reward, marks=marks)
+        from pipeline.config import load_config
+
+        load_config(plan.config, plan.sets)  # a bad config or override: one error, and no sweep directory made
         sweep_dir.mkdir(parents=True, exist_ok=True)
         check_plan(sweep_dir, plan)
     sweep = Sweep(plan, sweep_dir, args.parallel)
