@@ -278,3 +278,12 @@ def test_sweep_end_to_end_interrupt_resume_and_numbers(tmp_path: Path) -> None:
         _tensorboard_matches_steps(d)
     assert sweep["by_max_staleness"]["0"]["staleness_max"] == 0
     _check_report(sweep_dir, sweep)
+
+
+def test_bad_input_is_one_error_and_starts_nothing(tmp_path: Path) -> None:
+    for args, what in ((["--max-staleness", "0,x"], "--max-staleness"), (["--max-staleness", "0", "--set", "queue.max_stalenes=3"], "queue.max_stalenes")):
+        r = subprocess.run(slipstream("sweep", str(TINY), *args, "--sweep-dir", str(tmp_path / "s")), capture_output=True, text=True, env=env(), timeout=120)
+        assert r.returncode == 2 and f"config error at '{what}'" in r.stderr, r.stderr
+        assert not (tmp_path / "s").exists()
+    r = subprocess.run(slipstream("sweep", "--resume", str(tmp_path / "nowhere")), capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == 2 and "not a sweep directory" in r.stderr
