@@ -188,6 +188,8 @@ class SlipstreamConfig:
             "queue.max_queued_trajectories",
             f"must hold at least one step of data (groups_per_step x group_size = {max_traj})",
         )
+        check(self.run.mode != "rollout_only" or self.trainer.checkpoint_every == 0, "trainer.checkpoint_every",
+              "run.mode 'rollout_only' has no trainer to checkpoint (its recorder starts over at step 1): set it to 0")
 
 
 def flag_overrides(argv: list[str]) -> list[str]:

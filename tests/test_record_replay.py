@@ -82,6 +82,8 @@ def test_train_only_needs_a_recording_and_says_so(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"run\.replay_from"):
         load_config(TINY, ["run.mode='train_only'"])
+    with pytest.raises(ConfigError, match=r"trainer\.checkpoint_every"):
+        load_config(TINY, ["run.mode='rollout_only'", "trainer.checkpoint_every=5"])
     r = subprocess.run(slipstream("run", str(TINY), "--run-dir", str(tmp_path / "r"), "--set", "run.mode='train_only'",
                                   "--set", f"run.replay_from='{tmp_path / 'missing'}'"), capture_output=True, text=True, env=env(), timeout=120)
     assert r.returncode == 2 and "run.replay_from" in r.stderr and "index.jsonl does not exist" in r.stderr
