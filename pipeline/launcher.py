@@ -25,6 +25,12 @@ reconnect on their own.  An engine comes back on its port with generation paused
 weight group, sends it the current weights and continues it (``consumers/engine_rejoin.py``), so
 it never decodes with the stale weights it loaded from ``model.path``.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
 and ``summary.json`` counts restarts per role.
+
+Before any child starts, a hub id in ``model.path`` is resolved to its local snapshot
+(:mod:`pipeline.hub`); the children run offline on it.  With ``producer.engine = "sglang"`` the
+engines are SGLang servers (and optionally a router) started from :mod:`producers.sglang_launch`'s
+plan, ready when ``/health`` answers, and restarted on the same port like a broker.  When a child
+dies while starting (or later), the error shows the last lines of its log.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from typing import Any, TextIO
 from pipeline.config import SlipstreamConfig
 from pipeline.configbase import to_dict
 from pipeline.placement import Plan, plan_for
+from pipeline.preflight import log_tail
 from pipeline.rundir import port_file, stats_file, wait_for_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -68,16 +75,14 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     metrics_url: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)  # its whole environment (placement included)
+    env_extra: dict[str, str] = field(default_factory=dict)  # on top of the launcher's env (e.g. CUDA_VISIBLE_DEVICES)
     _log: TextIO | None = None
 
-    def start(self, env: dict[str, str] | None = None) -> None:
-        if env is not None:
-            self.env = env
+    def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")  # type: ignore[assignment]
         self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env or None,
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**env, **self.env_extra},
             start_new_session=True, preexec_fn=_set_pdeathsig,
         )
         log.info("started %s (pid %d): log %s", self.name, self.proc.pid, self.log_path)
@@ -106,8 +111,11 @@ class Child:
 
 def child_env(cfg: SlipstreamConfig) -> dict[str, str]:
     env = dict(os.environ)
+    # Offline: a hub id in model.path was resolved to a local snapshot before any child started (pipeline/hub.py).
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    if cfg.run.python_path:
+        env["PYTHONPATH"] = os.pathsep.join([*cfg.run.python_path, *filter(None, [env.get("PYTHONPATH", "")])])
     return env
 
 
@@ -128,28 +136,31 @@ class Launcher:
     def _cli(self, *args: str) -> list[str]:
         return [PY, "-m", "pipeline.cli", *args]
 
-    def _spawn(self, name: str, role: str, cmd: list[str]) -> Child:
-        child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log")
+    def _spawn(self, name: str, role: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
+        """Start a child.  ``env`` (SGLang servers: their own GPUs) replaces the placement's variables."""
         self._forget_ports(name)
-        env = self.plan.env_for(name if role in ("trainer", "engine") else "", self.env)
-        child.extra = self._placement_extra(name, env)
-        self._write_script(child, env)
-        child.start(env)
+        env_extra = self.plan.placement_env(name if role in ("trainer", "engine") else "", self.env) if env is None else dict(env)
+        child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log", env_extra=env_extra)
+        child.extra = self._placement_extra(name, env_extra, placed=env is None)
+        self._write_script(child)
+        child.start(self.env)
         self.children.append(child)
         return child
 
-    def _write_script(self, child: Child, env: dict[str, str]) -> None:
-        placed = " ".join(f"{k}={shlex.quote(env[k])}" for k in ("CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF") if k in env)
+    def _write_script(self, child: Child) -> None:
+        extra = "".join(f"{k}={shlex.quote(v)} " for k, v in child.env_extra.items())
         script = self.run_dir / "cmds" / f"{child.name}.sh"
         script.parent.mkdir(parents=True, exist_ok=True)
         script.write_text("#!/bin/sh\n# re-run this process by hand (same environment as the launcher gave it)\n"
-                          f"OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 {placed} exec " + shlex.join(child.cmd) + "\n")
+                          f"OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 {extra}exec " + shlex.join(child.cmd) + "\n")
         script.chmod(0o755)
 
-    def _placement_extra(self, name: str, env: dict[str, str]) -> dict[str, Any]:
-        """What processes.json records about where a process runs."""
-        gpus = self.plan.gpus_of(name)
-        out: dict[str, Any] = {"gpus": gpus, "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", "")}
+    def _placement_extra(self, name: str, env: dict[str, str], placed: bool = True) -> dict[str, Any]:
+        """What processes.json records about where a process runs (``gpus``: plan indices, only for
+        processes the plan placed)."""
+        out: dict[str, Any] = {"cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", "")}
+        if placed:
+            out["gpus"] = self.plan.gpus_of(name)
         eng = next((e for e in self.plan.engines if e.name == name), None)
         if eng is not None:
             out.update(weight_transport_expected=eng.transport, memory_budget=eng.budget)
@@ -162,7 +173,15 @@ class Launcher:
             port_file(self.run_dir, name).unlink()
 
     def _ready(self, child: Child, name: str) -> dict[str, Any]:
-        return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
+        try:
+            if child.extra.get("health_url"):  # an SGLang server or router: ready when GET /health answers 200
+                from producers.sglang_launch import wait_healthy
+
+                wait_healthy(child.extra["health_url"], self.cfg.run.startup_timeout_s, child.name, child.alive)
+                return {}
+            return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
+        except (RuntimeError, TimeoutError) as e:  # the cause is in the child's log: show it
+            raise type(e)(f"{e}{log_tail(child.log_path)}") from None
 
     def _write_processes(self) -> None:
         chosen = self._weight_transports()
@@ -207,7 +226,12 @@ class Launcher:
         broker.extra |= {"producer_endpoint": f"tcp://{cfg.queue.host}:{ports['producer_port']}", "trainer_endpoint": f"tcp://{cfg.queue.host}:{ports['trainer_port']}"}
 
         engine_urls = list(cfg.producer.engine_urls)
-        if cfg.producer.engine == "embedded":
+        if cfg.run.mode == "train_only":  # no engines, no producers: the replayer sends the recording (pipeline/record.py)
+            engine_urls = []
+            replayer = self._spawn("replayer-0", "replayer", self._cli("replay", "--config", str(self.config_path), "--run-dir", str(rd),
+                                                                    "--broker", broker.extra["producer_endpoint"]))
+            self._ready(replayer, "replayer-0")
+        elif cfg.producer.engine == "embedded":
             engines = []
             for i in range(cfg.producer.num_engines):
                 cmd = self._cli("engine", "--model", cfg.model.path, "--host", host, "--port", "0",
@@ -225,9 +249,12 @@ class Launcher:
                 e.extra["url"] = url
                 e.cmd[e.cmd.index("--port") + 1] = str(port)  # a restarted engine comes back on it
                 engine_urls.append(url)
+        generate_urls = engine_urls
+        if cfg.producer.engine == "sglang" and cfg.run.mode != "train_only":
+            engine_urls, generate_urls = self._start_sglang(host)
 
-        for p in range(cfg.producer.num_producers):
-            mine = engine_urls[p::cfg.producer.num_producers] or engine_urls
+        for p in range(cfg.producer.num_producers if cfg.run.mode != "train_only" else 0):
+            mine = generate_urls[p::cfg.producer.num_producers] or generate_urls
             cmd = self._cli("produce", "--config", str(self.config_path), "--run-dir", str(rd), "--producer-id", f"producer-{p}",
                             "--broker", broker.extra["producer_endpoint"], *[a for u in mine for a in ("--engine-url", u)])
             child = self._spawn(f"producer-{p}", "producer", cmd)
@@ -235,23 +262,45 @@ class Launcher:
 
         t = self.cfg.trainer
         nproc = t.tensor_parallel * t.pipeline_parallel * t.data_parallel
-        args = ["train", "--config", str(self.config_path), "--run-dir", str(rd), "--broker", broker.extra["trainer_endpoint"],
+        args = ["record" if cfg.run.mode == "rollout_only" else "train", "--config", str(self.config_path), "--run-dir", str(rd), "--broker", broker.extra["trainer_endpoint"],
                 *[a for u in engine_urls for a in ("--engine-url", u)]]
         if nproc > 1:
             cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *args]
         else:
             cmd = self._cli(*args)
         trainer = self._spawn("trainer", "trainer", cmd)
-        trainer.metrics_url = f"http://{host}:{self._ready(trainer, 'trainer')['metrics_port']}/metrics"
+        port = self._ready(trainer, "trainer")["metrics_port"]
+        trainer.metrics_url = f"http://{host}:{port}/metrics" if port else ""  # the rollout_only recorder serves none
         self._write_processes()
+
+    def _start_sglang(self, host: str) -> tuple[list[str], list[str]]:
+        """Start the SGLang servers (then the router, if any) and wait for /health; returns the
+        servers' URLs (the trainer publishes to each) and the URLs producers generate with."""
+        from producers.sglang_launch import plan
+
+        metrics = bool(self.cfg.producer.sglang.get("enable_metrics"))
+        started: dict[str, list[Child]] = {"server": [], "router": []}
+        entries = plan(self.cfg, host)
+        for role in ("server", "router"):  # the router starts once its workers answer /health
+            for s in (s for s in entries if s["role"] == role):
+                child = self._spawn(s["name"], "engine", s["argv"], env=s["env"])
+                child.extra |= {"health_url": s["url"], "sglang": role}
+                child.metrics_url = f"{s['url']}/metrics" if metrics and role == "server" else ""
+                started[role].append(child)
+            for child in started[role]:
+                self._ready(child, child.name)
+                log.info("%s ready at %s", child.name, child.extra["health_url"])
+        servers = [c.extra["health_url"] for c in started["server"]]
+        return servers, [c.extra["health_url"] for c in started["router"]] or servers
 
     # ------------------------------------------------------------------ supervise
     def request_stop(self, reason: str) -> None:
         self._stop_reason = reason
 
     def _restartable(self, child: Child) -> bool:
-        """Brokers, producers and engines always; the trainer only with checkpoints to resume from."""
-        return child.role in ("broker", "producer", "engine") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
+        """Brokers, producers and embedded engines always; the trainer only with checkpoints to resume from."""
+        return (child.role in ("broker", "producer", "engine") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
+                or bool(child.extra.get("sglang")))  # SGLang servers and the router (same port again)
 
     def restart(self, child: Child) -> bool:
         """Restart a crashed broker, producer or (with ``trainer.checkpoint_every``) trainer in place
@@ -283,15 +332,15 @@ class Launcher:
         self.restarts_by_role[child.role] += 1
         if child.role == "trainer" and "trainer.resume_from=\"latest\"" not in child.cmd:
             child.cmd = [*child.cmd, "--set", 'trainer.resume_from="latest"']
-        if child.role == "engine" and "--start-paused" not in child.cmd:
+        if child.role == "engine" and not child.extra.get("sglang") and "--start-paused" not in child.cmd:
             # Same port, generation paused: it decodes nothing with the weights it loads from model.path
             # until the trainer re-created the weight group, sent the current version and continued it
             # (consumers/engine_rejoin.py; weights.resync_engines).
             child.cmd = [*child.cmd, "--start-paused"]
-        self._write_script(child, child.env)
-        child.start()
+        self._write_script(child)
+        child.start(self.env)
         info = self._ready(child, child.name)  # raises TimeoutError/RuntimeError if it cannot come up
-        if child.role != "engine":  # an engine keeps its port, so its metrics URL
+        if child.role != "engine" and (info.get("metrics_port") or not child.extra.get("health_url")):  # engines keep their URL
             child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
         self._write_processes()
         log.warning("%s restarted (pid %d)", child.name, child.proc.pid if child.proc else -1)
@@ -313,20 +362,21 @@ class Launcher:
                 if self.restart(trainer):
                     continue
                 why = "" if self._restartable(trainer) or code == 2 else " (not restarted: it resumes only from checkpoints, trainer.checkpoint_every = 0)"
-                log.error("trainer exited with code %d; see %s%s%s", code, trainer.log_path, why, _fatal_line(trainer.log_path))
+                log.error("trainer exited with code %d; see %s%s%s%s", code, trainer.log_path, why, _fatal_line(trainer.log_path), log_tail(trainer.log_path))
                 return 1
             for c in self.children:
                 if c.role != "trainer" and not c.alive():
                     assert c.proc is not None
                     if self.restart(c):
                         continue
-                    log.error("%s exited unexpectedly with code %s; see %s%s", c.name, c.proc.returncode, c.log_path, _fatal_line(c.log_path))
+                    log.error("%s exited unexpectedly with code %s; see %s%s%s", c.name, c.proc.returncode, c.log_path, _fatal_line(c.log_path),
+                              log_tail(c.log_path))
                     return 1
             time.sleep(0.2)
 
     def shutdown(self) -> None:
         """SIGTERM in dependency order (producers, trainer, broker, engines), then SIGKILL stragglers."""
-        order = {"producer": 0, "trainer": 1, "broker": 2, "engine": 3}
+        order = {"producer": 0, "replayer": 0, "trainer": 1, "broker": 2, "engine": 3}
         for c in sorted(self.children, key=lambda c: order[c.role]):
             if not c.alive():
                 continue
@@ -341,7 +391,7 @@ class Launcher:
     def summary(self, exit_code: int, wall_s: float) -> dict[str, Any]:
         rd = self.run_dir
         broker = _read_json(stats_file(rd, "broker"))
-        producers = [_read_json(p) for p in sorted((rd / "stats").glob("producer-*.json"))]
+        producers = [_read_json(p) for p in sorted([*(rd / "stats").glob("producer-*.json"), *(rd / "stats").glob("replayer-*.json")])]
         steps = [json.loads(line) for line in (rd / "steps.jsonl").read_text().splitlines()] if (rd / "steps.jsonl").exists() else []
         dropped = broker.get("trajectories_dropped", {})
         accepted = broker.get("trajectories_accepted")
@@ -365,6 +415,9 @@ class Launcher:
             "rejected_messages": broker.get("rejected_messages", {}),
             "restarts": {role: self.restarts_by_role[role] for role in ("broker", "engine", "producer", "trainer")},
         }
+        tracking = _read_json(stats_file(rd, "tracking"))  # tracking.backend's counts (pipeline/tracking.py)
+        if tracking:
+            out["tracking"] = tracking
         if accepted is not None:
             out["trajectories"]["balanced"] = accepted == broker["trajectories_consumed"] + sum(dropped.values()) + broker["trajectories_still_queued"]
         if len(steps) >= 20:
@@ -374,6 +427,20 @@ class Launcher:
             out["reward_last10_mean"] = sum(last) / 10
         write_json_atomic(rd / "summary.json", out)
         return out
+
+
+def resolve_model_for_run(cfg: SlipstreamConfig) -> SlipstreamConfig:
+    """``model.path`` as a local directory (a hub id is downloaded once here, see pipeline/hub.py);
+    the children then read that snapshot offline.  Raises ConfigError naming model.path."""
+    import dataclasses
+
+    from pipeline.hub import resolve_model
+
+    local = resolve_model(cfg.model.path, cfg.model.revision)
+    if local == cfg.model.path:
+        return cfg
+    log.info("model.path %r resolved to %s; every process reads that snapshot offline", cfg.model.path, local)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=local, revision=""))
 
 
 def _fatal_line(log_path: Path) -> str:
@@ -403,6 +470,13 @@ class Console:
         self.offset = 0
         self.last_wall = 0.0
         self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+        # While the bar is drawn, the launcher's log lines go through tqdm.write: each on a line of
+        # its own above the bar, not glued onto it.
+        self._swapped: list[tuple[logging.StreamHandler[TextIO], TextIO]] = []
+        if enabled:
+            for h in logging.getLogger().handlers:
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr:
+                    self._swapped.append((h, h.setStream(_BarStream(self.bar))))  # type: ignore[arg-type, func-returns-value]
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -432,22 +506,47 @@ class Console:
         self.bar.update(1)
 
     def close(self) -> None:
+        for h, stream in self._swapped:
+            h.setStream(stream)
+        self._swapped.clear()
         self.bar.close()
+
+
+class _BarStream:
+    """A text stream that writes whole lines with ``tqdm.write`` (above the progress bar)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            self.bar.write(line, file=sys.stderr)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self.bar.write(self._partial, file=sys.stderr)
+            self._partial = ""
 
 
 def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None, plan: Plan | None = None) -> int:
     plan = plan if plan is not None else plan_for(cfg)  # a bad placement fails before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", to_dict(cfg))
-    write_json_atomic(run_dir / "placement.json", plan.to_json())
-    log.info("%s", plan.format())
     if source is not None and source.exists():
         (run_dir / "config.toml").write_text(source.read_text())
+    write_json_atomic(run_dir / "placement.json", plan.to_json())
+    log.info("%s", plan.format())
     preset = cfg.model.make_if_missing or ("tiny" if cfg.model.make_tiny_if_missing else "")
-    if preset:
+    if preset and not (Path(cfg.model.path) / "config.json").exists():
         from pipeline.presets import ensure_model
 
+        log.info("making a random-initialised %s model at %s (model.make_if_missing; once)", preset, cfg.model.path)
         ensure_model(cfg.model.path, preset, seed=cfg.run.seed)
+    cfg = resolve_model_for_run(cfg)  # a hub id -> its local snapshot, before any child starts
+    write_json_atomic(run_dir / "config.json", to_dict(cfg))
     launcher = Launcher(cfg, run_dir, plan)
     previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty())

@@ -208,13 +208,16 @@ class Plan:
         eng = next((e for e in self.engines if e.name == name), None)
         return [eng.gpu] if eng is not None and eng.gpu is not None else []
 
-    def env_for(self, name: str, base: Mapping[str, str]) -> dict[str, str]:
-        """``base`` (the launcher's environment) plus this process's placement variables."""
-        env = dict(base)
-        env["CUDA_VISIBLE_DEVICES"] = self.visible(self.gpus_of(name))
+    def placement_env(self, name: str, base: Mapping[str, str]) -> dict[str, str]:
+        """This process's placement variables (to put over ``base``, the launcher's environment)."""
+        env = {"CUDA_VISIBLE_DEVICES": self.visible(self.gpus_of(name))}
         if self.alloc_conf and self.gpus and not any(k in base for k in ALLOC_ENV):
             env["PYTORCH_CUDA_ALLOC_CONF"] = self.alloc_conf
         return env
+
+    def env_for(self, name: str, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` (the launcher's environment) plus this process's placement variables."""
+        return {**base, **self.placement_env(name, base)}
 
     def to_json(self) -> dict[str, Any]:
         return {

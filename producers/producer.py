@@ -173,13 +173,13 @@ class Producer:
         eval_path: Path | None = None,
         cursor_path: Path | None = None,
     ) -> None:
-        from tokenizers import Tokenizer
+        from producers.tokenizer import load_tokenizer
 
         self.cfg = cfg
         self.producer_id = producer_id
         self.broker_endpoint = broker_endpoint
         self.engine_urls = engine_urls
-        self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_path) / "tokenizer.json"))
+        self.tokenizer = load_tokenizer(tokenizer_path)  # AutoTokenizer: special tokens, chat template, sentencepiece
         self.seed = seed
         self.epoch = time.time_ns() // 1000
         self.prompt_source = load_plugin(cfg.prompts, "producer.prompts", cfg.prompts_args)(seed)
@@ -406,7 +406,9 @@ class Producer:
         for s, reward in zip(samples, rewards, strict=True):
             s.reward = reward
             self.metrics.reward.observe(reward)
-        self.metrics.tokens.inc(sum(int(sum(r.loss_mask)) for r in rollouts))
+        generated = sum(int(sum(r.loss_mask)) for r in rollouts)
+        self.metrics.tokens.inc(generated)
+        self.stats["tokens_generated"] = self.stats.get("tokens_generated", 0) + generated  # read by `slipstream sweep`
         reason = await self.scorer.filter_reason(samples)
         if reason is not None:
             self.metrics.filtered.labels(reason).inc()
