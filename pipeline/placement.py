@@ -324,7 +324,7 @@ def make_plan(cfg: SlipstreamConfig, detected: Detected, env: Mapping[str, str] 
     ranks = trainer_ranks(cfg)
     t = cfg.trainer
     shape = f"TP x PP x DP = {t.tensor_parallel} x {t.pipeline_parallel} x {t.data_parallel}"
-    embedded = cfg.producer.engine == "embedded"
+    embedded = cfg.producer.engine == "embedded" and getattr(cfg.run, "mode", "") != "train_only"
     n_engines = cfg.producer.num_engines if embedded else 0
     where = f"{n} GPU{'s are' if n != 1 else ' is'} visible ({detected.source})"
     for key, devs in (("trainer_devices", p.trainer_devices), ("engine_devices", p.engine_devices)):
@@ -371,15 +371,19 @@ def make_plan(cfg: SlipstreamConfig, detected: Detected, env: Mapping[str, str] 
         share = [f"trainer rank {r}" for r, tg in enumerate(trainer) if tg == g] + [f"engine-{j}" for j, eg in enumerate(engine_gpus) if eg == g and j != i and g is not None]
         engines.append(EnginePlacement(f"engine-{i}", g, transport, budget, nbytes, share))
     _check_budgets(cfg, engines)
-    if not on_gpu and not any(g is not None for g in engine_gpus):
+    notes = []
+    other = _other_engines(cfg, publisher_gpus, notes) if n else []  # SGLang servers: placed by producer.sglang_gpu_ids
+    engine_gpus = [*engine_gpus, *other]
+    if not engine_gpus:
+        mode = "cpu" if not on_gpu else "no engines"
+    elif not on_gpu and not any(g is not None for g in engine_gpus):
         mode = "cpu"
-    elif engine_gpus and all(g in trainer for g in engine_gpus):
+    elif all(g in trainer for g in engine_gpus):
         mode = "colocated"
     elif not any(g in trainer for g in engine_gpus):
         mode = "disaggregated"
     else:
         mode = "mixed"
-    notes = []
     if n > len(set(trainer) | {g for g in engine_gpus if g is not None}) and n:
         unused = sorted(set(range(n)) - set(trainer) - {g for g in engine_gpus if g is not None})
         notes.append(f"GPU(s) {unused} unused (raise producer.num_engines, or the trainer's parallelism)")
@@ -389,6 +393,27 @@ def make_plan(cfg: SlipstreamConfig, detected: Detected, env: Mapping[str, str] 
     if user_alloc and gpus:
         notes.append(f"allocator options come from the environment ({', '.join(user_alloc)})")
     return Plan(gpus, detected.source, mode, ranks, trainer, pubs, engines, alloc, notes)
+
+
+def _other_engines(cfg: SlipstreamConfig, publisher_gpus: list[int], notes: list[str]) -> list[int]:
+    """GPUs of the SGLang servers slipstream launches (``producer.engine = "sglang"``), which
+    producers.sglang_launch places by ``producer.sglang_gpu_ids``; one on a publishing trainer rank's
+    GPU could not get an NCCL broadcast."""
+    if cfg.producer.engine != "sglang" or getattr(cfg.run, "mode", "") == "train_only":
+        return []
+    from producers.sglang_launch import gpu_slices, gpus_per_server
+
+    p = cfg.producer
+    slices = gpu_slices(p.num_engines, gpus_per_server(p.sglang, p.sglang_gpus_per_server), list(p.sglang_gpu_ids))
+    notes.append(f"engines: {p.num_engines} SGLang server(s) on GPUs {slices} (producer.sglang_gpu_ids, not [placement])")
+    clash = sorted({g for sl in slices for g in sl} & set(publisher_gpus))
+    if clash:
+        need = sum(len(sl) for sl in slices)
+        free = [g for g in range(max(publisher_gpus) + 1 + need) if g not in publisher_gpus][:need]
+        raise ConfigError("producer.sglang_gpu_ids", f"SGLang servers would run on GPU(s) {clash}, the publishing trainer rank's: "
+                          f"NCCL cannot broadcast to a process on the sender's own GPU. Give the servers other GPUs "
+                          f"(e.g. producer.sglang_gpu_ids = {free}), or the trainer others (placement.trainer_devices)")
+    return [g for sl in slices for g in sl]
 
 
 def _check_budgets(cfg: SlipstreamConfig, engines: list[EnginePlacement]) -> None:

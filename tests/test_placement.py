@@ -114,6 +114,19 @@ def test_engine_memory_budget_in_the_plan() -> None:
     assert "unbounded" in make_plan(cfg_with(), gpus(1), {}).engines[0].budget
 
 
+def test_sglang_servers_are_listed_and_checked() -> None:
+    """producer.engine = 'sglang': the servers keep producers.sglang_launch's GPUs; one on the
+    publishing rank's GPU is refused with the ids to use instead."""
+    sglang = ["producer.engine='sglang'", "weights.engine_kind='sglang'", "producer.num_engines=2"]
+    plan = make_plan(cfg_with(*sglang, "producer.sglang_gpu_ids=[1, 2]"), gpus(3), {})
+    assert plan.engines == [] and plan.trainer == [0] and plan.mode == "disaggregated"
+    assert any("2 SGLang server(s) on GPUs [[1], [2]]" in n for n in plan.notes)
+    with pytest.raises(ConfigError) as e:
+        make_plan(cfg_with(*sglang), gpus(3), {})  # their default ids 0, 1: GPU 0 is the trainer's
+    assert e.value.key == "producer.sglang_gpu_ids" and "GPU(s) [0]" in e.value.message and "= [1, 2]" in e.value.message
+    assert make_plan(cfg_with(*sglang), gpus(0), {}).mode == "cpu"  # no GPU: nothing to clash
+
+
 # ------------------------------------------------------------------------------------ allocator
 def test_allocator_option_unless_the_user_set_one() -> None:
     plan = make_plan(cfg_with(), gpus(1), {})
