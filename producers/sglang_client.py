@@ -247,6 +247,13 @@ class EngineClient:
                 raise EngineOutputError(url, f"response {i} of {len(data)}: {problem}")
         return data
 
+    def in_flight_by_url(self) -> dict[str, int]:
+        """Requests (rids) in flight now, per engine URL."""
+        out = dict.fromkeys(self.urls, 0)
+        for url in self._rid_url.values():
+            out[url] = out.get(url, 0) + 1
+        return out
+
     def abort_targets(self, rids: list[str]) -> list[tuple[str, str]]:
         """``(rid, url)`` of those ``rids`` in flight now (resolve before cancelling their call)."""
         return [(r, self._rid_url[r]) for r in rids if r in self._rid_url]
