@@ -309,7 +309,7 @@ class LinkMetrics:
     """The producer-session metrics, registered in the producer's registry (see ``producers.stats``)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
+        r = self.registry = registry
         self.sent = Counter("slipstream_producer_groups_sent_total", "Group sends, first attempts only.", registry=r)
         self.acked = Counter("slipstream_producer_groups_acked_total", "Groups acknowledged by the broker.", registry=r)
         self.retransmitted = Counter("slipstream_producer_groups_retransmitted_total", "Group resends after an ack timeout or reconnect.", registry=r)
@@ -552,8 +552,10 @@ class ProducerLink:
 
     async def _on_error(self, err: Error) -> None:
         if err.code == "not_registered":
-            if time.monotonic() - self._last_hello < self.heartbeat_interval_s:
-                return  # one hello per outage, not one per message the restarted broker refused
+            if not self.welcomed.is_set() and time.monotonic() - self._last_hello < self.peer_timeout_s:
+                # Our hello is on its way: this refuses a message sent before it (the broker answers in
+                # order, so every such refusal arrives before the welcome). One hello per outage.
+                return
             await self._rehello("the broker does not know us (restarted?)")
             return
         out = self.outbox.get(err.seq) if err.epoch == self.epoch else None
