@@ -60,7 +60,7 @@ class ProducerMetrics:
         self.engine_dropped = Counter(
             "slipstream_producer_groups_engine_dropped_total",
             "Groups dropped before sending because of an engine fault, by reason (invalid_output: NaN/inf/positive log-probs or "
-            "malformed arrays from the engine; engine_error: failed /generate); the prompt is retried.", ["reason"], registry=r)
+            "a malformed answer from the engine; engine_error: failed /generate); the prompt is retried.", ["reason"], registry=r)
         self.engine_retries = Counter(
             "slipstream_producer_engine_requests_retried_total",
             "/generate requests resubmitted because their engine went down (refused or dropped the connection).", registry=r)
