@@ -32,6 +32,7 @@ import json
 import logging
 import math
 from collections import deque
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class GroupScheduler:
         self._wake = asyncio.Event()
         self._ids = itertools.count()
         self._seq = itertools.count()
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         # One line per acked group (appended, flushed per line, across restarts): the producer's view of delivery.
         self._acked_log = None
         if acked_log is not None:
@@ -168,8 +169,8 @@ class GroupScheduler:
             self._acked_log.close()
             self._acked_log = None
 
-    def _spawn(self, coro: Any) -> asyncio.Future[Any]:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -183,7 +184,7 @@ class GroupScheduler:
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         self.account.started(self.running)
-        act.task = self._spawn(self._run_group(job, act, key))  # type: ignore[assignment]
+        act.task = self._spawn(self._run_group(job, act, key))
 
     async def _run_group(self, job: Job, act: Active, key: int) -> None:
         try:
