@@ -20,6 +20,7 @@ from typing import Any, Literal
 from consumers.config import SFTConfig, TrainerConfig
 from consumers.weights_config import WeightSyncConfig
 from pipeline.configbase import ConfigError, apply_override, check, doc, from_dict, parse_override
+from pipeline.tracking import TrackingConfig
 from producers.config import ProducerConfig
 from producers.engine.config import EngineConfig
 
@@ -48,6 +49,18 @@ class RunConfig:
         3,
     )
     restart_backoff_s: float = doc("Wait before the first restart of a process; doubles with each further restart of it.", 1.0)
+    python_path: list[str] = doc(
+        "Directories put first on PYTHONPATH of every process, for plug-in modules outside the package (e.g. ['.'] in "
+        "examples/plugins/config.toml); relative paths are relative to the config file's directory.", default_factory=list)
+    mode: Literal["train", "rollout_only", "train_only"] = doc(
+        "'train': the whole pipeline. 'rollout_only': broker, engines and producers, no trainer; each step's batch is recorded to "
+        "RUN_DIR/rollouts (wire format, sha256) and the engines' version label moves on per step (slime's --debug-rollout-only). "
+        "'train_only': broker and trainer, no producers or engines; the batches recorded at replay_from are replayed through the "
+        "broker (slime's --debug-train-only). See pipeline/record.py.",
+        "train",
+    )
+    record_rollouts: bool = doc("mode 'train': also record every batch the trainer trains to RUN_DIR/rollouts (for a later 'train_only' replay).", False)
+    replay_from: str = doc("mode 'train_only': the recording to replay, a run directory or its rollouts/ folder.", "")
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "must be >= 1")
@@ -57,15 +70,20 @@ class RunConfig:
         check(self.batch_timeout_s > 0, "batch_timeout_s", "must be > 0")
         check(self.max_restarts >= 0, "max_restarts", "must be >= 0")
         check(self.restart_backoff_s >= 0, "restart_backoff_s", "must be >= 0")
+        check(self.mode != "train_only" or bool(self.replay_from), "replay_from", "mode 'train_only' needs the recording to replay (a run directory)")
 
 
 @dataclass
 class ModelConfig:
-    path: str = doc("Hugging Face checkpoint directory (config.json, safetensors, tokenizer).", "")
+    path: str = doc(
+        "Hugging Face checkpoint directory (config.json, safetensors, tokenizer), or a hub id ('Qwen/Qwen3-0.6B') that "
+        "the launcher downloads once (huggingface_hub, cache HF_HUB_CACHE) before any process starts. Required: no default.", "")
+    revision: str = doc("Hub revision (branch, tag or commit) of a hub id in 'path'; empty = the default branch.", "")
     make_tiny_if_missing: bool = doc("Create the tiny example checkpoint at 'path' if it does not exist.", False)
 
     def __post_init__(self) -> None:
-        check(bool(self.path), "path", "a model checkpoint directory is required")
+        check(not self.revision or not self.path or not Path(self.path).exists(), "revision",
+              "applies only to a hub id; model.path is a local directory")
 
 
 def _is_loopback(host: str) -> bool:
@@ -160,7 +178,7 @@ class MetricsConfig:
 @dataclass
 class SlipstreamConfig:
     run: RunConfig = doc("Run-wide settings.", default_factory=RunConfig)
-    model: ModelConfig = doc("The policy checkpoint.", default_factory=lambda: ModelConfig(path="runs/model"))
+    model: ModelConfig = doc("The policy checkpoint.", default_factory=ModelConfig)
     queue: QueueConfig = doc("The broker's queue.", default_factory=QueueConfig)
     producer: ProducerConfig = doc("Rollout producers.", default_factory=ProducerConfig)
     engine: EngineConfig = doc("The embedded inference engine.", default_factory=EngineConfig)
@@ -168,14 +186,22 @@ class SlipstreamConfig:
     sft: SFTConfig = doc("Optional supervised warm-up the trainer runs before RL.", default_factory=SFTConfig)
     weights: WeightSyncConfig = doc("Streaming versioned weights to the engines.", default_factory=WeightSyncConfig)
     metrics: MetricsConfig = doc("Prometheus endpoints.", default_factory=MetricsConfig)
+    tracking: TrackingConfig = doc("Experiment tracking (wandb, tensorboard).", default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        check(bool(self.model.path), "model.path",
+              "is required (no default): a Hugging Face checkpoint directory or hub id, e.g. model.path = 'Qwen/Qwen3-0.6B'")
+        check(self.producer.engine != "sglang" or self.weights.engine_kind == "sglang", "weights.engine_kind",
+              "must be 'sglang' when producer.engine = 'sglang' (slipstream launches SGLang servers and must publish to them "
+              "the way SGLang expects: paused, one request per bucket)")
         max_traj = self.queue.groups_per_step * self.producer.group_size
         check(
             self.queue.max_queued_trajectories >= max_traj,
             "queue.max_queued_trajectories",
             f"must hold at least one step of data (groups_per_step x group_size = {max_traj})",
         )
+        check(self.run.mode != "rollout_only" or self.trainer.checkpoint_every == 0, "trainer.checkpoint_every",
+              "run.mode 'rollout_only' has no trainer to checkpoint (its recorder starts over at step 1): set it to 0")
 
 
 def flag_overrides(argv: list[str]) -> list[str]:

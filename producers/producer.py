@@ -79,13 +79,13 @@ class Producer:
         stats_path: Path | None = None,
         link: ProducerLink | None = None,
     ) -> None:
-        from tokenizers import Tokenizer
+        from producers.tokenizer import load_tokenizer
 
         self.cfg = cfg
         self.producer_id = producer_id
         self.broker_endpoint = broker_endpoint
         self.engine_urls = engine_urls
-        self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_path) / "tokenizer.json"))
+        self.tokenizer = load_tokenizer(tokenizer_path)  # AutoTokenizer: special tokens, chat template, sentencepiece
         self.seed = seed
         self.epoch = time.time_ns() // 1000
         self.feed = PromptFeed(load_plugin(cfg.prompts, "producer.prompts", cfg.prompts_args)(seed), cfg.prompts, cursor_path)

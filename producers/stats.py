@@ -84,6 +84,7 @@ class ProducerStats:
     groups_started: int = 0  # generations started (a cut-and-restarted or retried prompt starts again)
     groups_generated: int = 0  # groups sent (first sends): counted, and persisted, before they leave
     trajectories_generated: int = 0
+    tokens_generated: int = 0  # response tokens sampled (filtered groups included); read by `slipstream sweep`
     groups_filtered: dict[str, int] = field(default_factory=dict)
     filtered_prompt_ids: list[str] = field(default_factory=list)
     plugin_timeouts: dict[str, int] = field(default_factory=dict)
@@ -126,6 +127,7 @@ class ProducerAccount:
     def scored(self, tokens: int, rewards: list[float]) -> None:
         """A group was rolled out and scored (the filter decides next)."""
         self.metrics.tokens.inc(tokens)
+        self.stats.tokens_generated += tokens
         for r in rewards:
             self.metrics.reward.observe(r)
 
