@@ -64,6 +64,7 @@ STAT_GAUGES = {
     "entropy": "Mean token entropy of the policy on trained tokens.",
     "kl": "Mean KL estimate to the behaviour policy (k3).",
     "clip_fraction": "PPO clip fraction.",
+    "lr": "Learning rate of the step's update (trainer.lr_schedule).",
 }
 
 
@@ -76,6 +77,7 @@ class TrainerMetrics:
         self.tokens = Counter("slipstream_trainer_tokens_trained_total", "Response tokens trained on.", registry=r)
         self.trajectories = Counter("slipstream_trainer_trajectories_consumed_total", "Trajectories trained on.", registry=r)
         self.steps = Counter("slipstream_trainer_steps_total", "Optimizer steps completed.", registry=r)
+        self.skipped = Counter("slipstream_trainer_skipped_steps_total", "Steps not applied: non-finite loss or gradient (weights unchanged).", registry=r)
         self.publish_seconds = Histogram("slipstream_trainer_weight_publish_seconds", "Time to stream one version to every engine.", buckets=SECONDS_BUCKETS, registry=r)
         self.publish_bytes = Counter("slipstream_trainer_weight_publish_bytes_total", "Bytes of weights streamed to engines.", registry=r)
         self.engine_pause = Histogram(
@@ -166,7 +168,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     from pipeline.weightsync import DEFAULT_GROUP_NAME
 
     init_distributed()
-    rank = TrainerRank(cfg.trainer, cfg.model.path)
+    rank = TrainerRank(cfg.trainer, cfg.model.path, total_steps=cfg.run.steps)
     is_pub = rank.is_publisher
     # weights.per_stage_publish: every PP stage's leader broadcasts its own layers over a weight
     # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
@@ -366,6 +368,8 @@ def _observe(m: TrainerMetrics, rec: StepRecord, train_s: float, pub: dict[str, 
     m.tokens.inc(rec.tokens_trained)
     m.trajectories.inc(rec.trajectories)
     m.steps.inc()
+    if rec.stats.get("step_skipped"):
+        m.skipped.inc()
     m.publish_seconds.observe(rec.publish_s)
     m.publish_bytes.inc(rec.publish_bytes)
     m.engine_pause.observe(rec.engine_pause_s)
