@@ -137,6 +137,7 @@ class SDPAttention:
         coeff = self.layer_number if cfg.apply_query_key_layer_scaling else 1  # type: ignore[attr-defined]
         self.sdpa_scale = float(self.softmax_scale) * coeff  # type: ignore[attr-defined]
         self.packed_fallbacks = 0  # jagged calls refused by SDPA (then the dense mask ran)
+        self.jagged_calls = 0  # packed microbatches that ran the variable-length kernel
 
     def forward(  # type: ignore[override]
         self,
@@ -191,7 +192,9 @@ class SDPAttention:
             return None
         layout = self.layouts.get(segment_ids) or self.layouts.put(segment_ids)
         try:
-            return self.jagged_attention(query, key, value, layout, drop, causal=True)
+            out = self.jagged_attention(query, key, value, layout, drop, causal=True)
+            self.jagged_calls += 1
+            return out
         except RuntimeError as e:  # no kernel for this dtype / head size: the dense mask is exact too
             self.packed_fallbacks += 1
             if self.packed_fallbacks == 1:

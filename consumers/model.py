@@ -205,6 +205,7 @@ def _use_foreach(optimizer: Any) -> None:
 def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableModel:
     """Build this rank's model stage, load the checkpoint, wrap in DDP, make the optimizer.
     ``torch.distributed`` must be initialised; parallel_state is initialised here if needed."""
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -212,8 +213,6 @@ def build_trainable_model(cfg: TrainerConfig, hf_path: str | Path) -> TrainableM
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
-
-    from megatron.core import parallel_state as ps
 
     apply_cpu_shim()
     spec = bridge.load_hf_spec(hf_path)

@@ -72,7 +72,7 @@ def test_nan_loss_step_is_skipped_and_counted(model_dir, caplog):
     after_clean = _checksum(rank)
     assert after_clean != before and math.isfinite(st["grad_norm"])
     rank.train_step(_nan_groups())
-    with pytest.raises(NonFiniteStepError, match="trainer.max_bad_steps = 2"):
+    with pytest.raises(NonFiniteStepError, match=r"trainer\.max_bad_steps = 2"):
         rank.train_step(_nan_groups(seed=7))
     assert _checksum(rank) == after_clean
     assert rank.policy_version == 4  # versions count steps, applied or not (the loop publishes each)
@@ -113,7 +113,7 @@ def test_decay_needs_steps():
 
     cfg = TrainerConfig(lr_schedule="cosine", lr_warmup_steps=10)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    with pytest.raises(ValueError, match="trainer.lr_decay_steps"):
+    with pytest.raises(ValueError, match=r"trainer\.lr_decay_steps"):
         build_scheduler(opt, cfg, total_steps=None)
     build_scheduler(opt, cfg, total_steps=50)  # 0 = run.steps
 
