@@ -83,6 +83,7 @@ class PackedLayouts:
     def __init__(self) -> None:
         # id(tensor) -> (weak reference, layout); tensors compare elementwise, so no WeakKeyDictionary
         self._by_id: dict[int, tuple[weakref.ref[torch.Tensor], PackedLayout]] = {}
+        self.jagged_ok: dict[tuple[Any, ...], bool] = {}  # (device, dtype, heads, dim) -> the probe's verdict
 
     def put(self, segment_ids: torch.Tensor, host_segment_ids: np.ndarray | torch.Tensor | None = None) -> PackedLayout:
         """Record the layout of ``segment_ids`` (computed from ``host_segment_ids``, its CPU copy,
@@ -190,6 +191,11 @@ class SDPAttention:
         """Variable-length FlashAttention over the segments (CUDA), or None: use the dense mask."""
         if not query.is_cuda or self.layouts is None:
             return None
+        key_ = (query.device, query.dtype, query.shape[2], query.shape[3])
+        if key_ not in self.layouts.jagged_ok:
+            self.layouts.jagged_ok[key_] = self._probe_jagged(query)
+        if not self.layouts.jagged_ok[key_]:
+            return None
         layout = self.layouts.get(segment_ids) or self.layouts.put(segment_ids)
         try:
             out = self.jagged_attention(query, key, value, layout, drop, causal=True)
@@ -200,6 +206,35 @@ class SDPAttention:
             if self.packed_fallbacks == 1:
                 log.warning("SDPA refused the variable-length (jagged) call (%s); packed rows use the dense block mask", e)
             return None
+
+    def _probe_jagged(self, like: torch.Tensor) -> bool:
+        """Run the jagged path forward and backward once on a tiny problem of ``like``'s device,
+        dtype and head shape and compare it with the dense mask: False (and one warning) if
+        anything fails, so a missing kernel shows up here and not in the middle of a backward."""
+        heads, dim = like.shape[2], like.shape[3]
+        seg = torch.tensor([[0] * 5 + [1] * 11], device=like.device)
+        try:
+            with torch.enable_grad():
+                g = torch.Generator(device=like.device).manual_seed(0)
+                q, k, v = (torch.randn(16, 1, heads, dim, device=like.device, generator=g).to(like.dtype).requires_grad_()
+                           for _ in range(3))
+                layout = PackedLayout(torch.tensor([0, 5, 16], device=like.device), 11, 5)
+                out = self.jagged_attention(q, k, v, layout)
+                (grad,) = torch.autograd.grad(out.float().sum(), (q,))
+                allowed = block_causal_allowed(seg)
+                ref = F.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), attn_mask=allowed,
+                                                     scale=self.sdpa_scale).permute(2, 0, 1, 3).reshape(16, 1, heads * dim)
+                (ref_grad,) = torch.autograd.grad(ref.float().sum(), (q,))
+            tol = 0.05 if like.dtype in (torch.bfloat16, torch.float16) else 1e-4
+            ok = bool(torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
+                      and torch.allclose(grad.float(), ref_grad.float(), atol=tol * 10, rtol=tol * 10))
+            if not ok:
+                log.warning("the jagged attention probe disagrees with the dense mask; packed rows use the dense mask")
+            return ok
+        except Exception as e:  # no variable-length kernel here: the dense mask is exact too
+            log.warning("variable-length (jagged) SDPA does not run here (%s: %s); packed rows use the dense block mask",
+                        type(e).__name__, e)
+            return False
 
     def jagged_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PackedLayout,
                          drop: float = 0.0, causal: bool = True) -> torch.Tensor:

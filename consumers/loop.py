@@ -164,7 +164,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     from consumers.publish_async import AsyncPublisher
     from consumers.publisher import WeightPublisher
     from consumers.stage_publish import StagePublisher
-    from consumers.trainer import TrainerRank, init_distributed
+    from consumers.trainer import NonFiniteStepError, TrainerRank, init_distributed
     from pipeline.weightsync import DEFAULT_GROUP_NAME
 
     init_distributed()
@@ -261,7 +261,11 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
         if batch.replay and is_pub:
             log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
         t1 = time.monotonic()
-        stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
+        try:
+            stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
+        except NonFiniteStepError as e:  # a restart would replay these batches and fail the same way
+            log.error("%s", e)
+            raise SystemExit(2) from e
         t2 = time.monotonic()
         trained_from = version
         version += 1
