@@ -384,7 +384,7 @@ class TrainerRank:
         results, grad_norm, skipped = self._run(mbs, cfg.loss)
         self.steps_done += 1
         self.policy_version += 1
-        stats = self._reduce_stats(results, groups, grad_norm)
+        stats = reduce_stats(results, groups, grad_norm, cfg, self._device, self.ref_model is not None)
         self._account(stats, skipped, groups)
         stats["step_seconds"] = time.perf_counter() - t0
         stats["policy_version"] = float(self.policy_version)
@@ -422,51 +422,10 @@ class TrainerRank:
         mbs = self._microbatches(groups, False)
         results, grad_norm, skipped = self._run(mbs, "sft")
         self.steps_done += 1
-        stats = self._reduce_stats(results, [], grad_norm)
+        stats = reduce_stats(results, [], grad_norm, self.cfg, self._device, self.ref_model is not None)
         self._account(stats, skipped, groups)
         stats["step_seconds"] = time.perf_counter() - t0
         return stats
-
-    def _reduce_stats(self, results: list[dict[str, torch.Tensor]], groups: list[TrajectoryGroup], grad_norm: Any) -> dict[str, float]:
-        ps = self._ps
-        keys = _SUM_KEYS
-        rewards = [t.reward for g in groups for t in g.trajectories]
-        # on the compute device: NCCL (CUDA) collectives need CUDA tensors, gloo takes CPU ones
-        # on the device, without a host sync per microbatch (only the last PP stage has results)
-        extra = torch.tensor([float(sum(rewards)), float(len(rewards))], dtype=torch.float64).to(self._device)
-        if results:
-            per_mb = torch.stack([torch.stack([r[k].detach().reshape(()).double() for k in keys]) for r in results])
-            sums = torch.cat([per_mb.sum(dim=0), extra])
-            wmax = torch.stack([r["is_weight_max"].detach().reshape(()).double() for r in results]).max().reshape(1)
-        else:
-            sums = torch.cat([torch.zeros(len(keys), dtype=torch.float64, device=self._device), extra])
-            wmax = torch.zeros(1, dtype=torch.float64, device=self._device)
-        if self.dp_size > 1:
-            dp_group = ps.get_data_parallel_group()
-            dist.all_reduce(sums, group=dp_group)
-            dist.all_reduce(wmax, op=dist.ReduceOp.MAX, group=dp_group)
-        if self.cfg.pipeline_parallel > 1:  # results live on the last stage
-            both = torch.cat([sums, wmax])
-            dist.broadcast(both, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-            sums, wmax = both[:-1], both[-1:]
-        s = dict(zip(keys, sums.tolist(), strict=False))
-        n = max(s["num_tokens"], 1.0)
-        n_traj = float(sums[len(keys) + 1])
-        return {
-            "loss": s["loss_sum"] / max(s["loss_norm"], 1.0),
-            "reward_mean": float(sums[len(keys)]) / n_traj if n_traj else math.nan,
-            "tokens_trained": s["num_tokens"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "is_weight_mean": s["is_weight_sum"] / n,
-            "is_weight_max": float(wmax[0]),
-            "is_clip_fraction": s["is_clip_count"] / n,
-            "clip_fraction": s["ppo_clip_count"] / n,
-            "logprob_mismatch": s["logprob_mismatch_sum"] / n,
-            "kl": s["kl_sum"] / n,
-            "kl_ref": s["kl_ref_sum"] / n if self.ref_model is not None else math.nan,
-            "entropy": s["entropy_sum"] / n if (self.cfg.compute_entropy or self.cfg.entropy_coef > 0) else math.nan,
-            "num_sequences": n_traj,
-        }
 
     # ------------------------------------------------------------------ weights
     def export_hf_state(self) -> dict[str, torch.Tensor]:
@@ -486,3 +445,52 @@ class TrainerRank:
     def shutdown(self) -> None:
         """Tear down Megatron's parallel state (the process group is the caller's)."""
         self._ps.destroy_model_parallel()
+
+
+def reduce_stats(
+    results: list[dict[str, torch.Tensor]], groups: list[TrajectoryGroup], grad_norm: Any, cfg: TrainerConfig,
+    device: torch.device, has_ref: bool,
+) -> dict[str, float]:
+    """:data:`STAT_KEYS` (most of them) from the microbatches' loss reports, summed over DP and sent
+    from the last PP stage to the others: one host sync in all (collective over the trainer)."""
+    from megatron.core import parallel_state as ps
+
+    keys = _SUM_KEYS
+    rewards = [t.reward for g in groups for t in g.trajectories]
+    # on the compute device (NCCL needs CUDA tensors), without a host sync per microbatch;
+    # only the last PP stage has results
+    extra = torch.tensor([float(sum(rewards)), float(len(rewards))], dtype=torch.float64).to(device)
+    if results:
+        per_mb = torch.stack([torch.stack([r[k].detach().reshape(()).double() for k in keys]) for r in results])
+        sums = torch.cat([per_mb.sum(dim=0), extra])
+        wmax = torch.stack([r["is_weight_max"].detach().reshape(()).double() for r in results]).max().reshape(1)
+    else:
+        sums = torch.cat([torch.zeros(len(keys), dtype=torch.float64, device=device), extra])
+        wmax = torch.zeros(1, dtype=torch.float64, device=device)
+    if ps.get_data_parallel_world_size() > 1:
+        dp_group = ps.get_data_parallel_group()
+        dist.all_reduce(sums, group=dp_group)
+        dist.all_reduce(wmax, op=dist.ReduceOp.MAX, group=dp_group)
+    if cfg.pipeline_parallel > 1:  # results live on the last stage
+        both = torch.cat([sums, wmax])
+        dist.broadcast(both, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        sums, wmax = both[:-1], both[-1:]
+    vals = sums.tolist()
+    s = dict(zip(keys, vals, strict=False))
+    n = max(s["num_tokens"], 1.0)
+    reward_sum, n_traj = vals[len(keys)], vals[len(keys) + 1]
+    return {
+        "loss": s["loss_sum"] / max(s["loss_norm"], 1.0),
+        "reward_mean": reward_sum / n_traj if n_traj else math.nan,
+        "tokens_trained": s["num_tokens"],
+        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        "is_weight_mean": s["is_weight_sum"] / n,
+        "is_weight_max": float(wmax.item()),
+        "is_clip_fraction": s["is_clip_count"] / n,
+        "clip_fraction": s["ppo_clip_count"] / n,
+        "logprob_mismatch": s["logprob_mismatch_sum"] / n,
+        "kl": s["kl_sum"] / n,
+        "kl_ref": s["kl_ref_sum"] / n if has_ref else math.nan,
+        "entropy": s["entropy_sum"] / n if (cfg.compute_entropy or cfg.entropy_coef > 0) else math.nan,
+        "num_sequences": n_traj,
+    }
