@@ -196,6 +196,23 @@ def bench_slipstream(model_dir: Path, groups: list[Any], args: argparse.Namespac
     return out
 
 
+def _slipstream_with_retry(model_dir: Path, groups: list[Any], args: argparse.Namespace, errors: dict[str, str], key: str) -> dict[str, Any]:
+    """``bench_slipstream``; after an out-of-memory error, once more with half the auto token
+    budget (outside the ``except`` block, so the failed attempt's frames and memory are gone)."""
+    oom = False
+    try:
+        return bench_slipstream(model_dir, groups, args)
+    except torch.cuda.OutOfMemoryError:
+        errors[key + "/first_try"] = traceback.format_exc(limit=3)
+        oom = True
+    assert oom
+    _cleanup()
+    half = max(2048, _auto_tokens(model_dir) // 2)
+    r = bench_slipstream(model_dir, groups, args, max_tokens_per_microbatch=half)
+    r["retried_with_max_tokens_per_microbatch"] = half
+    return r
+
+
 def _auto_tokens(model_dir: Path) -> int:
     """The token budget the trainer's auto setting picks for this model on this GPU (bf16)."""
     from consumers import bridge, tuning
@@ -410,14 +427,7 @@ def main() -> int:
             _cleanup()
             try:
                 if kind == "slipstream":
-                    try:
-                        r = bench_slipstream(model_dir, groups, args)
-                    except torch.cuda.OutOfMemoryError:
-                        res["errors"][key + "/first_try"] = traceback.format_exc(limit=3)
-                        _cleanup()
-                        half = max(2048, _auto_tokens(model_dir) // 2)
-                        r = bench_slipstream(model_dir, groups, args, max_tokens_per_microbatch=half)
-                        r["retried_with_max_tokens_per_microbatch"] = half
+                    r = _slipstream_with_retry(model_dir, groups, args, res["errors"], key)
                 else:
                     r = bench_plain(model_dir, groups, args)
                 mean_s = float(np.mean(r["step_seconds"]))

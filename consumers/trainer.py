@@ -43,7 +43,16 @@ Statistics (:data:`STAT_KEYS`): ``loss`` (global token mean), ``reward_mean``, `
 ``is_weight_max`` (raw ratio, before truncation), ``is_clip_fraction``, ``logprob_mismatch``,
 ``kl`` (k3, behaviour || current), ``entropy``, ``num_sequences``, ``step_seconds``, plus
 ``clip_fraction`` (PPO/GSPO clip active), ``kl_ref`` (to the frozen initial weights; NaN without
-``kl_coef``) and ``policy_version``.  ``is_clip_fraction`` counts TIS/decoupled truncation or
+``kl_coef``), ``policy_version``, ``lr`` (of this step's update), ``step_skipped`` (1: the loss or a
+gradient was not finite on some rank, nothing was applied; :mod:`consumers.optim`),
+``skipped_steps`` (so far) and ``bad_steps_in_a_row`` (``trainer.max_bad_steps`` of those raise
+:class:`NonFiniteStepError`).
+
+Speed (:mod:`consumers.model` builds it): the core attention is PyTorch SDPA by default
+(:mod:`consumers.attention`; packed rows pass their segment ids instead of a mask), and with
+``trainer.fused_logprobs`` the model returns hidden states and the log-probs of the loss tokens
+come from :func:`consumers.logprobs.fused_logprobs` (no ``[tokens, vocab]`` logits).  Microbatches
+are moved to the device once per step; the statistics need one host sync.  ``is_clip_fraction`` counts TIS/decoupled truncation or
 IcePop masking.  The loss itself is selected by the config (``loss``, ``off_policy``,
 ``proximal``, ``loss_agg``, ``kl_coef``, ``entropy_coef``; :mod:`consumers.policy_loss`);
 :meth:`TrainerRank.sft_step` is the supervised step of the ``[sft]`` stage
