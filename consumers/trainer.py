@@ -52,8 +52,9 @@ Speed (:mod:`consumers.model` builds it): the core attention is PyTorch SDPA by 
 (:mod:`consumers.attention`; packed rows pass their segment ids instead of a mask), and with
 ``trainer.fused_logprobs`` the model returns hidden states and the log-probs of the loss tokens
 come from :func:`consumers.logprobs.fused_logprobs` (no ``[tokens, vocab]`` logits).  Microbatches
-are moved to the device once per step; the statistics need one host sync.  ``is_clip_fraction`` counts TIS/decoupled truncation or
-IcePop masking.  The loss itself is selected by the config (``loss``, ``off_policy``,
+are moved to the device once per step; the statistics need one host sync.
+
+``is_clip_fraction`` counts TIS/decoupled truncation or IcePop masking.  The loss itself is selected by the config (``loss``, ``off_policy``,
 ``proximal``, ``loss_agg``, ``kl_coef``, ``entropy_coef``; :mod:`consumers.policy_loss`);
 :meth:`TrainerRank.sft_step` is the supervised step of the ``[sft]`` stage
 (:mod:`consumers.sft`), and :mod:`consumers.checkpoint` saves/resumes a rank.

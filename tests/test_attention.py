@@ -174,11 +174,16 @@ def test_jagged_path_plumbing_on_cpu():
     attn, layouts = _attention_module()
     offsets, mx, mn = segment_offsets(SEGMENTS)
     assert offsets.tolist() == [0, 3, 7, 9, 10, 15, 20] and (mx, mn) == (5, 1)
-    q, k, v = _qkv(10, 2, seed=3)
+    q, k, v = (x.requires_grad_() for x in _qkv(10, 2, seed=3))
     layout = layouts.put(SEGMENTS)
     assert layouts.get(SEGMENTS) is layout and len(layouts) == 1
     got = attn.jagged_attention(q, k, v, layout, causal=False)
-    assert _rel(got, _per_segment(q, k, v, SEGMENTS, causal=False)) < 1e-12
+    ref = _per_segment(q, k, v, SEGMENTS, causal=False)
+    assert _rel(got, ref) < 1e-12
+    w = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(1))
+    g = torch.autograd.grad((w * got).sum(), (q, k, v))
+    rg = torch.autograd.grad((w * ref).sum(), (q, k, v))
+    assert max(_rel(a, b) for a, b in zip(g, rg, strict=True)) < 1e-12  # gradients flow through the jagged views
     other = SEGMENTS.clone()
     layouts.put(other)
     del other
