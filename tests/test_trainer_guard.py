@@ -151,3 +151,23 @@ def test_default_is_constant_lr(model_dir):
     rank = TrainerRank(TrainerConfig(seed=3, lr=2e-4), model_dir)
     assert [rank.train_step(_random_groups(seed=30 + i, n_groups=1))["lr"] for i in range(3)] == [2e-4] * 3
     rank.shutdown()
+
+
+def test_skipped_step_reaches_metrics_and_steps_jsonl():
+    """The loop's step record carries the skip fields into steps.jsonl, and _observe counts the
+    skip in slipstream_trainer_skipped_steps_total and the rate in slipstream_trainer_lr."""
+    import json
+
+    from consumers.loop import StepRecord, TrainerMetrics, _observe
+
+    m = TrainerMetrics()
+    for skipped in (1.0, 0.0, 1.0):
+        rec = StepRecord(step=1, policy_version=1, reward_mean=0.5, staleness_mean=0.0, staleness_max=0, tokens_trained=10,
+                         trajectories=4, trajectories_dropped=0, queue_depth=0, wall_time_s=1.0, wait_s=0.1, train_s=0.5,
+                         publish_s=0.1, publish_bytes=100, weights_checksum="x",
+                         stats={"step_skipped": skipped, "skipped_steps": 1.0, "lr": 2.5e-4})
+        _observe(m, rec, 0.5, {})
+    line = json.loads(rec.to_json())
+    assert line["step_skipped"] == 1.0 and line["lr"] == 2.5e-4
+    assert m.registry.get_sample_value("slipstream_trainer_skipped_steps_total") == 2.0
+    assert m.registry.get_sample_value("slipstream_trainer_lr") == 2.5e-4

@@ -62,7 +62,7 @@ def test_auto_tokens_on_h200_and_recompute_only_when_needed():
     assert est4["estimated_peak_bytes"] < 0.95 * H200 and t4 % 256 == 0
     # a 4B model on a 96 GB card: 2,048 tokens do not fit without recompute
     t, rc, est = tuning.auto_microbatch_tokens(_spec("4b"), 96 * 2**30)
-    assert rc and 1024 <= t and est["activation_bytes_per_token"] < 0.1 * tuning.activation_bytes_per_token(_spec("4b"))
+    assert rc and t >= 1024 and est["activation_bytes_per_token"] < 0.1 * tuning.activation_bytes_per_token(_spec("4b"))
     # the distributed optimizer over 8 ranks frees the room: no recompute needed
     t8, rc8, _ = tuning.auto_microbatch_tokens(_spec("4b"), 96 * 2**30, dp=8, distributed_optimizer=True)
     assert not rc8 and t8 >= 4096
@@ -100,7 +100,7 @@ def test_build_plan_on_a_gpu_host(monkeypatch):
 def test_jagged_probe_says_no_on_cpu():
     from tests.test_attention import _attention_module, _qkv
 
-    attn, layouts = _attention_module()
+    attn, _ = _attention_module()
     q, _, _ = _qkv(8, 1)
     assert attn._probe_jagged(q.float()) is False  # PyTorch's jagged causal kernel is CUDA only
 
