@@ -46,6 +46,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline.config import SlipstreamConfig
 from pipeline.metrics import SECONDS_BUCKETS, new_registry, serve_metrics
 from pipeline.rundir import port_file, write_json_atomic
+from pipeline.tracking import Tracker, TrackingMetrics
 from pipeline.transport import CurveKeys, TrainerClient
 from schemas.codec import decode, encode
 from schemas.messages import Batch
@@ -89,6 +90,7 @@ class TrainerMetrics:
         self.staleness_mean = Gauge("slipstream_trainer_batch_staleness_mean", "Mean staleness of the step's trajectories.", registry=r)
         self.staleness_max = Gauge("slipstream_trainer_batch_staleness_max", "Max staleness of the step's trajectories.", registry=r)
         self.stats = {k: Gauge(f"slipstream_trainer_{k}", doc, registry=r) for k, doc in STAT_GAUGES.items()}
+        self.tracking = TrackingMetrics(r)
 
 
 @dataclass
@@ -172,7 +174,7 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     is_pub = rank.is_publisher
     # weights.per_stage_publish: every PP stage's leader broadcasts its own layers over a weight
     # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
-    per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish
+    per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish and bool(engine_urls)
     export = rank.export_hf_stage if per_stage else rank.export_hf_state
     start_step, version = prepare_start(rank, cfg, run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
     # Collective; engines start from these weights.  With resume_from set (the launcher restarts a
@@ -186,13 +188,24 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     publisher: WeightPublisher | None = None
     stage_pub: StagePublisher | None = None
     metrics: TrainerMetrics | None = None
+    tracker: Tracker | None = None
+    recorder = None
     backend = cfg.trainer.resolved_weight_backend(torch.cuda.is_available())
     if is_pub:
         metrics = TrainerMetrics()
+        from pipeline.configbase import to_dict
+
+        tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), metrics.tracking)  # tracking.backend (pipeline/tracking.py)
+        if cfg.run.record_rollouts:  # each trained batch to RUN_DIR/rollouts, for run.mode = "train_only" (pipeline/record.py)
+            from pipeline.record import Recorder
+
+            recorder = Recorder(run_dir)
         if cfg.metrics.enabled:
             _, port = serve_metrics(metrics.registry, cfg.metrics.host, 0)
             write_json_atomic(port_file(run_dir, "trainer"), {"metrics_port": port})
-        publisher = WeightPublisher(
+        from pipeline.record import NullPublisher
+
+        publisher = NullPublisher() if not engine_urls else WeightPublisher(  # no engines (run.mode = "train_only"): nothing to stream
             engine_urls, master_address=cfg.queue.host, backend=backend,
             bucket_bytes=cfg.trainer.publish_bucket_bytes, timeout_s=cfg.trainer.weight_group_timeout_s,
             engine_kind=cfg.weights.engine_kind, pause_mode=cfg.weights.pause_mode, flush_cache=cfg.weights.flush_cache,
@@ -240,9 +253,12 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             publish_s=float(pub["seconds"]), publish_bytes=int(pub["bytes"]), weights_checksum=str(pub["checksum"]), engine_checksums=checks,
             engine_pause_s=float(pub.get("pause_s", 0.0)), replay=batch.replay, stats={k: float(v) for k, v in stats.items()},
         )
+        line = rec.to_json()
         with steps_path.open("a") as f:
-            f.write(rec.to_json() + "\n")
+            f.write(line + "\n")
         _observe(metrics, rec, ctx["train_s"], pub)
+        if tracker is not None:
+            tracker.log_step(json.loads(line))  # queued: never blocks the step
 
     background = None
     if cfg.weights.async_publish and (stage_pub is not None or is_pub):
@@ -257,6 +273,8 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             assert client is not None
             batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
                                          on_idle=background.poll if background is not None else None)
+            if recorder is not None:
+                recorder.write(step, batch, version)
         batch = broadcast_batch(batch)
         if batch.replay and is_pub:
             log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
@@ -297,6 +315,8 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     finish_run(rank, cfg, run_dir, max(cfg.run.steps, start_step))
     if client is not None and cfg.trainer.checkpoint_every:
         client.checkpointed(max(cfg.run.steps, start_step), version)  # finish_run saved the last step
+    if tracker is not None:
+        tracker.close()
     if is_pub and client is not None:
         client.close()
     log.info("trainer finished %d steps at policy version %d", cfg.run.steps, version)
