@@ -14,13 +14,14 @@ What:
   :func:`load_checkpoint` restores model, optimizer, RNG, step and policy version into a freshly
   built :class:`~consumers.trainer.TrainerRank` and returns ``meta``.
 - :func:`export_hf_final` writes the trainer's weights as a Hugging Face checkpoint
-  (``model.safetensors`` through the bridge's ``export_hf_state``, plus the original checkpoint's
-  config/tokenizer/generation files) on global rank 0.
+  (safetensors shards of at most ``trainer.export_hf_shard_bytes`` with their index, through the
+  bridge's ``export_hf_state`` and ``huggingface_hub.save_torch_state_dict``, plus the original
+  checkpoint's config/tokenizer/generation files) on global rank 0.
 
 Why a synchronous writer: megatron-core 0.16's default ``torch_dist`` save strategy writes through
 ``FileSystemWriterAsync``, which forks writer processes, starts a ``spawn`` multiprocessing Manager
 and needs ``psutil``: fragile on CPU-only hosts (a fork after OpenMP threads can hang; see
-shared/notes/tiny-task.md).  :class:`SyncTorchDistSaveStrategy` keeps Megatron's translation to
+docs/notes/tiny-task.md).  :class:`SyncTorchDistSaveStrategy` keeps Megatron's translation to
 PyTorch Distributed Checkpoint (same on-disk format, loadable with Megatron's default load
 strategy) but saves with ``torch.distributed.checkpoint``'s plain ``FileSystemWriter`` in-process.
 
@@ -203,17 +204,22 @@ def load_checkpoint(rank: Any, path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def export_hf_final(rank: Any, hf_src: str | Path, out_dir: str | Path) -> Path | None:
+def export_hf_final(rank: Any, hf_src: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 10**9) -> Path | None:
     """Write the current weights as a HF checkpoint to ``out_dir`` (collective; files on global
-    rank 0, which returns the path; other ranks return None)."""
-    from safetensors.torch import save_file
+    rank 0, which returns the path; other ranks return None).  Shards of at most
+    ``max_shard_bytes`` with ``model.safetensors.index.json`` (``huggingface_hub.save_torch_state_dict``,
+    the layout ``from_pretrained`` reads); a model that fits is one ``model.safetensors``."""
+    from huggingface_hub import save_torch_state_dict
 
     named = rank.export_hf_state()
     if dist.get_rank() != 0:
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:  # an earlier export's shards
+        old.unlink(missing_ok=True)
+    save_torch_state_dict({k: v.detach().contiguous().cpu() for k, v in named.items()}, out, max_shard_size=max_shard_bytes,
+                          metadata={"format": "pt"})
     src = Path(hf_src)
     for name in HF_SIDE_FILES:
         if (src / name).exists():
@@ -264,4 +270,4 @@ def finish_run(rank: Any, cfg: Any, run_dir: str | Path, last_step: int) -> None
     if every and last_step > 0 and last_step % every:
         save_checkpoint(rank, run_dir, last_step)
     if cfg.trainer.export_hf_at_end:
-        export_hf_final(rank, cfg.model.path, Path(run_dir) / "hf-final")
+        export_hf_final(rank, cfg.model.path, Path(run_dir) / "hf-final", cfg.trainer.export_hf_shard_bytes)

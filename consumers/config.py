@@ -177,6 +177,11 @@ class TrainerConfig:
         "Write the final weights as a Hugging Face checkpoint (safetensors + config/tokenizer) to RUN_DIR/hf-final.",
         default=True,
     )
+    export_hf_shard_bytes: int = doc(
+        "Largest safetensors shard of the hf-final export; a larger model is split into model-0000k-of-0000n.safetensors "
+        "with model.safetensors.index.json (huggingface_hub.save_torch_state_dict; one model.safetensors when it fits).",
+        default=5 * 10**9,
+    )
     publish_bucket_bytes: int = doc(
         "Weight publishing bucket size in bytes (a tensor larger than this travels alone). The publishing "
         "rank holds two buffers of this size (one fills while the other is on the wire); SGLang receives "
@@ -289,6 +294,7 @@ class TrainerConfig:
             "lr_decay_steps", f"must exceed lr_warmup_steps = {self.lr_warmup_steps}",
         )
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.export_hf_shard_bytes >= 1 << 20, "export_hf_shard_bytes", f"must be >= 1 MiB, got {self.export_hf_shard_bytes}")
         check(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", f"must be 0 (off) or >= 1, got {self.tis_cap}")
         check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         check(self.publish_bucket_bytes >= 1, "publish_bucket_bytes", f"must be >= 1, got {self.publish_bucket_bytes}")

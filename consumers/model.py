@@ -7,7 +7,7 @@ DDP around it, and Megatron's optimizer (Adam, fp32 master weights) over it.
 :func:`initialize_parallel` sets up ``parallel_state`` (DP = world / (TP * PP); for MoE models the
 experts are split ``expert_parallel`` ways inside TP x DP, and never TP-sharded: expert TP = 1).
 
-Why these settings (shared/notes/megatron-on-cpu.md):
+Why these settings (docs/notes/megatron-on-cpu.md):
 - ``calculate_per_token_loss=True``: loss functions return a *sum* plus a token count; Megatron
   divides the gradients by the global (all-DP) token count, which is the GRPO token mean.
 - ``variable_seq_lengths=True`` (each microbatch is padded to its own length) needs
@@ -284,7 +284,7 @@ def _gpt_stage_from_hf(
         gpt.cuda(torch.cuda.current_device())
     if spec.num_experts:
         bridge_moe.adapt_moe_layers(gpt)  # TP > 1 without sequence parallelism
-    hf_state = bridge.load_hf_state(hf_path)
+    hf_state = bridge.open_hf_checkpoint(hf_path)  # lazy: this rank reads only its own TP slices
     n = bridge.load_hf_into_megatron(gpt, hf_state, ps.get_tensor_model_parallel_rank(), cfg.tensor_parallel, spec)
     return gpt, n
 
