@@ -6,8 +6,9 @@ What:
   ``sharded_state_dict`` (every rank writes its shards; TP/PP/DP layouts are recorded, so a
   checkpoint is not tied to one file per rank); ``rng/rank-R.pt`` holds each rank's RNG states
   (torch CPU, CUDA if any, numpy, python ``random``, Megatron's CUDA RNG tracker); ``meta.json``
-  holds the step, the policy version, ``steps_done`` and whatever the loop passes as ``extra``
-  (the data/broker position).  ``checkpoints/latest`` names the newest *complete* checkpoint; it is
+  holds the step, the policy version, ``steps_done``, the learning-rate scheduler's state
+  (``lr_scheduler``: its position; the schedule itself comes from the config on resume) and
+  whatever the loop passes as ``extra`` (the data/broker position).  ``checkpoints/latest`` names the newest *complete* checkpoint; it is
   replaced atomically after every rank has finished writing.
 - :func:`resolve_checkpoint` turns ``trainer.resume_from`` ("latest" or a path) into a directory;
   :func:`load_checkpoint` restores model, optimizer, RNG, step and policy version into a freshly
@@ -148,6 +149,7 @@ def save_checkpoint(rank: Any, run_dir: str | Path, step: int, extra: dict[str, 
             "tensor_parallel": rank.cfg.tensor_parallel,
             "pipeline_parallel": rank.cfg.pipeline_parallel,
             "rng": "rng/rank-<global rank>.pt (torch, numpy, python, megatron_tracker[, cuda])",
+            **({"lr_scheduler": rank.scheduler.state_dict()} if getattr(rank, "scheduler", None) is not None else {}),
             "saved_at": time.time(),
             **(extra or {}),
         }
@@ -196,6 +198,8 @@ def load_checkpoint(rank: Any, path: str | Path) -> dict[str, Any]:
         log.warning("no RNG state for rank %d in %s", dist.get_rank(), path)
     rank.steps_done = int(meta["steps_done"])
     rank.policy_version = int(meta["policy_version"])
+    if "lr_scheduler" in meta and getattr(rank, "scheduler", None) is not None:
+        rank.scheduler.load_state_dict(meta["lr_scheduler"])  # the position; lr values from the config
     log.info("resumed from %s: step %d, policy version %d", path, meta["step"], rank.policy_version)
     return meta
 

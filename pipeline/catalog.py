@@ -77,7 +77,7 @@ def process_registries() -> dict[str, CollectorRegistry]:
     from pipeline.broker import BrokerMetrics
     from pipeline.metrics import new_registry
     from producers.engine.metrics import EngineMetrics
-    from producers.producer import ProducerMetrics
+    from producers.stats import ProducerMetrics
 
     engine_registry = new_registry("engine")
     EngineMetrics(engine_registry)

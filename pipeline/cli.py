@@ -274,23 +274,16 @@ def _cmd_produce(args: argparse.Namespace) -> int:
             curve=CurveKeys.from_config(cfg.queue),  # type: ignore[attr-defined]
             eval_path=args.run_dir / "eval.jsonl" if idx == 0 else None,
             cursor_path=args.run_dir / "cursors" / f"{args.producer_id}.json",
+            stats_path=stats_file(args.run_dir, args.producer_id),  # rewritten before each first send: exact after a SIGKILL
         )
         port = 0
         if cfg.metrics.enabled:  # type: ignore[attr-defined]
             _, port = serve_metrics(producer.metrics.registry, cfg.metrics.host, 0)  # type: ignore[attr-defined]
         write_json_atomic(port_file(args.run_dir, args.producer_id), {"metrics_port": port})
         stop = _stop_event_on_signals(asyncio.get_running_loop())
-
-        async def persist_stats() -> None:  # so a killed producer's counts survive into summary.json
-            while True:
-                await asyncio.sleep(2.0)
-                write_json_atomic(stats_file(args.run_dir, args.producer_id), producer.final_stats())
-
-        persist = asyncio.create_task(persist_stats())
         try:
             await producer.run(stop, cfg.run.startup_timeout_s)  # type: ignore[attr-defined]
         finally:
-            persist.cancel()
             write_stats(stats_file(args.run_dir, args.producer_id), producer.final_stats())
 
     _run_async(main())

@@ -212,6 +212,12 @@ class SlipstreamConfig:
             "queue.max_queued_trajectories",
             f"must hold at least one step of data (groups_per_step x group_size = {max_traj})",
         )
+        t = self.trainer
+        check(
+            t.lr_schedule not in ("linear", "cosine") or t.lr_decay_steps > 0 or self.run.steps > t.lr_warmup_steps,
+            "trainer.lr_warmup_steps",
+            f"must be < run.steps = {self.run.steps} (the decay length while trainer.lr_decay_steps = 0)",
+        )
         check(self.run.mode != "rollout_only" or self.trainer.checkpoint_every == 0, "trainer.checkpoint_every",
               "run.mode 'rollout_only' has no trainer to checkpoint (its recorder starts over at step 1): set it to 0")
 

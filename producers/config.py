@@ -65,6 +65,10 @@ class ProducerConfig:
     top_p: float = doc("Nucleus sampling threshold (1.0 = off; off keeps behaviour log-probs exact).", 1.0)
     max_new_tokens: int = doc("Most tokens sampled per response.", 7)
     request_timeout_s: float = doc("Timeout of one /generate call.", 300.0)
+    engine_down_timeout_s: float = doc(
+        "How long a /generate request whose engine went down (connection refused or dropped) waits for an engine to be back "
+        "in rotation (another one, or the same URL once /health answers, e.g. after the launcher restarted it) before it "
+        "fails as an engine error (its group is dropped and the prompt retried).", 600.0)
     ack_timeout_s: float = doc("Resend a group the broker has not acked within this time.", 10.0)
     outbox_limit: int = doc(
         "Most unacked groups a producer holds before it stops starting new ones (groups waiting for a credit, see oversample, count too).", 64)
@@ -131,6 +135,7 @@ class ProducerConfig:
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
         check(self.ack_timeout_s > 0, "ack_timeout_s", "must be > 0")
+        check(self.engine_down_timeout_s > 0, "engine_down_timeout_s", "must be > 0")
         check(self.outbox_limit >= self.max_inflight_groups, "outbox_limit", "must be >= max_inflight_groups")
         check(self.rollout_timeout_s > 0, "rollout_timeout_s", "must be > 0")
         check(self.reward_timeout_s > 0, "reward_timeout_s", "must be > 0")

@@ -10,23 +10,50 @@ is stamped with the *older* of the version known when the request was sent and t
 the end, which can only overstate staleness, never hide it — unless the response carries SGLang's
 ``meta_info.weight_versions`` spans (``[{version, start, end}]`` over output tokens, sglang >= 0.5.23),
 which give each token its exact version.
+
+Engine faults are the engine's, never a plug-in's.  Every response is checked before a rollout
+sees it (:func:`check_response`): a non-JSON body, a missing ``meta_info``, or a sampled token's
+log-probability that is NaN, infinite or positive raises :class:`EngineOutputError` naming the
+engine URL (the producer drops the group, counts it and retries the prompt).  An engine that refuses
+or drops the connection is taken out of rotation (:mod:`producers.rotation`) and the request is
+resubmitted to another engine, or to the same one when it is back (:class:`EngineDown` only
+escapes when none comes back within ``producer.engine_down_timeout_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from producers.rotation import EngineEvents, NoEngineUp, Rotation
+
 log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
-    pass
+    """An engine request failed (retried by the producer); ``url`` names the engine when known."""
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class EngineOutputError(EngineError):
+    """An engine answered with output no sampler produces (NaN/inf/positive log-probs, malformed JSON)."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(f"engine {url} returned invalid output: {problem}", url)
+        self.problem = problem
+
+
+class EngineDown(EngineError):
+    """An engine refused the connection or dropped it mid-request (crashed or restarting)."""
 
 
 # The routes and fields this client uses; tests/test_sglang_contract.py checks them against the
@@ -70,6 +97,28 @@ def generate_body(input_ids: list[list[int]], sampling_params: dict[str, Any], r
     return body
 
 
+def check_response(resp: Any) -> str | None:
+    """What is wrong with one ``/generate`` response as an engine's output (None: nothing): the
+    shape the client relies on, and every sampled token's log-probability finite and <= 0."""
+    if not isinstance(resp, dict):
+        return f"a response is {type(resp).__name__}, expected a JSON object"
+    meta = resp.get("meta_info")
+    if not isinstance(meta, dict):
+        return "a response has no meta_info object"
+    lp = meta.get("output_token_logprobs")
+    if lp is None:
+        return None  # return_logprob not asked for (parse_generation says so)
+    if not isinstance(lp, list):
+        return f"meta_info.output_token_logprobs is {type(lp).__name__}, expected a list"
+    for j, entry in enumerate(lp):
+        if not isinstance(entry, list | tuple) or len(entry) < 2 or not isinstance(entry[1], int) or isinstance(entry[1], bool):
+            return f"meta_info.output_token_logprobs[{j}] = {str(entry)[:60]} is not [logprob, token_id, ...]"
+        x = entry[0]
+        if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x > 0:
+            return f"meta_info.output_token_logprobs[{j}] log-probability {x!r} is not a finite number <= 0"
+    return None
+
+
 @dataclass
 class Generation:
     """One sampled response, normalised from SGLang's response JSON."""
@@ -109,14 +158,16 @@ def parse_generation(resp: dict[str, Any], version_at_submit: int) -> Generation
 
 
 class EngineClient:
-    """Round-robins requests over one or more engine (or router) base URLs."""
+    """Round-robins requests over the engine (or router) base URLs in rotation (:mod:`producers.rotation`)."""
 
-    def __init__(self, urls: list[str], timeout_s: float) -> None:
+    def __init__(self, urls: list[str], timeout_s: float, down_timeout_s: float = 600.0, probe_interval_s: float = 0.5,
+                 events: EngineEvents | None = None) -> None:
         if not urls:
             raise ValueError("EngineClient needs at least one URL")
         self.urls = [u.rstrip("/") for u in urls]
-        self._next = itertools.cycle(range(len(self.urls)))
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.down_timeout_s = down_timeout_s
+        self.rotation = Rotation(self.urls, self._healthy, probe_interval_s, events)
         self._session: aiohttp.ClientSession | None = None
         self._rid_url: dict[str, str] = {}  # rid -> the URL serving it, while in flight (aborts go there)
 
@@ -125,6 +176,7 @@ class EngineClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.rotation.close()
         if self._session is not None:
             await self._session.close()
 
@@ -137,31 +189,70 @@ class EngineClient:
     async def _post(self, url: str, route: str, body: dict[str, Any]) -> Any:
         try:
             async with self.session.post(f"{url}{route}", json=body) as r:
-                data = await r.json(content_type=None)
+                text = await r.text()
                 if r.status != 200:
-                    raise EngineError(f"{url}{route} answered HTTP {r.status}: {str(data)[:300]}")
-                return data
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise EngineError(f"{url}{route} failed: {type(e).__name__}: {e}") from e
+                    raise EngineError(f"{url}{route} answered HTTP {r.status}: {text[:300]}", url)
+        except TimeoutError as e:  # a stalled engine: not proof of a crash, it stays in rotation
+            raise EngineError(f"{url}{route} failed: no answer within {self.timeout.total:.0f}s (producer.request_timeout_s)", url) from e
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            raise EngineDown(f"{url}{route} failed: {type(e).__name__}: {e}", url) from e
+        except aiohttp.ClientError as e:
+            raise EngineError(f"{url}{route} failed: {type(e).__name__}: {e}", url) from e
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise EngineOutputError(url, f"{route} answered non-JSON: {text[:200]!r}") from None
 
     async def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any], rids: list[str] | None = None) -> list[dict[str, Any]]:
-        """POST /generate with a batch of prompts; returns one response dict per prompt.
+        """POST /generate with a batch of prompts; returns one checked response dict per prompt.
 
-        With ``rids`` (one unique id per prompt) the requests can be aborted by :meth:`abort`.
+        With ``rids`` (one unique id per prompt) the requests can be aborted by :meth:`abort`.  A
+        request whose engine is down is resubmitted (same rids) to the next engine in rotation.
         """
-        url = self.urls[next(self._next)]
-        for rid in rids or ():
-            self._rid_url[rid] = url
-        try:
-            data = await self._post(url, ROUTE_GENERATE, generate_body(input_ids, sampling_params, rids))
-        finally:
+        what = f"a /generate of {len(input_ids)} prompts"
+        first_loss: float | None = None
+        while True:
+            try:
+                url = await self.rotation.acquire(self.down_timeout_s, what)
+            except NoEngineUp as e:
+                raise EngineDown(str(e), ",".join(sorted(self.rotation.down))) from None
             for rid in rids or ():
-                self._rid_url.pop(rid, None)
+                self._rid_url[rid] = url
+            try:
+                data = await self._post(url, ROUTE_GENERATE, generate_body(input_ids, sampling_params, rids))
+            except EngineDown as e:
+                now = asyncio.get_running_loop().time()
+                first_loss = now if first_loss is None else first_loss
+                if now - first_loss > self.down_timeout_s:
+                    raise  # lost again and again for longer than an engine may take to come back
+                self.rotation.retried(url)
+                if await self._healthy(url):  # e.g. a keep-alive connection the server had closed: not a crash
+                    log.warning("%s to %s lost its connection (%s) but the engine answers /health: resubmitting it", what, url, e)
+                    await asyncio.sleep(self.rotation.probe_interval_s)
+                else:
+                    self.rotation.mark_down(url, str(e))
+                    log.warning("%s to %s was lost with the engine: resubmitting it (rids %s)", what, url, ",".join(rids or [])[:80] or "-")
+                continue
+            finally:
+                for rid in rids or ():
+                    self._rid_url.pop(rid, None)
+            break
         if isinstance(data, dict):
             data = [data]
         if not isinstance(data, list) or len(data) != len(input_ids):
-            raise EngineError(f"{url}/generate returned {type(data).__name__} for {len(input_ids)} prompts")
+            raise EngineOutputError(url, f"/generate returned {type(data).__name__} for {len(input_ids)} prompts")
+        for i, resp in enumerate(data):
+            problem = check_response(resp)
+            if problem is not None:
+                raise EngineOutputError(url, f"response {i} of {len(data)}: {problem}")
         return data
+
+    def in_flight_by_url(self) -> dict[str, int]:
+        """Requests (rids) in flight now, per engine URL."""
+        out = dict.fromkeys(self.urls, 0)
+        for url in self._rid_url.values():
+            out[url] = out.get(url, 0) + 1
+        return out
 
     def abort_targets(self, rids: list[str]) -> list[tuple[str, str]]:
         """``(rid, url)`` of those ``rids`` in flight now (resolve before cancelling their call)."""
@@ -183,6 +274,13 @@ class EngineClient:
                 return True
         except (TimeoutError, aiohttp.ClientError) as e:
             log.warning("%s%s for rid %s failed (waited up to %.0fs): %s", url, ROUTE_ABORT, rid, ABORT_TIMEOUT_S, e)
+            return False
+
+    async def _healthy(self, url: str) -> bool:
+        try:
+            async with self.session.get(f"{url}{ROUTE_HEALTH}", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                return r.status == 200
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     async def wait_healthy(self, timeout_s: float) -> None:

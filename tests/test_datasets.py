@@ -167,18 +167,16 @@ def test_producer_saves_and_restores_the_cursor(tmp_path: Path) -> None:
     seen = []
     p = producer()
     for _ in range(4):
-        seen.append(p._next_prompt().prompt_id)  # type: ignore[union-attr]
-    p.save_cursor()
-    p.sock.close(linger=0)
-    p.ctx.term()
+        seen.append(p.feed.next().prompt.prompt_id)  # type: ignore[union-attr]
+    p.feed.save_cursor()
+    p.close()
     assert json.loads(cursor.read_text())["index"] == 4
     p = producer()
-    while (nxt := p._next_prompt()) is not None:
-        seen.append(nxt.prompt_id)
-    p.sock.close(linger=0)
-    p.ctx.term()
+    while (nxt := p.feed.next()) is not None:
+        seen.append(nxt.prompt.prompt_id)
+    p.close()
     assert sorted(seen) == sorted(f"q{i}" for i in range(10)), seen
-    assert p.exhausted
+    assert p.feed.exhausted
 
 
 def test_shards_partition_each_epoch(tmp_path: Path) -> None:

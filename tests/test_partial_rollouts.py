@@ -1,6 +1,6 @@
 """Cutting groups that are certain to be consumed too stale (DESIGN §3, producer.partial_rollouts),
 with a real embedded engine process (HTTP, no mocks of the engine) and the in-process producer
-harness (tests/test_producer_helpers.py: fake broker).
+harness (tests/test_producer_helpers.py: a real broker in process).
 
 A group starts at the engine's version v with η = 1; mid-generation the engine moves to v + 2
 (/update_weight_version: the weights stay, so the model's log-probs can be checked) and the producer
@@ -33,7 +33,7 @@ from producers.rollout import GroupCut, RolloutContext, SamplingParams, single_t
 from producers.sglang_client import EngineClient
 from tests.test_engine_helpers import Engine, load_reference, reference_logprobs
 from tests.test_oversample import SlowClient
-from tests.test_producer_helpers import FakeBroker, announce, drive, make_producer, metric
+from tests.test_producer_helpers import BrokerHarness, announce, drive, make_producer, metric
 
 P = "tests.test_partial_rollouts"
 PROMPT = [1, 3, 5, 7]
@@ -83,14 +83,14 @@ def engine(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     assert eng.terminate() == 0, eng.log_tail()
 
 
-def _cut_mid_generation(tmp_path: Path, engine: Engine, partial: bool) -> tuple[Any, FakeBroker, RecordingClient, int]:
+def _cut_mid_generation(tmp_path: Path, engine: Engine, partial: bool) -> tuple[Any, BrokerHarness, RecordingClient, int]:
     """Start a group at the engine's version v, move the engine to v + 2 mid-generation and announce it."""
-    p = make_producer(tmp_path, prompts=f"{P}:prompts", reward=f"{P}:reward", group_size=2, max_inflight_groups=1,
+    v = engine.version()
+    broker = BrokerHarness(2, max_staleness=1, groups_per_step=1, max_queued_trajectories=2, version=v)  # the trainer publishes v
+    p = make_producer(tmp_path, broker, prompts=f"{P}:prompts", reward=f"{P}:reward", group_size=2, max_inflight_groups=1,
                       max_new_tokens=MAX_NEW, partial_rollouts=partial)
-    p.version = engine.version()
-    new = p.version + 2
+    new = v + 2
     p.sampling = IgnoreEos(1.0, 1.0, MAX_NEW)
-    broker = FakeBroker(p, capacity=1, total=1)
     box: dict[str, Any] = {}
 
     async def go() -> None:
@@ -103,9 +103,9 @@ def _cut_mid_generation(tmp_path: Path, engine: Engine, partial: bool) -> tuple[
                     await asyncio.sleep(0.02)
                 status, out = await asyncio.to_thread(engine.post, "/update_weight_version", {"new_version": str(new), "abort_all_requests": False})
                 assert status == 200, out
-                await announce(p, new)  # v + 2 published; the group started at v and η = 1
+                await announce(p, broker, new)  # v + 2 published; the group started at v and η = 1
 
-            await drive(p, broker, client, until=lambda: len(broker.groups) >= 1, timeout_s=120, max_staleness=1, during=cut_midway)
+            await drive(p, broker, client, until=lambda: len(broker.groups) >= 1, timeout_s=120, during=cut_midway)
 
     asyncio.run(go())
     return p, broker, box["client"], new
@@ -140,7 +140,7 @@ def test_cut_group_continues_from_its_tokens(tmp_path: Path, engine: Engine, mod
         want = reference_logprobs(ref, PROMPT + head, tail, 1.0)  # the tail was sampled given exactly prompt + head
         assert max(abs(a - b) for a, b in zip(t.logprobs[h:].tolist(), want, strict=True)) < 1e-4
     assert min(int(t.versions.min()) for t in group.trajectories) == v  # staleness counts from the cut
-    assert p.stats["groups_cut"] == {"continued": 1, "restarted": 0}
+    assert p.stats.groups_cut == {"continued": 1, "restarted": 0}
 
 
 def test_cut_group_restarts_without_partial_rollouts(tmp_path: Path, engine: Engine) -> None:
@@ -156,27 +156,27 @@ def test_cut_group_restarts_without_partial_rollouts(tmp_path: Path, engine: Eng
         assert t.response_tokens.tolist() == out["output_ids"] and len(out["output_ids"]) == MAX_NEW
         assert t.loss_mask.tolist() == [1] * MAX_NEW
         assert int(t.versions.min()) >= v
-    assert p.stats["groups_cut"] == {"continued": 0, "restarted": 1}
+    assert p.stats.groups_cut == {"continued": 0, "restarted": 1}
     assert engine.metric('slipstream_engine_requests_total{finish_reason="abort"}') >= 2  # the cut requests were aborted
 
 
 def test_multiturn_group_is_restarted_when_cut(tmp_path: Path) -> None:
     """Rollouts without continuation support (multi-turn, user plug-ins) restart a cut group from the prompt."""
-    p = make_producer(tmp_path, prompts=f"{P}:prompts", reward=f"{P}:reward", group_size=2, max_inflight_groups=1,
+    broker = BrokerHarness(2, max_staleness=1, groups_per_step=1, max_queued_trajectories=2)
+    p = make_producer(tmp_path, broker, prompts=f"{P}:prompts", reward=f"{P}:reward", group_size=2, max_inflight_groups=1,
                       rollout="producers.rollouts.multiturn:make_rollout",
                       rollout_args={"tool": "producers.tasks.calculator:tool", "max_turns": 2, "max_total_tokens": 32},
                       partial_rollouts=True)
-    broker = FakeBroker(p, capacity=1, total=1)
     client = SlowClient(delay_s=1.0)
 
     async def cut_midway() -> None:
         while client.calls < 1:
             await asyncio.sleep(0.01)
         client.version = 2  # the engine serves v2 from now on
-        await announce(p, 2)
+        await announce(p, broker, 2)
 
-    asyncio.run(drive(p, broker, client, until=lambda: len(broker.groups) >= 1, timeout_s=30, max_staleness=1, during=cut_midway))
-    assert p.stats["groups_cut"] == {"continued": 0, "restarted": 1}
+    asyncio.run(drive(p, broker, client, until=lambda: len(broker.groups) >= 1, timeout_s=30, during=cut_midway))
+    assert p.stats.groups_cut == {"continued": 0, "restarted": 1}
     assert metric(p, "slipstream_producer_groups_cut_total", result="restarted") == 1
     (group,) = broker.groups
     assert group.prompt_id == "p0"

@@ -23,7 +23,7 @@ from consumers.loop import TrainerMetrics
 from pipeline.broker import BrokerMetrics
 from pipeline.metrics import new_registry, serve_metrics
 from producers.engine.metrics import EngineMetrics
-from producers.producer import ProducerMetrics
+from producers.stats import ProducerMetrics
 from tests.helpers import env, slipstream
 
 

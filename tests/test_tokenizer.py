@@ -61,14 +61,14 @@ def test_sentencepiece_only_tokenizer(spm_dir: Path, sp) -> None:  # type: ignor
 def test_producer_and_sft_use_the_sentencepiece_tokenizer(spm_dir: Path, sp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from consumers.sft import load_examples
     from producers.config import ProducerConfig
+    from producers.feed import Job
     from producers.producer import Producer
 
     p = Producer(ProducerConfig(), "producer-0", "tcp://127.0.0.1:9", [], str(spm_dir), seed=0)
     try:
-        assert p._tokens(Prompt("a", text="the quick dog")) == [1, *sp.encode("the quick dog")]
+        assert p.maker.tokens(Job(Prompt("a", text="the quick dog"))) == [1, *sp.encode("the quick dog")]
     finally:
-        p.sock.close(linger=0)
-        p.ctx.term()
+        p.close()
     demos = tmp_path / "sft.jsonl"
     demos.write_text(json.dumps({"prompt": "one two", "response": "three four"}) + "\n")
     [(prompt, response)] = load_examples(demos, spm_dir)
