@@ -107,6 +107,15 @@ class WeightSnapshot:
             torch.cuda.current_stream().synchronize()  # the publish thread reads them on another stream
         return out
 
+    def last(self) -> FlatState | None:
+        """The tensors of the last :meth:`take` (None before the first): the version last submitted,
+        which an engine that restarted can be sent again (``consumers.engine_rejoin``)."""
+        if not self._layout:
+            return None
+        out = FlatState((name, self._bufs[name]) for name, *_ in self._layout)
+        out.contiguous = self._contiguous
+        return out
+
 
 class AsyncPublisher:
     """One publish in flight at a time, from a background thread; see the module docstring."""

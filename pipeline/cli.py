@@ -8,8 +8,11 @@
     slipstream replay  --config RUN/config.json --run-dir RUN --broker tcp://...                         (run.mode = train_only)
     slipstream engine  --model DIR --port 0 --port-file F       (the embedded engine server)
     slipstream make-tiny-model DIR
+    slipstream make-model DIR --preset qwen3-0.6b                (random weights of an architecture preset)
     slipstream keys DIR                                          (CURVE server + client certificates)
     slipstream config [--markdown]                               (every config key, default and doc)
+    slipstream bench queue|async|all [--out DIR]                 (benchmarks; JSON under bench/results)
+    slipstream bench e2e CONFIG [--steps 30] [--staleness 0,2]   (the whole job at each max_staleness, side by side)
     slipstream dashboard [--check]                               (write / check ops/grafana/slipstream.json)
     slipstream scrape-config RUN_DIR [--out F] [--rules R.yml]   (Prometheus config for a run)
     slipstream status RUN_DIR [--once]                           (one-screen view of a running or finished job)
@@ -66,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", type=Path, default=None, help="run directory (default: run.run_dir, else runs/<run.name>-<timestamp>)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable); VALUE is a TOML literal")
     r.add_argument("--dry-run", action="store_true",
-                   help="validate the config, resolve the model (config + tokenizer) and import every plug-in; print the config; start nothing")
+                   help="validate the config, resolve the model (config + tokenizer) and import every plug-in; print the config and the placement plan; start nothing")
     b = sub.add_parser("broker", help="run the queue broker")
     _common(b)
     b.add_argument("--metrics-port", type=int, default=0, help="metrics port (0 = any free port; a restart reuses the first)")
@@ -93,13 +96,22 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-tiny-model", help="write the tiny example's HF checkpoint")
     m.add_argument("out", type=Path, help="checkpoint directory to write")
     m.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    mm = sub.add_parser("make-model", help="write a random-initialised HF checkpoint of an architecture preset (pipeline/presets.py)")
+    mm.add_argument("out", type=Path, help="checkpoint directory to write")
+    mm.add_argument("--preset", required=True, help="tiny, qwen3-0.6b, qwen3-1.7b, qwen3-4b or qwen3-8b")
+    mm.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     c = sub.add_parser("config", help="print every config key with its default and doc")
     c.add_argument("--markdown", action="store_true", help="print the README's config table")
     bn = sub.add_parser("bench", help="run benchmarks (baseline side by side) and write JSON to bench/results")
-    bn.add_argument("which", choices=["queue", "async", "all"], help="which benchmark")
+    bn.add_argument("which", choices=["queue", "async", "e2e", "all"], help="which benchmark")
+    bn.add_argument("config", nargs="?", type=Path, default=None, help="e2e: the run's config (e.g. examples/gpu/one_gpu.toml)")
     bn.add_argument("--groups", type=int, default=2000, help="queue: groups of 8 trajectories to move")
-    bn.add_argument("--steps", type=int, default=60, help="async: trainer steps per run")
-    bn.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for the result JSON")
+    bn.add_argument("--steps", type=int, default=None, help="async: trainer steps per run (60); e2e: the same (30)")
+    bn.add_argument("--staleness", default="0,2", help="e2e: comma-separated max_staleness values, the first is the baseline")
+    bn.add_argument("--max-run-seconds", type=float, default=3600.0, help="e2e: interrupt a run after this long (compare the steps done)")
+    bn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e2e: config override for every run")
+    bn.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")),
+                    help="directory for the result JSON (default $OUT, else bench/results)")
     _add_ops_commands(sub)
     _add_sweep_command(sub)
     return ap
@@ -167,11 +179,13 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     from pipeline.configbase import to_dict
     from pipeline.launcher import run
     from pipeline.logs import setup_logging
+    from pipeline.placement import plan_for
 
     cfg = load_config(args.config, [*args.set, *flag_overrides(extra)])
     base = Path(args.config).resolve().parent  # run.python_path entries are relative to the config file
     cfg.run.python_path = [str((base / p).resolve()) for p in cfg.run.python_path]
     setup_logging("launcher", cfg.run.log_level, cfg.run.log_format)
+    plan = plan_for(cfg)  # ConfigError (exit 2) on a placement that cannot work
     if cfg.run.mode == "train_only":
         from pipeline.record import check_recording
 
@@ -183,10 +197,11 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         for line in checked:
             print(f"checked {line}", file=sys.stderr)
+        print(plan.format(), file=sys.stderr)
         print(f"config OK: {args.config}", file=sys.stderr)
         return 0
     run_dir = args.run_dir or Path(cfg.run.run_dir or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return run(cfg, run_dir, args.config)
+    return run(cfg, run_dir, args.config, plan)
 
 
 def _stop_event_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
@@ -289,6 +304,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return run_trainer(cfg, args.run_dir, args.broker, args.engine_url)  # type: ignore[arg-type]
 
 
+def _cmd_bench_e2e(args: argparse.Namespace, command: str) -> int:
+    from pipeline.bench_e2e import run_e2e
+    from pipeline.logs import setup_logging
+
+    if args.config is None:
+        raise ConfigError("bench e2e", "needs the run's config: slipstream bench e2e CONFIG [--steps N] [--staleness 0,2]")
+    try:
+        etas = [int(x) for x in args.staleness.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError("--staleness", f"expected comma-separated integers, got {args.staleness!r}") from None
+    if not etas or min(etas) < 0:
+        raise ConfigError("--staleness", f"expected max_staleness values >= 0, got {args.staleness!r}")
+    setup_logging("bench", "INFO", "text")
+    result = run_e2e(args.config, args.steps or 30, etas, args.out, command, args.set, args.max_run_seconds)
+    return 0 if all(r["exit_code"] == 0 for r in result["runs"].values()) else 1
+
+
 def _cmd_record_replay(args: argparse.Namespace) -> int:
     from pipeline.logs import setup_logging
     from pipeline.record import Replayer, run_recorder
@@ -373,16 +405,25 @@ def main(argv: list[str] | None = None) -> int:
 
             make_tiny_model(args.out, seed=args.seed)
             return 0
+        if args.command == "make-model":
+            from pipeline.presets import PRESETS, make_model
+
+            if args.preset not in PRESETS:
+                raise ConfigError("--preset", f"must be one of {list(PRESETS)}, got {args.preset!r}")
+            make_model(args.out, args.preset, seed=args.seed)
+            return 0
         if args.command == "config":
             return _cmd_config(args)
         if args.command == "bench":
             from pipeline import bench
 
             command = "slipstream " + " ".join(argv)
+            if args.which == "e2e":
+                return _cmd_bench_e2e(args, command)
             if args.which in ("queue", "all"):
                 bench.run_queue(args.groups, args.out, command)
             if args.which in ("async", "all"):
-                bench.run_async(args.steps, args.out, command)
+                bench.run_async(args.steps or 60, args.out, command)
             return 0
         if args.command in ("dashboard", "scrape-config", "status"):
             return _cmd_ops(args)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from consumers.config import SFTConfig, TrainerConfig
 from consumers.weights_config import WeightSyncConfig
 from pipeline.configbase import ConfigError, apply_override, check, doc, from_dict, parse_override
+from pipeline.placement import PlacementConfig
 from pipeline.tracking import TrackingConfig
 from producers.config import ProducerConfig
 from producers.engine.config import EngineConfig
@@ -44,8 +45,9 @@ class RunConfig:
     )
     batch_timeout_s: float = doc("How long the trainer waits for one batch before it gives up (it logs while it waits).", 600.0)
     max_restarts: int = doc(
-        "How many times the launcher restarts a crashed broker or producer (each process separately) before it "
-        "fails the run. The broker comes back on the same ports and recovers its queue from the journal.",
+        "How many times the launcher restarts a crashed broker, producer or embedded engine (each process separately) "
+        "before it fails the run. The broker comes back on the same ports and recovers its queue from the journal; an "
+        "engine on its port, paused until the trainer sent it the current weights.",
         3,
     )
     restart_backoff_s: float = doc("Wait before the first restart of a process; doubles with each further restart of it.", 1.0)
@@ -80,10 +82,19 @@ class ModelConfig:
         "the launcher downloads once (huggingface_hub, cache HF_HUB_CACHE) before any process starts. Required: no default.", "")
     revision: str = doc("Hub revision (branch, tag or commit) of a hub id in 'path'; empty = the default branch.", "")
     make_tiny_if_missing: bool = doc("Create the tiny example checkpoint at 'path' if it does not exist.", False)
+    make_if_missing: str = doc(
+        "Create a random-initialised checkpoint of this architecture preset at 'path' if none is there (nothing is "
+        "downloaded; pipeline/presets.py): 'tiny', or the Qwen3 dense shapes 'qwen3-0.6b', 'qwen3-1.7b', "
+        "'qwen3-4b', 'qwen3-8b' (bf16, with the tiny task's tokenizer). '' = off.",
+        "",
+    )
 
     def __post_init__(self) -> None:
+        from pipeline.presets import PRESETS
+
         check(not self.revision or not self.path or not Path(self.path).exists(), "revision",
               "applies only to a hub id; model.path is a local directory")
+        check(self.make_if_missing in ("", *PRESETS), "make_if_missing", f"must be '' or one of {list(PRESETS)}, got {self.make_if_missing!r}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -187,6 +198,7 @@ class SlipstreamConfig:
     weights: WeightSyncConfig = doc("Streaming versioned weights to the engines.", default_factory=WeightSyncConfig)
     metrics: MetricsConfig = doc("Prometheus endpoints.", default_factory=MetricsConfig)
     tracking: TrackingConfig = doc("Experiment tracking (wandb, tensorboard).", default_factory=TrackingConfig)
+    placement: PlacementConfig = doc("Which GPUs the trainer ranks and the engines run on (pipeline/placement.py).", default_factory=PlacementConfig)
 
     def __post_init__(self) -> None:
         check(bool(self.model.path), "model.path",

@@ -8,12 +8,22 @@ log and metrics URL of every process.  The console shows a progress bar and one 
 read from ``steps.jsonl``.  The run ends when the trainer finishes its steps (exit 0), when any
 child fails for good (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130).
 
-A crashed broker or producer is restarted, up to ``run.max_restarts`` times per process, after
+Placement (``pipeline/placement.py``): before anything starts, the GPUs are detected and every
+trainer rank and engine is given its GPU(s) through ``CUDA_VISIBLE_DEVICES`` (the broker and the
+producers get none), plus ``PYTORCH_CUDA_ALLOC_CONF`` (``placement.alloc_conf``) unless the
+environment sets allocator options; the rest of the launcher's environment (``NCCL_*`` included)
+passes through.  ``placement.json`` holds the plan and ``processes.json`` each process's GPUs (and,
+for engines, the expected weight transport, the one the trainer reports choosing, and the memory budget).
+
+A crashed broker, producer or embedded engine is restarted, up to ``run.max_restarts`` times per process, after
 ``run.restart_backoff_s`` (doubling per restart); so is a crashed trainer (any exit but 0 and 2)
 when ``trainer.checkpoint_every > 0``, with ``trainer.resume_from = "latest"``; the broker then
 replays the batches the dead trainer committed after that checkpoint (``pipeline/queue.py``).  The broker comes back on the ports (and metrics
 port) it first bound and recovers its queue from RUN_DIR/journal; producers and the trainer
-reconnect on their own.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
+reconnect on their own.  An engine comes back on its port with generation paused
+(``--start-paused``): the producers' retried requests queue there, and the trainer re-creates the
+weight group, sends it the current weights and continues it (``consumers/engine_rejoin.py``), so
+it never decodes with the stale weights it loaded from ``model.path``.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
 and ``summary.json`` counts restarts per role.
 
 Before any child starts, a hub id in ``model.path`` is resolved to its local snapshot
@@ -42,6 +52,7 @@ from typing import Any, TextIO
 
 from pipeline.config import SlipstreamConfig
 from pipeline.configbase import to_dict
+from pipeline.placement import Plan, plan_for
 from pipeline.preflight import log_tail
 from pipeline.rundir import port_file, stats_file, wait_for_file, write_json_atomic
 
@@ -109,11 +120,13 @@ def child_env(cfg: SlipstreamConfig) -> dict[str, str]:
 
 
 class Launcher:
-    def __init__(self, cfg: SlipstreamConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: SlipstreamConfig, run_dir: Path, plan: Plan | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.children: list[Child] = []
         self.env = child_env(cfg)
+        self.plan = plan if plan is not None else plan_for(cfg)
+        self._trainer_ports_mtime = 0.0
         self.config_path = run_dir / "config.json"
         self._stop_reason: str | None = None
         self.restarts: collections.Counter[str] = collections.Counter()  # per process name
@@ -124,17 +137,34 @@ class Launcher:
         return [PY, "-m", "pipeline.cli", *args]
 
     def _spawn(self, name: str, role: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
-        child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log", env_extra=dict(env or {}))
+        """Start a child.  ``env`` (SGLang servers: their own GPUs) replaces the placement's variables."""
         self._forget_ports(name)
-        script = self.run_dir / "cmds" / f"{name}.sh"
-        script.parent.mkdir(parents=True, exist_ok=True)
-        extra = "".join(f"{k}={shlex.quote(v)} " for k, v in child.env_extra.items())
-        script.write_text("#!/bin/sh\n# re-run this process by hand (same environment as the launcher gave it)\n"
-                          f"OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 {extra}exec " + shlex.join(cmd) + "\n")
-        script.chmod(0o755)
+        env_extra = self.plan.placement_env(name if role in ("trainer", "engine") else "", self.env) if env is None else dict(env)
+        child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log", env_extra=env_extra)
+        child.extra = self._placement_extra(name, env_extra, placed=env is None)
+        self._write_script(child)
         child.start(self.env)
         self.children.append(child)
         return child
+
+    def _write_script(self, child: Child) -> None:
+        extra = "".join(f"{k}={shlex.quote(v)} " for k, v in child.env_extra.items())
+        script = self.run_dir / "cmds" / f"{child.name}.sh"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text("#!/bin/sh\n# re-run this process by hand (same environment as the launcher gave it)\n"
+                          f"OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 {extra}exec " + shlex.join(child.cmd) + "\n")
+        script.chmod(0o755)
+
+    def _placement_extra(self, name: str, env: dict[str, str], placed: bool = True) -> dict[str, Any]:
+        """What processes.json records about where a process runs (``gpus``: plan indices, only for
+        processes the plan placed)."""
+        out: dict[str, Any] = {"cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES", "")}
+        if placed:
+            out["gpus"] = self.plan.gpus_of(name)
+        eng = next((e for e in self.plan.engines if e.name == name), None)
+        if eng is not None:
+            out.update(weight_transport_expected=eng.transport, memory_budget=eng.budget)
+        return out
 
     def _forget_ports(self, name: str) -> None:
         """Remove a process's port file before it (re)starts: one left by an earlier life (a crashed
@@ -154,11 +184,30 @@ class Launcher:
             raise type(e)(f"{e}{log_tail(child.log_path)}") from None
 
     def _write_processes(self) -> None:
+        chosen = self._weight_transports()
         write_json_atomic(self.run_dir / "processes.json", [
             {"name": c.name, "role": c.role, "pid": c.proc.pid if c.proc else None, "cmd": c.cmd,
-             "log": str(c.log_path), "metrics_url": c.metrics_url, **c.extra}
+             "log": str(c.log_path), "metrics_url": c.metrics_url, **c.extra,
+             **({"weight_transport": chosen[c.extra["url"]]} if c.extra.get("url") in chosen else {})}
             for c in self.children
         ])
+
+    def _weight_transports(self) -> dict[str, str]:
+        """The transport the trainer chose per engine URL, once it reported them in its port file
+        (``weight_transports``); {} before."""
+        info = _read_json(port_file(self.run_dir, "trainer"))
+        got = info.get("weight_transports") if isinstance(info, dict) else None
+        return {str(k).rstrip("/"): str(v) for k, v in got.items()} if isinstance(got, dict) else {}
+
+    def _refresh_processes(self) -> None:
+        """Rewrite processes.json when the trainer's port file changed (it adds the transports later)."""
+        try:
+            mtime = port_file(self.run_dir, "trainer").stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime != self._trainer_ports_mtime:
+            self._trainer_ports_mtime = mtime
+            self._write_processes()
 
     # ------------------------------------------------------------------ start
     def start_all(self) -> None:
@@ -174,7 +223,7 @@ class Launcher:
         # A restarted broker binds these same ports, so producers and the trainer reconnect by themselves.
         broker.cmd = [*broker.cmd, "--set", f"queue.producer_port={ports['producer_port']}", "--set", f"queue.trainer_port={ports['trainer_port']}",
                       "--metrics-port", str(ports["metrics_port"])]
-        broker.extra = {"producer_endpoint": f"tcp://{cfg.queue.host}:{ports['producer_port']}", "trainer_endpoint": f"tcp://{cfg.queue.host}:{ports['trainer_port']}"}
+        broker.extra |= {"producer_endpoint": f"tcp://{cfg.queue.host}:{ports['producer_port']}", "trainer_endpoint": f"tcp://{cfg.queue.host}:{ports['trainer_port']}"}
 
         engine_urls = list(cfg.producer.engine_urls)
         if cfg.run.mode == "train_only":  # no engines, no producers: the replayer sends the recording (pipeline/record.py)
@@ -194,8 +243,11 @@ class Launcher:
             engine_urls = []
             for i, e in enumerate(engines):
                 info = self._ready(e, f"engine-{i}")  # the engine writes its bare port number
-                url = f"http://{host}:{info['port'] if isinstance(info, dict) else int(info)}"
+                port = info["port"] if isinstance(info, dict) else int(info)
+                url = f"http://{host}:{port}"
                 e.metrics_url = f"{url}/metrics"
+                e.extra["url"] = url
+                e.cmd[e.cmd.index("--port") + 1] = str(port)  # a restarted engine comes back on it
                 engine_urls.append(url)
         generate_urls = engine_urls
         if cfg.producer.engine == "sglang" and cfg.run.mode != "train_only":
@@ -232,7 +284,7 @@ class Launcher:
         for role in ("server", "router"):  # the router starts once its workers answer /health
             for s in (s for s in entries if s["role"] == role):
                 child = self._spawn(s["name"], "engine", s["argv"], env=s["env"])
-                child.extra = {"health_url": s["url"], "sglang": role}
+                child.extra |= {"health_url": s["url"], "sglang": role}
                 child.metrics_url = f"{s['url']}/metrics" if metrics and role == "server" else ""
                 started[role].append(child)
             for child in started[role]:
@@ -246,8 +298,8 @@ class Launcher:
         self._stop_reason = reason
 
     def _restartable(self, child: Child) -> bool:
-        """Brokers and producers always; the trainer only with checkpoints to resume from."""
-        return (child.role in ("broker", "producer") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
+        """Brokers, producers and embedded engines always; the trainer only with checkpoints to resume from."""
+        return (child.role in ("broker", "producer", "engine") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
                 or bool(child.extra.get("sglang")))  # SGLang servers and the router (same port again)
 
     def restart(self, child: Child) -> bool:
@@ -280,9 +332,15 @@ class Launcher:
         self.restarts_by_role[child.role] += 1
         if child.role == "trainer" and "trainer.resume_from=\"latest\"" not in child.cmd:
             child.cmd = [*child.cmd, "--set", 'trainer.resume_from="latest"']
+        if child.role == "engine" and not child.extra.get("sglang") and "--start-paused" not in child.cmd:
+            # Same port, generation paused: it decodes nothing with the weights it loads from model.path
+            # until the trainer re-created the weight group, sent the current version and continued it
+            # (consumers/engine_rejoin.py; weights.resync_engines).
+            child.cmd = [*child.cmd, "--start-paused"]
+        self._write_script(child)
         child.start(self.env)
         info = self._ready(child, child.name)  # raises TimeoutError/RuntimeError if it cannot come up
-        if info.get("metrics_port") or not child.extra.get("health_url"):  # an SGLang server keeps its URL
+        if child.role != "engine" and (info.get("metrics_port") or not child.extra.get("health_url")):  # engines keep their URL
             child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
         self._write_processes()
         log.warning("%s restarted (pid %d)", child.name, child.proc.pid if child.proc else -1)
@@ -292,6 +350,7 @@ class Launcher:
         trainer = next(c for c in self.children if c.role == "trainer")
         while True:
             console.poll()
+            self._refresh_processes()
             if self._stop_reason is not None:
                 log.warning("stopping: %s", self._stop_reason)
                 return 130
@@ -473,18 +532,22 @@ class _BarStream:
             self._partial = ""
 
 
-def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None) -> int:
+def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None, plan: Plan | None = None) -> int:
+    plan = plan if plan is not None else plan_for(cfg)  # a bad placement fails before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
     if source is not None and source.exists():
         (run_dir / "config.toml").write_text(source.read_text())
-    if cfg.model.make_tiny_if_missing and not (Path(cfg.model.path) / "config.json").exists():
-        from pipeline.tiny import ensure_tiny_model
+    write_json_atomic(run_dir / "placement.json", plan.to_json())
+    log.info("%s", plan.format())
+    preset = cfg.model.make_if_missing or ("tiny" if cfg.model.make_tiny_if_missing else "")
+    if preset and not (Path(cfg.model.path) / "config.json").exists():
+        from pipeline.presets import ensure_model
 
-        log.info("making the tiny example model at %s (model.make_tiny_if_missing; once, ~10-20 s)", cfg.model.path)
-        ensure_tiny_model(cfg.model.path, seed=cfg.run.seed)
+        log.info("making a random-initialised %s model at %s (model.make_if_missing; once)", preset, cfg.model.path)
+        ensure_model(cfg.model.path, preset, seed=cfg.run.seed)
     cfg = resolve_model_for_run(cfg)  # a hub id -> its local snapshot, before any child starts
     write_json_atomic(run_dir / "config.json", to_dict(cfg))
-    launcher = Launcher(cfg, run_dir)
+    launcher = Launcher(cfg, run_dir, plan)
     previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty())
     t0 = time.monotonic()

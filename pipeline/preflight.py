@@ -65,8 +65,8 @@ def check_model(cfg: Any) -> str:
     from pipeline.hub import resolve_model
     from producers.tokenizer import load_tokenizer
 
-    if cfg.model.make_tiny_if_missing and not Path(cfg.model.path).exists():
-        return ""
+    if (cfg.model.make_tiny_if_missing or getattr(cfg.model, "make_if_missing", "")) and not Path(cfg.model.path).exists():
+        return ""  # made at start (model.make_tiny_if_missing / model.make_if_missing)
     local = resolve_model(cfg.model.path, cfg.model.revision, metadata_only=True)
     try:
         json.loads((Path(local) / "config.json").read_text())

@@ -336,10 +336,11 @@ def main(args: Any, argv: list[str], command: str) -> int:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         check_plan(sweep_dir, plan)
     sweep = Sweep(plan, sweep_dir, args.parallel)
-    if sweep.cfg.model.make_tiny_if_missing:
-        from pipeline.tiny import ensure_tiny_model
+    preset = sweep.cfg.model.make_if_missing or ("tiny" if sweep.cfg.model.make_tiny_if_missing else "")
+    if preset:  # made once, before the first run (model.make_if_missing / make_tiny_if_missing)
+        from pipeline.presets import ensure_model
 
-        ensure_tiny_model(sweep.cfg.model.path, seed=sweep.cfg.run.seed)
+        ensure_model(sweep.cfg.model.path, preset, seed=sweep.cfg.run.seed)
     code = sweep.run()
     out = write_results(sweep, command)
     best = out["best"]

@@ -144,6 +144,34 @@ def test_producer_sigkill_is_restarted(tmp_path: Path) -> None:
     assert summary["trajectories"]["generated"] >= summary["trajectories"]["accepted"], summary["trajectories"]
 
 
+@pytest.mark.slow
+def test_engine_sigkill_is_restarted_with_the_current_weights(tmp_path: Path) -> None:
+    """SIGKILL the only engine just after a step: the launcher restarts it on its port, paused; the
+    trainer (waiting for data only that engine can make) re-creates the weight group, sends it the
+    current version and continues it.  The run finishes with every engine checksum matching the
+    trainer's after every step (run.verify_weights), 0 lost, 0 duplicated, the restart counted.
+    Checkpoints are on so that a kill landing inside a publish (its broadcast then fails) ends in a
+    trainer resume rather than a failed run; the kill follows a step line within ~20 ms, well before
+    the next publish starts."""
+    with _run(tmp_path, 12, "run.verify_weights=true", "trainer.checkpoint_every=2") as (proc, run_dir):
+        _wait_steps(proc, run_dir, 3, tmp_path, poll_s=0.02)
+        url = next(p for p in json.loads((run_dir / "processes.json").read_text()) if p["name"] == "engine-0")["url"]
+        _kill_and_wait_restart(run_dir, "engine-0")
+        assert proc.wait(timeout=240) == 0, _logs(tmp_path)
+    summary = _audit(run_dir)
+    assert summary["restarts"]["engine"] == 1
+    assert summary["steps_completed"] == 12
+    engine = next(p for p in json.loads((run_dir / "processes.json").read_text()) if p["name"] == "engine-0")
+    assert engine["url"] == url and "--start-paused" in engine["cmd"], "same port, restarted paused"
+    records = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert all(r["engine_checksums"] == [r["weights_checksum"]] for r in records), "an engine served other weights than the trainer's"
+    engine_log = (run_dir / "logs" / "engine-0.log").read_text()
+    assert "generation paused until the trainer sends the current weights" in engine_log
+    assert engine_log.index("generation paused until") < engine_log.index("generation continued", engine_log.index("generation paused until"))
+    trainer_log = (run_dir / "logs" / "trainer.log").read_text()
+    assert summary["restarts"]["trainer"] or re.search(r"engine rejoin: \S+ serves v\d+ again", trainer_log), trainer_log[-3000:]
+
+
 def _gone(pid: int) -> bool:
     """The process no longer exists (or is a zombie nobody will wait for)."""
     try:

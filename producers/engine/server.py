@@ -32,7 +32,7 @@ Contract notes (where this engine differs from, or extends, SGLang):
 How to run::
 
     python -m producers.engine --model DIR --host 127.0.0.1 --port 0 --port-file /tmp/port \\
-        [--seed N] [--max-running-requests N] [--weight-version V] [--set key=value]...
+        [--seed N] [--max-running-requests N] [--weight-version V] [--start-paused] [--set key=value]...
 
 ``--port 0`` binds a free port, logs ``engine listening on http://HOST:PORT`` and writes the port
 to ``--port-file``.  SIGTERM/SIGINT abort running requests and exit 0 within a few seconds.
@@ -435,6 +435,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-version", type=int, default=None, help="policy version of --model (default 0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EngineConfig override")
+    p.add_argument("--start-paused", action="store_true",
+                   help="start with generation paused (requests queue; /continue_generation resumes): the launcher "
+                        "restarts a crashed engine so, and the trainer resumes it once it holds the current weights")
     return p
 
 
@@ -460,6 +463,9 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
         log.error("could not load model %s: %s", args.model, e)
         return 1
     engine.start()
+    if args.start_paused:  # before the port opens: no request is decoded with the weights loaded from --model
+        engine.scheduler.pause("in_place").result(timeout=60)
+        log.info("generation paused until the trainer sends the current weights and continues it (--start-paused)")
     runner = web.AppRunner(engine.app(), shutdown_timeout=cfg.shutdown_timeout_s, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
