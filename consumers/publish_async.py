@@ -1,6 +1,11 @@
 """Overlap weight publishing with the next trainer step (``weights.async_publish``, DESIGN §8).
 
-What: :class:`AsyncPublisher` wraps a :class:`consumers.publisher.WeightPublisher`.  After an
+What: the loop hands every version to a *publish driver* with one interface (``submit``, ``poll``,
+``wait``): :class:`InlinePublisher` publishes on the caller's thread, :class:`AsyncPublisher` in the
+background.  Both wrap one object that fulfils :class:`Publisher` (a
+:class:`consumers.publisher.WeightPublisher`, or a :class:`consumers.stage_publish.StagePublisher`).
+
+:class:`AsyncPublisher` wraps the publisher.  After an
 optimizer step the loop calls :meth:`AsyncPublisher.submit`: it first waits until the previous
 version's publish finished (versions reach the engines strictly in order, one at a time), then
 snapshots the HF-named tensors into persistent buffers (:class:`WeightSnapshot`: a device copy on
@@ -33,20 +38,46 @@ from typing import Any, Protocol
 
 import torch
 
-from consumers.publisher import spawn
+from consumers.engine_http import spawn
+from consumers.publisher import PublishResult
 
 log = logging.getLogger(__name__)
 
-OnDone = Callable[[int, dict[str, Any], Any], None]
+#: ``on_done(version, result, ctx)``: called on the loop thread once ``version`` is on every engine
+#: (``result`` is None on ranks that only take part in a collective publish)
+OnDone = Callable[[int, PublishResult | None, Any], None]
 
 
 class Publisher(Protocol):
-    """What AsyncPublisher drives: a :class:`consumers.publisher.WeightPublisher`, or a
+    """What the publish drivers wrap: a :class:`consumers.publisher.WeightPublisher`, or a
     :class:`consumers.stage_publish.StagePublisher` (which also has ``prepare``/``send``)."""
 
     engine_urls: list[str]
 
-    def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> dict[str, Any]: ...
+    def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> PublishResult | None: ...
+
+
+class InlinePublisher:
+    """Publishes each version on the caller's thread, then reports it (``on_done``); the same
+    interface as :class:`AsyncPublisher`, so the loop has one publish path."""
+
+    def __init__(self, publisher: Publisher, on_done: OnDone, checksum: bool = True) -> None:
+        self.publisher = publisher
+        self.on_done = on_done
+        self.checksum = checksum
+
+    @property
+    def in_flight(self) -> int | None:
+        return None
+
+    def submit(self, named: Mapping[str, torch.Tensor], version: int, ctx: Any = None) -> None:
+        self.on_done(version, self.publisher.publish(named, version, self.checksum), ctx)
+
+    def poll(self) -> bool:
+        return True
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        return None
 
 
 class FlatState(dict[str, torch.Tensor]):

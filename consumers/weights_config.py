@@ -1,9 +1,14 @@
 """The ``[weights]`` config section: how the trainer streams versioned weights to engines (DESIGN §8).
 
 What: :class:`WeightSyncConfig`, composed into :class:`pipeline.config.SlipstreamConfig` as
-``weights``.  The bucket size, backend and timeouts of the weight group stay in ``[trainer]``
-(``publish_bucket_bytes``, ``weight_backend``, ``weight_group_timeout_s``); this section holds what
-depends on the engine kind and on the loop:
+``weights``: every knob of the trainer's side of weight sync.  (The engine's own side of the weight
+group, ``engine.weight_group_timeout_s``, stays with the engine process's config, since an engine
+can run on its own.)  The keys that used to live in ``[trainer]`` (``publish_bucket_bytes``,
+``weight_backend``, ``weight_group_timeout_s``) are still accepted there, with a deprecation
+warning naming the new key (:data:`DEPRECATED_KEYS`).
+
+* ``bucket_bytes`` / ``backend`` / ``group_timeout_s``: the weight group's bucket size, backend
+  (``auto``: NCCL with CUDA, gloo without) and timeout (rendezvous, each collective, each HTTP call).
 
 * ``engine_kind``: ``"embedded"`` (slipstream's engine stages buckets while it decodes and swaps
   between decode steps: no pause needed) or ``"sglang"`` (SGLang applies an update inside its
@@ -33,10 +38,34 @@ from pipeline.configbase import check, doc
 
 ENGINE_KINDS = ("embedded", "sglang")
 PAUSE_MODES = ("in_place", "retract", "abort")
+MIB = 1024 * 1024
+
+#: old dotted key -> new dotted key (relative to the run config); the old ones are still read
+DEPRECATED_KEYS: dict[str, str] = {
+    "trainer.publish_bucket_bytes": "weights.bucket_bytes",
+    "trainer.weight_backend": "weights.backend",
+    "trainer.weight_group_timeout_s": "weights.group_timeout_s",
+}
 
 
 @dataclass
 class WeightSyncConfig:
+    bucket_bytes: int = doc(
+        "Weight publishing bucket size in bytes (a tensor larger than this travels alone). The publishing "
+        "rank holds two buffers of this size (one fills while the other is on the wire); SGLang receives "
+        "one bucket per request, so larger buckets mean fewer round trips (bench/gpu_weights.py). "
+        "Formerly trainer.publish_bucket_bytes.",
+        512 * MIB,
+    )
+    backend: Literal["auto", "nccl", "gloo"] = doc(
+        "Backend of the weight-update group: 'auto' = nccl with CUDA, gloo without. Formerly trainer.weight_backend.",
+        "auto",
+    )
+    group_timeout_s: float = doc(
+        "Timeout for the weight-update group rendezvous and each HTTP call to an engine. Formerly "
+        "trainer.weight_group_timeout_s.",
+        60.0,
+    )
     engine_kind: Literal["embedded", "sglang"] = doc(
         "Engines the trainer publishes to: 'embedded' (stages buckets while decoding, swaps between decode "
         "steps, no pause) or 'sglang' (paused with /pause_generation around the buckets, then "
@@ -79,6 +108,15 @@ class WeightSyncConfig:
     )
 
     def __post_init__(self) -> None:
+        check(self.bucket_bytes >= 1, "bucket_bytes", f"must be >= 1, got {self.bucket_bytes}")
+        check(self.backend in ("auto", "nccl", "gloo"), "backend", f"must be 'auto', 'nccl' or 'gloo', got {self.backend!r}")
+        check(self.group_timeout_s > 0, "group_timeout_s", f"must be > 0, got {self.group_timeout_s}")
         check(self.engine_kind in ENGINE_KINDS, "engine_kind", f"must be one of {list(ENGINE_KINDS)}, got {self.engine_kind!r}")
         check(self.pause_mode in PAUSE_MODES, "pause_mode", f"must be one of {list(PAUSE_MODES)}, got {self.pause_mode!r}")
         check(self.rejoin_timeout_s > 0, "rejoin_timeout_s", "must be > 0")
+
+    def resolved_backend(self, cuda: bool) -> str:
+        """``backend`` with 'auto' resolved (nccl with CUDA, gloo without)."""
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if cuda else "gloo"

@@ -15,10 +15,10 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from consumers.config import SFTConfig, TrainerConfig
-from consumers.weights_config import WeightSyncConfig
+from consumers.weights_config import DEPRECATED_KEYS, WeightSyncConfig
 from pipeline.configbase import ConfigError, apply_override, check, doc, from_dict, parse_override
 from producers.config import ProducerConfig
 from producers.engine.config import EngineConfig
@@ -168,6 +168,9 @@ class SlipstreamConfig:
     sft: SFTConfig = doc("Optional supervised warm-up the trainer runs before RL.", default_factory=SFTConfig)
     weights: WeightSyncConfig = doc("Streaming versioned weights to the engines.", default_factory=WeightSyncConfig)
     metrics: MetricsConfig = doc("Prometheus endpoints.", default_factory=MetricsConfig)
+
+    #: keys that moved (old -> new dotted key); the old ones are read with a warning naming the new one
+    DEPRECATED_KEYS: ClassVar[dict[str, str]] = DEPRECATED_KEYS
 
     def __post_init__(self) -> None:
         max_traj = self.queue.groups_per_step * self.producer.group_size

@@ -53,7 +53,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.metrics import SECONDS_BUCKETS, new_registry
+from pipeline.metrics import SECONDS_BUCKETS, new_registry, policy_version_gauge
 from pipeline.transport import CurveKeys, configure_socket
 from producers.config import ProducerConfig
 from producers.evaluation import Evaluator
@@ -93,7 +93,7 @@ class ProducerMetrics:
         self.errors = Counter("slipstream_producer_generate_errors_total", "Failed /generate calls (retried).", registry=r)
         self.inflight = Gauge("slipstream_producer_inflight_requests", "Groups being generated now.", registry=r)
         self.outbox = Gauge("slipstream_producer_outbox_groups", "Sent groups waiting for an ack.", registry=r)
-        self.version = Gauge("slipstream_policy_version", "Policy version this process knows to be published.", ["role"], registry=r)
+        self.version = policy_version_gauge(r)
         self.gen_seconds = Histogram("slipstream_producer_generate_seconds", "Wall time to generate one group.", buckets=SECONDS_BUCKETS, registry=r)
         self.filtered = Counter("slipstream_producer_groups_filtered_total", "Groups the group filter dropped before sending, by reason.", ["reason"], registry=r)
         self.reward = Histogram("slipstream_producer_reward", "Reward of each generated trajectory.", buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)

@@ -5,7 +5,7 @@ wheel once (``pip download --no-deps sglang==0.5.23``, cached in ``~/.cache/slip
 or ``$SLIPSTREAM_SGLANG_WHEEL_DIR``), opens it as a zip and reads the source with ``ast``:
 
 * routes (``sglang/srt/entrypoints/http_server.py``): every route in ``producers.sglang_client.ROUTES``
-  and ``consumers.publisher.ROUTES`` exists with the method slipstream uses, and its handler takes
+  and ``schemas.weight_update.ROUTES`` (the weight-update contract) exists with the method slipstream uses, and its handler takes
   the request dataclass slipstream's body is checked against;
 * request bodies (``sglang/srt/managers/io_struct.py``): the bodies are built by the same functions
   the client and publisher use (``generate_body``, ``bucket_payload``, ...); every key must be a
@@ -34,9 +34,9 @@ from typing import Any
 import pytest
 import torch
 
-from consumers import publisher as pub
 from producers import sglang_client as client
 from producers.rollout import SamplingParams
+from schemas import weight_update as pub
 
 SGLANG_VERSION = "0.5.23"
 HTTP_SERVER = "sglang/srt/entrypoints/http_server.py"

@@ -157,14 +157,14 @@ def test_publish_to_two_engines_in_other_processes(engines, kind):
             named = _weights(seed=version)
             before = [post_json(f"{url}/state", {}, 10, "state")["buckets"] for url in urls]
             info = pub.publish(named, version=version)
-            assert info["buckets"] == len(plan_buckets(named, 70_000)) > 2
-            assert info["bytes"] == sum(t.numel() * t.element_size() for t in named.values())
+            assert info.buckets == len(plan_buckets(named, 70_000)) > 2
+            assert info.bytes == sum(t.numel() * t.element_size() for t in named.values())
             for url, b0 in zip(urls, before, strict=True):  # publish returned => every engine serves it, bit for bit
                 st = post_json(f"{url}/state", {}, 10, "state")
                 assert st["version"] == str(version)
-                assert st["checksum"] == info["checksum"]
+                assert st["checksum"] == info.checksum
                 assert st["names"] == list(named)
-                assert st["buckets"] - b0 == (1 if kind == "embedded" else info["buckets"])
+                assert st["buckets"] - b0 == (1 if kind == "embedded" else info.buckets)
                 assert st["paused"] is False
     finally:
         pub.close()

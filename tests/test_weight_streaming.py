@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import torch
 
-import consumers.publisher as publisher_mod
+import consumers.engine_http as engine_http
+from consumers.engine_driver import EmbeddedDriver
 from consumers.publish_async import AsyncPublisher, WeightSnapshot
 from consumers.publisher import PublishError, WeightPublisher
 from pipeline.tiny import make_tiny_model
@@ -53,7 +54,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
     """Records every HTTP call of the publisher as (route, extra); for the first bucket of each
     version it also asks the engine whether generation is paused right then."""
     seen: list[tuple[str, Any]] = []
-    real = publisher_mod.post_json
+    real = engine_http.post_json
     lock = threading.Lock()
 
     def recording(url: str, payload: dict[str, Any] | bytes | None, timeout_s: float, what: str,
@@ -69,7 +70,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
             seen.append(("/" + route, extra))
         return real(url, payload, timeout_s, what, connections)
 
-    monkeypatch.setattr(publisher_mod, "post_json", recording)
+    monkeypatch.setattr(engine_http, "post_json", recording)
     return seen
 
 
@@ -97,14 +98,14 @@ def test_sglang_mode_pauses_around_the_buckets(engine: Engine, reference: dict[s
         t.join(120)
         assert "err" not in box, box
         routes = [r for r, _ in calls]
-        n = info["buckets"]
+        n = info.buckets
         assert n > 2
         assert routes == ["/pause_generation"] + ["/update_weights_from_distributed"] * n + [
             "/flush_cache", "/continue_generation"], routes
         assert calls[0][1] == "in_place"
         assert calls[1][1] is True, "the engine was not paused while the first bucket arrived"
-        assert info["pause_s"] > 0
-        assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == info["checksum"]
+        assert info.pause_s > 0
+        assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == info.checksum
         assert engine.ok("GET", "/get_server_info")["paused"] is False
         out = box["out"]
         versions = out["meta_info"]["output_token_weight_versions"]
@@ -113,14 +114,14 @@ def test_sglang_mode_pauses_around_the_buckets(engine: Engine, reference: dict[s
 
         # retract mode, and the embedded kind: no pause/continue at all
         calls.clear()
-        pub.pause_mode = "retract"
+        pub.driver.pause_mode = "retract"  # type: ignore[attr-defined]
         info = pub.publish(_weights(reference, seed=2), version=2)
         assert calls[0] == ("/pause_generation", "retract") and calls[-1][0] == "/continue_generation"
-        pub.engine_kind = "embedded"
+        pub.driver = EmbeddedDriver()
         calls.clear()
         info = pub.publish(_weights(reference, seed=3), version=3)
         assert [r for r, _ in calls] == ["/update_weights_from_distributed"], "one request for the whole update"
-        assert info["buckets"] > 2
+        assert info.buckets > 2
         assert calls[0][1] is False, "the embedded engine keeps decoding while buckets arrive"
         assert engine.version() == 3
     finally:
@@ -138,15 +139,15 @@ def test_update_reply_accounts_for_the_request_time(engine: Engine, reference: d
         for version, seed in ((11, 11), (12, 12)):
             named = _weights(reference, seed=seed)
             info = pub.publish(named, version=version)
-            t = info["timings"]
+            t = info.timings
             parts = ("parse_s", "queue_s", "receive_s", "swap_wait_s", "swap_s")
             assert all(t[f"engine_{k}"] >= 0 for k in parts), t
-            assert t["engine_receive_s"] > 0 and t["engine_swap_s"] == pytest.approx(info["pause_s"])
+            assert t["engine_receive_s"] > 0 and t["engine_swap_s"] == pytest.approx(info.pause_s)
             assert sum(t[f"engine_{k}"] for k in parts) == pytest.approx(t["engine_handler_s"], abs=1e-6)
             # the engine started after the post and finished before the reply came back (same host)
             assert t["posted_at"] <= t["engine_started_at"]
             assert t["engine_started_at"] + t["engine_handler_s"] <= t["posted_at"] + t["send_s"]
-            assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == info["checksum"]
+            assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == info.checksum
             assert engine.version() == version
     finally:
         pub.close()
@@ -160,12 +161,12 @@ def test_flat_snapshot_goes_out_in_one_broadcast(engine: Engine, reference: dict
     try:
         plain = _weights(reference, seed=21)
         info = pub.publish(plain, version=21)
-        assert info["buckets"] > 2
+        assert info.buckets > 2
         snap = WeightSnapshot().take(_weights(reference, seed=22))
         assert snap.contiguous
         info = pub.publish(snap, version=22)
-        assert info["buckets"] == 1 and info["bytes"] == sum(t.numel() * t.element_size() for t in snap.values())
-        assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == info["checksum"] == weights_checksum(snap)
+        assert info.buckets == 1 and info.bytes == sum(t.numel() * t.element_size() for t in snap.values())
+        assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == info.checksum == weights_checksum(snap)
         assert engine.version() == 22
     finally:
         pub.close()
@@ -199,14 +200,14 @@ def test_restarted_engine_gets_the_current_version(model_dir: Path, tmp_path: Pa
     try:
         pub.connect()
         info = pub.publish(_weights(reference, seed=11), version=1)
-        assert info["rejoined"] == 0
+        assert info.rejoined == 0
         # killed and restarted on the same port while nobody publishes: it serves version 0 again
         eng.kill()
         eng = Engine(model_dir, tmp_path / "a2", "--port", str(port))
         assert eng.base == urls[0] and eng.version() == 0
         named = _weights(reference, seed=12)
         info = pub.publish(named, version=2)
-        assert info["rejoined"] == 1
+        assert info.rejoined == 1
         for e in (eng, other):
             st = e.ok("GET", "/slipstream/weights_checksum")
             assert (st["weight_version"], st["checksum"]) == ("2", weights_checksum(named))
@@ -220,12 +221,12 @@ def test_restarted_engine_gets_the_current_version(model_dir: Path, tmp_path: Pa
         eng = Engine(model_dir, tmp_path / "a3", "--port", str(port))
         t.join(120)
         assert "err" not in box, box
-        assert box["out"]["rejoined"] == 1
+        assert box["out"].rejoined == 1
         for e in (eng, other):
             st = e.ok("GET", "/slipstream/weights_checksum")
             assert st["weight_version"] == "3" and st["checksum"] == weights_checksum(named)
         # nothing lags: no rejoin
-        assert pub.publish(_weights(reference, seed=14), version=4)["rejoined"] == 0
+        assert pub.publish(_weights(reference, seed=14), version=4).rejoined == 0
     finally:
         pub.close()
         for e in (eng, other):

@@ -58,12 +58,13 @@ from aiohttp import web
 
 from pipeline.configbase import ConfigError, apply_override, from_dict, parse_override
 from pipeline.metrics import VERSION, exposition, new_registry
-from pipeline.weightsync import DEFAULT_GROUP_NAME, weights_checksum
+from pipeline.weightsync import weights_checksum
 from producers.engine.config import EngineConfig
 from producers.engine.decode import GenRequest, Scheduler
 from producers.engine.metrics import EngineMetrics
 from producers.engine.sampling import RequestError, parse_generate_request
 from producers.engine.weights import WeightReceiver, WeightUpdateError, parse_update_request
+from schemas import weight_update as wu
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,6 +98,14 @@ def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...], defaul
         names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise RequestError(key, f"expected {names}, got {value!r}")
     return value
+
+
+def _parsed(parse: Callable[..., T], *args: Any) -> T:
+    """A :mod:`schemas.weight_update` parser's result; its FieldError becomes a RequestError (400)."""
+    try:
+        return parse(*args)
+    except wu.FieldError as e:
+        raise RequestError(e.field, e.message) from None
 
 
 def load_model(model_path: str, cfg: EngineConfig) -> tuple[torch.nn.Module, torch.device]:
@@ -179,11 +188,11 @@ class EngineServer:
         r.add_post("/pause_generation", self.pause)
         r.add_post("/continue_generation", self.resume)
         r.add_post("/abort_request", self.abort)
-        r.add_post("/init_weights_update_group", self.init_group)
-        r.add_post("/destroy_weights_update_group", self.destroy_group)
-        r.add_post("/update_weights_from_distributed", self.update_weights)
-        r.add_post("/update_weight_version", self.update_version)
-        r.add_get("/slipstream/weights_checksum", self.checksum)
+        r.add_post(wu.ROUTE_INIT_GROUP, self.init_group)
+        r.add_post(wu.ROUTE_DESTROY_GROUP, self.destroy_group)
+        r.add_post(wu.ROUTE_UPDATE, self.update_weights)
+        r.add_post(wu.ROUTE_UPDATE_VERSION, self.update_version)
+        r.add_get(wu.ROUTE_CHECKSUM, self.checksum)
         return app
 
     # ------------------------------------------------------------------ plumbing
@@ -196,8 +205,7 @@ class EngineServer:
             msg = f"{e.field}: {e.message}"
             log.info("400 %s %s: %s", request.method, request.path, msg)
             body: dict[str, Any] = {"error": {"message": msg, "field": e.field}}
-            if request.path in ("/init_weights_update_group", "/update_weights_from_distributed",
-                                "/destroy_weights_update_group", "/update_weight_version"):
+            if request.path in wu.WEIGHT_ROUTES:
                 body.update(success=False, message=msg)
             return web.json_response(body, status=400)
         except EngineClosing:
@@ -334,22 +342,9 @@ class EngineServer:
 
     # ------------------------------------------------------------------ weights
     async def init_group(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        address = _field(body, "master_address", str)
-        port = _field(body, "master_port", int)
-        rank = _field(body, "rank_offset", int)
-        world = _field(body, "world_size", int)
-        group_name = _field(body, "group_name", str, DEFAULT_GROUP_NAME)
-        backend = _field(body, "backend", str, "nccl")
-        if not 0 < port < 65536:
-            raise RequestError("master_port", f"must be a TCP port, got {port}")
-        if world < 2:
-            raise RequestError("world_size", f"must be >= 2 (trainer rank 0 plus engines), got {world}")
-        if not 1 <= rank < world:
-            raise RequestError("rank_offset", f"must be in [1, world_size={world}), got {rank}")
-        if backend not in ("gloo", "nccl"):
-            raise RequestError("backend", f"must be 'gloo' or 'nccl', got {backend!r}")
-        fut = _daemon_call(lambda: self.receiver.init_group(address, port, rank, world, backend, group_name),
+        req = _parsed(wu.InitGroupRequest.parse, await self._json(request))
+        fut = _daemon_call(lambda: self.receiver.init_group(req.master_address, req.master_port, req.rank_offset,
+                                                            req.world_size, req.backend, req.group_name),
                            "engine-weight-group-init")
         try:
             message = await self._until_closing(fut)
@@ -361,8 +356,7 @@ class EngineServer:
         return web.json_response({"success": True, "message": message})
 
     async def destroy_group(self, request: web.Request) -> web.Response:
-        body = await self._json(request, allow_empty=True)
-        name = _field(body, "group_name", str, DEFAULT_GROUP_NAME)
+        name = _parsed(wu.DestroyGroupRequest.parse, await self._json(request, allow_empty=True)).group_name
         ok = await asyncio.to_thread(self.receiver.destroy_group, name)
         return web.json_response({"success": ok, "message": "destroyed" if ok else f"no weight group {name!r}"},
                                  status=200 if ok else 400)
@@ -405,12 +399,7 @@ class EngineServer:
 
     async def update_version(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        raw = _field(body, "new_version", (str, int))
-        try:
-            version = int(raw)
-            assert version >= 0
-        except (ValueError, AssertionError):
-            raise RequestError("new_version", f"expected a non-negative integer version, got {raw!r}") from None
+        version = _parsed(wu.parse_version, _field(body, "new_version", (str, int)), "new_version")
         if _field(body, "abort_all_requests", bool, True):
             self.scheduler.abort(None, "aborted for a weight-version change")
         pause = await asyncio.wrap_future(self.scheduler.swap_weights({}, version))
