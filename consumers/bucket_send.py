@@ -98,7 +98,7 @@ class BucketSender:
         (buffers of ``largest`` bytes, the biggest bucket's size)."""
         tensors = [named[n] for n in buckets[i]]
         span = contiguous_span(tensors)
-        if span is not None:
+        if span is not None and span.is_cuda == (self.backend == "nccl"):  # NCCL sends device memory, gloo host memory
             return span
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         bufs = self.buffers(largest, min(2, len(buckets)), device)

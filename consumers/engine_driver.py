@@ -5,9 +5,14 @@ What: the publisher (:mod:`consumers.publisher`) never branches on the engine ki
 
 * :meth:`EngineDriver.begin` / :meth:`~EngineDriver.end` / :meth:`~EngineDriver.abort` bracket an
   update on every engine.  SGLang applies an update inside its scheduler loop, so
-  :class:`SGLangDriver` pauses generation (``/pause_generation {mode}``) before and continues it
-  after (``/flush_cache`` first when configured); :class:`EmbeddedDriver` needs nothing: the embedded
-  engine stages the bytes while it decodes and swaps between two decode steps.
+  :class:`SGLangDriver` pauses generation (``/pause_generation {mode}``) and opens a weight-update
+  session (``/begin_weight_update``: sglang 0.5.23 refuses ``/update_weights_from_*`` outside one)
+  before, and closes it (``/end_weight_update``) and continues generation after (``/flush_cache``
+  first when configured); :class:`EmbeddedDriver` needs nothing: the embedded engine stages the
+  bytes while it decodes and swaps between two decode steps.
+* :meth:`EngineDriver.ipc_request`: the request that hands a colocated engine the trainer's shared
+  snapshot (embedded: :class:`~schemas.weight_update.IPCUpdateRequest`, explicit JSON; SGLang:
+  ``/update_weights_from_tensor`` with its own ``flattened_bucket`` serialization).
 * :meth:`EngineDriver.broadcast_plan`: the requests that announce an update sent by broadcast, and
   which of our buckets follow each request.  The embedded engine takes one request per update
   (every tensor, plus :data:`~schemas.weight_update.CHUNKS_FIELD` or, with pipeline stages,
@@ -32,17 +37,27 @@ import torch
 
 from consumers.bucket_send import RemotePart, bucket_sizes, plan_buckets
 from consumers.engine_http import EngineCalls, PublishError
+from consumers.snapshot import FlatState
 from schemas.weight_update import (
     CHUNKS_FIELD,
     PARTS_FIELD,
     PAUSE_MODES,
+    ROUTE_BEGIN_UPDATE,
     ROUTE_CONTINUE,
+    ROUTE_END_UPDATE,
     ROUTE_FLUSH,
     ROUTE_PAUSE,
+    ROUTE_UPDATE_IPC,
+    ROUTE_UPDATE_TENSOR,
+    IPCUpdateRequest,
     PartSpec,
+    SharedBuffer,
     UpdateRequest,
+    begin_update_payload,
     continue_payload,
+    end_update_payload,
     pause_payload,
+    tensor_update_payload,
 )
 
 log = logging.getLogger(__name__)
@@ -119,6 +134,11 @@ class EngineDriver(ABC):
                        remote_parts: list[RemotePart], bucket_bytes: int) -> UpdatePlan:
         """The requests announcing ``named`` (plus the remote parts' tensors) sent by broadcast."""
 
+    @abstractmethod
+    def ipc_request(self, flat: FlatState, shared: SharedBuffer, version: int, ranks: int) -> tuple[str, dict[str, Any]]:
+        """(route, body) of the one request that hands ``flat`` (views into the shared buffer
+        ``shared``) to a colocated engine with ``ranks`` TP ranks."""
+
 
 class EmbeddedDriver(EngineDriver):
     """slipstream's embedded engine: one request per update, no pause around it."""
@@ -162,6 +182,12 @@ class EmbeddedDriver(EngineDriver):
         _, layout, largest = self._layout_json
         return b'{"weight_version": "%d", ' % version + layout[1:], largest
 
+    def ipc_request(self, flat: FlatState, shared: SharedBuffer, version: int, ranks: int) -> tuple[str, dict[str, Any]]:
+        assert flat.offsets is not None
+        req = IPCUpdateRequest(list(flat), [t.dtype for t in flat.values()], [list(t.shape) for t in flat.values()],
+                               [flat.offsets[n] for n in flat], shared, version)
+        return ROUTE_UPDATE_IPC, req.to_json()
+
 
 class SGLangDriver(EngineDriver):
     """An SGLang server: paused around the update, one request per bucket."""
@@ -176,8 +202,14 @@ class SGLangDriver(EngineDriver):
 
     def begin(self, calls: EngineCalls, version: int) -> None:
         calls.call_all(ROUTE_PAUSE, pause_payload(self.pause_mode), f"pausing generation ({self.pause_mode}) for version {version}")
+        try:  # SGLang 0.5.23 loads weights only inside a weight-update session
+            calls.call_all(ROUTE_BEGIN_UPDATE, begin_update_payload(), f"opening the weight-update session for version {version}")
+        except PublishError:
+            self.abort(calls, version)
+            raise
 
     def end(self, calls: EngineCalls, version: int) -> None:
+        calls.call_all(ROUTE_END_UPDATE, end_update_payload(), f"closing the weight-update session of version {version}")
         if self.flush_cache:
             try:
                 calls.call_all(ROUTE_FLUSH, {}, f"flushing the prefix cache after version {version}")
@@ -186,6 +218,10 @@ class SGLangDriver(EngineDriver):
         calls.call_all(ROUTE_CONTINUE, continue_payload(), f"continuing generation after version {version}")
 
     def abort(self, calls: EngineCalls, version: int) -> None:
+        try:  # a session left open would refuse the next begin_weight_update
+            calls.call_all(ROUTE_END_UPDATE, end_update_payload(), f"closing the weight-update session of the failed version {version}")
+        except PublishError as e:
+            log.warning("weight publisher: could not close the weight-update session after a failed publish: %s", e)
         try:
             calls.call_all(ROUTE_CONTINUE, continue_payload(), f"continuing generation after the failed version {version}")
         except PublishError as e:
@@ -211,6 +247,17 @@ class SGLangDriver(EngineDriver):
                         + f" of version {version}" + (" (swap)" if last else ""))
                 steps.append(UpdateStep(body, [i] if stage == 0 else [], what, last))
         return UpdatePlan(buckets, max(bucket_sizes(named, buckets)), steps, len(steps))
+
+
+    def ipc_request(self, flat: FlatState, shared: SharedBuffer, version: int, ranks: int) -> tuple[str, dict[str, Any]]:
+        """SGLang's ``/update_weights_from_tensor`` in ``flattened_bucket`` form, whole model in one
+        request (a view of the shared buffer: nothing is copied on our side)."""
+        from consumers.ipc import sglang_serialized_bucket
+
+        assert flat.buffer is not None and flat.offsets is not None
+        serialized = sglang_serialized_bucket(flat.buffer, list(flat), [t.dtype for t in flat.values()],
+                                              [list(t.shape) for t in flat.values()], [flat.offsets[n] for n in flat], ranks)
+        return ROUTE_UPDATE_TENSOR, tensor_update_payload(serialized, version, self.flush_cache)
 
 
 def make_driver(kind: str, pause_mode: str = "in_place", flush_cache: bool = True) -> EngineDriver:

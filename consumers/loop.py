@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -43,8 +44,10 @@ import torch
 import torch.distributed as dist
 from prometheus_client import Counter, Gauge, Histogram
 
+from consumers.engine_links import WeightSyncMetrics
 from consumers.publish_async import AsyncPublisher, InlinePublisher, Publisher
 from consumers.publisher import PublishResult
+from consumers.snapshot import WeightSnapshot
 from pipeline.config import SlipstreamConfig
 from pipeline.metrics import SECONDS_BUCKETS, new_registry, policy_version_gauge, serve_metrics
 from pipeline.rundir import port_file, write_json_atomic
@@ -90,6 +93,9 @@ class TrainerMetrics:
         self.staleness_mean = Gauge("slipstream_trainer_batch_staleness_mean", "Mean staleness of the step's trajectories.", registry=r)
         self.staleness_max = Gauge("slipstream_trainer_batch_staleness_max", "Max staleness of the step's trajectories.", registry=r)
         self.stats = {k: Gauge(f"slipstream_trainer_{k}", doc, registry=r) for k, doc in STAT_GAUGES.items()}
+        self.weight_sync = WeightSyncMetrics(r)
+        self.snapshot_bytes = Gauge("slipstream_trainer_weight_snapshot_bytes", "Bytes of the publish snapshot (one copy of the published weights).", registry=r)
+        self.snapshot_limit = Gauge("slipstream_trainer_weight_snapshot_limit_bytes", "Memory budget of the publish snapshot (weights.snapshot_max_fraction).", registry=r)
 
 
 @dataclass
@@ -111,6 +117,7 @@ class StepRecord:
     weights_checksum: str
     engine_checksums: list[str] = field(default_factory=list)
     engine_pause_s: float = 0.0
+    stale_engines: list[str] = field(default_factory=list)  # engines out of weight sync after this publish
     replay: bool = False  # the step re-trained a batch the broker retained (see the module doc)
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -204,7 +211,7 @@ class Trainer:
             on_done = self._finish_step if rank.is_publisher else _stage_done
             if cfg.weights.async_publish:
                 self.sender = AsyncPublisher(publisher, on_done, checksum=cfg.run.verify_weights,
-                                             timeout_s=cfg.weights.group_timeout_s * 4 + 60.0)
+                                             timeout_s=cfg.weights.group_timeout_s * 4 + 60.0, snapshot=self._snapshot(publisher))
             else:
                 self.sender = InlinePublisher(publisher, on_done, checksum=cfg.run.verify_weights)
         if rank.is_publisher:
@@ -217,6 +224,26 @@ class Trainer:
                               checkpoint_every=cfg.trainer.checkpoint_every)
             self.metrics.version.labels("trainer").set(self.version)
         self._t_start = time.monotonic()
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's weights (and its HF export) live."""
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def _snapshot(self, publisher: Publisher) -> WeightSnapshot:
+        """The publish snapshot: on the device unless every engine gets a gloo broadcast from a GPU
+        (or the user asks for host memory), shareable when an engine takes IPC, within its budget."""
+        w = self.cfg.weights
+        transports = getattr(publisher, "transports", {})
+        gloo_only = w.resolved_backend(torch.cuda.is_available()) == "gloo" and "ipc" not in transports.values()
+        host = w.snapshot_device == "host" or (self.device.type == "cuda" and gloo_only)
+        budget = int(w.snapshot_max_fraction * _memory_of(torch.device("cpu") if host else self.device))
+        if self.metrics is not None:
+            self.metrics.snapshot_limit.set(budget)
+        on_size = self.metrics.snapshot_bytes.set if self.metrics is not None else None
+        log.info("publish snapshot: %s memory, budget %.1f GiB (weights.snapshot_max_fraction = %g)",
+                 "host" if host else str(self.device), budget / 2**30, w.snapshot_max_fraction)
+        return WeightSnapshot(budget, host=host, allocate=getattr(publisher, "snapshot_allocator", None), on_size=on_size)
 
     def _connect_publisher(self) -> Publisher | None:
         """Build and connect this rank's weight publisher (collective with per-stage publishing);
@@ -240,6 +267,9 @@ class Trainer:
                 self.engine_urls, master_address=cfg.queue.host, backend=backend, bucket_bytes=w.bucket_bytes,
                 timeout_s=w.group_timeout_s, engine_kind=w.engine_kind, pause_mode=w.pause_mode, flush_cache=w.flush_cache,
                 resync=w.resync_engines and not self.per_stage, rejoin_timeout_s=w.rejoin_timeout_s,
+                transport="broadcast" if self.per_stage else w.transport, update_timeout_s=w.update_timeout_s,
+                device=self.device, snapshot_budget_bytes=int(w.snapshot_max_fraction * _memory_of(self.device)),
+                metrics=self.metrics.weight_sync if self.metrics is not None else None,
             )
         publisher: Publisher | None = weights_pub
         if self.per_stage:  # collective: every rank, every stage's group
@@ -251,6 +281,10 @@ class Trainer:
             publisher = stage_pub
         elif weights_pub is not None:
             weights_pub.connect()  # a restarted trainer rejoins with a new rendezvous; engines drop the dead group
+        if weights_pub is not None and cfg.metrics.enabled:  # processes.json readers find each engine's transport here
+            ports = port_file(self.run_dir, "trainer")
+            info = json.loads(ports.read_text()) if ports.exists() else {}
+            write_json_atomic(ports, {**info, "weight_transports": weights_pub.transports})
         if publisher is not None and resumed:  # resumed or post-SFT weights reach the engines before any rollout
             assert initial is not None
             publisher.publish(initial, self.version, checksum=False)
@@ -314,7 +348,8 @@ class Trainer:
             tokens_trained=int(stats.get("tokens_trained", 0)), trajectories=len(stale), trajectories_dropped=batch.dropped,
             queue_depth=batch.queue_depth, wall_time_s=t3 - self._t_start, wait_s=ctx["wait_s"], train_s=ctx["train_s"],
             publish_s=pub.seconds, publish_bytes=pub.bytes, weights_checksum=pub.checksum, engine_checksums=checks,
-            engine_pause_s=pub.pause_s, replay=batch.replay, stats={k: float(v) for k, v in stats.items()},
+            engine_pause_s=pub.pause_s, stale_engines=sorted(pub.stale), replay=batch.replay,
+            stats={k: float(v) for k, v in stats.items()},
         )
         with (self.run_dir / "steps.jsonl").open("a") as f:
             f.write(rec.to_json() + "\n")
@@ -346,6 +381,13 @@ class Trainer:
 def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
     """``slipstream train``: one rank's whole run (:class:`Trainer`)."""
     return Trainer(cfg, run_dir, broker_endpoint, engine_urls).run()
+
+
+def _memory_of(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes (host RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _stage_done(version: int, info: PublishResult | None, ctx: Any) -> None:

@@ -1,11 +1,19 @@
 """Weight transports: how the bytes of a version reach a set of engines (DESIGN §8).
 
-What: one interface, :class:`WeightTransport`, one implementation per way of moving bytes.
-:class:`BroadcastTransport` is a weight-update group (:func:`pipeline.weightsync.init_weight_group`,
-NCCL on GPU, gloo on CPU) whose rank 0 is this process and whose other ranks are the engines';
-the requests that announce each update come from the engine kind's
-:class:`~consumers.engine_driver.EngineDriver`, so one transport serves the embedded engine and
+What: one interface, :class:`WeightTransport`, one implementation per way of moving bytes; the
+requests that announce each update come from the engine kind's
+:class:`~consumers.engine_driver.EngineDriver`, so each transport serves the embedded engine and
 SGLang alike.
+
+* :class:`BroadcastTransport`: a weight-update group (:func:`pipeline.weightsync.init_weight_group`,
+  NCCL on GPU, gloo on CPU) whose rank 0 is this process and whose other ranks are the engines'.
+* :class:`IPCTransport`: for an engine on the trainer's own device (NCCL refuses two ranks on one
+  GPU): the engine maps the trainer's snapshot, shared once (CUDA IPC; a ``/dev/shm`` file on CPU,
+  :mod:`consumers.ipc`), and copies it into its parameters.  One HTTP request per version.
+
+:func:`choose_transport` picks one per engine from placement (``weights.transport = "auto"``): IPC
+when the engine reports the trainer's GPU (``/get_server_info``'s ``slipstream_device``), else a
+broadcast; on CPU ``auto`` keeps the broadcast.
 
 A transport knows nothing of versions' order, checksums, resyncs or pauses: the publisher
 (:mod:`consumers.publisher`) does that around :meth:`WeightTransport.send`.
@@ -29,7 +37,9 @@ import torch
 from consumers.bucket_send import BucketSender, RemotePart
 from consumers.engine_driver import EngineDriver
 from consumers.engine_http import EngineCalls, PublishError, free_port, spawn
-from pipeline.weightsync import DEFAULT_GROUP_NAME, WeightGroup, init_weight_group
+from consumers.ipc import SharedAllocator
+from consumers.snapshot import FlatState, WeightSnapshot
+from pipeline.weightsync import DEFAULT_GROUP_NAME, WeightGroup, init_weight_group, same_device, same_machine
 from schemas.weight_update import (
     ROUTE_DESTROY_GROUP,
     ROUTE_INIT_GROUP,
@@ -81,6 +91,11 @@ class WeightTransport(ABC):
     def close(self) -> None:
         """Release the engines (best effort)."""
 
+    def abandon(self) -> None:
+        """An update missed its deadline and may still run: never reuse what it uses (its group,
+        its buffer); the next :meth:`connect` starts clean."""
+        self.close()
+
 
 class BroadcastTransport(WeightTransport):
     """A weight-update group: this process is rank 0, engine ``i`` brings ``ranks_per_engine[i]``
@@ -116,6 +131,14 @@ class BroadcastTransport(WeightTransport):
         """After a failure the group is unusable (a collective may still block until its timeout
         in a daemon thread): drop it, so that connect() starts clean."""
         self._group = None
+
+    def abandon(self) -> None:
+        group, self._group = self._group, None
+        if group is not None and self.backend == "nccl":  # gloo has no abort: its wait ends at its timeout
+            try:
+                group.pg.abort()
+            except Exception as e:  # not every torch version has it
+                log.debug("weight group abort: %s", e)
 
     def connect(self, remote_parts: list[RemotePart]) -> None:
         if self._group is not None:
@@ -199,3 +222,86 @@ class BroadcastTransport(WeightTransport):
             except Exception as e:  # best effort: engines may already be gone
                 log.warning("weight publisher close: %s", e)
         self._group = None
+
+
+class IPCTransport(WeightTransport):
+    """An engine on this process's device: it maps the shared snapshot and copies it in.  A state
+    that is not in a shared buffer yet (a plain dict) is first copied into one of our own
+    (:class:`~consumers.snapshot.WeightSnapshot` with the shared allocator)."""
+
+    kind = "ipc"
+
+    def __init__(self, calls: EngineCalls, allocator: SharedAllocator, ranks: int = 1, budget_bytes: int | None = None) -> None:
+        super().__init__(calls)
+        self.allocator = allocator
+        self.ranks = ranks
+        self.budget_bytes = budget_bytes
+        self._snapshot: WeightSnapshot | None = None
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def connect(self, remote_parts: list[RemotePart]) -> None:
+        if remote_parts:
+            raise PublishError("weights.transport 'ipc' cannot carry other pipeline stages' parts "
+                               "(weights.per_stage_publish); use the broadcast transport")
+        self._connected = True
+
+    def _shared(self, named: Mapping[str, torch.Tensor], timings: dict[str, float]) -> FlatState:
+        if isinstance(named, FlatState) and self.allocator.describe(named.buffer) is not None:
+            return named
+        t = time.perf_counter()
+        if self._snapshot is None:
+            self._snapshot = WeightSnapshot(self.budget_bytes, allocate=self.allocator)
+        flat = self._snapshot.take(named)
+        timings["snapshot_s"] = timings.get("snapshot_s", 0.0) + time.perf_counter() - t
+        return flat
+
+    def send(self, named: Mapping[str, torch.Tensor], version: int, driver: EngineDriver,
+             timings: dict[str, float]) -> Sent:
+        if not self._connected:
+            raise PublishError("publish() before connect()")
+        flat = self._shared(named, timings)
+        shared = self.allocator.describe(flat.buffer)
+        assert shared is not None
+        route, body = driver.ipc_request(flat, shared, version, self.ranks)
+        what = f"version {version} (shared buffer, copy)"
+        t = time.perf_counter()
+        timings.setdefault("posted_at", time.monotonic())
+        replies = self.calls.collect(self.calls.post_all(route, [body] * len(self.engine_urls), what), route, what)
+        timings["send_s"] = timings.get("send_s", 0.0) + time.perf_counter() - t
+        engine = max((r.get("timings") or {} for r in replies), key=lambda d: d.get("handler_s", 0.0), default={})
+        timings.update({f"engine_{k}": float(v) for k, v in engine.items()})
+        return Sent(sum(t.numel() * t.element_size() for t in flat.values()), 1, replies)
+
+    def close(self) -> None:
+        self._connected = False
+
+    def abandon(self) -> None:
+        self.close()
+        if self._snapshot is not None:  # the late engine may still copy from it
+            self._snapshot.retire()
+
+
+def choose_transport(mode: str, mine: Mapping[str, Any], theirs: Mapping[str, Any] | None, url: str) -> tuple[str, str]:
+    """(transport kind, why) for one engine: ``mode`` is ``weights.transport``; ``mine`` and
+    ``theirs`` are :func:`pipeline.weightsync.device_identity` of the publishing rank's device and
+    the engine's (None: the engine reports none, e.g. SGLang)."""
+    if mode == "broadcast":
+        return "broadcast", "weights.transport = 'broadcast'"
+    if mode == "ipc":
+        if theirs is not None and not same_machine(mine, theirs):
+            raise PublishError(f"{url}: weights.transport = 'ipc' but the engine runs on another machine "
+                               f"({theirs.get('host')!r}, this trainer on {mine.get('host')!r}); use 'broadcast' or 'auto'")
+        return "ipc", "weights.transport = 'ipc'"
+    if mode != "auto":
+        raise ValueError(f"weights.transport must be 'auto', 'broadcast' or 'ipc', got {mode!r}")
+    if theirs is None:
+        return "broadcast", "the engine reports no device (e.g. SGLang): assumed remote"
+    if mine.get("device") != "cuda":
+        return "broadcast", "on CPU, auto keeps the broadcast"
+    if same_device(mine, theirs):
+        return "ipc", f"colocated on GPU {mine.get('uuid')}"
+    return "broadcast", "another GPU" if same_machine(mine, theirs) else f"another machine ({theirs.get('host')})"

@@ -173,6 +173,12 @@ class SlipstreamConfig:
     DEPRECATED_KEYS: ClassVar[dict[str, str]] = DEPRECATED_KEYS
 
     def __post_init__(self) -> None:
+        check(not (self.run.verify_weights and self.weights.engine_kind == "sglang"), "run.verify_weights",
+              "checks the engines' weights with slipstream's /slipstream/weights_checksum, which SGLang does not serve: "
+              "turn it off with weights.engine_kind = 'sglang'")
+        check(not (self.weights.transport == "ipc" and self.trainer.pipeline_parallel > 1 and self.weights.per_stage_publish),
+              "weights.transport", "'ipc' does not work with per-stage publishing (trainer.pipeline_parallel > 1 and "
+              "weights.per_stage_publish): use 'auto' or 'broadcast', or weights.per_stage_publish = false")
         max_traj = self.queue.groups_per_step * self.producer.group_size
         check(
             self.queue.max_queued_trajectories >= max_traj,

@@ -18,11 +18,14 @@ the weight-update HTTP contract).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -201,3 +204,41 @@ def weights_checksum(named: Mapping[str, torch.Tensor]) -> str:
     combined in sorted name order, so that per-stage publishers can contribute their parts'
     digests instead of their tensors)."""
     return combine_digests(tensor_digests(named))
+
+
+# ------------------------------------------------------------------------------ placement
+@functools.cache
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def cuda_uuid(index: int) -> str:
+    """The UUID of CUDA device ``index`` (stable across processes, unlike the index)."""
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def device_identity(device: torch.device) -> dict[str, Any]:
+    """Where weights on ``device`` live, comparable across processes: host name and boot id (one
+    machine, one shared-memory namespace), device type and, for CUDA, the GPU's UUID.  Engines
+    report it in ``/get_server_info`` (``schemas.weight_update.DEVICE_FIELD``); the trainer
+    compares it with its own to pick a transport."""
+    ident: dict[str, Any] = {"host": socket.gethostname(), "boot_id": _boot_id(), "device": device.type}
+    if device.type == "cuda":
+        ident["uuid"] = cuda_uuid(device.index if device.index is not None else torch.cuda.current_device())
+    return ident
+
+
+def same_machine(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Both identities name one running machine (so memory can be shared between them)."""
+    return bool(a and b and a.get("host") == b.get("host") and a.get("boot_id") == b.get("boot_id"))
+
+
+def same_device(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Both identities name one device of one machine (the same GPU, or both the CPU)."""
+    if not same_machine(a, b) or a is None or b is None or a.get("device") != b.get("device"):
+        return False
+    return a.get("device") != "cuda" or (bool(a.get("uuid")) and a.get("uuid") == b.get("uuid"))

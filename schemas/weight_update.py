@@ -23,6 +23,8 @@ non-negative integers.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import math
 from collections.abc import Mapping
@@ -42,9 +44,21 @@ ROUTE_CONTINUE = "/continue_generation"
 ROUTE_FLUSH = "/flush_cache"
 ROUTE_MODEL_INFO = "/get_model_info"
 ROUTE_SERVER_INFO = "/get_server_info"
+ROUTE_UPDATE_TENSOR = "/update_weights_from_tensor"
+#: SGLang 0.5.23 applies /update_weights_from_distributed and /update_weights_from_tensor only
+#: inside a weight-update session ("must run between begin_weight_update() and
+#: end_weight_update()", sglang/srt/managers/scheduler_components/weight_updater.py)
+ROUTE_BEGIN_UPDATE = "/begin_weight_update"
+ROUTE_END_UPDATE = "/end_weight_update"
 #: slipstream extension (embedded engine only): sha256 of the served weights, see
 #: :func:`pipeline.weightsync.weights_checksum`
 ROUTE_CHECKSUM = "/slipstream/weights_checksum"
+#: slipstream extension (embedded engine only): an update whose bytes lie in memory shared by the
+#: trainer (CUDA IPC, or a shared-memory file on CPU), see :class:`IPCUpdateRequest`
+ROUTE_UPDATE_IPC = "/slipstream/update_weights_from_ipc"
+#: slipstream extension of /get_server_info: where the engine's weights live
+#: (:func:`pipeline.weightsync.device_identity`), so a trainer can tell a colocated engine
+DEVICE_FIELD = "slipstream_device"
 
 #: route -> (HTTP method the publisher uses, SGLang request dataclass of its body or None)
 ROUTES: dict[str, tuple[str, str | None]] = {
@@ -55,9 +69,14 @@ ROUTES: dict[str, tuple[str, str | None]] = {
     ROUTE_CONTINUE: ("POST", "ContinueGenerationReqInput"),
     ROUTE_FLUSH: ("POST", None),  # SGLang reads only the query parameter 'timeout'
     ROUTE_MODEL_INFO: ("GET", None),
+    ROUTE_SERVER_INFO: ("GET", None),
+    ROUTE_BEGIN_UPDATE: ("POST", "BeginWeightUpdateReqInput"),
+    ROUTE_END_UPDATE: ("POST", "EndWeightUpdateReqInput"),
+    ROUTE_UPDATE_TENSOR: ("POST", "UpdateWeightsFromTensorReqInput"),
 }
 #: routes whose failure replies carry ``success: false`` (the engine adds it to its 400s)
-WEIGHT_ROUTES = (ROUTE_INIT_GROUP, ROUTE_UPDATE, ROUTE_DESTROY_GROUP, ROUTE_UPDATE_VERSION)
+WEIGHT_ROUTES = (ROUTE_INIT_GROUP, ROUTE_UPDATE, ROUTE_DESTROY_GROUP, ROUTE_UPDATE_VERSION, ROUTE_UPDATE_IPC,
+                 ROUTE_BEGIN_UPDATE, ROUTE_END_UPDATE)
 #: fields of the /get_model_info reply the publisher reads
 MODEL_INFO_FIELDS = ("weight_version",)
 #: a JSON reply succeeded if it has ``"success": true`` (weight routes) or ``"status": "ok"``
@@ -442,6 +461,156 @@ def _parse_parts(raw: Any, req: UpdateRequest, with_chunks: bool) -> list[PartSp
             raise FieldError(f"{PARTS_FIELD}[{i}].chunks", f"chunks add up to {sum(part.chunks)} bytes but the part's "
                              f"{part.num_tensors} tensors need {part.nbytes}")
     return parts
+
+
+# ------------------------------------------------------------------------------ shared memory
+SHARED_KINDS = ("cuda", "shm")
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(body: Mapping[str, Any], key: str) -> bytes:
+    value = _typed(body, key, str, "")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(key, "expected base64") from None
+
+
+@dataclass(frozen=True)
+class SharedBuffer:
+    """Where a trainer's snapshot buffer lives, so that another process on the same machine can map
+    it: ``nbytes`` bytes from ``offset`` of a shared storage.
+
+    * ``kind="cuda"``: a CUDA IPC handle, field by field as torch's
+      ``UntypedStorage._share_cuda_()`` returns them (the device by its UUID, since device indices
+      differ between processes with different ``CUDA_VISIBLE_DEVICES``); the engine maps it with
+      ``UntypedStorage._new_shared_cuda(...)``.  No pickle: every field is plain JSON (bytes as base64).
+    * ``kind="shm"``: a shared-memory file (``/dev/shm``), the CPU stand-in for CUDA IPC.
+    """
+
+    kind: str
+    nbytes: int
+    offset: int = 0
+    path: str = ""
+    device_uuid: str = ""
+    handle: bytes = b""
+    storage_size: int = 0
+    storage_offset: int = 0
+    ref_counter_handle: bytes = b""
+    ref_counter_offset: int = 0
+    event_handle: bytes = b""
+    event_sync_required: bool = False
+
+    def key(self) -> tuple[Any, ...]:
+        """Identity of the mapping: an engine maps each distinct buffer once."""
+        return (self.kind, self.path, self.device_uuid, self.handle, self.storage_offset, self.offset, self.nbytes)
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"kind": self.kind, "nbytes": self.nbytes, "offset": self.offset}
+        if self.kind == "shm":
+            body["path"] = self.path
+        else:
+            body.update(device_uuid=self.device_uuid, handle=_b64(self.handle), storage_size=self.storage_size,
+                        storage_offset=self.storage_offset, ref_counter_handle=_b64(self.ref_counter_handle),
+                        ref_counter_offset=self.ref_counter_offset, event_handle=_b64(self.event_handle),
+                        event_sync_required=self.event_sync_required)
+        return body
+
+    @classmethod
+    def parse(cls, body: Any, where: str = "buffer") -> SharedBuffer:
+        body = _object(body)
+        try:
+            kind = _typed(body, "kind", str)
+            if kind not in SHARED_KINDS:
+                raise FieldError("kind", f"must be one of {list(SHARED_KINDS)}, got {kind!r}")
+            nbytes, offset = _typed(body, "nbytes", int), _typed(body, "offset", int, 0)
+            if nbytes < 0 or offset < 0:
+                raise FieldError("nbytes", f"nbytes and offset must be >= 0, got {nbytes} and {offset}")
+            if kind == "shm":
+                path = _typed(body, "path", str)
+                if not path.startswith("/"):
+                    raise FieldError("path", f"expected an absolute path, got {path!r}")
+                return cls(kind, nbytes, offset, path=path)
+            return cls(kind, nbytes, offset, device_uuid=_typed(body, "device_uuid", str), handle=_unb64(body, "handle"),
+                       storage_size=_typed(body, "storage_size", int), storage_offset=_typed(body, "storage_offset", int),
+                       ref_counter_handle=_unb64(body, "ref_counter_handle"),
+                       ref_counter_offset=_typed(body, "ref_counter_offset", int),
+                       event_handle=_unb64(body, "event_handle"),
+                       event_sync_required=_typed(body, "event_sync_required", bool, False))
+        except FieldError as e:
+            raise FieldError(f"{where}.{e.field}", e.message) from None
+
+
+@dataclass(eq=False)
+class IPCUpdateRequest:
+    """``/slipstream/update_weights_from_ipc`` (embedded engine): every tensor of an update lies in
+    ``buffer`` at ``offsets[i]`` bytes; the engine maps the buffer (once per distinct buffer),
+    copies the tensors into its own parameters between two decode steps, and replies when done,
+    so the trainer may then overwrite the buffer."""
+
+    names: list[str]
+    dtypes: list[torch.dtype]
+    shapes: list[list[int]]
+    offsets: list[int]
+    buffer: SharedBuffer
+    weight_version: int
+    flush_cache: bool = False
+    layout: Layout | None = field(default=None, repr=False)
+
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        return tensor_sizes(self.dtypes, self.shapes)
+
+    @functools.cached_property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"names": list(self.names), "dtypes": [dtype_name(d) for d in self.dtypes],
+                "shapes": [list(x) for x in self.shapes], "offsets": list(self.offsets), "buffer": self.buffer.to_json(),
+                "weight_version": str(self.weight_version), "flush_cache": self.flush_cache}
+
+    @classmethod
+    def parse(cls, body: Any, cache: LayoutCache | None = None) -> IPCUpdateRequest:
+        body = _object(body)
+        update = UpdateRequest.parse({k: body.get(k) for k in ("names", "dtypes", "shapes")}, cache)
+        offsets = body.get("offsets")
+        if not isinstance(offsets, list) or len(offsets) != len(update.names) or any(
+                isinstance(o, bool) or not isinstance(o, int) or o < 0 for o in offsets):
+            raise FieldError("offsets", f"expected {len(update.names)} non-negative byte offsets, got {offsets!r:.200}")
+        buffer = SharedBuffer.parse(body.get("buffer"))
+        raw_version = body.get("weight_version")
+        if raw_version is None:
+            raise FieldError("weight_version", "is required")
+        req = cls(update.names, update.dtypes, update.shapes, list(offsets), buffer, parse_version(raw_version, "weight_version"),
+                  _typed(body, "flush_cache", bool, False), update.layout)
+        for i, (off, size, dt) in enumerate(zip(req.offsets, req.sizes, req.dtypes, strict=True)):
+            if off % dt.itemsize:
+                raise FieldError(f"offsets[{i}]", f"{off} is not aligned for {dtype_name(dt)}")
+            if off + size > buffer.nbytes:
+                raise FieldError(f"offsets[{i}]", f"tensor {req.names[i]!r} ends at byte {off + size}, past the "
+                                 f"buffer's {buffer.nbytes}")
+        return req
+
+
+def tensor_update_payload(serialized: list[str], version: int | None, flush_cache: bool = False) -> dict[str, Any]:
+    """Body of SGLang's ``/update_weights_from_tensor`` in its ``flattened_bucket`` form: one
+    serialized payload per engine TP rank (SGLang's own format, built by
+    :func:`consumers.ipc.sglang_serialized_bucket`)."""
+    return {"serialized_named_tensors": list(serialized), "load_format": "flattened_bucket", "flush_cache": flush_cache,
+            "abort_all_requests": False, "weight_version": None if version is None else str(version)}
+
+
+def begin_update_payload() -> dict[str, Any]:
+    """``/begin_weight_update``'s body (every runner: SGLang's default selector)."""
+    return {"selector": "all"}
+
+
+def end_update_payload() -> dict[str, Any]:
+    return {}
 
 
 # ------------------------------------------------------------------ builders the contract test checks

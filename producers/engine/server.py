@@ -58,12 +58,13 @@ from aiohttp import web
 
 from pipeline.configbase import ConfigError, apply_override, from_dict, parse_override
 from pipeline.metrics import VERSION, exposition, new_registry
-from pipeline.weightsync import weights_checksum
+from pipeline.weightsync import device_identity, weights_checksum
 from producers.engine.config import EngineConfig
 from producers.engine.decode import GenRequest, Scheduler
 from producers.engine.metrics import EngineMetrics
 from producers.engine.sampling import RequestError, parse_generate_request
 from producers.engine.weights import WeightReceiver, WeightUpdateError, parse_update_request
+from producers.engine.weights_ipc import IPCReceiver
 from schemas import weight_update as wu
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,9 @@ class EngineServer:
         self.scheduler = Scheduler(self.model, cfg, self.metrics, self.device)
         self.receiver = WeightReceiver(self.model, self.device, self.metrics, cfg.weight_group_timeout_s,
                                        swap=lambda staged, version, adopt: self.scheduler.swap_weights(staged, version, adopt=adopt))
+        self.ipc = IPCReceiver(self.device, self.metrics, cfg.weight_group_timeout_s, check=self.receiver.checked,
+                               swap=lambda staged, version, adopt: self.scheduler.swap_weights(staged, version, adopt=adopt),
+                               before=self.receiver.fault)
         self._inflight: set[str] = set()
         self._counter = 0
         self._closing = asyncio.Event()
@@ -192,6 +196,9 @@ class EngineServer:
         r.add_post(wu.ROUTE_DESTROY_GROUP, self.destroy_group)
         r.add_post(wu.ROUTE_UPDATE, self.update_weights)
         r.add_post(wu.ROUTE_UPDATE_VERSION, self.update_version)
+        r.add_post(wu.ROUTE_UPDATE_IPC, self.update_weights_ipc)
+        r.add_post(wu.ROUTE_BEGIN_UPDATE, self.weight_session)
+        r.add_post(wu.ROUTE_END_UPDATE, self.weight_session)
         r.add_get(wu.ROUTE_CHECKSUM, self.checksum)
         return app
 
@@ -299,6 +306,7 @@ class EngineServer:
             "device": str(self.device),
             "max_running_requests": self.cfg.max_running_requests,
             "context_length": self.scheduler.context_len,
+            wu.DEVICE_FIELD: device_identity(self.device),  # slipstream extension: lets a trainer tell a colocated engine
             **self.scheduler.state(),
         })
 
@@ -396,6 +404,30 @@ class EngineServer:
             # slipstream extension, multi-part updates (slipstream_parts): bytes and receive time per part
             **({"parts": result.parts} if result.parts is not None else {}),
         })
+
+    async def update_weights_ipc(self, request: web.Request) -> web.Response:
+        """slipstream extension: an update from the trainer's shared snapshot (colocated mode)."""
+        started = time.perf_counter()
+        req = _parsed(wu.IPCUpdateRequest.parse, await self._json(request), self.receiver.layouts)
+        try:
+            timings = await self._until_closing(_daemon_call(lambda: self.ipc.update(req), "engine-weight-ipc"))
+        except WeightUpdateError as e:
+            self.metrics.updates.labels("failed").inc()
+            log.error("weight update refused: %s", e)
+            return web.json_response({"success": False, "message": str(e)}, status=400)
+        self.metrics.updates.labels("success").inc()
+        return web.json_response({
+            "success": True, "weight_version": str(req.weight_version), "pause_seconds": timings["swap_s"], "adopted": False,
+            "message": f"copied {len(req.names)} tensors from the trainer's shared buffer, version {req.weight_version}; "
+                       f"generation paused {timings['swap_s'] * 1e3:.2f} ms",
+            "timings": {**timings, "request_s": time.perf_counter() - started},
+        })
+
+    async def weight_session(self, request: web.Request) -> web.Response:
+        """SGLang's /begin_weight_update and /end_weight_update: the embedded engine needs no
+        session (its updates are whole or nothing by themselves), so both just succeed."""
+        await self._json(request, allow_empty=True)
+        return web.json_response({"success": True, "message": "Success"})
 
     async def update_version(self, request: web.Request) -> web.Response:
         body = await self._json(request)

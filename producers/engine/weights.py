@@ -48,6 +48,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -69,6 +70,49 @@ SwapHook = Callable[[dict[str, torch.Tensor], int, bool], "cf.Future[float]"]
 
 class WeightUpdateError(RuntimeError):
     """An update that was (or must be) refused; the message goes back as ``success: false``."""
+
+
+#: test-only fault hook: ``KIND[:SECONDS][@VERSION]`` with KIND ``stall`` (sleep before receiving),
+#: ``exit`` (die mid-transfer: after the receive is posted) or ``error`` (receive, then refuse);
+#: only for the update to VERSION (every update without it).  Never set outside tests.
+FAULT_ENV = "SLIPSTREAM_TEST_WEIGHT_FAULT"
+
+
+@dataclass
+class Fault:
+    """A weight-sync failure injected on purpose (:data:`FAULT_ENV`), so the trainer's failure path
+    is tested against real engine processes."""
+
+    kind: str
+    seconds: float = 0.0
+    version: int | None = None
+
+    STAGES = {"stall": "receive", "exit": "mid", "error": "after_receive"}
+
+    @classmethod
+    def from_env(cls) -> Fault | None:
+        raw = os.environ.get(FAULT_ENV, "").strip()
+        if not raw:
+            return None
+        spec, _, version = raw.partition("@")
+        kind, _, seconds = spec.partition(":")
+        if kind not in cls.STAGES:
+            raise ValueError(f"{FAULT_ENV}={raw!r}: kind must be one of {sorted(cls.STAGES)}")
+        fault = cls(kind, float(seconds or 0), int(version) if version else None)
+        log.warning("TEST FAULT armed: %s", fault)
+        return fault
+
+    def __call__(self, version: int | None, stage: str) -> None:
+        """Called at each ``stage`` ("receive", "mid", "after_receive") of an update to ``version``."""
+        if stage != self.STAGES[self.kind] or (self.version is not None and version != self.version):
+            return
+        log.warning("TEST FAULT %s at %s of the update to version %s", self.kind, stage, version)
+        if self.kind == "stall":
+            time.sleep(self.seconds)
+        elif self.kind == "exit":
+            os._exit(17)
+        else:
+            raise WeightUpdateError(f"test fault: update to version {version} refused on purpose ({FAULT_ENV})")
 
 
 @dataclass
@@ -235,6 +279,7 @@ class WeightReceiver:
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._swap = swap
         self.layouts = LayoutCache()  # for parse_update_request on the server's event loop
+        self.fault = Fault.from_env()  # tests only
 
     # ------------------------------------------------------------------ groups
     def init_group(self, master_address: str, master_port: int, rank: int, world_size: int, backend: str,
@@ -308,15 +353,19 @@ class WeightReceiver:
         # On CUDA, on the side stream, posting and waiting both: a NCCL work's wait() orders the
         # *current* stream after the transfer, which must not be the decode stream.
         side = self._side if recv_device.type == "cuda" else None
+        fault = self.fault if self.fault is not None else (lambda version, stage: None)
         try:
+            fault(spec.weight_version, "receive")
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 # Post the receive first: the request is checked against the model while the bytes arrive.
                 pending = _post_recv(groups, spec, recv_device, self._arena, part_done)
                 posted_at = time.perf_counter()
-                problem = self._checked(spec)
+                fault(spec.weight_version, "mid")
+                problem = self.checked(spec)
                 tensors = pending()
             if side is not None:
                 side.synchronize()  # the bytes are really here before we say so (and time it)
+            fault(spec.weight_version, "after_receive")
         except Exception as e:
             with self._lock:  # a broken transfer poisons the pending update like a bad bucket does
                 self._poisoned, self._staged = self._poisoned or f"receive failed: {e}", {}
@@ -378,8 +427,9 @@ class WeightReceiver:
         fut.add_done_callback(lambda f: self.release_staging(adopt and not f.cancelled() and f.exception() is None))
         return fut
 
-    def _checked(self, spec: UpdateRequest) -> str | None:
-        """:meth:`_check`, done once per distinct layout (see :class:`LayoutCache`)."""
+    def checked(self, spec: Any) -> str | None:
+        """:meth:`_check`, done once per distinct layout (see :class:`LayoutCache`); ``spec`` is an
+        ``UpdateRequest`` or ``IPCUpdateRequest`` (names, dtypes, shapes, layout)."""
         layout = spec.layout
         if layout is None:
             return self._check(spec)
@@ -387,7 +437,7 @@ class WeightReceiver:
             layout.problem, layout.checked = self._check(spec), True
         return layout.problem
 
-    def _check(self, spec: UpdateRequest) -> str | None:
+    def _check(self, spec: Any) -> str | None:
         """A precise description of the first mismatch with the model, or None."""
         for name, dt, shape in zip(spec.names, spec.dtypes, spec.shapes, strict=True):
             if name not in self._specs:
