@@ -50,8 +50,6 @@ class WeightSyncMetrics:
         self.rejoins = Counter("slipstream_trainer_weight_sync_rejoins_total",
                                "Stale engines brought back into weight sync.", registry=r)
         self.stale = Gauge("slipstream_trainer_stale_engines", "Engines out of weight sync right now.", registry=r)
-        self.transports = Gauge("slipstream_trainer_weight_transport_engines", "Engines per weight transport.",
-                                ["transport"], registry=r)
         for reason in FAILURE_REASONS:
             self.failures.labels(reason)
 
@@ -119,18 +117,20 @@ def update_all(links: list[EngineLink], update: Update, deadline_s: float) -> tu
         try:
             ok[link] = fut.result(timeout=max(0.0, started + deadline_s - time.monotonic()))
         except TimeoutError:
-            failed[link] = ("timeout", f"no answer within the update deadline of {deadline_s:.0f}s "
+            failed[link] = ("timeout", f"{link.name}: no answer within the update deadline of {deadline_s:.0f}s "
                                        f"(weights.update_timeout_s) while {link.step or 'updating'}")
             late.append(fut)
-        except PublishError as e:
-            failed[link] = ("unreachable" if _unreachable(str(e)) else "error", str(e))
         except Exception as e:
-            failed[link] = ("error", f"{link.name}: {e!r}")
+            message = str(e) if isinstance(e, PublishError) else repr(e)
+            if link.name not in message:
+                message = f"{link.name}: {message}"
+            failed[link] = ("unreachable" if _silent(link) else "error", message)
     return ok, failed, late
 
 
-def _unreachable(message: str) -> bool:
-    return "request failed while waiting" in message or "Connection refused" in message
+def _silent(link: EngineLink) -> bool:
+    """After a failed update: the engine does not even answer ``/get_model_info`` (it died)."""
+    return any(v is None for v in link.calls.engine_versions(timeout_s=2.0).values())
 
 
 def rejoin(link: EngineLink, rejoin_timeout_s: float, closing: threading.Event) -> None:

@@ -251,9 +251,6 @@ class WeightPublisher:
             raise PublishError("; ".join(errors))
         for link in self.links:
             log.info("weight publisher: %s gets weights by %s (%s)", link.name, link.transport.kind, link.reason)
-        if self.metrics is not None:
-            for kind in ("broadcast", "ipc"):
-                self.metrics.transports.labels(kind).set(sum(len(link.urls) for link in self.links if link.transport.kind == kind))
 
     # ------------------------------------------------------------------ joining
     def engine_versions(self, timeout_s: float | None = None) -> dict[str, str | None]:
@@ -390,44 +387,11 @@ class WeightPublisher:
         for link in ok:
             link.synced(version)
         self.version = version
-        result = self._result(named, version, t0, base, ok, rejoined)
-        result.checksum = digest
-        return result
-
-    def _result(self, named: Mapping[str, torch.Tensor], version: int, t0: float, base: dict[str, float],
-                ok: dict[EngineLink, Sent], rejoined: int) -> PublishResult:
-        seconds = time.perf_counter() - t0
-        slowest = max(ok, key=lambda link: link.timings.get("send_s", 0.0), default=None)
-        sent = ok[slowest] if slowest is not None else Sent(0, 0)
-        parts = self._parts_info(named) if self.remote_parts else []
-        total = sent.bytes + sum(p["bytes"] for p in parts[1:])  # the other stages' leaders sent these
-        pause_s = max((link.timings.get("pause_s", 0.0) for link in ok), default=0.0)
-        timings = {**base, "flatten_s": 0.0, "send_s": 0.0, **(slowest.timings if slowest is not None else {})}
-        timings.pop("pause_s", None)
-        stale = {link.name: link.last_error for link in self.links if link.stale}
         if self.metrics is not None:
             self.metrics.stale.set(sum(len(link.urls) for link in self.links if link.stale))
-        log.info("published version %d: %.1f MiB in %d bucket(s) to %d engine(s) in %.3fs (generation paused %.2f ms)%s",
-                 version, total / 2**20, sent.buckets, sum(len(link.urls) for link in ok), seconds, pause_s * 1e3,
-                 f"; out of sync: {', '.join(stale)}" if stale else "")
-        result = PublishResult(version=version, seconds=seconds, bytes=total, buckets=sent.buckets, pause_s=pause_s,
-                               rejoined=rejoined, timings=timings, stale=stale, transports=self.transports)
-        if self.remote_parts:
-            result.parts = parts
-            result.engine_parts = [len(r.get("parts") or []) for r in sent.replies]  # as each engine's reply reports
-            for p in parts:  # the engines' receive time per part (slowest engine), when they report it
-                p["engine_receive_s"] = max((float(e.get("receive_s", 0.0)) for r in sent.replies for e in r.get("parts") or []
-                                             if e.get("group_name") == p["group"]), default=None)
-                log.info("version %d, stage %d: %.1f MiB over group %r (engines received it in %s)", version, p["stage"],
-                         p["bytes"] / 2**20, p["group"],
-                         "n/a" if p["engine_receive_s"] is None else f"{p['engine_receive_s']:.3f}s")
+        result = publish_result(self, named, version, time.perf_counter() - t0, base, ok, rejoined)
+        result.checksum = digest
         return result
-
-    def _parts_info(self, named: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """Per part (ours first): stage, group, tensor count and bytes."""
-        return [{"stage": stage, "group": group, "tensors": len(tensors), "bytes": bucket_sizes(tensors, [list(tensors)])[0]}
-                for stage, group, tensors in [(0, self.group_name, named),
-                                              *((p.stage, p.group_name, p.meta) for p in self.remote_parts)]]
 
     def close(self) -> None:
         """Ask engines to leave their groups (best effort), stop rejoining, release shared memory."""
@@ -440,3 +404,37 @@ class WeightPublisher:
             self.allocator.close()
             self.allocator = None
         self.calls.close()
+
+
+def publish_result(pub: WeightPublisher, named: Mapping[str, torch.Tensor], version: int, seconds: float,
+                   base: dict[str, float], ok: dict[EngineLink, Sent], rejoined: int) -> PublishResult:
+    """The :class:`PublishResult` of one publish (the slowest in-sync engine's timings), logged."""
+    slowest = max(ok, key=lambda link: link.timings.get("send_s", 0.0), default=None)
+    sent = ok[slowest] if slowest is not None else Sent(0, 0)
+    parts = _parts_info(pub, named) if pub.remote_parts else []
+    total = sent.bytes + sum(p["bytes"] for p in parts[1:])  # the other stages' leaders sent these
+    pause_s = max((link.timings.get("pause_s", 0.0) for link in ok), default=0.0)
+    timings = {**base, "flatten_s": 0.0, "send_s": 0.0, **(slowest.timings if slowest is not None else {})}
+    timings.pop("pause_s", None)
+    stale = {link.name: link.last_error for link in pub.links if link.stale}
+    log.info("published version %d: %.1f MiB in %d bucket(s) to %d engine(s) in %.3fs (generation paused %.2f ms)%s",
+             version, total / 2**20, sent.buckets, sum(len(link.urls) for link in ok), seconds, pause_s * 1e3,
+             f"; out of sync: {', '.join(stale)}" if stale else "")
+    result = PublishResult(version=version, seconds=seconds, bytes=total, buckets=sent.buckets, pause_s=pause_s,
+                           rejoined=rejoined, timings=timings, stale=stale, transports=pub.transports)
+    if pub.remote_parts:
+        result.parts = parts
+        result.engine_parts = [len(r.get("parts") or []) for r in sent.replies]  # as each engine's reply reports
+        for p in parts:  # the engines' receive time per part (slowest engine), when they report it
+            p["engine_receive_s"] = max((float(e.get("receive_s", 0.0)) for r in sent.replies for e in r.get("parts") or []
+                                         if e.get("group_name") == p["group"]), default=None)
+            log.info("version %d, stage %d: %.1f MiB over group %r (engines received it in %s)", version, p["stage"],
+                     p["bytes"] / 2**20, p["group"], "n/a" if p["engine_receive_s"] is None else f"{p['engine_receive_s']:.3f}s")
+    return result
+
+
+def _parts_info(pub: WeightPublisher, named: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per part (ours first): stage, group, tensor count and bytes."""
+    return [{"stage": stage, "group": group, "tensors": len(tensors), "bytes": bucket_sizes(tensors, [list(tensors)])[0]}
+            for stage, group, tensors in [(0, pub.group_name, named),
+                                          *((p.stage, p.group_name, p.meta) for p in pub.remote_parts)]]

@@ -70,3 +70,26 @@ def test_no_warning_without_old_keys(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="pipeline.configbase"):
         load_config(None, ["model.path=m", "weights.bucket_bytes=4096"])
     assert "deprecated" not in caplog.text
+
+
+def test_verify_weights_is_refused_with_sglang_engines() -> None:
+    """run.verify_weights reads slipstream's /slipstream/weights_checksum, which SGLang lacks: a
+    clear config error at --dry-run instead of a failed run at the first publish (issue 19)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.path=m", "run.verify_weights=true", 'weights.engine_kind="sglang"'])
+    assert e.value.key == "run.verify_weights" and "sglang" in e.value.message.lower()
+    assert load_config(None, ["model.path=m", "run.verify_weights=true"]).run.verify_weights  # embedded: fine
+    assert load_config(None, ["model.path=m", 'weights.engine_kind="sglang"']).weights.engine_kind == "sglang"
+
+
+def test_ipc_with_per_stage_publishing_is_refused() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.path=m", 'weights.transport="ipc"', "trainer.pipeline_parallel=2"])
+    assert e.value.key == "weights.transport" and "per_stage_publish" in e.value.message
+    cfg = load_config(None, ["model.path=m", 'weights.transport="ipc"', "trainer.pipeline_parallel=2", "weights.per_stage_publish=false"])
+    assert cfg.weights.transport == "ipc"
+    for key, value in (("transport", '"shm"'), ("update_timeout_s", "0"), ("snapshot_max_fraction", "0"),
+                       ("snapshot_max_fraction", "1.5"), ("snapshot_device", '"gpu"')):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, ["model.path=m", f"weights.{key}={value}"])
+        assert e.value.key == f"weights.{key}"
