@@ -46,11 +46,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from consumers.engine_links import WeightSyncMetrics
 from consumers.publish_async import AsyncPublisher, InlinePublisher, Publisher
-from consumers.publisher import PublishResult
+from consumers.publisher import PublishResult, as_result
 from consumers.snapshot import WeightSnapshot
 from pipeline.config import SlipstreamConfig
 from pipeline.metrics import SECONDS_BUCKETS, new_registry, policy_version_gauge, serve_metrics
 from pipeline.rundir import port_file, write_json_atomic
+from pipeline.tracking import Tracker, TrackingMetrics
 from pipeline.transport import CurveKeys, TrainerClient
 from schemas.codec import decode, encode
 from schemas.messages import Batch
@@ -93,6 +94,7 @@ class TrainerMetrics:
         self.staleness_mean = Gauge("slipstream_trainer_batch_staleness_mean", "Mean staleness of the step's trajectories.", registry=r)
         self.staleness_max = Gauge("slipstream_trainer_batch_staleness_max", "Max staleness of the step's trajectories.", registry=r)
         self.stats = {k: Gauge(f"slipstream_trainer_{k}", doc, registry=r) for k, doc in STAT_GAUGES.items()}
+        self.tracking = TrackingMetrics(r)
         self.weight_sync = WeightSyncMetrics(r)
         self.snapshot_bytes = Gauge("slipstream_trainer_weight_snapshot_bytes", "Bytes of the publish snapshot (one copy of the published weights).", registry=r)
         self.snapshot_limit = Gauge("slipstream_trainer_weight_snapshot_limit_bytes", "Memory budget of the publish snapshot (weights.snapshot_max_fraction).", registry=r)
@@ -182,6 +184,8 @@ class Trainer:
         self.client: TrainerClient | None = None
         self.metrics: TrainerMetrics | None = None
         self.sender: InlinePublisher | AsyncPublisher | None = None  # hands each version to the publisher
+        self.tracker: Tracker | None = None  # tracking.backend (pipeline/tracking.py), rank 0
+        self.recorder: Any = None  # run.record_rollouts (pipeline/record.py), rank 0
         self.start_step = 0
         self.version = 0
         self._t_start = time.monotonic()
@@ -196,11 +200,18 @@ class Trainer:
         self.rank = rank = TrainerRank(cfg.trainer, cfg.model.path)
         # weights.per_stage_publish: every PP stage's leader broadcasts its own layers over a weight
         # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
-        self.per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish
+        self.per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish and bool(self.engine_urls)
         self.export = rank.export_hf_stage if self.per_stage else rank.export_hf_state
         self.start_step, self.version = prepare_start(rank, cfg, self.run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
         if rank.is_publisher:
             self.metrics = TrainerMetrics()
+            from pipeline.configbase import to_dict
+
+            self.tracker = Tracker(cfg.tracking, self.run_dir, to_dict(cfg), self.metrics.tracking)
+            if cfg.run.record_rollouts:  # each trained batch to RUN_DIR/rollouts, for run.mode = "train_only"
+                from pipeline.record import Recorder
+
+                self.recorder = Recorder(self.run_dir)
             if cfg.metrics.enabled:
                 _, port = serve_metrics(self.metrics.registry, cfg.metrics.host, 0)
                 write_json_atomic(port_file(self.run_dir, "trainer"), {"metrics_port": port})
@@ -262,6 +273,12 @@ class Trainer:
         initial = self.export() if resumed or self.per_stage else None
         backend = w.resolved_backend(torch.cuda.is_available())
         weights_pub: WeightPublisher | None = None
+        if self.rank.is_publisher and not self.engine_urls:  # run.mode = "train_only": nothing to stream
+            from pipeline.record import NullPublisher
+
+            null = NullPublisher()
+            null.connect()
+            return null  # type: ignore[return-value]
         if self.rank.is_publisher:
             weights_pub = WeightPublisher(
                 self.engine_urls, master_address=cfg.queue.host, backend=backend, bucket_bytes=w.bucket_bytes,
@@ -300,6 +317,8 @@ class Trainer:
         if self.client is not None:
             batch = self.client.request_batch(step, self.version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
                                               on_idle=self.sender.poll if self.sender is not None else None)
+            if self.recorder is not None:
+                self.recorder.write(step, batch, self.version)
         batch = broadcast_batch(batch)
         if batch.replay and self.client is not None:
             log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
@@ -335,6 +354,7 @@ class Trainer:
     def _finish_step(self, version: int, pub: PublishResult | None, ctx: dict[str, Any]) -> None:
         """Version ``version`` is on every engine: verify, announce it, write the step's records."""
         assert self.client is not None and self.metrics is not None and pub is not None
+        pub = as_result(pub, version)
         cfg = self.cfg
         checks = engine_checksums(self.engine_urls, pub.checksum, version, 60.0) if cfg.run.verify_weights else []
         self.client.published(version)
@@ -351,9 +371,12 @@ class Trainer:
             engine_pause_s=pub.pause_s, stale_engines=sorted(pub.stale), replay=batch.replay,
             stats={k: float(v) for k, v in stats.items()},
         )
+        line = rec.to_json()
         with (self.run_dir / "steps.jsonl").open("a") as f:
-            f.write(rec.to_json() + "\n")
+            f.write(line + "\n")
         _observe(self.metrics, rec, ctx["train_s"])
+        if self.tracker is not None:
+            self.tracker.log_step(json.loads(line))  # queued: never blocks the step
 
     # ------------------------------------------------------------------ the run
     def run(self) -> int:
@@ -367,9 +390,11 @@ class Trainer:
             self.sender.wait()
         last = max(cfg.run.steps, self.start_step)
         finish_run(self.rank, cfg, self.run_dir, last)
+        if self.client is not None and cfg.trainer.checkpoint_every:
+            self.client.checkpointed(last, self.version)  # finish_run saved the last step
+        if self.tracker is not None:
+            self.tracker.close()
         if self.client is not None:
-            if cfg.trainer.checkpoint_every:
-                self.client.checkpointed(last, self.version)  # finish_run saved the last step
             self.client.close()
         log.info("trainer finished %d steps at policy version %d", cfg.run.steps, self.version)
         if dist.is_initialized():

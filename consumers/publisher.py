@@ -66,7 +66,7 @@ from schemas.weight_update import BACKENDS, DEVICE_FIELD, PAUSE_MODES, ROUTE_MOD
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Connections", "PublishError", "PublishResult", "RemotePart", "WeightPublisher", "bucket_sizes",
+    "Connections", "PublishError", "PublishResult", "RemotePart", "WeightPublisher", "as_result", "bucket_sizes",
     "chunked_update_payload", "free_port", "plan_buckets", "post_json", "spawn",
 ]
 TRANSPORTS = ("auto", "broadcast", "ipc")
@@ -98,6 +98,15 @@ class PublishResult:
     engine_parts: list[int] | None = None
     stage: int | None = None
     group: str | None = None
+
+
+def as_result(info: PublishResult | dict[str, Any], version: int) -> PublishResult:
+    """``info`` as a :class:`PublishResult` (duck-typed publishers, e.g. ``pipeline.record.NullPublisher``,
+    return a dict of the same fields)."""
+    if isinstance(info, PublishResult):
+        return info
+    known = {k: v for k, v in info.items() if k in PublishResult.__dataclass_fields__ and k != "version"}
+    return PublishResult(version=version, **known)
 
 
 class WeightPublisher:

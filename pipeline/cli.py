@@ -4,6 +4,8 @@
     slipstream broker  --config RUN/config.json --run-dir RUN
     slipstream produce --config RUN/config.json --run-dir RUN --producer-id ID --broker tcp://... --engine-url http://...
     slipstream train   --config RUN/config.json --run-dir RUN --broker tcp://... --engine-url http://...
+    slipstream record  --config RUN/config.json --run-dir RUN --broker tcp://... --engine-url http://...   (run.mode = rollout_only)
+    slipstream replay  --config RUN/config.json --run-dir RUN --broker tcp://...                         (run.mode = train_only)
     slipstream engine  --model DIR --port 0 --port-file F       (the embedded engine server)
     slipstream make-tiny-model DIR
     slipstream keys DIR                                          (CURVE server + client certificates)
@@ -11,6 +13,7 @@
     slipstream dashboard [--check]                               (write / check ops/grafana/slipstream.json)
     slipstream scrape-config RUN_DIR [--out F] [--rules R.yml]   (Prometheus config for a run)
     slipstream status RUN_DIR [--once]                           (one-screen view of a running job)
+    slipstream sweep CONFIG --max-staleness 0,1,2 [--seeds 0,1] [--set ...] [--parallel N]   (pipeline/sweep.py)
 
 A bad config prints one line naming the key (no traceback) and exits 2.
 """
@@ -58,7 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run a trainer rank (under torchrun for several)")
     _common(t)
     t.add_argument("--broker", required=True, help="broker trainer endpoint, tcp://HOST:PORT")
-    t.add_argument("--engine-url", action="append", required=True)
+    t.add_argument("--engine-url", action="append", default=[], help="engine base URL (repeatable; none with run.mode = 'train_only')")
+    rec = sub.add_parser("record", help="run.mode = 'rollout_only': record each step's batch in the trainer's place (pipeline/record.py)")
+    _common(rec)
+    rec.add_argument("--broker", required=True, help="broker trainer endpoint, tcp://HOST:PORT")
+    rec.add_argument("--engine-url", action="append", default=[])
+    rep = sub.add_parser("replay", help="run.mode = 'train_only': send a recording to the broker in the producers' place (pipeline/record.py)")
+    _common(rep)
+    rep.add_argument("--broker", required=True, help="broker producer endpoint, tcp://HOST:PORT")
     sub.add_parser("engine", help="run the embedded engine server (see: slipstream engine --help)", add_help=False)
     k = sub.add_parser("keys", help="make CURVE keys: a server and a client certificate (for a non-loopback queue.host)")
     k.add_argument("out", type=Path)
@@ -73,7 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--steps", type=int, default=60, help="async: trainer steps per run")
     bn.add_argument("--out", type=Path, default=Path("bench/results"))
     _add_ops_commands(sub)
+    _add_sweep_command(sub)
     return ap
+
+
+def _add_sweep_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sw = sub.add_parser("sweep", help="run the job once per max_staleness and seed; write sweep.json, PNG plots and an HTML report")
+    sw.add_argument("config", type=Path, nargs="?", default=None)
+    sw.add_argument("--max-staleness", default=None, metavar="0,1,2", help="comma-separated η values")
+    sw.add_argument("--seeds", default="0", metavar="0,1", help="comma-separated run.seed values (default 0)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key in every run (repeatable)")
+    sw.add_argument("--parallel", type=int, default=1, help="runs at once (default 1; each run uses every process of a job)")
+    sw.add_argument("--sweep-dir", type=Path, default=None, help="default runs/<name>-<timestamp>; an existing one is continued")
+    sw.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the sweep in DIR (its plan, finished runs kept)")
+    sw.add_argument("--name", default="", help="sweep name (tracking.group of every run); default sweep-<config name>")
+    sw.add_argument("--target-reward", type=float, default=None, help="reward the time-to-target counts to (default 0.8 x the best final reward)")
+    sw.add_argument("--marks", default="", metavar="10,20,30", help="wall-clock marks (s) to report the reward at (default: 4 up to the shortest run)")
+    sw.add_argument("--smooth", type=int, default=10, help="steps in the trailing reward mean (default 10)")
 
 
 def _add_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -126,6 +152,10 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 
     cfg = load_config(args.config, [*args.set, *flag_overrides(extra)])
     setup_logging("launcher", cfg.run.log_level, cfg.run.log_format)
+    if cfg.run.mode == "train_only":
+        from pipeline.record import check_recording
+
+        check_recording(cfg.run.replay_from, cfg.run.steps)  # every file there and intact, or one error naming it
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         print(f"config OK: {args.config}", file=sys.stderr)
@@ -241,6 +271,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return run_trainer(cfg, args.run_dir, args.broker, args.engine_url)  # type: ignore[arg-type]
 
 
+def _cmd_record_replay(args: argparse.Namespace) -> int:
+    from pipeline.logs import setup_logging
+    from pipeline.record import Replayer, run_recorder
+    from pipeline.rundir import port_file, stats_file, write_json_atomic
+
+    cfg = _load(args.config, args.set)
+    name = "recorder" if args.command == "record" else "replayer-0"
+    setup_logging(name, cfg.run.log_level, cfg.run.log_format)  # type: ignore[attr-defined]
+    stopping: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: stopping.append(s))
+    if args.command == "record":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        return run_recorder(cfg, args.run_dir, args.broker, args.engine_url)
+    replayer = Replayer(cfg, cfg.run.replay_from, args.broker)  # type: ignore[attr-defined]
+    write_json_atomic(port_file(args.run_dir, name), {"metrics_port": 0})
+    last = time.monotonic()
+
+    def stop() -> bool:
+        nonlocal last
+        if time.monotonic() - last >= 2.0:  # so a killed replayer's counts survive into summary.json
+            write_json_atomic(stats_file(args.run_dir, name), replayer.stats)
+            last = time.monotonic()
+        return bool(stopping)
+
+    try:
+        replayer.run(stop)
+    finally:
+        write_json_atomic(stats_file(args.run_dir, name), replayer.stats)
+        replayer.close()
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from pipeline.config import SlipstreamConfig
     from pipeline.configbase import field_docs
@@ -264,16 +327,22 @@ def main(argv: list[str] | None = None) -> int:
         return engine_main(argv[1:])
     args, extra = _parser().parse_known_args(argv)
     try:
-        if args.command != "run" and extra:
+        if args.command not in ("run", "sweep") and extra:
             raise ConfigError(extra[0], "unrecognised argument")
         if args.command == "run":
             return _cmd_run(args, extra)
+        if args.command == "sweep":
+            from pipeline.sweep import main as sweep_main
+
+            return sweep_main(args, extra, "slipstream " + " ".join(argv))
         if args.command == "broker":
             return _cmd_broker(args)
         if args.command == "produce":
             return _cmd_produce(args)
         if args.command == "train":
             return _cmd_train(args)
+        if args.command in ("record", "replay"):
+            return _cmd_record_replay(args)
         if args.command == "keys":
             from pipeline.transport import make_keys
 

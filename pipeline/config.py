@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 from consumers.config import SFTConfig, TrainerConfig
 from consumers.weights_config import DEPRECATED_KEYS, WeightSyncConfig
 from pipeline.configbase import ConfigError, apply_override, check, doc, from_dict, parse_override
+from pipeline.tracking import TrackingConfig
 from producers.config import ProducerConfig
 from producers.engine.config import EngineConfig
 
@@ -48,6 +49,15 @@ class RunConfig:
         3,
     )
     restart_backoff_s: float = doc("Wait before the first restart of a process; doubles with each further restart of it.", 1.0)
+    mode: Literal["train", "rollout_only", "train_only"] = doc(
+        "'train': the whole pipeline. 'rollout_only': broker, engines and producers, no trainer; each step's batch is recorded to "
+        "RUN_DIR/rollouts (wire format, sha256) and the engines' version label moves on per step (slime's --debug-rollout-only). "
+        "'train_only': broker and trainer, no producers or engines; the batches recorded at replay_from are replayed through the "
+        "broker (slime's --debug-train-only). See pipeline/record.py.",
+        "train",
+    )
+    record_rollouts: bool = doc("mode 'train': also record every batch the trainer trains to RUN_DIR/rollouts (for a later 'train_only' replay).", False)
+    replay_from: str = doc("mode 'train_only': the recording to replay, a run directory or its rollouts/ folder.", "")
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "must be >= 1")
@@ -57,6 +67,7 @@ class RunConfig:
         check(self.batch_timeout_s > 0, "batch_timeout_s", "must be > 0")
         check(self.max_restarts >= 0, "max_restarts", "must be >= 0")
         check(self.restart_backoff_s >= 0, "restart_backoff_s", "must be >= 0")
+        check(self.mode != "train_only" or bool(self.replay_from), "replay_from", "mode 'train_only' needs the recording to replay (a run directory)")
 
 
 @dataclass
@@ -168,6 +179,7 @@ class SlipstreamConfig:
     sft: SFTConfig = doc("Optional supervised warm-up the trainer runs before RL.", default_factory=SFTConfig)
     weights: WeightSyncConfig = doc("Streaming versioned weights to the engines.", default_factory=WeightSyncConfig)
     metrics: MetricsConfig = doc("Prometheus endpoints.", default_factory=MetricsConfig)
+    tracking: TrackingConfig = doc("Experiment tracking (wandb, tensorboard).", default_factory=TrackingConfig)
 
     #: keys that moved (old -> new dotted key); the old ones are read with a warning naming the new one
     DEPRECATED_KEYS: ClassVar[dict[str, str]] = DEPRECATED_KEYS
@@ -185,6 +197,8 @@ class SlipstreamConfig:
             "queue.max_queued_trajectories",
             f"must hold at least one step of data (groups_per_step x group_size = {max_traj})",
         )
+        check(self.run.mode != "rollout_only" or self.trainer.checkpoint_every == 0, "trainer.checkpoint_every",
+              "run.mode 'rollout_only' has no trainer to checkpoint (its recorder starts over at step 1): set it to 0")
 
 
 def flag_overrides(argv: list[str]) -> list[str]:

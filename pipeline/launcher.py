@@ -157,7 +157,12 @@ class Launcher:
         broker.extra = {"producer_endpoint": f"tcp://{cfg.queue.host}:{ports['producer_port']}", "trainer_endpoint": f"tcp://{cfg.queue.host}:{ports['trainer_port']}"}
 
         engine_urls = list(cfg.producer.engine_urls)
-        if cfg.producer.engine == "embedded":
+        if cfg.run.mode == "train_only":  # no engines, no producers: the replayer sends the recording (pipeline/record.py)
+            engine_urls = []
+            replayer = self._spawn("replayer-0", "replayer", self._cli("replay", "--config", str(self.config_path), "--run-dir", str(rd),
+                                                                    "--broker", broker.extra["producer_endpoint"]))
+            self._ready(replayer, "replayer-0")
+        elif cfg.producer.engine == "embedded":
             engines = []
             for i in range(cfg.producer.num_engines):
                 cmd = self._cli("engine", "--model", cfg.model.path, "--host", host, "--port", "0",
@@ -173,7 +178,7 @@ class Launcher:
                 e.metrics_url = f"{url}/metrics"
                 engine_urls.append(url)
 
-        for p in range(cfg.producer.num_producers):
+        for p in range(cfg.producer.num_producers if cfg.run.mode != "train_only" else 0):
             mine = engine_urls[p::cfg.producer.num_producers] or engine_urls
             cmd = self._cli("produce", "--config", str(self.config_path), "--run-dir", str(rd), "--producer-id", f"producer-{p}",
                             "--broker", broker.extra["producer_endpoint"], *[a for u in mine for a in ("--engine-url", u)])
@@ -182,14 +187,15 @@ class Launcher:
 
         t = self.cfg.trainer
         nproc = t.tensor_parallel * t.pipeline_parallel * t.data_parallel
-        args = ["train", "--config", str(self.config_path), "--run-dir", str(rd), "--broker", broker.extra["trainer_endpoint"],
+        args = ["record" if cfg.run.mode == "rollout_only" else "train", "--config", str(self.config_path), "--run-dir", str(rd), "--broker", broker.extra["trainer_endpoint"],
                 *[a for u in engine_urls for a in ("--engine-url", u)]]
         if nproc > 1:
             cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *args]
         else:
             cmd = self._cli(*args)
         trainer = self._spawn("trainer", "trainer", cmd)
-        trainer.metrics_url = f"http://{host}:{self._ready(trainer, 'trainer')['metrics_port']}/metrics"
+        port = self._ready(trainer, "trainer")["metrics_port"]
+        trainer.metrics_url = f"http://{host}:{port}/metrics" if port else ""  # the rollout_only recorder serves none
         self._write_processes()
 
     # ------------------------------------------------------------------ supervise
@@ -265,7 +271,7 @@ class Launcher:
 
     def shutdown(self) -> None:
         """SIGTERM in dependency order (producers, trainer, broker, engines), then SIGKILL stragglers."""
-        order = {"producer": 0, "trainer": 1, "broker": 2, "engine": 3}
+        order = {"producer": 0, "replayer": 0, "trainer": 1, "broker": 2, "engine": 3}
         for c in sorted(self.children, key=lambda c: order[c.role]):
             if not c.alive():
                 continue
@@ -280,7 +286,7 @@ class Launcher:
     def summary(self, exit_code: int, wall_s: float) -> dict[str, Any]:
         rd = self.run_dir
         broker = _read_json(stats_file(rd, "broker"))
-        producers = [_read_json(p) for p in sorted((rd / "stats").glob("producer-*.json"))]
+        producers = [_read_json(p) for p in sorted([*(rd / "stats").glob("producer-*.json"), *(rd / "stats").glob("replayer-*.json")])]
         steps = [json.loads(line) for line in (rd / "steps.jsonl").read_text().splitlines()] if (rd / "steps.jsonl").exists() else []
         dropped = broker.get("trajectories_dropped", {})
         accepted = broker.get("trajectories_accepted")
@@ -304,6 +310,9 @@ class Launcher:
             "rejected_messages": broker.get("rejected_messages", {}),
             "restarts": {role: self.restarts_by_role[role] for role in ("broker", "engine", "producer", "trainer")},
         }
+        tracking = _read_json(stats_file(rd, "tracking"))  # tracking.backend's counts (pipeline/tracking.py)
+        if tracking:
+            out["tracking"] = tracking
         if accepted is not None:
             out["trajectories"]["balanced"] = accepted == broker["trajectories_consumed"] + sum(dropped.values()) + broker["trajectories_still_queued"]
         if len(steps) >= 20:

@@ -406,7 +406,9 @@ class Producer:
         for s, reward in zip(samples, rewards, strict=True):
             s.reward = reward
             self.metrics.reward.observe(reward)
-        self.metrics.tokens.inc(sum(int(sum(r.loss_mask)) for r in rollouts))
+        generated = sum(int(sum(r.loss_mask)) for r in rollouts)
+        self.metrics.tokens.inc(generated)
+        self.stats["tokens_generated"] = self.stats.get("tokens_generated", 0) + generated  # read by `slipstream sweep`
         reason = await self.scorer.filter_reason(samples)
         if reason is not None:
             self.metrics.filtered.labels(reason).inc()
