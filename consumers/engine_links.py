@@ -159,6 +159,8 @@ def rejoin(link: EngineLink, rejoin_timeout_s: float, closing: threading.Event) 
             log.warning("weight sync: %s answers again but did not rejoin yet: %s", link.name, e)
             closing.wait(1.0)
             continue
+        held = next(iter(versions.values()))
+        link.version = int(held) if held is not None and held.isdigit() else None  # what it serves now (0 after a restart)
         log.info("weight sync: %s rejoined (%s; it holds v%s and gets the current weights with the next publish)",
-                 link.name, link.transport.kind, next(iter(versions.values())))
+                 link.name, link.transport.kind, held)
         return

@@ -321,8 +321,9 @@ class WeightPublisher:
         return back
 
     def _check_versions(self, version: int) -> int:
-        """``resync``: in-sync engines that lag (restarted) rejoin now if they answer, else fall
-        out and rejoin in the background.  Returns how many rejoined now."""
+        """``resync``: in-sync engines that no longer hold the version they acknowledged (restarted)
+        rejoin now if they answer, else fall out and rejoin in the background.  Returns how many
+        rejoined now."""
         live = [link for link in self.links if not link.stale]
         if self.version is None or not live:
             return 0
@@ -331,7 +332,7 @@ class WeightPublisher:
             timeout_s=min(self.timeout_s, 10.0))
         for link in live:
             got = [versions.get(u) for u in link.urls]
-            if all(v == str(self.version) for v in got):
+            if link.version is None or all(v == str(link.version) for v in got):  # it holds what it acknowledged
                 continue
             if any(v is None for v in got):
                 self._fall_out(link, version, "unreachable", f"did not answer {ROUTE_MODEL_INFO} (restarting?)")
