@@ -42,6 +42,11 @@ def _engine_main(port_queue) -> None:
             self.end_headers()
             self.wfile.write(body)
 
+        def do_GET(self) -> None:
+            if self.path == "/get_model_info":  # what the publisher asks an engine that failed (is it still there?)
+                return self._reply({"weight_version": str(state["version"])})
+            self.send_error(404)
+
         def do_POST(self) -> None:
             req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             fail_mode = state["fail"]
