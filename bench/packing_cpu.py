@@ -100,7 +100,8 @@ def main() -> None:
     configs: dict[str, dict[str, Any]] = {"padded": {"packing": "none"}, "packed-auto": {"packing": "block_diagonal"}}
     for r in (int(x) for x in args.rows.split(",") if x):
         configs[f"packed-{r}"] = {"packing": "block_diagonal", "pack_row_tokens": r}
-    base = {"lr": 1e-6, "seed": 1, "micro_batch_size": 64, "max_tokens_per_microbatch": args.max_tokens, "compute_entropy": False}
+    base = {"lr": 1e-6, "seed": 1, "micro_batch_size": 64, "max_tokens_per_microbatch": args.max_tokens, "compute_entropy": False,
+            "layer_spec": "local", "fused_logprobs": False}  # as measured on 2026-11-26
     trainers = {name: TrainerRank(TrainerConfig(**base, **kw), model) for name, kw in configs.items()}
     results: dict[str, Any] = {}
     for dist_name in ("varied", "uniform"):

@@ -82,10 +82,26 @@ class Microbatch:
     seq_index: torch.Tensor | None = None  # int64 [n, L]
     seq_valid: torch.Tensor | None = None  # bool [n, L]
     traj_order: list[int] | None = None  # index (in :func:`flatten` order) of each trajectory: row (padded) or seq_index row (packed)
+    # flat positions (into [b*s]) with loss_mask > 0: the tokens whose log-probs the loss needs
+    # (the fused log-prob path projects only these); set by :meth:`to_device`
+    loss_index: torch.Tensor | None = None
+    host_segment_ids: torch.Tensor | None = None  # the CPU copy of segment_ids (set by to_device)
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
+
+    def to_device(self, device: torch.device) -> Microbatch:
+        """A copy with every tensor on ``device`` (moved once, at the start of a step, so the
+        forward passes do no host-device copies), plus ``loss_index`` built on the CPU."""
+        moved: dict[str, Any] = {}
+        for name in ("tokens", "position_ids", "labels", "loss_mask", "behav_logprobs", "advantages", "versions",
+                     "ref_logprobs", "segment_ids", "seq_index", "seq_valid"):
+            t = getattr(self, name)
+            moved[name] = t.to(device) if t is not None else None
+        index = torch.nonzero(self.loss_mask.reshape(-1) > 0, as_tuple=True)[0]
+        return Microbatch(**moved, traj_order=self.traj_order, loss_index=index.to(device),
+                          host_segment_ids=self.segment_ids)
 
 
 def flatten(groups: list[TrajectoryGroup], std_norm: bool) -> tuple[list[Any], np.ndarray]:

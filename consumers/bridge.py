@@ -17,7 +17,7 @@ What:
 
 Why our own: the families are a handful of flags apart, the mapping is ~200 lines, and a test of
 logits parity against the transformers forward keeps it honest (``tests/test_bridge.py``).
-mbridge needs four workarounds on CPU and is no longer released (shared/notes/megatron-on-cpu.md).
+mbridge needs four workarounds on CPU and is no longer released (docs/notes/megatron-on-cpu.md).
 
 Layouts (megatron-core 0.16, local spec):
 - ``linear_qkv.weight`` is ``[ng * (q_per_group + 2) * head_dim, hidden]``: for each query group,
@@ -44,10 +44,11 @@ How (inside an initialised ``parallel_state``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,22 +291,103 @@ def hf_param_names(spec: HFModelSpec) -> list[str]:
     return names
 
 
+def _safetensors_files(root: Path) -> list[str]:
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (root / "model.safetensors").exists():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {root}")
+
+
 def load_hf_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a HF checkpoint's safetensors (single file or sharded with an index) into CPU tensors."""
+    """Read a HF checkpoint's safetensors (single file or sharded with an index) into CPU tensors:
+    the whole checkpoint.  Trainer ranks use :class:`HFCheckpoint` instead (their slices only)."""
     from safetensors.torch import load_file
 
     root = Path(path)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (root / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {root}")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in _safetensors_files(root):
         state.update(load_file(str(root / f)))
     return state
+
+
+class HFCheckpoint(Mapping[str, torch.Tensor]):
+    """A HF checkpoint's safetensors, read lazily: ``read(name, dim, rank, size)`` reads only
+    chunk ``rank`` of ``size`` along ``dim`` (``safe_open(...).get_slice``), so a trainer rank holds
+    its own TP slices, never the whole checkpoint.  As a Mapping, ``ckpt[name]`` reads a whole
+    tensor.  Chunks are those of ``torch.chunk`` (the layout :func:`_shard` uses).
+
+    Memory: safetensors maps the file and hands out tensors backed by that mapping; every page a
+    read touches counts in the process's RSS for as long as the mapping lives.  So each read opens
+    the file and lets the mapping go with the returned tensor (callers copy it into a parameter and
+    drop it), instead of keeping one mapping per file open for the whole load, under which the
+    touched pages of every tensor would add up."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from safetensors import safe_open
+
+        self.root = Path(path)
+        self._where: dict[str, str] = {}
+        for f in _safetensors_files(self.root):
+            with safe_open(str(self.root / f), framework="pt") as h:
+                self._where.update(dict.fromkeys(h.keys(), f))
+        self._overlay: dict[str, torch.Tensor] = {}  # split fused experts (MoE)
+
+    def _open(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        return safe_open(str(self.root / self._where[name]), framework="pt")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._overlay:
+            return self._overlay[name]
+        with self._open(name) as h:
+            return h.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._where
+        yield from (n for n in self._overlay if n not in self._where)
+
+    def __len__(self) -> int:
+        return len(set(self._where) | set(self._overlay))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._overlay or name in self._where
+
+    def read(self, name: str, dim: int | None = None, rank: int = 0, size: int = 1) -> torch.Tensor:
+        if dim is None or size == 1 or name in self._overlay:
+            t = self[name]
+            return t if dim is None else _shard(t, dim, rank, size)
+        with self._open(name) as h:
+            sl = h.get_slice(name)
+            n = sl.get_shape()[dim]
+            step = -(-n // size)  # torch.chunk's chunk size
+            start, stop = min(rank * step, n), min((rank + 1) * step, n)
+            return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+    def split_fused_experts(self) -> HFCheckpoint:
+        """Fused MoE expert tensors (``experts.gate_up_proj``) split per expert, as
+        :func:`consumers.bridge_moe.split_fused_experts` does (those tensors are read whole)."""
+        fused = [k for k in self._where if k.endswith(".mlp.experts.gate_up_proj")]
+        if fused:
+            base = {k: self[k] for k in fused} | {k[: -len("gate_up_proj")] + "down_proj": self[k[: -len("gate_up_proj")] + "down_proj"] for k in fused}
+            self._overlay.update(bridge_moe.split_fused_experts(base))
+            for k in base:
+                self._where.pop(k, None)
+        return self
+
+
+def open_hf_checkpoint(path: str | os.PathLike[str]) -> HFCheckpoint:
+    return HFCheckpoint(path)
+
+
+def _read(hf: Mapping[str, torch.Tensor], name: str, dim: int | None = None, rank: int = 0, size: int = 1) -> torch.Tensor:
+    """Tensor ``name`` of ``hf`` (a dict or an :class:`HFCheckpoint`), or chunk ``rank`` of ``size`` along ``dim``."""
+    if isinstance(hf, HFCheckpoint):
+        return hf.read(name, dim, rank, size)
+    t = hf[name]
+    return t if dim is None else _shard(t, dim, rank, size)
 
 
 # ------------------------------------------------------------------ per-parameter mapping
@@ -398,25 +480,25 @@ def _shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
 
 
 def _to_megatron(entry: _Entry, hf: Mapping[str, torch.Tensor], spec: HFModelSpec, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This TP rank's shard of ``entry`` from the HF tensors."""
+    """This TP rank's shard of ``entry`` from the HF tensors; from an :class:`HFCheckpoint` only
+    that shard is read (a q/k/v shard is the same kv groups of each, fused)."""
     if entry.expert:
         tp_rank, tp_size = 0, 1
-    tensors = []
     for name in entry.hf_names:
         if name not in hf:
             raise KeyError(f"HF checkpoint has no tensor {name!r} (needed for {entry.megatron_name})")
-        tensors.append(hf[name])
+    names = entry.hf_names
     if entry.kind == "rep":
-        return tensors[0]
+        return _read(hf, names[0])
     if entry.kind == "embed":
-        return _shard(tensors[0], 0, tp_rank, tp_size)
+        return _read(hf, names[0], 0, tp_rank, tp_size)
     if entry.kind == "row":
-        return _shard(tensors[0], 1, tp_rank, tp_size)
-    if entry.kind == "qkv":
-        return _shard(_fuse_qkv(*tensors, spec), 0, tp_rank, tp_size)  # groups are contiguous
+        return _read(hf, names[0], 1, tp_rank, tp_size)
+    if entry.kind == "qkv":  # kv groups are contiguous in the fused layout: shard each of q, k, v, then fuse
+        local = dataclasses.replace(spec, num_kv_heads=spec.num_kv_heads // tp_size, num_heads=spec.num_heads // tp_size)
+        return _fuse_qkv(*(_read(hf, n, 0, tp_rank, tp_size) for n in names), local)
     if entry.kind == "fc1":
-        gate, up = tensors
-        return torch.cat([_shard(gate, 0, tp_rank, tp_size), _shard(up, 0, tp_rank, tp_size)], dim=0)
+        return torch.cat([_read(hf, names[0], 0, tp_rank, tp_size), _read(hf, names[1], 0, tp_rank, tp_size)], dim=0)
     raise AssertionError(entry.kind)
 
 
@@ -451,7 +533,7 @@ def load_hf_into_megatron(
     params = dict(gpt.named_parameters())
     written = 0
     if spec.num_experts:
-        hf_state = bridge_moe.split_fused_experts(hf_state)
+        hf_state = hf_state.split_fused_experts() if isinstance(hf_state, HFCheckpoint) else bridge_moe.split_fused_experts(hf_state)
     for entry in _entries(gpt, spec):
         if entry.megatron_name not in params:
             raise KeyError(f"Megatron model has no parameter {entry.megatron_name!r}")

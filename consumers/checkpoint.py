@@ -6,20 +6,22 @@ What:
   ``sharded_state_dict`` (every rank writes its shards; TP/PP/DP layouts are recorded, so a
   checkpoint is not tied to one file per rank); ``rng/rank-R.pt`` holds each rank's RNG states
   (torch CPU, CUDA if any, numpy, python ``random``, Megatron's CUDA RNG tracker); ``meta.json``
-  holds the step, the policy version, ``steps_done`` and whatever the loop passes as ``extra``
-  (the data/broker position).  ``checkpoints/latest`` names the newest *complete* checkpoint; it is
+  holds the step, the policy version, ``steps_done``, the learning-rate scheduler's state
+  (``lr_scheduler``: its position; the schedule itself comes from the config on resume) and
+  whatever the loop passes as ``extra`` (the data/broker position).  ``checkpoints/latest`` names the newest *complete* checkpoint; it is
   replaced atomically after every rank has finished writing.
 - :func:`resolve_checkpoint` turns ``trainer.resume_from`` ("latest" or a path) into a directory;
   :func:`load_checkpoint` restores model, optimizer, RNG, step and policy version into a freshly
   built :class:`~consumers.trainer.TrainerRank` and returns ``meta``.
 - :func:`export_hf_final` writes the trainer's weights as a Hugging Face checkpoint
-  (``model.safetensors`` through the bridge's ``export_hf_state``, plus the original checkpoint's
-  config/tokenizer/generation files) on global rank 0.
+  (safetensors shards of at most ``trainer.export_hf_shard_bytes`` with their index, through the
+  bridge's ``export_hf_state`` and ``huggingface_hub.save_torch_state_dict``, plus the original
+  checkpoint's config/tokenizer/generation files) on global rank 0.
 
 Why a synchronous writer: megatron-core 0.16's default ``torch_dist`` save strategy writes through
 ``FileSystemWriterAsync``, which forks writer processes, starts a ``spawn`` multiprocessing Manager
 and needs ``psutil``: fragile on CPU-only hosts (a fork after OpenMP threads can hang; see
-shared/notes/tiny-task.md).  :class:`SyncTorchDistSaveStrategy` keeps Megatron's translation to
+docs/notes/tiny-task.md).  :class:`SyncTorchDistSaveStrategy` keeps Megatron's translation to
 PyTorch Distributed Checkpoint (same on-disk format, loadable with Megatron's default load
 strategy) but saves with ``torch.distributed.checkpoint``'s plain ``FileSystemWriter`` in-process.
 
@@ -147,6 +149,7 @@ def save_checkpoint(rank: Any, run_dir: str | Path, step: int, extra: dict[str, 
             "tensor_parallel": rank.cfg.tensor_parallel,
             "pipeline_parallel": rank.cfg.pipeline_parallel,
             "rng": "rng/rank-<global rank>.pt (torch, numpy, python, megatron_tracker[, cuda])",
+            **({"lr_scheduler": rank.scheduler.state_dict()} if getattr(rank, "scheduler", None) is not None else {}),
             "saved_at": time.time(),
             **(extra or {}),
         }
@@ -195,21 +198,28 @@ def load_checkpoint(rank: Any, path: str | Path) -> dict[str, Any]:
         log.warning("no RNG state for rank %d in %s", dist.get_rank(), path)
     rank.steps_done = int(meta["steps_done"])
     rank.policy_version = int(meta["policy_version"])
+    if "lr_scheduler" in meta and getattr(rank, "scheduler", None) is not None:
+        rank.scheduler.load_state_dict(meta["lr_scheduler"])  # the position; lr values from the config
     log.info("resumed from %s: step %d, policy version %d", path, meta["step"], rank.policy_version)
     return meta
 
 
-def export_hf_final(rank: Any, hf_src: str | Path, out_dir: str | Path) -> Path | None:
+def export_hf_final(rank: Any, hf_src: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 10**9) -> Path | None:
     """Write the current weights as a HF checkpoint to ``out_dir`` (collective; files on global
-    rank 0, which returns the path; other ranks return None)."""
-    from safetensors.torch import save_file
+    rank 0, which returns the path; other ranks return None).  Shards of at most
+    ``max_shard_bytes`` with ``model.safetensors.index.json`` (``huggingface_hub.save_torch_state_dict``,
+    the layout ``from_pretrained`` reads); a model that fits is one ``model.safetensors``."""
+    from huggingface_hub import save_torch_state_dict
 
     named = rank.export_hf_state()
     if dist.get_rank() != 0:
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:  # an earlier export's shards
+        old.unlink(missing_ok=True)
+    save_torch_state_dict({k: v.detach().contiguous().cpu() for k, v in named.items()}, out, max_shard_size=max_shard_bytes,
+                          metadata={"format": "pt"})
     src = Path(hf_src)
     for name in HF_SIDE_FILES:
         if (src / name).exists():
@@ -260,4 +270,4 @@ def finish_run(rank: Any, cfg: Any, run_dir: str | Path, last_step: int) -> None
     if every and last_step > 0 and last_step % every:
         save_checkpoint(rank, run_dir, last_step)
     if cfg.trainer.export_hf_at_end:
-        export_hf_final(rank, cfg.model.path, Path(run_dir) / "hf-final")
+        export_hf_final(rank, cfg.model.path, Path(run_dir) / "hf-final", cfg.trainer.export_hf_shard_bytes)

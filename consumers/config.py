@@ -71,7 +71,17 @@ RESERVED_MEGATRON_KEYS: dict[str, str] = {
 class TrainerConfig:
     """The ``[trainer]`` table."""
 
-    lr: float = doc("Adam learning rate (constant; no schedule).", default=3e-4)
+    lr: float = doc("Adam learning rate: the peak of the schedule (lr_schedule), or the constant rate.", default=3e-4)
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse-square-root"] = doc(
+        "Learning-rate schedule (megatron-core's OptimizerParamScheduler): linear warm-up from 0 over "
+        "lr_warmup_steps, then 'constant' = lr, 'linear' / 'cosine' = decay to lr_min at lr_decay_steps, "
+        "'inverse-square-root' = lr * sqrt(warmup / step). Update k uses the rate at step k; skipped "
+        "(non-finite) steps do not advance it; saved and restored with checkpoints.",
+        default="constant",
+    )
+    lr_warmup_steps: int = doc("Linear warm-up steps (0 = none): update k <= W uses lr * k / W.", default=0)
+    lr_min: float = doc("Learning rate at the end of a linear/cosine decay (and the floor of inverse-square-root).", default=0.0)
+    lr_decay_steps: int = doc("Step at which a linear/cosine decay reaches lr_min; 0 = run.steps.", default=0)
     adam_beta1: float = doc("Adam beta1.", default=0.9)
     adam_beta2: float = doc("Adam beta2.", default=0.99)
     weight_decay: float = doc("Decoupled (AdamW) weight decay.", default=0.0)
@@ -137,15 +147,17 @@ class TrainerConfig:
     micro_batch_size: int = doc("Sequences per microbatch (forward/backward chunk).", default=64)
     max_tokens_per_microbatch: int = doc(
         "Token-balanced microbatching: padded tokens (rows x longest row) per microbatch at most this "
-        "(a longer sequence travels alone); 0 = split by micro_batch_size only.",
-        default=0,
+        "(a longer sequence travels alone); 0 = split by micro_batch_size only; -1 = auto: on GPU as many "
+        "as fit the device's memory (consumers/tuning.py, 1,024-32,768, logged at start), on CPU 0.",
+        default=-1,
     )
-    packing: Literal["none", "block_diagonal"] = doc(
+    packing: Literal["auto", "none", "block_diagonal"] = doc(
         "'none' = one trajectory per padded row; 'block_diagonal' = several trajectories share a row "
-        "(first-fit decreasing up to pack_row_tokens) under a block-diagonal causal attention mask, "
-        "micro_batch_size then counts rows. Attention costs O(row^2) per row (explicit mask, "
-        "no TransformerEngine needed; CPU and GPU).",
-        default="none",
+        "(first-fit decreasing up to pack_row_tokens), each attending only to itself; micro_batch_size "
+        "then counts rows. With layer_spec 'sdpa' on GPU attention runs per trajectory (variable-length "
+        "FlashAttention: no cost for sharing a row); on CPU and with 'local' it is a block-diagonal mask "
+        "(O(row^2) per row). 'auto' = block_diagonal on GPU with the sdpa spec, none otherwise.",
+        default="auto",
     )
     pack_row_tokens: int = doc(
         "Packing: tokens per packed row at most (a longer trajectory gets a row of its own); "
@@ -165,9 +177,39 @@ class TrainerConfig:
         "Write the final weights as a Hugging Face checkpoint (safetensors + config/tokenizer) to RUN_DIR/hf-final.",
         default=True,
     )
+    export_hf_shard_bytes: int = doc(
+        "Largest safetensors shard of the hf-final export; a larger model is split into model-0000k-of-0000n.safetensors "
+        "with model.safetensors.index.json (huggingface_hub.save_torch_state_dict; one model.safetensors when it fits).",
+        default=5 * 10**9,
+    )
     seed: int = doc("Random seed (the same on every rank; CPU init builds full weights then slices).", default=1234)
     compute_entropy: bool = doc(
-        "Report the policy's token entropy (one extra no-grad pass over the logits).", default=True
+        "Report the policy's token entropy (free with fused_logprobs; an extra no-grad pass over the logits without).",
+        default=True,
+    )
+    layer_spec: Literal["auto", "local", "te", "sdpa"] = doc(
+        "Core attention of the transformer layers (consumers/attention.py): 'sdpa' = PyTorch's "
+        "scaled_dot_product_attention (FlashAttention/cuDNN on GPU, causal; packed rows per trajectory), "
+        "'te' = Transformer Engine's fused attention (needs TE), 'local' = megatron-core's unfused "
+        "DotProductAttention; 'auto' = te where TE imports on a GPU, else sdpa. The choice is logged.",
+        default="auto",
+    )
+    fused_logprobs: bool = doc(
+        "Compute token log-probs and entropy from the last hidden states in vocab chunks "
+        "(consumers/logprobs.py): the [tokens, vocab] logits are never materialised, and only tokens the "
+        "loss uses reach the LM head. false = Megatron's output layer and full fp32 logits.",
+        default=True,
+    )
+    logprob_chunk_bytes: int = doc(
+        "fused_logprobs: bytes of fp32 logits of one vocab chunk (tokens x chunk columns x 4) at most; "
+        "the transient memory is about 2.5x this.",
+        default=1 << 30,
+    )
+    max_bad_steps: int = doc(
+        "A step whose loss or gradient is not finite is skipped (weights unchanged, counted in steps.jsonl "
+        "'step_skipped' and slipstream_trainer_skipped_steps_total, trajectory ids logged); this many in a "
+        "row fail the run; 0 = never fail.",
+        default=5,
     )
     megatron: dict[str, Any] = doc(
         "Pass-through settings: keys are field names of megatron-core's TransformerConfig, OptimizerConfig "
@@ -206,21 +248,41 @@ class TrainerConfig:
         check(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
         check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"must be k1, k2 or k3, got {self.kl_estimator!r}")
         check(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
-        check(self.max_tokens_per_microbatch >= 0, "max_tokens_per_microbatch", "must be >= 0")
+        check(self.max_tokens_per_microbatch >= -1, "max_tokens_per_microbatch", "must be >= 0, or -1 (auto)")
         check(
-            self.packing in ("none", "block_diagonal"), "packing",
-            f"must be 'none' or 'block_diagonal', got {self.packing!r}",
+            self.packing in ("auto", "none", "block_diagonal"), "packing",
+            f"must be 'auto', 'none' or 'block_diagonal', got {self.packing!r}",
         )
         check(self.pack_row_tokens >= 0, "pack_row_tokens", f"must be >= 0, got {self.pack_row_tokens}")
         check(
-            self.max_tokens_per_microbatch == 0 or self.pack_row_tokens <= self.max_tokens_per_microbatch,
+            self.max_tokens_per_microbatch <= 0 or self.pack_row_tokens <= self.max_tokens_per_microbatch,
             "pack_row_tokens", "must be <= max_tokens_per_microbatch (a row has to fit a microbatch)",
         )
         check(
-            self.packing == "none" or not self.megatron.get("masked_softmax_fusion", False), "packing",
+            self.packing != "block_diagonal" or not self.megatron.get("masked_softmax_fusion", False), "packing",
             "needs megatron.masked_softmax_fusion = false (the fused causal softmax ignores the packing mask)",
         )
+        check(
+            self.layer_spec in ("auto", "local", "te", "sdpa"), "layer_spec",
+            f"must be 'auto', 'local', 'te' or 'sdpa', got {self.layer_spec!r}",
+        )
+        check(self.packing != "block_diagonal" or self.layer_spec != "te", "packing",
+              "block_diagonal packing needs layer_spec 'sdpa', 'local' or 'auto' (TE's causal kernel ignores the segments)")
+        check(self.logprob_chunk_bytes >= 1 << 16, "logprob_chunk_bytes", f"must be >= 65536, got {self.logprob_chunk_bytes}")
+        check(self.max_bad_steps >= 0, "max_bad_steps", f"must be >= 0 (0 = never fail), got {self.max_bad_steps}")
+        check(
+            self.lr_schedule in ("constant", "linear", "cosine", "inverse-square-root"), "lr_schedule",
+            f"must be 'constant', 'linear', 'cosine' or 'inverse-square-root', got {self.lr_schedule!r}",
+        )
+        check(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+        check(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, lr = {self.lr}], got {self.lr_min}")
+        check(self.lr_decay_steps >= 0, "lr_decay_steps", f"must be >= 0 (0 = run.steps), got {self.lr_decay_steps}")
+        check(
+            self.lr_decay_steps == 0 or self.lr_schedule not in ("linear", "cosine") or self.lr_decay_steps > self.lr_warmup_steps,
+            "lr_decay_steps", f"must exceed lr_warmup_steps = {self.lr_warmup_steps}",
+        )
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.export_hf_shard_bytes >= 1 << 20, "export_hf_shard_bytes", f"must be >= 1 MiB, got {self.export_hf_shard_bytes}")
         check(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", f"must be 0 (off) or >= 1, got {self.tis_cap}")
         check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

@@ -71,6 +71,7 @@ STAT_GAUGES = {
     "entropy": "Mean token entropy of the policy on trained tokens.",
     "kl": "Mean KL estimate to the behaviour policy (k3).",
     "clip_fraction": "PPO clip fraction.",
+    "lr": "Learning rate of the step's update (trainer.lr_schedule).",
 }
 
 
@@ -83,6 +84,7 @@ class TrainerMetrics:
         self.tokens = Counter("slipstream_trainer_tokens_trained_total", "Response tokens trained on.", registry=r)
         self.trajectories = Counter("slipstream_trainer_trajectories_consumed_total", "Trajectories trained on.", registry=r)
         self.steps = Counter("slipstream_trainer_steps_total", "Optimizer steps completed.", registry=r)
+        self.skipped = Counter("slipstream_trainer_skipped_steps_total", "Steps not applied: non-finite loss or gradient (weights unchanged).", registry=r)
         self.publish_seconds = Histogram("slipstream_trainer_weight_publish_seconds", "Time to stream one version to every engine.", buckets=SECONDS_BUCKETS, registry=r)
         self.publish_bytes = Counter("slipstream_trainer_weight_publish_bytes_total", "Bytes of weights streamed to engines.", registry=r)
         self.engine_pause = Histogram(
@@ -197,7 +199,7 @@ class Trainer:
 
         init_distributed()
         cfg = self.cfg
-        self.rank = rank = TrainerRank(cfg.trainer, cfg.model.path)
+        self.rank = rank = TrainerRank(cfg.trainer, cfg.model.path, total_steps=cfg.run.steps)
         # weights.per_stage_publish: every PP stage's leader broadcasts its own layers over a weight
         # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
         self.per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish and bool(self.engine_urls)
@@ -323,7 +325,13 @@ class Trainer:
         if batch.replay and self.client is not None:
             log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
         t1 = time.monotonic()
-        stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
+        from consumers.trainer import NonFiniteStepError
+
+        try:
+            stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
+        except NonFiniteStepError as e:  # a restart would replay these batches and fail the same way
+            log.error("%s", e)
+            raise SystemExit(2) from e
         t2 = time.monotonic()
         trained_from = self.version
         self.version += 1
@@ -481,6 +489,8 @@ def _observe(m: TrainerMetrics, rec: StepRecord, train_s: float) -> None:
     m.tokens.inc(rec.tokens_trained)
     m.trajectories.inc(rec.trajectories)
     m.steps.inc()
+    if rec.stats.get("step_skipped"):
+        m.skipped.inc()
     m.publish_seconds.observe(rec.publish_s)
     m.publish_bytes.inc(rec.publish_bytes)
     m.engine_pause.observe(rec.engine_pause_s)

@@ -242,27 +242,33 @@ def policy_loss(
         tok = tok - entropy_coef * entropy.to(lp.dtype)
     total, norm = _masked_sum(tok, mask, agg)
     with torch.no_grad():
+        # masked sums via where(): no boolean indexing, so no host-device sync on GPU
         m = mask.bool()
         n = mask.sum().float()
         shown = raw if (correction == "none" or (correction == "tis" and tis_cap == 0)) else w.float()
         ft = _ftype(lp)
         lr = lp.detach().to(ft) - lb.to(ft)
         ratio_b = torch.exp(lr)
+
+        def msum(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(m, x, torch.zeros_like(x)).sum()
+
         sums = {
             "num_tokens": n,
             "loss_norm": norm.float(),
-            "is_weight_sum": shown[m].sum().float(),
+            "is_weight_sum": msum(shown).float(),
             "is_clip_count": (cut & m).sum().float(),
             "ppo_clip_count": clipped_active.sum().float(),
-            "logprob_mismatch_sum": lr[m].abs().sum(),
-            "kl_sum": (ratio_b - 1 - lr)[m].sum(),  # k3 of KL(μ || π_θ), as tests/reference_losses.py
-            "kl_ref_sum": kl_ref_tok.detach().float()[m].sum() if kl_ref_tok is not None else torch.zeros(()),
-            "entropy_sum": (entropy.detach().float() * mask).sum() if entropy is not None else torch.zeros(()),
+            "logprob_mismatch_sum": msum(lr.abs()),
+            "kl_sum": msum(ratio_b - 1 - lr),  # k3 of KL(μ || π_θ), as tests/reference_losses.py
+            "kl_ref_sum": msum(kl_ref_tok.detach().float()) if kl_ref_tok is not None else torch.zeros((), device=lp.device),
+            "entropy_sum": msum(entropy.detach().float()) if entropy is not None else torch.zeros((), device=lp.device),
         }
         denom = n.clamp(min=1.0)
+        wmax = torch.where(m, raw, torch.full_like(raw, float("-inf"))).max() if raw.numel() else torch.zeros((), device=lp.device)
         stats = {
             **sums,
-            "is_weight_max": raw[m].max().float() if m.any() else torch.zeros((), dtype=torch.float32),
+            "is_weight_max": torch.where(m.any(), wmax, torch.zeros_like(wmax)).float(),
             "is_weight_mean": sums["is_weight_sum"] / denom,
             "is_clip_fraction": sums["is_clip_count"] / denom,
             "clip_fraction": sums["ppo_clip_count"] / denom,

@@ -2,8 +2,8 @@
 
 What: ``[sft]`` (:class:`consumers.config.SFTConfig`) names a JSONL file of demonstrations, one
 object per line with ``prompt`` and ``response``, each either text or a list of token ids.  Text
-is tokenized with the model's ``tokenizer.json`` exactly as the producers tokenize prompts
-(``Tokenizer.encode(prompt).ids``, special tokens included); a text response is encoded without
+is tokenized with the model's tokenizer (``AutoTokenizer``, :mod:`producers.tokenizer`) exactly as
+the producers tokenize prompts (``encode(prompt).ids``, special tokens included); a text response is encoded without
 special tokens and, with ``append_eos``, gets the model's ``eos_token_id``.  Token lists are used
 verbatim.  :func:`run_sft` then takes ``steps`` optimizer steps of cross-entropy on the response
 tokens (token mean; :meth:`TrainerRank.sft_step`), ``batch_size`` examples per step drawn by a
@@ -52,10 +52,13 @@ def load_examples(path: str | Path, model_path: str | Path, append_eos: bool = T
                     pair.append([int(t) for t in v])
                     continue
                 if tok is None:
-                    from tokenizers import Tokenizer
+                    from producers.tokenizer import load_tokenizer
 
-                    tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
-                    eos = json.loads((Path(model_path) / "config.json").read_text()).get("eos_token_id")
+                    tok = load_tokenizer(model_path)
+                    config = Path(model_path) / "config.json"
+                    eos = json.loads(config.read_text()).get("eos_token_id") if config.exists() else None
+                    eos = eos[0] if isinstance(eos, list) and eos else eos  # Llama 3 lists several
+                    eos = tok.eos_token_id if eos is None else eos
                 if key == "prompt":
                     pair.append(list(tok.encode(v).ids))
                 else:

@@ -42,7 +42,7 @@ The ``device="cuda"`` rewrite is a ``TorchFunctionMode``, and torch keeps those 
 thread: :func:`apply_cpu_shim` enters it for the calling thread only.  Other threads must use
 :func:`cpu_device_mode`.
 
-See ``shared/notes/megatron-on-cpu.md`` for how each patch was found.
+See ``docs/notes/megatron-on-cpu.md`` for how each patch was found.
 """
 
 from __future__ import annotations

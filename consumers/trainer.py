@@ -43,8 +43,18 @@ Statistics (:data:`STAT_KEYS`): ``loss`` (global token mean), ``reward_mean``, `
 ``is_weight_max`` (raw ratio, before truncation), ``is_clip_fraction``, ``logprob_mismatch``,
 ``kl`` (k3, behaviour || current), ``entropy``, ``num_sequences``, ``step_seconds``, plus
 ``clip_fraction`` (PPO/GSPO clip active), ``kl_ref`` (to the frozen initial weights; NaN without
-``kl_coef``) and ``policy_version``.  ``is_clip_fraction`` counts TIS/decoupled truncation or
-IcePop masking.  The loss itself is selected by the config (``loss``, ``off_policy``,
+``kl_coef``), ``policy_version``, ``lr`` (of this step's update), ``step_skipped`` (1: the loss or a
+gradient was not finite on some rank, nothing was applied; :mod:`consumers.optim`),
+``skipped_steps`` (so far) and ``bad_steps_in_a_row`` (``trainer.max_bad_steps`` of those raise
+:class:`NonFiniteStepError`).
+
+Speed (:mod:`consumers.model` builds it): the core attention is PyTorch SDPA by default
+(:mod:`consumers.attention`; packed rows pass their segment ids instead of a mask), and with
+``trainer.fused_logprobs`` the model returns hidden states and the log-probs of the loss tokens
+come from :func:`consumers.logprobs.fused_logprobs` (no ``[tokens, vocab]`` logits).  Microbatches
+are moved to the device once per step; the statistics need one host sync.
+
+``is_clip_fraction`` counts TIS/decoupled truncation or IcePop masking.  The loss itself is selected by the config (``loss``, ``off_policy``,
 ``proximal``, ``loss_agg``, ``kl_coef``, ``entropy_coef``; :mod:`consumers.policy_loss`);
 :meth:`TrainerRank.sft_step` is the supervised step of the ``[sft]`` stage
 (:mod:`consumers.sft`), and :mod:`consumers.checkpoint` saves/resumes a rank.
@@ -77,8 +87,10 @@ from consumers.batching import (
     unpack,
 )
 from consumers.config import TrainerConfig
+from consumers.logprobs import emit_hidden, fused_logprobs, output_weight
 from consumers.loss import vocab_parallel_entropy
 from consumers.model import build_reference_model, build_trainable_model
+from consumers.optim import BadStepTracker, NonFiniteStepError, build_scheduler, current_lr, nonfinite_flags
 from consumers.policy_loss import entropy_from_logits, policy_loss
 from schemas.messages import Trajectory, TrajectoryGroup
 
@@ -93,10 +105,12 @@ _SUM_KEYS = (
 STAT_KEYS = (
     "loss", "reward_mean", "tokens_trained", "grad_norm", "is_weight_mean", "is_weight_max",
     "is_clip_fraction", "logprob_mismatch", "kl", "entropy", "num_sequences", "step_seconds",
-    "clip_fraction", "kl_ref", "policy_version",
+    "clip_fraction", "kl_ref", "policy_version", "lr", "step_skipped", "skipped_steps", "bad_steps_in_a_row",
 )
 
-__all__ = ["PAD_TOKEN", "STAT_KEYS", "Microbatch", "TrainerRank", "build_microbatches", "init_distributed"]
+__all__ = [
+    "PAD_TOKEN", "STAT_KEYS", "Microbatch", "NonFiniteStepError", "TrainerRank", "build_microbatches", "init_distributed",
+]
 
 
 def _free_port() -> int:
@@ -144,7 +158,9 @@ def check_packing_support(tconfig: Any) -> None:
 class TrainerRank:
     """One trainer process: model stage + optimizer; see the module docstring."""
 
-    def __init__(self, cfg: TrainerConfig, hf_path: str | Path) -> None:
+    def __init__(self, cfg: TrainerConfig, hf_path: str | Path, total_steps: int | None = None) -> None:
+        """``total_steps``: the run's RL steps (``run.steps``), the decay length of a linear/cosine
+        ``trainer.lr_schedule`` when ``trainer.lr_decay_steps`` is 0."""
         from megatron.core import parallel_state as ps
 
         if not dist.is_initialized():
@@ -153,12 +169,17 @@ class TrainerRank:
         self.hf_path = str(hf_path)
         built = build_trainable_model(cfg, hf_path)
         self.model, self.optimizer, self.spec, self.mconfig = built.model, built.optimizer, built.spec, built.config
+        self.plan = built.plan
         self._ps = ps
         self.steps_done = 0  # optimizer steps taken (RL and SFT)
         self.policy_version = 0  # version of the current weights (RL steps; restored on resume)
-        self.ref_model = build_reference_model(cfg, hf_path, self.mconfig) if cfg.kl_coef > 0 else None
+        self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
+        self.bad_steps = BadStepTracker(cfg.max_bad_steps)
+        self.ref_model = build_reference_model(cfg, hf_path, self.mconfig, self.plan) if cfg.kl_coef > 0 else None
+        self._gpt = bridge.unwrap_gpt(self.model)
+        self._ref_gpt = bridge.unwrap_gpt(self.ref_model) if self.ref_model is not None else None
         self._device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        if cfg.packing != "none":
+        if self.plan.packing != "none" and self.plan.layer_spec == "local":
             check_packing_support(self.mconfig)
         log.info(
             "trainer rank %d ready: TP %d/%d PP %d/%d DP %d/%d", dist.get_rank(),
@@ -188,25 +209,41 @@ class TrainerRank:
         return dist.get_rank() == 0
 
     # ------------------------------------------------------------------ training
-    def _loss_func(
-        self, mb: Microbatch, kind: str, logits: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _tp_group(self) -> Any:
+        return self._ps.get_tensor_model_parallel_group() if self.cfg.tensor_parallel > 1 else None
+
+    def _logprobs(
+        self, out: torch.Tensor, mb: Microbatch, gpt: Any, temperature: float, entropy: str, index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Label log-probs ``[b, s]`` from the model's output and the entropy (``entropy``: "grad" =
+        differentiable, "stat" = detached, "none").  Fused (``out`` is hidden states, only the
+        ``index`` positions are projected; 0 elsewhere) or the reference path on full logits."""
         from megatron.core import tensor_parallel
 
-        cfg = self.cfg
-        z = logits.float()
-        if cfg.temperature != 1.0 and kind != "sft":
-            z = z / cfg.temperature
-        dev = z.device
-        tp_group = self._ps.get_tensor_model_parallel_group() if cfg.tensor_parallel > 1 else None
-        entropy = None
-        if kind != "sft" and cfg.entropy_coef > 0:
-            entropy = entropy_from_logits(z, tp_group)  # differentiable: CE below must not reuse z
+        tp_group = self._tp_group()
+        if self.cfg.fused_logprobs:
+            lp, ent = fused_logprobs(out, output_weight(gpt), mb.labels, index, temperature, tp_group, self.cfg.logprob_chunk_bytes)
+            return lp, (ent if entropy == "grad" else ent.detach() if entropy == "stat" else None)
+        z = out.float()
+        if temperature != 1.0:
+            z = z / temperature
+        ent = None
+        if entropy == "grad":
+            ent = entropy_from_logits(z, tp_group)  # differentiable: CE below must not reuse z
             z = z.clone()
-        elif cfg.compute_entropy:
-            entropy = vocab_parallel_entropy(z, tp_group)
+        elif entropy == "stat":
+            ent = vocab_parallel_entropy(z, tp_group)
         # vocab-parallel CE (the op GPTModel uses when given labels); it reuses z's storage
-        logp = -tensor_parallel.vocab_parallel_cross_entropy(z, mb.labels.to(dev))
+        return -tensor_parallel.vocab_parallel_cross_entropy(z, mb.labels), ent
+
+    def _loss_func(
+        self, mb: Microbatch, kind: str, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        dev = out.device
+        want = "grad" if (kind != "sft" and cfg.entropy_coef > 0) else "stat" if cfg.compute_entropy else "none"
+        temperature = cfg.temperature if kind != "sft" else 1.0
+        logp, entropy = self._logprobs(out, mb, self._gpt, temperature, want, mb.loss_index)
         # packed rows -> one row per trajectory (identity for padded microbatches)
         logp = unpack(logp, mb)
         mask = unpack(mb.loss_mask.to(dev), mb)
@@ -228,41 +265,41 @@ class TrainerRank:
         report["is_weight_max"] = st["is_weight_max"]
         return loss_sum, st["loss_norm"].to(torch.int), report
 
-    def _model_forward(self, model: Any, mb: Microbatch) -> torch.Tensor:
-        """``model(tokens, position_ids, attention_mask)``; the mask is block-diagonal causal for
-        packed rows (built here, on the compute device) and None (Megatron's causal) otherwise."""
-        dev = self._device
-        mask = block_causal_mask(mb.segment_ids.to(dev)) if mb.segment_ids is not None else None
-        return model(mb.tokens.to(dev), mb.position_ids.to(dev), mask)
+    def _model_forward(self, model: Any, gpt: Any, mb: Microbatch) -> torch.Tensor:
+        """``model(tokens, position_ids, attention_mask)`` on device-resident ``mb``.  Packed rows:
+        the sdpa spec takes the segment ids themselves (per-trajectory attention,
+        :mod:`consumers.attention`), the local spec a block-diagonal causal mask built here; padded
+        rows: None (causal).  With ``fused_logprobs`` the model returns hidden states."""
+        mask = None
+        if mb.segment_ids is not None:
+            mask = mb.segment_ids if self.plan.layer_spec == "sdpa" else block_causal_mask(mb.segment_ids)
+        with emit_hidden(gpt, self.cfg.fused_logprobs):
+            return model(mb.tokens, mb.position_ids, mask)
 
     def _forward_step(self, kind: str, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         mb: Microbatch = next(data_iterator)
-        out = self._model_forward(model, mb)
+        out = self._model_forward(model, self._gpt, mb)
         return out, partial(self._loss_func, mb, kind)
 
-    def _ref_forward_step(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+    def _ref_forward_step(self, gpt: Any, all_positions: bool, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         mb: Microbatch = next(data_iterator)
-        out = self._model_forward(model, mb)
+        out = self._model_forward(model, gpt, mb)
 
-        def loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-            from megatron.core import tensor_parallel
-
-            z = logits.float()
-            if self.cfg.temperature != 1.0:
-                z = z / self.cfg.temperature
-            lp = -tensor_parallel.vocab_parallel_cross_entropy(z, mb.labels.to(z.device))
-            return torch.zeros((), device=z.device), torch.ones((), dtype=torch.int, device=z.device), {"logp": lp.detach().cpu()}
+        def loss(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+            lp, _ = self._logprobs(out, mb, gpt, self.cfg.temperature, "none", None if all_positions else mb.loss_index)
+            return torch.zeros((), device=out.device), torch.ones((), dtype=torch.int, device=out.device), {"logp": lp.detach()}
 
         return out, loss
 
-    def _forward_logprobs(self, model: Any, mbs: list[Microbatch]) -> list[torch.Tensor]:
+    def _forward_logprobs(self, model: Any, gpt: Any, mbs: list[Microbatch], all_positions: bool) -> list[torch.Tensor]:
         """Forward-only pass of ``model``: each microbatch's label log-probs (row layout, at the
-        sampling temperature), on the last PP stage (``[]`` elsewhere)."""
+        sampling temperature; at the loss positions only unless ``all_positions``), on the last PP
+        stage (``[]`` elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         with torch.no_grad():
             out = get_forward_backward_func()(
-                forward_step_func=self._ref_forward_step, data_iterator=iter(mbs), model=[model],
+                forward_step_func=partial(self._ref_forward_step, gpt, all_positions), data_iterator=iter(mbs), model=[model],
                 num_microbatches=len(mbs), seq_length=max(mb.tokens.shape[1] for mb in mbs),
                 micro_batch_size=max(mb.tokens.shape[0] for mb in mbs), forward_only=True,
             )
@@ -271,14 +308,23 @@ class TrainerRank:
     def _fill_reference_logprobs(self, mbs: list[Microbatch]) -> None:
         """Forward-only pass of the frozen reference model; sets ``mb.ref_logprobs`` on the last PP stage."""
         assert self.ref_model is not None
-        for mb, lp in zip(mbs, self._forward_logprobs(self.ref_model, mbs), strict=False):
+        for mb, lp in zip(mbs, self._forward_logprobs(self.ref_model, self._ref_gpt, mbs, False), strict=False):
             mb.ref_logprobs = lp
 
     def _microbatches(self, groups: list[TrajectoryGroup], std_norm: bool) -> list[Microbatch]:
-        cfg = self.cfg
-        return make_microbatches(
-            groups, std_norm, cfg.packing, cfg.micro_batch_size, cfg.max_tokens_per_microbatch, cfg.pack_row_tokens
-        )
+        """This rank's microbatches (padded or packed per the build plan), moved to the compute
+        device; packed ones are registered with the sdpa spec's layout registry."""
+        cfg, plan = self.cfg, self.plan
+        mbs = [
+            mb.to_device(self._device)
+            for mb in make_microbatches(groups, std_norm, plan.packing, cfg.micro_batch_size, plan.max_tokens_per_microbatch,
+                                        cfg.pack_row_tokens)
+        ]
+        if plan.layouts is not None:
+            for mb in mbs:
+                if mb.segment_ids is not None:
+                    plan.layouts.put(mb.segment_ids, mb.host_segment_ids)
+        return mbs
 
     def token_logprobs(self, groups: list[TrajectoryGroup]) -> list[np.ndarray]:
         """Log-probs of every label token (``P + R - 1`` per trajectory: prompt tokens after the
@@ -289,20 +335,23 @@ class TrainerRank:
         mbs = self._microbatches(groups, self.cfg.advantage_std_norm)
         trajs, _ = flatten(groups, self.cfg.advantage_std_norm)
         self.model.eval()
-        lps = self._forward_logprobs(self.model, mbs)
+        lps = self._forward_logprobs(self.model, self._gpt, mbs, True)
         self.model.train()
         if not lps:
             return []
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(trajs)
         for mb, lp in zip(mbs, lps, strict=True):
-            rows = unpack(lp.float(), mb, fill=float("nan"))
+            rows = unpack(lp.float(), mb, fill=float("nan")).cpu()
             for r, i in enumerate(mb.traj_order or []):
                 t = trajs[i]
                 out[i] = rows[r, : len(t.prompt_tokens) + len(t.response_tokens) - 1].numpy().copy()
         return out
 
-    def _run(self, mbs: list[Microbatch], kind: str) -> tuple[Any, Any]:
-        """Forward/backward over ``mbs`` and one optimizer step; returns (results, grad_norm)."""
+    def _run(self, mbs: list[Microbatch], kind: str) -> tuple[Any, Any, str]:
+        """Forward/backward over ``mbs`` and one optimizer step unless the loss or the gradients are
+        not finite on any rank (then the weights stay as they are).  Returns (results, grad_norm,
+        skip reason: "" when the step was applied).  RL steps (not SFT) advance the LR schedule
+        just before the update they apply."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         cfg = self.cfg
@@ -320,12 +369,19 @@ class TrainerRank:
             micro_batch_size=max(mb.tokens.shape[0] for mb in mbs),
             forward_only=False,
         )
+        loss_bad, grad_bad = nonfinite_flags([r["loss_sum"] for r in results or []], self.model, self.optimizer, self._device)
+        if loss_bad or grad_bad:
+            return results, math.nan, "non-finite loss" if loss_bad else "non-finite gradient"
+        if kind != "sft":
+            self.scheduler.step(1)
         success, grad_norm, _ = self.optimizer.step()
-        if not success:
-            log.warning("optimizer step skipped (inf/nan gradients)")
-        if cfg.grad_clip == 0 and success:
+        if not success:  # fp16: Megatron's loss scaler found an overflow and lowered the scale
+            if kind != "sft":
+                self.scheduler.step(-1)
+            return results, math.nan, "fp16 gradient overflow"
+        if cfg.grad_clip == 0:
             grad_norm = self.optimizer.get_grad_norm()
-        return results, grad_norm
+        return results, grad_norm, ""
 
     def train_step(self, groups: list[TrajectoryGroup]) -> dict[str, float]:
         """One optimizer step on this DP rank's ``groups`` (TP/PP peers pass the same list).
@@ -335,13 +391,30 @@ class TrainerRank:
         t0 = time.perf_counter()
         cfg = self.cfg
         mbs = self._microbatches(groups, cfg.advantage_std_norm)
-        results, grad_norm = self._run(mbs, cfg.loss)
+        results, grad_norm, skipped = self._run(mbs, cfg.loss)
         self.steps_done += 1
         self.policy_version += 1
-        stats = self._reduce_stats(results, groups, grad_norm)
+        stats = reduce_stats(results, groups, grad_norm, cfg, self._device, self.ref_model is not None)
+        self._account(stats, skipped, groups)
         stats["step_seconds"] = time.perf_counter() - t0
         stats["policy_version"] = float(self.policy_version)
         return stats
+
+    def _account(self, stats: dict[str, float], skipped: str, groups: list[TrajectoryGroup]) -> None:
+        """Skip bookkeeping and the LR of the step (raises NonFiniteStepError at max_bad_steps)."""
+        stats["lr"] = current_lr(self.optimizer)
+        if skipped:
+            ids = [t.trajectory_id for g in groups for t in g.trajectories]
+            try:
+                self.bad_steps.skipped(skipped, self.steps_done, ids, nonfinite=skipped.startswith("non-finite"))
+            finally:
+                stats.update(step_skipped=1.0, skipped_steps=float(self.bad_steps.skipped_total),
+                             bad_steps_in_a_row=float(self.bad_steps.in_a_row))
+        else:
+            self.bad_steps.ok()
+        stats.setdefault("step_skipped", 0.0)
+        stats.setdefault("skipped_steps", float(self.bad_steps.skipped_total))
+        stats.setdefault("bad_steps_in_a_row", float(self.bad_steps.in_a_row))
 
     def sft_step(self, examples: list[tuple[Any, Any]]) -> dict[str, float]:
         """One supervised step: cross-entropy (token mean) on the response tokens of this DP rank's
@@ -357,51 +430,12 @@ class TrainerRank:
         ]
         groups = [TrajectoryGroup("sft", "sft", "sft", 0, 0, trajs)] if trajs else []
         mbs = self._microbatches(groups, False)
-        results, grad_norm = self._run(mbs, "sft")
+        results, grad_norm, skipped = self._run(mbs, "sft")
         self.steps_done += 1
-        stats = self._reduce_stats(results, [], grad_norm)
+        stats = reduce_stats(results, [], grad_norm, self.cfg, self._device, self.ref_model is not None)
+        self._account(stats, skipped, groups)
         stats["step_seconds"] = time.perf_counter() - t0
         return stats
-
-    def _reduce_stats(self, results: list[dict[str, torch.Tensor]], groups: list[TrajectoryGroup], grad_norm: Any) -> dict[str, float]:
-        ps = self._ps
-        keys = _SUM_KEYS
-        rewards = [t.reward for g in groups for t in g.trajectories]
-        # on the compute device: NCCL (CUDA) collectives need CUDA tensors, gloo takes CPU ones
-        sums = torch.zeros(len(keys) + 2, dtype=torch.float64, device=self._device)
-        wmax = torch.zeros(1, dtype=torch.float64, device=self._device)
-        for r in results or []:  # only the last PP stage has results
-            for i, k in enumerate(keys):
-                sums[i] += float(r[k])
-            wmax[0] = max(float(wmax[0]), float(r["is_weight_max"]))
-        sums[len(keys)] = float(sum(rewards))
-        sums[len(keys) + 1] = float(len(rewards))
-        if self.dp_size > 1:
-            dp_group = ps.get_data_parallel_group()
-            dist.all_reduce(sums, group=dp_group)
-            dist.all_reduce(wmax, op=dist.ReduceOp.MAX, group=dp_group)
-        if self.cfg.pipeline_parallel > 1:  # results live on the last stage
-            both = torch.cat([sums, wmax])
-            dist.broadcast(both, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-            sums, wmax = both[:-1], both[-1:]
-        s = dict(zip(keys, sums.tolist(), strict=False))
-        n = max(s["num_tokens"], 1.0)
-        n_traj = float(sums[len(keys) + 1])
-        return {
-            "loss": s["loss_sum"] / max(s["loss_norm"], 1.0),
-            "reward_mean": float(sums[len(keys)]) / n_traj if n_traj else math.nan,
-            "tokens_trained": s["num_tokens"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "is_weight_mean": s["is_weight_sum"] / n,
-            "is_weight_max": float(wmax[0]),
-            "is_clip_fraction": s["is_clip_count"] / n,
-            "clip_fraction": s["ppo_clip_count"] / n,
-            "logprob_mismatch": s["logprob_mismatch_sum"] / n,
-            "kl": s["kl_sum"] / n,
-            "kl_ref": s["kl_ref_sum"] / n if self.ref_model is not None else math.nan,
-            "entropy": s["entropy_sum"] / n if (self.cfg.compute_entropy or self.cfg.entropy_coef > 0) else math.nan,
-            "num_sequences": n_traj,
-        }
 
     # ------------------------------------------------------------------ weights
     def export_hf_state(self) -> dict[str, torch.Tensor]:
@@ -421,3 +455,52 @@ class TrainerRank:
     def shutdown(self) -> None:
         """Tear down Megatron's parallel state (the process group is the caller's)."""
         self._ps.destroy_model_parallel()
+
+
+def reduce_stats(
+    results: list[dict[str, torch.Tensor]], groups: list[TrajectoryGroup], grad_norm: Any, cfg: TrainerConfig,
+    device: torch.device, has_ref: bool,
+) -> dict[str, float]:
+    """:data:`STAT_KEYS` (most of them) from the microbatches' loss reports, summed over DP and sent
+    from the last PP stage to the others: one host sync in all (collective over the trainer)."""
+    from megatron.core import parallel_state as ps
+
+    keys = _SUM_KEYS
+    rewards = [t.reward for g in groups for t in g.trajectories]
+    # on the compute device (NCCL needs CUDA tensors), without a host sync per microbatch;
+    # only the last PP stage has results
+    extra = torch.tensor([float(sum(rewards)), float(len(rewards))], dtype=torch.float64).to(device)
+    if results:
+        per_mb = torch.stack([torch.stack([r[k].detach().reshape(()).double() for k in keys]) for r in results])
+        sums = torch.cat([per_mb.sum(dim=0), extra])
+        wmax = torch.stack([r["is_weight_max"].detach().reshape(()).double() for r in results]).max().reshape(1)
+    else:
+        sums = torch.cat([torch.zeros(len(keys), dtype=torch.float64, device=device), extra])
+        wmax = torch.zeros(1, dtype=torch.float64, device=device)
+    if ps.get_data_parallel_world_size() > 1:
+        dp_group = ps.get_data_parallel_group()
+        dist.all_reduce(sums, group=dp_group)
+        dist.all_reduce(wmax, op=dist.ReduceOp.MAX, group=dp_group)
+    if cfg.pipeline_parallel > 1:  # results live on the last stage
+        both = torch.cat([sums, wmax])
+        dist.broadcast(both, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        sums, wmax = both[:-1], both[-1:]
+    vals = sums.tolist()
+    s = dict(zip(keys, vals, strict=False))
+    n = max(s["num_tokens"], 1.0)
+    reward_sum, n_traj = vals[len(keys)], vals[len(keys) + 1]
+    return {
+        "loss": s["loss_sum"] / max(s["loss_norm"], 1.0),
+        "reward_mean": reward_sum / n_traj if n_traj else math.nan,
+        "tokens_trained": s["num_tokens"],
+        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        "is_weight_mean": s["is_weight_sum"] / n,
+        "is_weight_max": float(wmax.item()),
+        "is_clip_fraction": s["is_clip_count"] / n,
+        "clip_fraction": s["ppo_clip_count"] / n,
+        "logprob_mismatch": s["logprob_mismatch_sum"] / n,
+        "kl": s["kl_sum"] / n,
+        "kl_ref": s["kl_ref_sum"] / n if has_ref else math.nan,
+        "entropy": s["entropy_sum"] / n if (cfg.compute_entropy or cfg.entropy_coef > 0) else math.nan,
+        "num_sequences": n_traj,
+    }

@@ -12,8 +12,9 @@
     slipstream config [--markdown]                               (every config key, default and doc)
     slipstream dashboard [--check]                               (write / check ops/grafana/slipstream.json)
     slipstream scrape-config RUN_DIR [--out F] [--rules R.yml]   (Prometheus config for a run)
-    slipstream status RUN_DIR [--once]                           (one-screen view of a running job)
+    slipstream status RUN_DIR [--once]                           (one-screen view of a running or finished job)
     slipstream sweep CONFIG --max-staleness 0,1,2 [--seeds 0,1] [--set ...] [--parallel N]   (pipeline/sweep.py)
+    slipstream --version
 
 A bad config prints one line naming the key (no traceback) and exits 2.
 """
@@ -36,52 +37,69 @@ from pipeline.configbase import ConfigError
 log = logging.getLogger("slipstream")
 
 
+RUN_EPILOG = """pass-through flags (any number, after the config):
+  --megatron-KEY VALUE   same as --set trainer.megatron.KEY=VALUE: a field of megatron-core's
+                         TransformerConfig, OptimizerConfig or DistributedDataParallelConfig
+                         (dashes become underscores), e.g. --megatron-recompute-granularity full
+  --sglang-KEY VALUE     same as --set producer.sglang.KEY=VALUE: a flag of the SGLang servers
+                         slipstream launches (producer.engine = "sglang"), checked against
+                         SGLang's ServerArgs, e.g. --sglang-mem-fraction-static 0.8
+
+every config key, its default and meaning: slipstream config"""
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="resolved config (JSON, as written by 'slipstream run') or TOML")
-    p.add_argument("--run-dir", required=True, type=Path)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-dir", required=True, type=Path, help="the run directory (ports/, stats/, logs/ ... are written there)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from pipeline import __version__
+
     ap = argparse.ArgumentParser(prog="slipstream", description="Asynchronous off-policy RL post-training.")
+    ap.add_argument("--version", action="version", version=f"slipstream {__version__} (Python {sys.version.split()[0]})")
     sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="start and supervise every process of a run")
-    r.add_argument("config", type=Path)
-    r.add_argument("--run-dir", type=Path, default=None)
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    r.add_argument("--dry-run", action="store_true", help="validate the config and print it; start nothing")
+    r = sub.add_parser("run", help="start and supervise every process of a run", epilog=RUN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("config", type=Path, help="the run's TOML config (e.g. examples/tiny/config.toml)")
+    r.add_argument("--run-dir", type=Path, default=None, help="run directory (default: run.run_dir, else runs/<run.name>-<timestamp>)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable); VALUE is a TOML literal")
+    r.add_argument("--dry-run", action="store_true",
+                   help="validate the config, resolve the model (config + tokenizer) and import every plug-in; print the config; start nothing")
     b = sub.add_parser("broker", help="run the queue broker")
     _common(b)
     b.add_argument("--metrics-port", type=int, default=0, help="metrics port (0 = any free port; a restart reuses the first)")
     p = sub.add_parser("produce", help="run one rollout producer")
     _common(p)
-    p.add_argument("--producer-id", required=True)
+    p.add_argument("--producer-id", required=True, help="producer name, producer-N (N picks its seed and prompt shard)")
     p.add_argument("--broker", required=True, help="broker producer endpoint, tcp://HOST:PORT")
-    p.add_argument("--engine-url", action="append", required=True)
+    p.add_argument("--engine-url", action="append", required=True, help="engine base URL to generate with (repeatable)")
     t = sub.add_parser("train", help="run a trainer rank (under torchrun for several)")
     _common(t)
     t.add_argument("--broker", required=True, help="broker trainer endpoint, tcp://HOST:PORT")
-    t.add_argument("--engine-url", action="append", default=[], help="engine base URL (repeatable; none with run.mode = 'train_only')")
+    t.add_argument("--engine-url", action="append", default=[],
+                   help="engine base URL to publish weights to (repeatable; none with run.mode = 'train_only')")
     rec = sub.add_parser("record", help="run.mode = 'rollout_only': record each step's batch in the trainer's place (pipeline/record.py)")
     _common(rec)
     rec.add_argument("--broker", required=True, help="broker trainer endpoint, tcp://HOST:PORT")
-    rec.add_argument("--engine-url", action="append", default=[])
+    rec.add_argument("--engine-url", action="append", default=[], help="engine base URL (repeatable)")
     rep = sub.add_parser("replay", help="run.mode = 'train_only': send a recording to the broker in the producers' place (pipeline/record.py)")
     _common(rep)
     rep.add_argument("--broker", required=True, help="broker producer endpoint, tcp://HOST:PORT")
     sub.add_parser("engine", help="run the embedded engine server (see: slipstream engine --help)", add_help=False)
     k = sub.add_parser("keys", help="make CURVE keys: a server and a client certificate (for a non-loopback queue.host)")
-    k.add_argument("out", type=Path)
+    k.add_argument("out", type=Path, help="directory for the certificates")
     m = sub.add_parser("make-tiny-model", help="write the tiny example's HF checkpoint")
-    m.add_argument("out", type=Path)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("out", type=Path, help="checkpoint directory to write")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     c = sub.add_parser("config", help="print every config key with its default and doc")
-    c.add_argument("--markdown", action="store_true")
+    c.add_argument("--markdown", action="store_true", help="print the README's config table")
     bn = sub.add_parser("bench", help="run benchmarks (baseline side by side) and write JSON to bench/results")
-    bn.add_argument("which", choices=["queue", "async", "all"])
+    bn.add_argument("which", choices=["queue", "async", "all"], help="which benchmark")
     bn.add_argument("--groups", type=int, default=2000, help="queue: groups of 8 trajectories to move")
     bn.add_argument("--steps", type=int, default=60, help="async: trainer steps per run")
-    bn.add_argument("--out", type=Path, default=Path("bench/results"))
+    bn.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for the result JSON")
     _add_ops_commands(sub)
     _add_sweep_command(sub)
     return ap
@@ -107,12 +125,12 @@ def _add_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     d.add_argument("--check", action="store_true", help="exit 1 if the committed JSON is stale, conflicted or uses unknown metrics")
     d.add_argument("--path", type=Path, default=None, help="dashboard file (default ops/grafana/slipstream.json)")
     s = sub.add_parser("scrape-config", help="write a Prometheus scrape config for a run from RUN_DIR/processes.json")
-    s.add_argument("run_dir", type=Path)
+    s.add_argument("run_dir", type=Path, help="the run directory (reads processes.json)")
     s.add_argument("--out", type=Path, default=None, help="default RUN_DIR/prometheus.yml")
     s.add_argument("--interval", type=float, default=1.0, help="scrape interval in seconds")
     s.add_argument("--rules", type=Path, action="append", default=[], help="rule file to load (repeatable)")
     st = sub.add_parser("status", help="one-screen view of a running job (from RUN_DIR/processes.json)")
-    st.add_argument("run_dir", type=Path)
+    st.add_argument("run_dir", type=Path, help="the run directory (running: scrapes its processes; finished: reads summary.json)")
     st.add_argument("--once", action="store_true", help="print once and exit (default: refresh every 2 s)")
     st.add_argument("--interval", type=float, default=2.0, help="refresh interval in seconds")
 
@@ -151,13 +169,20 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     from pipeline.logs import setup_logging
 
     cfg = load_config(args.config, [*args.set, *flag_overrides(extra)])
+    base = Path(args.config).resolve().parent  # run.python_path entries are relative to the config file
+    cfg.run.python_path = [str((base / p).resolve()) for p in cfg.run.python_path]
     setup_logging("launcher", cfg.run.log_level, cfg.run.log_format)
     if cfg.run.mode == "train_only":
         from pipeline.record import check_recording
 
         check_recording(cfg.run.replay_from, cfg.run.steps)  # every file there and intact, or one error naming it
     if args.dry_run:
+        from pipeline.preflight import preflight
+
+        checked = preflight(cfg)
         print(json.dumps(to_dict(cfg), indent=2))
+        for line in checked:
+            print(f"checked {line}", file=sys.stderr)
         print(f"config OK: {args.config}", file=sys.stderr)
         return 0
     run_dir = args.run_dir or Path(cfg.run.run_dir or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")

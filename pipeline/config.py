@@ -49,6 +49,9 @@ class RunConfig:
         3,
     )
     restart_backoff_s: float = doc("Wait before the first restart of a process; doubles with each further restart of it.", 1.0)
+    python_path: list[str] = doc(
+        "Directories put first on PYTHONPATH of every process, for plug-in modules outside the package (e.g. ['.'] in "
+        "examples/plugins/config.toml); relative paths are relative to the config file's directory.", default_factory=list)
     mode: Literal["train", "rollout_only", "train_only"] = doc(
         "'train': the whole pipeline. 'rollout_only': broker, engines and producers, no trainer; each step's batch is recorded to "
         "RUN_DIR/rollouts (wire format, sha256) and the engines' version label moves on per step (slime's --debug-rollout-only). "
@@ -72,11 +75,15 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = doc("Hugging Face checkpoint directory (config.json, safetensors, tokenizer).", "")
+    path: str = doc(
+        "Hugging Face checkpoint directory (config.json, safetensors, tokenizer), or a hub id ('Qwen/Qwen3-0.6B') that "
+        "the launcher downloads once (huggingface_hub, cache HF_HUB_CACHE) before any process starts. Required: no default.", "")
+    revision: str = doc("Hub revision (branch, tag or commit) of a hub id in 'path'; empty = the default branch.", "")
     make_tiny_if_missing: bool = doc("Create the tiny example checkpoint at 'path' if it does not exist.", False)
 
     def __post_init__(self) -> None:
-        check(bool(self.path), "path", "a model checkpoint directory is required")
+        check(not self.revision or not self.path or not Path(self.path).exists(), "revision",
+              "applies only to a hub id; model.path is a local directory")
 
 
 def _is_loopback(host: str) -> bool:
@@ -171,7 +178,7 @@ class MetricsConfig:
 @dataclass
 class SlipstreamConfig:
     run: RunConfig = doc("Run-wide settings.", default_factory=RunConfig)
-    model: ModelConfig = doc("The policy checkpoint.", default_factory=lambda: ModelConfig(path="runs/model"))
+    model: ModelConfig = doc("The policy checkpoint.", default_factory=ModelConfig)
     queue: QueueConfig = doc("The broker's queue.", default_factory=QueueConfig)
     producer: ProducerConfig = doc("Rollout producers.", default_factory=ProducerConfig)
     engine: EngineConfig = doc("The embedded inference engine.", default_factory=EngineConfig)
@@ -185,6 +192,11 @@ class SlipstreamConfig:
     DEPRECATED_KEYS: ClassVar[dict[str, str]] = DEPRECATED_KEYS
 
     def __post_init__(self) -> None:
+        check(bool(self.model.path), "model.path",
+              "is required (no default): a Hugging Face checkpoint directory or hub id, e.g. model.path = 'Qwen/Qwen3-0.6B'")
+        check(self.producer.engine != "sglang" or self.weights.engine_kind == "sglang", "weights.engine_kind",
+              "must be 'sglang' when producer.engine = 'sglang' (slipstream launches SGLang servers and must publish to them "
+              "the way SGLang expects: paused, one request per bucket)")
         check(not (self.run.verify_weights and self.weights.engine_kind == "sglang"), "run.verify_weights",
               "checks the engines' weights with slipstream's /slipstream/weights_checksum, which SGLang does not serve: "
               "turn it off with weights.engine_kind = 'sglang'")
@@ -196,6 +208,12 @@ class SlipstreamConfig:
             self.queue.max_queued_trajectories >= max_traj,
             "queue.max_queued_trajectories",
             f"must hold at least one step of data (groups_per_step x group_size = {max_traj})",
+        )
+        t = self.trainer
+        check(
+            t.lr_schedule not in ("linear", "cosine") or t.lr_decay_steps > 0 or self.run.steps > t.lr_warmup_steps,
+            "trainer.lr_warmup_steps",
+            f"must be < run.steps = {self.run.steps} (the decay length while trainer.lr_decay_steps = 0)",
         )
         check(self.run.mode != "rollout_only" or self.trainer.checkpoint_every == 0, "trainer.checkpoint_every",
               "run.mode 'rollout_only' has no trainer to checkpoint (its recorder starts over at step 1): set it to 0")

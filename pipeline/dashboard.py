@@ -287,14 +287,26 @@ def _metrics_regex(expr: str) -> set[str]:
     return names
 
 
-def metrics_in_expr(expr: str) -> set[str]:
-    """Metric names selected by a PromQL expression.  Raises ``ValueError`` if it does not parse
-    (with promql-parser; without it, a regex extracts names and parse errors go unnoticed)."""
+def have_promql_parser(warn: bool = True) -> bool:
+    """Whether promql-parser imports; logs (once per call) that the regex fallback is used if not."""
     try:
-        import promql_parser
+        import promql_parser  # noqa: F401
     except ImportError:
-        log.warning("promql-parser not installed (pip install promql-parser): metric names found by regex")
+        if warn:
+            log.warning("promql-parser not installed (pip install promql-parser): metric names found by regex, parse errors go unnoticed")
+        return False
+    return True
+
+
+def metrics_in_expr(expr: str, warn: bool = True) -> set[str]:
+    """Metric names selected by a PromQL expression.  Raises ``ValueError`` if it does not parse
+    (with promql-parser; without it, a regex extracts names and parse errors go unnoticed, and
+    ``warn`` logs that: callers checking many expressions call :func:`have_promql_parser` once
+    and pass ``warn=False``)."""
+    if not have_promql_parser(warn):
         return _metrics_regex(expr)
+    import promql_parser
+
     try:
         ast = promql_parser.parse(expr)
     except Exception as e:  # the parser raises ValueError and friends
@@ -319,6 +331,7 @@ def metrics_in_expr(expr: str) -> set[str]:
 def lint_dashboard(dashboard: dict[str, Any], known_series: set[str]) -> list[str]:
     """Problems of a dashboard independent of the generator: datasource, units, expressions."""
     problems: list[str] = []
+    have_promql_parser()  # says once if expressions are only regex-scanned
     variables = dashboard.get("templating", {}).get("list", [])
     if not any(v.get("type") == "datasource" and v.get("name") == "datasource" for v in variables):
         problems.append("templating: no 'datasource' variable of type datasource")
@@ -342,7 +355,7 @@ def lint_dashboard(dashboard: dict[str, Any], known_series: set[str]) -> list[st
                 if expr is None:
                     continue
                 try:
-                    used = metrics_in_expr(substitute_grafana_vars(expr))
+                    used = metrics_in_expr(substitute_grafana_vars(expr), warn=False)
                 except ValueError as e:
                     problems.append(f"{where}: {expr!r} {e}")
                     continue

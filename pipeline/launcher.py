@@ -15,6 +15,12 @@ replays the batches the dead trainer committed after that checkpoint (``pipeline
 port) it first bound and recovers its queue from RUN_DIR/journal; producers and the trainer
 reconnect on their own.  Restarts are logged, ``processes.json`` is rewritten with the new pids,
 and ``summary.json`` counts restarts per role.
+
+Before any child starts, a hub id in ``model.path`` is resolved to its local snapshot
+(:mod:`pipeline.hub`); the children run offline on it.  With ``producer.engine = "sglang"`` the
+engines are SGLang servers (and optionally a router) started from :mod:`producers.sglang_launch`'s
+plan, ready when ``/health`` answers, and restarted on the same port like a broker.  When a child
+dies while starting (or later), the error shows the last lines of its log.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any, TextIO
 
 from pipeline.config import SlipstreamConfig
 from pipeline.configbase import to_dict
+from pipeline.preflight import log_tail
 from pipeline.rundir import port_file, stats_file, wait_for_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -57,13 +64,14 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     metrics_url: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    env_extra: dict[str, str] = field(default_factory=dict)  # on top of the launcher's env (e.g. CUDA_VISIBLE_DEVICES)
     _log: TextIO | None = None
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")  # type: ignore[assignment]
         self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**env, **self.env_extra},
             start_new_session=True, preexec_fn=_set_pdeathsig,
         )
         log.info("started %s (pid %d): log %s", self.name, self.proc.pid, self.log_path)
@@ -92,8 +100,11 @@ class Child:
 
 def child_env(cfg: SlipstreamConfig) -> dict[str, str]:
     env = dict(os.environ)
+    # Offline: a hub id in model.path was resolved to a local snapshot before any child started (pipeline/hub.py).
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    if cfg.run.python_path:
+        env["PYTHONPATH"] = os.pathsep.join([*cfg.run.python_path, *filter(None, [env.get("PYTHONPATH", "")])])
     return env
 
 
@@ -112,13 +123,14 @@ class Launcher:
     def _cli(self, *args: str) -> list[str]:
         return [PY, "-m", "pipeline.cli", *args]
 
-    def _spawn(self, name: str, role: str, cmd: list[str]) -> Child:
-        child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log")
+    def _spawn(self, name: str, role: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, role, cmd, self.run_dir / "logs" / f"{name}.log", env_extra=dict(env or {}))
         self._forget_ports(name)
         script = self.run_dir / "cmds" / f"{name}.sh"
         script.parent.mkdir(parents=True, exist_ok=True)
+        extra = "".join(f"{k}={shlex.quote(v)} " for k, v in child.env_extra.items())
         script.write_text("#!/bin/sh\n# re-run this process by hand (same environment as the launcher gave it)\n"
-                          "OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 exec " + shlex.join(cmd) + "\n")
+                          f"OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 {extra}exec " + shlex.join(cmd) + "\n")
         script.chmod(0o755)
         child.start(self.env)
         self.children.append(child)
@@ -131,7 +143,15 @@ class Launcher:
             port_file(self.run_dir, name).unlink()
 
     def _ready(self, child: Child, name: str) -> dict[str, Any]:
-        return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
+        try:
+            if child.extra.get("health_url"):  # an SGLang server or router: ready when GET /health answers 200
+                from producers.sglang_launch import wait_healthy
+
+                wait_healthy(child.extra["health_url"], self.cfg.run.startup_timeout_s, child.name, child.alive)
+                return {}
+            return wait_for_file(port_file(self.run_dir, name), self.cfg.run.startup_timeout_s, f"{child.name}", child.alive)
+        except (RuntimeError, TimeoutError) as e:  # the cause is in the child's log: show it
+            raise type(e)(f"{e}{log_tail(child.log_path)}") from None
 
     def _write_processes(self) -> None:
         write_json_atomic(self.run_dir / "processes.json", [
@@ -177,9 +197,12 @@ class Launcher:
                 url = f"http://{host}:{info['port'] if isinstance(info, dict) else int(info)}"
                 e.metrics_url = f"{url}/metrics"
                 engine_urls.append(url)
+        generate_urls = engine_urls
+        if cfg.producer.engine == "sglang" and cfg.run.mode != "train_only":
+            engine_urls, generate_urls = self._start_sglang(host)
 
         for p in range(cfg.producer.num_producers if cfg.run.mode != "train_only" else 0):
-            mine = engine_urls[p::cfg.producer.num_producers] or engine_urls
+            mine = generate_urls[p::cfg.producer.num_producers] or generate_urls
             cmd = self._cli("produce", "--config", str(self.config_path), "--run-dir", str(rd), "--producer-id", f"producer-{p}",
                             "--broker", broker.extra["producer_endpoint"], *[a for u in mine for a in ("--engine-url", u)])
             child = self._spawn(f"producer-{p}", "producer", cmd)
@@ -198,13 +221,34 @@ class Launcher:
         trainer.metrics_url = f"http://{host}:{port}/metrics" if port else ""  # the rollout_only recorder serves none
         self._write_processes()
 
+    def _start_sglang(self, host: str) -> tuple[list[str], list[str]]:
+        """Start the SGLang servers (then the router, if any) and wait for /health; returns the
+        servers' URLs (the trainer publishes to each) and the URLs producers generate with."""
+        from producers.sglang_launch import plan
+
+        metrics = bool(self.cfg.producer.sglang.get("enable_metrics"))
+        started: dict[str, list[Child]] = {"server": [], "router": []}
+        entries = plan(self.cfg, host)
+        for role in ("server", "router"):  # the router starts once its workers answer /health
+            for s in (s for s in entries if s["role"] == role):
+                child = self._spawn(s["name"], "engine", s["argv"], env=s["env"])
+                child.extra = {"health_url": s["url"], "sglang": role}
+                child.metrics_url = f"{s['url']}/metrics" if metrics and role == "server" else ""
+                started[role].append(child)
+            for child in started[role]:
+                self._ready(child, child.name)
+                log.info("%s ready at %s", child.name, child.extra["health_url"])
+        servers = [c.extra["health_url"] for c in started["server"]]
+        return servers, [c.extra["health_url"] for c in started["router"]] or servers
+
     # ------------------------------------------------------------------ supervise
     def request_stop(self, reason: str) -> None:
         self._stop_reason = reason
 
     def _restartable(self, child: Child) -> bool:
         """Brokers and producers always; the trainer only with checkpoints to resume from."""
-        return child.role in ("broker", "producer") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
+        return (child.role in ("broker", "producer") or (child.role == "trainer" and self.cfg.trainer.checkpoint_every > 0)
+                or bool(child.extra.get("sglang")))  # SGLang servers and the router (same port again)
 
     def restart(self, child: Child) -> bool:
         """Restart a crashed broker, producer or (with ``trainer.checkpoint_every``) trainer in place
@@ -238,7 +282,8 @@ class Launcher:
             child.cmd = [*child.cmd, "--set", 'trainer.resume_from="latest"']
         child.start(self.env)
         info = self._ready(child, child.name)  # raises TimeoutError/RuntimeError if it cannot come up
-        child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
+        if info.get("metrics_port") or not child.extra.get("health_url"):  # an SGLang server keeps its URL
+            child.metrics_url = f"http://{self.cfg.metrics.host}:{info['metrics_port']}/metrics" if info.get("metrics_port") else ""
         self._write_processes()
         log.warning("%s restarted (pid %d)", child.name, child.proc.pid if child.proc else -1)
         return True
@@ -258,14 +303,15 @@ class Launcher:
                 if self.restart(trainer):
                     continue
                 why = "" if self._restartable(trainer) or code == 2 else " (not restarted: it resumes only from checkpoints, trainer.checkpoint_every = 0)"
-                log.error("trainer exited with code %d; see %s%s%s", code, trainer.log_path, why, _fatal_line(trainer.log_path))
+                log.error("trainer exited with code %d; see %s%s%s%s", code, trainer.log_path, why, _fatal_line(trainer.log_path), log_tail(trainer.log_path))
                 return 1
             for c in self.children:
                 if c.role != "trainer" and not c.alive():
                     assert c.proc is not None
                     if self.restart(c):
                         continue
-                    log.error("%s exited unexpectedly with code %s; see %s%s", c.name, c.proc.returncode, c.log_path, _fatal_line(c.log_path))
+                    log.error("%s exited unexpectedly with code %s; see %s%s%s", c.name, c.proc.returncode, c.log_path, _fatal_line(c.log_path),
+                              log_tail(c.log_path))
                     return 1
             time.sleep(0.2)
 
@@ -324,6 +370,20 @@ class Launcher:
         return out
 
 
+def resolve_model_for_run(cfg: SlipstreamConfig) -> SlipstreamConfig:
+    """``model.path`` as a local directory (a hub id is downloaded once here, see pipeline/hub.py);
+    the children then read that snapshot offline.  Raises ConfigError naming model.path."""
+    import dataclasses
+
+    from pipeline.hub import resolve_model
+
+    local = resolve_model(cfg.model.path, cfg.model.revision)
+    if local == cfg.model.path:
+        return cfg
+    log.info("model.path %r resolved to %s; every process reads that snapshot offline", cfg.model.path, local)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=local, revision=""))
+
+
 def _fatal_line(log_path: Path) -> str:
     """The child's last 'slipstream: ...' line (a config or plug-in error), to repeat in our message."""
     try:
@@ -351,6 +411,13 @@ class Console:
         self.offset = 0
         self.last_wall = 0.0
         self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+        # While the bar is drawn, the launcher's log lines go through tqdm.write: each on a line of
+        # its own above the bar, not glued onto it.
+        self._swapped: list[tuple[logging.StreamHandler[TextIO], TextIO]] = []
+        if enabled:
+            for h in logging.getLogger().handlers:
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr:
+                    self._swapped.append((h, h.setStream(_BarStream(self.bar))))  # type: ignore[arg-type, func-returns-value]
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -380,18 +447,43 @@ class Console:
         self.bar.update(1)
 
     def close(self) -> None:
+        for h, stream in self._swapped:
+            h.setStream(stream)
+        self._swapped.clear()
         self.bar.close()
+
+
+class _BarStream:
+    """A text stream that writes whole lines with ``tqdm.write`` (above the progress bar)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            self.bar.write(line, file=sys.stderr)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self.bar.write(self._partial, file=sys.stderr)
+            self._partial = ""
 
 
 def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", to_dict(cfg))
     if source is not None and source.exists():
         (run_dir / "config.toml").write_text(source.read_text())
-    if cfg.model.make_tiny_if_missing:
+    if cfg.model.make_tiny_if_missing and not (Path(cfg.model.path) / "config.json").exists():
         from pipeline.tiny import ensure_tiny_model
 
+        log.info("making the tiny example model at %s (model.make_tiny_if_missing; once, ~10-20 s)", cfg.model.path)
         ensure_tiny_model(cfg.model.path, seed=cfg.run.seed)
+    cfg = resolve_model_for_run(cfg)  # a hub id -> its local snapshot, before any child starts
+    write_json_atomic(run_dir / "config.json", to_dict(cfg))
     launcher = Launcher(cfg, run_dir)
     previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty())

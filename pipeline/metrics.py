@@ -29,7 +29,9 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import MetricsHandler
 
-VERSION = "0.1.0"
+from pipeline import __version__
+
+VERSION = __version__
 
 # Explicit histogram buckets (base units).
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)

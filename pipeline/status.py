@@ -2,7 +2,10 @@
 
 What: ``slipstream status RUN_DIR`` reads ``RUN_DIR/processes.json``, scrapes every process's
 ``metrics_url`` and prints one screen: step, policy version per process, queue depth, credits,
-staleness, tokens/s, drops, rejections, producers alive and each process up or down.
+staleness, tokens/s, drops, rejections, producers alive and each process up or down.  A finished
+run (its ``summary.json`` is newer than ``processes.json``) is shown from its files instead: final
+step, version and reward (``steps.jsonl``), and the trajectory account, drops and restarts of
+``summary.json``; exit 0.
 ``slipstream scrape-config RUN_DIR`` writes a Prometheus config that scrapes the same URLs, one job
 per role (``job="slipstream-<role>"``, the names ``ops/prometheus/alerts.yml`` and the dashboard use)
 and a ``process`` label per target.
@@ -236,8 +239,64 @@ def render_status(run_dir: Path, now: list[Scrape], before: list[Scrape] | None 
     return "\n".join(lines)
 
 
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """``RUN_DIR/summary.json`` if the run in ``run_dir`` has finished (the summary is newer than
+    ``processes.json``: a restarted run in the same directory is live again), else None."""
+    summary, procs = Path(run_dir) / "summary.json", Path(run_dir) / "processes.json"
+    try:
+        if procs.exists() and procs.stat().st_mtime > summary.stat().st_mtime:
+            return None
+        out = json.loads(summary.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def _last_step(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        lines = [ln for ln in (Path(run_dir) / "steps.jsonl").read_text().splitlines() if ln.strip()]
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def render_finished(run_dir: Path, summary: dict[str, Any]) -> str:
+    """The view of a finished run, from ``summary.json`` and the last line of ``steps.jsonl``."""
+    code = summary.get("exit_code")
+    state = {0: "finished", 130: "stopped (interrupted)"}.get(code, f"failed (exit code {code})")  # type: ignore[arg-type]
+    lines = [f"slipstream status: {run_dir}  ({state}; wall time {summary.get('wall_time_s', 0):.1f} s)"]
+    last = _last_step(run_dir)
+    if last is not None:
+        lines.append(f"step       {last.get('step')} (policy version {last.get('policy_version')}), "
+                     f"reward {last.get('reward_mean', float('nan')):.3f}, staleness {last.get('staleness_mean', float('nan')):.2f}"
+                     f"/{last.get('staleness_max')}")
+    else:
+        lines.append("step       - (no step completed)")
+    lines.append(f"steps      {summary.get('steps_completed', 0)} completed, final policy version {summary.get('final_policy_version', 0)}")
+    if "reward_first10_mean" in summary:
+        lines.append(f"reward     first 10 steps {summary['reward_first10_mean']:.3f} -> last 10 steps {summary['reward_last10_mean']:.3f}")
+    t = summary.get("trajectories", {})
+    dropped = t.get("dropped") or {}
+    lines.append(f"trajectories generated={t.get('generated')} accepted={t.get('accepted')} consumed={t.get('consumed')} "
+                 f"dropped={sum(dropped.values()) if dropped else 0} still_queued={t.get('still_queued')} "
+                 f"duplicates={t.get('duplicates_rejected_groups')} balanced={t.get('balanced')}")
+    if dropped:
+        lines.append("dropped    " + " ".join(f"{k}={v}" for k, v in sorted(dropped.items())))
+    rejected = summary.get("rejected_messages") or {}
+    lines.append(f"rejected   total={sum(rejected.values())}" + "".join(f" {k}={v}" for k, v in sorted(rejected.items())))
+    restarts = summary.get("restarts") or {}
+    lines.append("restarts   " + (" ".join(f"{k}={v}" for k, v in restarts.items()) or "-"))
+    return "\n".join(lines)
+
+
 def main(run_dir: Path, once: bool, interval_s: float = 2.0, rate_window_s: float = 1.0) -> int:
-    """``slipstream status``: exit 0; 1 when processes.json is missing or no process answers."""
+    """``slipstream status``: a finished run (summary.json) is shown from its files, exit 0; a live
+    one from its metrics endpoints.  Exit 1 when RUN_DIR is not a run directory, or no process of a
+    live run answers."""
+    summary = finished_summary(run_dir)
+    if summary is not None:
+        print(render_finished(run_dir, summary))
+        return 0
     try:
         processes = load_processes(run_dir)
     except (FileNotFoundError, ValueError) as e:

@@ -15,18 +15,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.configbase import check, doc
+from pipeline.configbase import ConfigError, check, doc
 
 
 @dataclass
 class ProducerConfig:
     num_producers: int = doc("Producer processes to start (each drives its share of the engines).", 1)
-    engine: Literal["embedded", "attach"] = doc(
+    engine: Literal["embedded", "attach", "sglang"] = doc(
         "'embedded': the launcher starts slipstream's own engine servers; 'attach': use running servers "
-        "(SGLang or embedded) at engine_urls.",
+        "(SGLang or embedded) at engine_urls; 'sglang': the launcher starts num_engines SGLang servers "
+        "(python -m sglang.launch_server with the producer.sglang flags; needs weights.engine_kind = 'sglang').",
         "embedded",
     )
-    num_engines: int = doc("Embedded engine servers to start (engine = 'embedded').", 1)
+    num_engines: int = doc("Engine servers to start: embedded engines (engine = 'embedded') or SGLang servers (engine = 'sglang').", 1)
     engine_urls: list[str] = doc("Engine base URLs for engine = 'attach' (an SGLang router URL works too).", default_factory=list)
     group_size: int = doc("Samples per prompt (the GRPO group).", 8)
     max_inflight_groups: int = doc(
@@ -94,7 +95,21 @@ class ProducerConfig:
         "wastes the compute and can regenerate a prompt whose answer takes longer than η + 1 steps forever (a bias against long "
         "answers); the cost is that the cut head is not trained on. Only the built-in single-turn rollout continues; other "
         "rollouts restart.", True)
-    sglang: dict[str, Any] = doc("Pass-through flags for SGLang servers slipstream launches (key -> --key value).", default_factory=dict)
+    sglang: dict[str, Any] = doc(
+        "Flags of the SGLang servers slipstream launches (engine = 'sglang'): key -> --key value (true: a bare switch, false: "
+        "left out, a list: several values); checked against SGLang's ServerArgs (the installed sglang's source, else the "
+        "fields recorded from 0.5.23). --sglang-KEY VALUE on the command line is the same.", default_factory=dict)
+    sglang_command: list[str] = doc(
+        "Command that starts one SGLang server, before slipstream's flags; empty = [python, -m, sglang.launch_server] "
+        "with this Python.", default_factory=list)
+    sglang_gpus_per_server: int = doc("GPUs per SGLang server (CUDA_VISIBLE_DEVICES); 0 = tp_size x pp_size x dp_size of producer.sglang.", 0)
+    sglang_gpu_ids: list[int] = doc("GPU ids handed out to the SGLang servers in order, each a consecutive slice; empty = 0, 1, 2, ...",
+                                    default_factory=list)
+    sglang_router: bool = doc(
+        "Start sglang-router in front of the SGLang servers: producers generate through it, the trainer still publishes "
+        "weights to each server.", False)
+    sglang_router_command: list[str] = doc("Command that starts the router; empty = [python, -m, sglang_router.launch_router].",
+                                           default_factory=list)
 
     def __post_init__(self) -> None:
         check(self.num_producers >= 1, "num_producers", "must be >= 1")
@@ -122,3 +137,13 @@ class ProducerConfig:
         check(self.tool_timeout_s > 0, "tool_timeout_s", "must be > 0")
         check(self.timeout_attempts >= 1, "timeout_attempts", "must be >= 1")
         check(math.isfinite(self.oversample) and self.oversample >= 1.0, "oversample", "must be a finite number >= 1.0 (1.0 = off)")
+        check(not self.sglang or self.engine == "sglang", "sglang",
+              f"SGLang flags ({', '.join(sorted(self.sglang))}) are used only when slipstream launches SGLang: set producer.engine = 'sglang'")
+        check(self.sglang_gpus_per_server >= 0, "sglang_gpus_per_server", "must be >= 0 (0 = from the tp/pp/dp flags)")
+        if self.sglang:
+            from producers.sglang_launch import validate_sglang_flags
+
+            try:
+                validate_sglang_flags(self.sglang)
+            except ConfigError as e:
+                raise ConfigError(e.key.removeprefix("producer."), e.message) from None

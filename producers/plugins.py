@@ -186,7 +186,10 @@ def load_plugin(path: str, key: str, args: dict[str, Any] | None = None) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(key, f"cannot import module {module_name!r}: {e}") from None
+        raise ConfigError(key, f"cannot import module {module_name!r}: {e} (a module outside the package needs its directory "
+                               "on PYTHONPATH or in run.python_path)") from None
+    except Exception as e:  # the module itself raised while importing (SyntaxError, NameError, ...)
+        raise ConfigError(key, f"importing module {module_name!r} raised {type(e).__name__}: {e}") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -173,13 +173,13 @@ class Producer:
         eval_path: Path | None = None,
         cursor_path: Path | None = None,
     ) -> None:
-        from tokenizers import Tokenizer
+        from producers.tokenizer import load_tokenizer
 
         self.cfg = cfg
         self.producer_id = producer_id
         self.broker_endpoint = broker_endpoint
         self.engine_urls = engine_urls
-        self.tokenizer = Tokenizer.from_file(str(Path(tokenizer_path) / "tokenizer.json"))
+        self.tokenizer = load_tokenizer(tokenizer_path)  # AutoTokenizer: special tokens, chat template, sentencepiece
         self.seed = seed
         self.epoch = time.time_ns() // 1000
         self.prompt_source = load_plugin(cfg.prompts, "producer.prompts", cfg.prompts_args)(seed)

@@ -71,7 +71,7 @@ class RolloutContext:
     """
 
     client: EngineClient
-    tokenizer: Any  # tokenizers.Tokenizer of the model
+    tokenizer: Any  # producers.tokenizer.ModelTokenizer of the model (tokenizers.Tokenizer-like: encode(text).ids, decode)
     group_size: int
     version_at_submit: int
     producer_id: str = ""

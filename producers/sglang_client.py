@@ -2,7 +2,7 @@
 
 The same client talks to real SGLang servers, an SGLang router, or slipstream's embedded engine
 (which serves the same routes), so the producer code path is identical in tests and production.
-Field names follow sglang 0.5.23 (``shared/notes/sglang-0.5.23-api.md``).
+Field names follow sglang 0.5.23 (``docs/notes/sglang-0.5.23-api.md``).
 
 Per-token policy versions: the embedded engine returns ``meta_info.output_token_weight_versions``
 (a slipstream extension).  Real SGLang reports one ``weight_version`` per response; then every token

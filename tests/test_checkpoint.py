@@ -100,3 +100,29 @@ def test_hf_export_loads_with_trainer_logits(model_dir, tmp_path):
         ours = rank.model(tokens, pos, None).float()
         theirs = hf(input_ids=tokens).logits
     assert float((ours - theirs).abs().max()) < 1e-5
+
+
+def test_hf_export_is_sharded_with_an_index(model_dir, tmp_path):
+    """A small shard size splits hf-final into several safetensors files plus the index
+    (huggingface_hub's layout); transformers loads it, and so does the trainer's lazy reader."""
+    from transformers import AutoModelForCausalLM
+
+    from consumers.bridge import load_hf_state, open_hf_checkpoint
+
+    rank = TrainerRank(TrainerConfig(seed=3), model_dir)
+    out = export_hf_final(rank, model_dir, tmp_path / "hf-final", max_shard_bytes=1 << 20)
+    assert out is not None
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and not (out / "model.safetensors").exists(), shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    named = rank.export_hf_state()
+    assert set(index["weight_map"]) == set(named)
+    back = load_hf_state(out)
+    assert all(torch.equal(back[k], v) for k, v in named.items())
+    lazy = open_hf_checkpoint(out)
+    assert all(torch.equal(lazy[k], v) for k, v in named.items())
+    AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    # a second export into the same directory with one shard leaves no stale shard behind
+    export_hf_final(rank, model_dir, out)
+    assert [p.name for p in out.glob("model*.safetensors")] == ["model.safetensors"] and not (out / "model.safetensors.index.json").exists()

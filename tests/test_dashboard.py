@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,14 @@ def test_regex_fallback_agrees_with_parser(generated: dict[str, Any]) -> None:
 
 def test_committed_file_is_plain_json() -> None:
     json.loads(dash.DASHBOARD_PATH.read_text())
+
+
+def test_check_without_promql_parser_warns_once() -> None:
+    """Without promql-parser, --check says once that it falls back to the regex (it used to repeat
+    the line for every expression)."""
+    code = ("import sys; sys.modules['promql_parser'] = None\n"
+            "from pipeline.cli import main\n"
+            "sys.exit(main(['dashboard', '--check']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.count("promql-parser not installed") == 1, r.stderr

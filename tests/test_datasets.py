@@ -194,3 +194,126 @@ def test_shards_partition_each_epoch(tmp_path: Path) -> None:
     ds.shard(1, 3)
     with pytest.raises(ValueError, match="saved for shard"):
         ds.load_state_dict({"epoch": 0, "index": 0, "num_records": 11, "shard": [0, 3]})
+
+
+# ---------------------------------------------------------------- dotted keys, presets, HF datasets
+def _verl_rows(n: int = 6) -> list[dict]:
+    return [{"data_source": "synthetic", "prompt": [{"role": "user", "content": f"{i}{i + 1}"}], "ability": "digits",
+             "reward_model": {"style": "rule", "ground_truth": str(i + 1)}, "extra_info": {"index": i, "split": "train"}} for i in range(n)]
+
+
+def _chat_tokenizer(tmp_path: Path) -> Path:
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir(exist_ok=True)
+    build_tokenizer(tok_dir)
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "<s>{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return tok_dir
+
+
+def test_dotted_keys_and_the_verl_preset(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(_verl_rows()), path)
+    tok = _chat_tokenizer(tmp_path)
+    out = list(make_prompts(str(path), preset="verl", tokenizer_path=str(tok), shuffle=False, epochs=1)(0))
+    assert [p.label for p in out] == ["1", "2", "3", "4", "5", "6"]  # reward_model.ground_truth, not ''
+    assert out[1].text == "<s>12=" and out[1].tokens == [BOS_ID, DIGIT0_ID + 1, DIGIT0_ID + 2, EQUALS_ID]
+    assert out[0].metadata["data_source"] == "synthetic" and out[0].metadata["ability"] == "digits"
+    # explicit keys win over the preset; dotted keys work for ids and metadata too
+    out = list(make_prompts(str(path), preset="verl", tokenizer_path=str(tok), id_key="extra_info.index",
+                            metadata_keys=["extra_info.split"], shuffle=False, epochs=1)(0))
+    assert [p.prompt_id for p in out] == [str(i) for i in range(6)] and out[0].metadata["extra_info.split"] == "train"
+    # a top-level key with a dot in its name wins over the nested path
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text(json.dumps({"prompt": "1=", "a.b": "top", "a": {"b": "nested"}}) + "\n")
+    assert next(make_prompts(str(flat), label_key="a.b")(0)).label == "top"
+
+
+def test_missing_key_is_an_error_naming_key_and_row(tmp_path: Path) -> None:
+    rows = _verl_rows(4)
+    del rows[2]["reward_model"]["ground_truth"]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = _chat_tokenizer(tmp_path)
+    with pytest.raises(ConfigError, match=r"'producer.prompts_args.label_key': record 2 has no key 'reward_model.ground_truth' "
+                                          r"\(.*bad.*its keys: \[.*'reward_model.style'"):
+        make_prompts(str(path), preset="verl", tokenizer_path=str(tok))(0)
+    with pytest.raises(ConfigError, match=r"label_key': record 0 has no key 'answer ' \(train: its keys: \['uid', 'question', 'answer'"):
+        make_prompts(str(_jsonl(tmp_path)), input_key="question", label_key="answer ")(0)
+    no_label = list(make_prompts(str(_jsonl(tmp_path)), input_key="question", label_key="", epochs=1)(0))
+    assert {p.label for p in no_label} == {""}  # label_key = "" says: no labels
+    with pytest.raises(ConfigError, match=r"preset.*unknown preset 'trl'"):
+        make_prompts(str(path), preset="trl")
+    with pytest.raises(ConfigError, match="needs tokenizer_path"):
+        make_prompts(str(path), preset="slime")
+
+
+def test_slime_preset(tmp_path: Path) -> None:
+    path = tmp_path / "slime.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": "34"}], "label": "4", "metadata": {"k": i}}) + "\n" for i in range(3)))
+    out = list(make_prompts(str(path), preset="slime", tokenizer_path=str(_chat_tokenizer(tmp_path)), shuffle=False, epochs=1)(0))
+    assert [(p.text, p.label, p.metadata["metadata"]["k"]) for p in out] == [("<s>34=", "4", 0), ("<s>34=", "4", 1), ("<s>34=", "4", 2)]
+
+
+def test_hf_datasets_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # as in a run's processes: nothing is downloaded
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets", reason="the Hugging Face datasets source is the [data] extra")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    from producers.datasets import make_hf_prompts
+
+    rows = _verl_rows(5)
+    files = tmp_path / "train.jsonl"
+    files.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = str(_chat_tokenizer(tmp_path))
+    from_files = list(make_hf_prompts("json", data_files=str(files), preset="verl", tokenizer_path=tok, shuffle=False, epochs=1)(0))
+    assert [p.label for p in from_files] == ["1", "2", "3", "4", "5"] and from_files[0].text == "<s>01="
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    from_disk = list(make_hf_prompts(str(saved), preset="verl", tokenizer_path=tok, shuffle=False, epochs=1)(0))
+    assert [(p.text, p.label) for p in from_disk] == [(p.text, p.label) for p in from_files]
+    with pytest.raises(ConfigError, match=r"'producer.prompts_args.dataset': cannot load dataset 'no-such-org/no-such-dataset'"):
+        make_hf_prompts("no-such-org/no-such-dataset")
+
+
+@pytest.mark.slow
+def test_verl_parquet_trains_the_tiny_model(tmp_path: Path) -> None:
+    """The tiny example's task as a verl-schema parquet file (chat messages, label under
+    reward_model.ground_truth): the run learns from it."""
+    import random
+    import shutil
+    import subprocess
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.tiny import make_tiny_model
+    from tests.helpers import REPO, env, slipstream
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(2000):
+        digits = [rng.randrange(10) for _ in range(rng.randint(3, 5))]
+        rows.append({"data_source": "maxdigit", "prompt": [{"role": "user", "content": "".join(map(str, digits))}], "ability": "digits",
+                     "reward_model": {"style": "rule", "ground_truth": str(max(digits))}, "extra_info": {"index": i}})
+    data = tmp_path / "maxdigit.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    model = make_tiny_model(tmp_path / "model")
+    tok = _chat_tokenizer(tmp_path)  # the tiny tokenizer plus a chat template: <s> + content + "="
+    shutil.copy(tok / "tokenizer_config.json", model / "tokenizer_config.json")
+    run_dir = tmp_path / "run"
+    args = ["run", str(REPO / "examples" / "tiny" / "config.toml"), "--run-dir", str(run_dir), "--set", f"model.path='{model}'",
+            "--set", "run.steps=80", "--set", "producer.prompts='producers.datasets:make_prompts'",
+            "--set", f"producer.prompts_args={{path='{data}', preset='verl', tokenizer_path='{model}'}}"]
+    r = subprocess.run(slipstream(*args), capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    first = sum(s["reward_mean"] for s in steps[:10]) / 10
+    last = sum(s["reward_mean"] for s in steps[-10:]) / 10
+    assert len(steps) == 80 and last - first >= 0.25, f"reward {first:.3f} -> {last:.3f}"
+    consumed = [json.loads(line) for line in (run_dir / "consumed.jsonl").read_text().splitlines()]
+    assert all(c["prompt_id"].startswith("maxdigit-") for c in consumed[:50]), consumed[0]

@@ -257,19 +257,25 @@ def test_sft_step_packed_equals_padded(model_dir):
     assert max(float((g0[k] - g1[k]).abs().max()) for k in g0) <= GRAD_TOL
 
 
-def test_mask_is_used(model_dir, monkeypatch):
-    """Drop the mask (Megatron then applies plain causal attention to the whole packed row): the
-    log-probs of every trajectory that is not first in its row must change."""
+@pytest.mark.parametrize("layer_spec", ["local", "sdpa"])
+def test_mask_is_used(model_dir, monkeypatch, layer_spec):
+    """Drop the mask (the attention then is plain causal over the whole packed row): the log-probs
+    of every trajectory that is not first in its row must change.  The local spec gets a
+    block-diagonal mask from the trainer; the sdpa spec builds its own from the segment ids."""
+    import consumers.attention as attention_mod
     import consumers.trainer as trainer_mod
     from consumers.config import TrainerConfig
     from consumers.trainer import TrainerRank
 
     groups = groups_for(seed=3)
-    tr = TrainerRank(TrainerConfig(seed=3, packing="block_diagonal", pack_row_tokens=64), model_dir)
+    tr = TrainerRank(TrainerConfig(seed=3, packing="block_diagonal", pack_row_tokens=64, layer_spec=layer_spec), model_dir)
     with_mask = tr.token_logprobs(groups)
-    padded = TrainerRank(TrainerConfig(seed=3), model_dir).token_logprobs(groups)
+    padded = TrainerRank(TrainerConfig(seed=3, layer_spec=layer_spec), model_dir).token_logprobs(groups)
     assert max(float(np.abs(a - b).max()) for a, b in zip(with_mask, padded, strict=True)) <= LP_TOL
-    monkeypatch.setattr(trainer_mod, "block_causal_mask", lambda seg: None)
+    if layer_spec == "local":
+        monkeypatch.setattr(trainer_mod, "block_causal_mask", lambda seg: None)
+    else:
+        monkeypatch.setattr(attention_mod, "block_causal_allowed", lambda seg: None)
     no_mask = tr.token_logprobs(groups)
     mbs = tr._microbatches(groups, True)
     later = [

@@ -10,8 +10,10 @@ Checks, with the tiny Qwen3 model (128 hidden, 2 layers) and trajectories of up 
 - bf16 (``trainer.megatron.bf16``): packed vs padded differ no more than bf16 rounding does, i.e.
   at most 2x the difference between bf16 and fp32 padded log-probs (plus 1e-3), and the loss
   within rel 2e-2;
-- the mask is used on the GPU code path too: dropping it moves later trajectories' log-probs by
-  far more than the tolerance.
+- the mask is used on the GPU code path too (local spec: the trainer's mask; sdpa spec: its
+  per-segment attention): dropping it moves later trajectories' log-probs by far more than the
+  tolerance;
+- the sdpa spec's variable-length (jagged) FlashAttention path equals its dense block mask.
 """
 
 from __future__ import annotations
@@ -92,15 +94,42 @@ def test_packed_equals_padded_bf16_cuda(model_dir):
     assert s1["loss"] == pytest.approx(s0["loss"], rel=2e-2, abs=1e-4)
 
 
-def test_mask_is_used_cuda(model_dir, monkeypatch):
+@pytest.mark.parametrize("layer_spec", ["local", "sdpa"])
+def test_mask_is_used_cuda(model_dir, monkeypatch, layer_spec):
+    import consumers.attention as attention_mod
     import consumers.trainer as trainer_mod
 
     groups = groups_for(seed=3, max_resp=60)
-    tr, lp1, _, _ = _run(model_dir, groups, "block_diagonal", False)
-    _, lp0, _, _ = _run(model_dir, groups, "none", False)
+    tr, lp1, _, _ = _run(model_dir, groups, "block_diagonal", False, layer_spec=layer_spec)
+    _, lp0, _, _ = _run(model_dir, groups, "none", False, layer_spec=layer_spec)
     assert _lp_diff(lp0, lp1) <= 1e-4
-    monkeypatch.setattr(trainer_mod, "block_causal_mask", lambda seg: None)
+    if layer_spec == "local":
+        monkeypatch.setattr(trainer_mod, "block_causal_mask", lambda seg: None)
+    else:  # no per-segment attention at all: plain causal over the packed row
+        monkeypatch.setattr(attention_mod.SDPAttention, "_packed", lambda self, *a, **k: None)
+        monkeypatch.setattr(attention_mod, "block_causal_allowed", lambda seg: None)
     no_mask = tr.token_logprobs(groups)
     d = _lp_diff(lp0, no_mask)
     print(f"cuda without the mask: max logprob diff {d:.3g}")
     assert d > 1e-2
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_jagged_attention_equals_dense_mask_cuda(model_dir, monkeypatch, bf16):
+    """The sdpa spec's variable-length (jagged) path on CUDA gives the log-probs, loss and
+    gradients of the dense block-diagonal mask (fp32: 1e-4; bf16: within bf16 rounding)."""
+    import consumers.attention as attention_mod
+
+    groups = groups_for(seed=9, max_resp=200)
+    tr, lp_j, s_j, g_j = _run(model_dir, groups, "block_diagonal", bf16, layer_spec="sdpa")
+    core = tr._gpt.decoder.layers[0].self_attention.core_attention
+    assert core.jagged_calls > 0 and core.packed_fallbacks == 0, "the jagged kernel must have run"
+    monkeypatch.setattr(attention_mod.SDPAttention, "_packed", lambda self, *a, **k: None)
+    _, lp_d, s_d, g_d = _run(model_dir, groups, "block_diagonal", bf16, layer_spec="sdpa")
+    d = _lp_diff(lp_j, lp_d)
+    scale = max(float(g.abs().max()) for g in g_d.values())
+    gd = max(float((g_j[k] - g_d[k]).abs().max()) for k in g_d)
+    print(f"jagged vs dense mask (bf16={bf16}): logprob {d:.3g}, grad {gd:.3g} (scale {scale:.3g})")
+    tol = 2e-2 if bf16 else 1e-4
+    assert d <= tol and gd <= tol * scale
+    assert s_j["loss"] == pytest.approx(s_d["loss"], rel=2e-2 if bf16 else 1e-5, abs=1e-6)

@@ -8,6 +8,7 @@ exactly those, tokens/s must come from two scrapes, and a process whose endpoint
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -113,3 +114,36 @@ def test_status_once_prints_the_metrics(fake_run: tuple[Path, dict], capsys: pyt
 def test_status_without_run_dir_fails(tmp_path: Path) -> None:
     r = subprocess.run(slipstream("status", str(tmp_path), "--once"), capture_output=True, text=True, env=env(), timeout=60)
     assert r.returncode == 1 and "processes.json not found" in r.stdout, r.stdout + r.stderr
+
+
+def test_finished_run_is_shown_from_its_files(tmp_path: Path) -> None:
+    """A finished run (summary.json newer than processes.json): final step, reward and the
+    summary from its files, exit 0; no endpoint is scraped (they are gone)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "processes.json").write_text(json.dumps([{"name": "broker", "role": "broker", "pid": None, "metrics_url": "http://127.0.0.1:9/metrics"}]))
+    steps = [{"step": s, "policy_version": s, "reward_mean": 0.1 * s, "staleness_mean": 0.5, "staleness_max": 1} for s in (1, 2, 3)]
+    (run / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    summary = {"exit_code": 0, "wall_time_s": 42.5, "steps_completed": 3, "final_policy_version": 3,
+               "trajectories": {"generated": 200, "accepted": 192, "consumed": 180, "dropped": {"stale_requeued": 4}, "still_queued": 8,
+                                "duplicates_rejected_groups": 0, "balanced": True},
+               "rejected_messages": {"bad_dtype": 2}, "restarts": {"broker": 0, "engine": 1, "producer": 0, "trainer": 0},
+               "reward_first10_mean": 0.1, "reward_last10_mean": 0.9}
+    (run / "summary.json").write_text(json.dumps(summary))
+    r = subprocess.run(slipstream("status", str(run), "--once"), capture_output=True, text=True, env=env(), timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert f"slipstream status: {run}  (finished; wall time 42.5 s)" in out
+    assert "step       3 (policy version 3), reward 0.300, staleness 0.50/1" in out
+    assert "reward     first 10 steps 0.100 -> last 10 steps 0.900" in out
+    assert "trajectories generated=200 accepted=192 consumed=180 dropped=4 still_queued=8 duplicates=0 balanced=True" in out
+    assert "dropped    stale_requeued=4" in out and "rejected   total=2 bad_dtype=2" in out and "engine=1" in out
+    assert "DOWN" not in out
+    summary["exit_code"] = 1
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert "(failed (exit code 1); wall time" in subprocess.run(slipstream("status", str(run), "--once"), capture_output=True, text=True,
+                                                               env=env(), timeout=60).stdout
+    # the run directory was reused by a new run (processes.json is newer): live view again
+    os.utime(run / "summary.json", (time.time() - 100, time.time() - 100))
+    r = subprocess.run(slipstream("status", str(run), "--once"), capture_output=True, text=True, env=env(), timeout=60)
+    assert r.returncode == 1 and "DOWN" in r.stdout

@@ -36,7 +36,16 @@ def test_defaults_are_valid_and_documented():
         ({"icepop_low": 2.0}, "trainer.icepop_low"),
         ({"kl_estimator": "k4"}, "trainer.kl_estimator"),
         ({"checkpoint_every": -1}, "trainer.checkpoint_every"),
-        ({"max_tokens_per_microbatch": -1}, "trainer.max_tokens_per_microbatch"),
+        ({"max_tokens_per_microbatch": -2}, "trainer.max_tokens_per_microbatch"),
+        ({"layer_spec": "flash"}, "trainer.layer_spec"),
+        ({"layer_spec": "te", "packing": "block_diagonal"}, "trainer.packing"),
+        ({"logprob_chunk_bytes": 1024}, "trainer.logprob_chunk_bytes"),
+        ({"max_bad_steps": -1}, "trainer.max_bad_steps"),
+        ({"lr_schedule": "step"}, "trainer.lr_schedule"),
+        ({"lr_warmup_steps": -2}, "trainer.lr_warmup_steps"),
+        ({"lr": 1e-3, "lr_min": 1e-2}, "trainer.lr_min"),
+        ({"lr_schedule": "cosine", "lr_warmup_steps": 5, "lr_decay_steps": 5}, "trainer.lr_decay_steps"),
+        ({"packing": "thd"}, "trainer.packing"),
     ],
 )
 def test_bad_values_name_the_key(data, key):

@@ -1,4 +1,4 @@
-"""The "reverse digits" task, for the two-stage (SFT -> RL) example (shared/notes/tiny-task.md:
+"""The "reverse digits" task, for the two-stage (SFT -> RL) example (docs/notes/tiny-task.md:
 pure RL stalls on it; a 50-step supervised warm-up makes it learn).
 
 - ``prompts(seed)``: ``<s> d1 .. dk =`` with k = 3..5 random digits; the label is the digits reversed.

@@ -12,7 +12,7 @@ What: loads a Hugging Face causal LM through transformers, starts the decode sch
 - ``GET /slipstream/weights_checksum`` (slipstream extension, for tests and debugging).
 
 Why: the producer's HTTP client is the one used against real SGLang servers, so the embedded
-engine must speak the same fields (``notes/sglang-0.5.23-api.md``).  The event loop only parses,
+engine must speak the same fields (``docs/notes/sglang-0.5.23-api.md``).  The event loop only parses,
 validates and waits: the model runs on the scheduler thread and broadcasts are received on the
 weight-receive thread, so neither blocks HTTP nor decoding.
 
@@ -441,7 +441,12 @@ class EngineServer:
 
 # ---------------------------------------------------------------------- entry point
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m producers.engine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="slipstream engine",
+        description="slipstream's embedded inference engine: serves a Hugging Face checkpoint over SGLang's HTTP API subset "
+                    "(/generate with per-token log-probs, weight updates from a trainer, /health, /metrics). 'slipstream run' "
+                    "starts it for you; start it by hand to attach a run to it (producer.engine = 'attach').",
+        epilog="Engine settings (slipstream config, keys engine.*) go in with --set KEY=VALUE, e.g. --set max_running_requests=64.")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=30000, help="port to bind; 0 picks a free one")
