@@ -215,14 +215,14 @@ def main() -> None:
                 t0 = time.perf_counter()
                 info = pub.publish(named, version, checksum=False)
                 times.append(time.perf_counter() - t0)
-                timings.append(info["timings"])
+                timings.append(info.timings)
             m1 = scrape(url)
             times, timings = times[1:], timings[1:]
             key = f"{mb}MiB"
             rs, rc = "slipstream_engine_weight_receive_seconds_sum", "slipstream_engine_weight_receive_seconds_count"
             ps, pc = "slipstream_engine_weight_update_pause_seconds_sum", "slipstream_engine_weight_update_pause_seconds_count"
             result["publish"][key] = {
-                "bytes": nbytes, "buckets": info["buckets"], "seconds": times, "GBps_best": nbytes / min(times) / 1e9,
+                "bytes": nbytes, "buckets": info.buckets, "seconds": times, "GBps_best": nbytes / min(times) / 1e9,
                 "GBps_median": nbytes / sorted(times)[len(times) // 2] / 1e9,
                 # where the time went (means over the timed reps): publisher CPU wall time per phase,
                 # and the engine's own view (receive: from starting a bucket's receive until its bytes
@@ -251,7 +251,7 @@ def main() -> None:
             info = pub.publish(snap, version, checksum=False)
             snap_times.append(t1 - t0)
             times.append(time.perf_counter() - t1)
-            timings.append(info["timings"])
+            timings.append(info.timings)
         times, snap_times, timings = times[1:], snap_times[1:], timings[1:]
         raw = result["raw_nccl_broadcast"][f"{args.bucket_mb[0]}MiB"]["GBps_best"]
         result["publish_from_snapshot"] = {

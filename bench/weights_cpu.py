@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import consumers.publisher as publisher_mod  # noqa: E402
+import consumers.bucket_send as publisher_mod  # noqa: E402  (BucketSender flattens through its flatten_into)
 from consumers.publisher import WeightPublisher, free_port, plan_buckets  # noqa: E402
 from pipeline.tiny import make_tiny_model  # noqa: E402
 from pipeline.weightsync import flatten_bucket, init_weight_group  # noqa: E402
@@ -158,12 +158,12 @@ def main() -> None:
                         times[variant].append(time.perf_counter() - t0)
             publisher_mod.flatten_into = reuse
             key = f"{mb}MiB"
-            result["publish"][key] = {**_stats(nbytes, times["reuse"]), "buckets": info["buckets"]}
+            result["publish"][key] = {**_stats(nbytes, times["reuse"]), "buckets": info.buckets}
             result["publish_fresh_alloc"][key] = _stats(nbytes, times["fresh"])
             result["reuse_vs_fresh_median"][key] = result["publish_fresh_alloc"][key]["median_s"] / result["publish"][key]["median_s"]
             raw = result["raw_gloo_broadcast"][key]
             result["publish_vs_raw"][key] = result["publish"][key]["GBps_best"] / raw["GBps_best"]
-            result["overhead_per_bucket_ms"][key] = (result["publish"][key]["best_s"] - raw["best_s"]) / info["buckets"] * 1e3
+            result["overhead_per_bucket_ms"][key] = (result["publish"][key]["best_s"] - raw["best_s"]) / info.buckets * 1e3
             save()
         result["machine"]["loadavg_at_end"] = os.getloadavg()
         save()

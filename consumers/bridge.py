@@ -579,24 +579,40 @@ def _to_hf(entry: _Entry, local: torch.Tensor, spec: HFModelSpec, group: Any, tp
     raise AssertionError(entry.kind)
 
 
+def _host(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in named.items()}
+
+
+def _gather_objects_on(device: torch.device, gather: Any, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """``gather(local)`` (an object collective: the tensors are pickled) with ``local`` in host
+    memory on the way, and the result back on ``device``.  Pickled CUDA tensors would land on the
+    *sender's* device index in the receiving process (another rank's GPU); so these gathers (EP's
+    experts, and the PP gather of :func:`export_hf_state`, which per-stage publishing avoids) are
+    the only places an export passes through host memory."""
+    out = gather(_host(local))
+    return None if out is None else {k: v.to(device) for k, v in out.items()}
+
+
 def _stage_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
-    """This rank's PP stage as HF-named CPU tensors (per-expert names with MoE) on the stage's
-    leader (TP rank 0 of data-parallel replica 0, which also receives the stage's experts from its
-    EP peers), None elsewhere.  Collective over the TP group (and the EP group with EP > 1)."""
+    """This rank's PP stage as HF-named tensors on the model's device (per-expert names with MoE)
+    on the stage's leader (TP rank 0 of data-parallel replica 0, which also receives the stage's
+    experts from its EP peers), None elsewhere.  Collective over the TP group (and the EP group
+    with EP > 1)."""
     from megatron.core import parallel_state as ps
 
     gpt = unwrap_gpt(model)
     params = dict(gpt.named_parameters())
+    device = next(iter(params.values())).device
     entries = _entries(gpt, spec)
     ep_size = ps.get_expert_model_parallel_world_size() if (spec.num_experts and dist.is_initialized()) else 1
     experts: dict[str, torch.Tensor] | None = None
     if ep_size > 1:  # expert weights live on EP ranks, which are also other DP (or TP) ranks
         local = {
-            name: t.to("cpu", dtype=dtype or t.dtype)
+            name: t.to(dtype=dtype or t.dtype)
             for entry in entries if entry.expert
             for name, t in _to_hf(entry, params[entry.megatron_name], spec, None, 1).items()
         }
-        experts = bridge_moe.gather_expert_state(local)
+        experts = _gather_objects_on(device, bridge_moe.gather_expert_state, local)
         entries = [e for e in entries if not e.expert]
     if dist.is_initialized() and ps.get_data_parallel_rank() != 0:
         return None
@@ -607,7 +623,7 @@ def _stage_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtype |
         if entry.megatron_name == "output_layer.weight" and spec.tie_word_embeddings:
             continue  # the tied copy on the last stage; the first stage exports the embedding
         for name, t in _to_hf(entry, params[entry.megatron_name], spec, tp_group, tp_size).items():
-            stage[name] = t.to("cpu", dtype=dtype or t.dtype)
+            stage[name] = t.to(dtype=dtype or t.dtype)
     if ps.get_tensor_model_parallel_rank() != 0:
         return None
     if ep_size > 1:
@@ -627,7 +643,7 @@ def _hf_order(stage: dict[str, torch.Tensor], spec: HFModelSpec) -> dict[str, to
 
 @torch.no_grad()
 def export_hf_stage(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """This PP stage's HF-named CPU tensors on the stage's leader (TP rank 0 of data-parallel
+    """This PP stage's HF-named tensors (on the model's device) on the stage's leader (TP rank 0 of data-parallel
     replica 0; see :func:`is_stage_leader`), ``{}`` on other ranks.  Nothing crosses the PP group:
     this is what per-stage publishing (:mod:`consumers.stage_publish`) sends from each stage.
 
@@ -652,7 +668,9 @@ def is_stage_leader() -> bool:
 
 @torch.no_grad()
 def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The full model as HF-named CPU tensors on global rank 0 (``{}`` on other ranks).
+    """The full model as HF-named tensors on the model's device, on global rank 0 (``{}`` on
+    other ranks).  Weights stay on the device (DESIGN §8): only the object gathers of EP experts
+    and of PP stages pass through host memory (see :func:`_gather_objects_on`).
 
     Collective: every rank of data-parallel replica 0 must call it (TP peers all-gather their
     shards; each PP stage's TP-rank-0 sends its layers to global rank 0); with expert parallelism
@@ -669,11 +687,18 @@ def export_hf_state(model: torch.nn.Module, spec: HFModelSpec, dtype: torch.dtyp
     pp_size = ps.get_pipeline_model_parallel_world_size()
     if pp_size > 1:
         pp_group = ps.get_pipeline_model_parallel_group()
-        gathered: list[Any] | None = [None] * pp_size if ps.get_pipeline_model_parallel_rank() == 0 else None
-        dist.gather_object(stage, gathered, group=pp_group, group_dst=0)
-        if gathered is None:
+        first = ps.get_pipeline_model_parallel_rank() == 0
+
+        def gather(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+            gathered: list[Any] | None = [None] * pp_size if first else None
+            dist.gather_object(part, gathered, group=pp_group, group_dst=0)
+            return None if gathered is None else {k: v for p in gathered for k, v in p.items()}
+
+        device = next(iter(stage.values())).device if stage else torch.device("cpu")
+        merged = _gather_objects_on(device, gather, stage)
+        if merged is None:
             return {}
-        stage = {k: v for part in gathered for k, v in part.items()}
+        stage = merged
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
     out = _hf_order(stage, spec)

@@ -1,10 +1,12 @@
-"""Broadcast planned buckets of HF-named tensors from rank 0 of a weight group (DESIGN §8).
+"""Plan buckets of HF-named tensors and broadcast them from rank 0 of a weight group (DESIGN §8).
 
-What: :class:`BucketSender` is the sending half shared by :class:`consumers.publisher.WeightPublisher`
-(trainer rank 0, which also drives the engines over HTTP) and the pipeline-stage leaders of
+What: :func:`plan_buckets` splits a state dict into buckets of at most ``bucket_bytes``;
+:class:`RemotePart` is another pipeline stage's share of an update (its layout, its group);
+:class:`BucketSender` is the sending half shared by the broadcast transport
+(:mod:`consumers.transports`, trainer rank 0) and the pipeline-stage leaders of
 :mod:`consumers.stage_publish` (which only broadcast their own stage's part).  Both send exactly
 the same byte sequence for the same tensors and ``bucket_bytes``: one broadcast per bucket of
-:func:`consumers.publisher.plan_buckets`, in order, each the bucket's tensors' bytes back to back.
+:func:`plan_buckets`, in order, each the bucket's tensors' bytes back to back.
 
 How: bucket ``i + 1`` is flattened while bucket ``i`` is on the wire (two persistent flat buffers,
 allocated once and grown when needed); a bucket whose tensors already lie back to back (a
@@ -17,13 +19,60 @@ allocated once and grown when needed); a bucket whose tensors already lie back t
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline.weightsync import WeightGroup, contiguous_span, flatten_into
+from pipeline.weightsync import WeightGroup, contiguous_span, dtype_from_name, flatten_into
+
+
+def plan_buckets(named: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
+    """Group names (in ``named``'s order) into buckets of at most ``bucket_bytes`` bytes; a tensor
+    larger than that gets a bucket of its own."""
+    buckets: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name, t in named.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def bucket_sizes(named: Mapping[str, torch.Tensor], buckets: list[list[str]]) -> list[int]:
+    """Byte size of each bucket."""
+    return [sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets]
+
+
+@dataclass
+class RemotePart:
+    """A pipeline stage's share of every update: its leader broadcasts it, as rank 0 of the weight
+    group ``group_name`` it hosts at ``address:port`` (:mod:`consumers.stage_publish`); trainer
+    rank 0 only announces it, from ``layout`` ((name, dtype, shape) per tensor, in order)."""
+
+    stage: int
+    group_name: str
+    address: str
+    port: int
+    layout: list[tuple[str, str, list[int]]]
+
+    @functools.cached_property
+    def meta(self) -> dict[str, torch.Tensor]:
+        """The part's tensors as ``meta`` tensors: names, dtypes and shapes, no bytes."""
+        return {n: torch.empty(shape, dtype=dtype_from_name(dt), device="meta") for n, dt, shape in self.layout}
+
+    def buckets(self, bucket_bytes: int) -> list[list[str]]:
+        """The buckets its leader sends: the same plan as rank 0's own."""
+        return plan_buckets(self.meta, bucket_bytes)
 
 
 class BucketSender:
@@ -49,7 +98,7 @@ class BucketSender:
         (buffers of ``largest`` bytes, the biggest bucket's size)."""
         tensors = [named[n] for n in buckets[i]]
         span = contiguous_span(tensors)
-        if span is not None:
+        if span is not None and span.is_cuda == (self.backend == "nccl"):  # NCCL sends device memory, gloo host memory
             return span
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         bufs = self.buffers(largest, min(2, len(buckets)), device)

@@ -1,7 +1,7 @@
 """Trainer configuration: the ``[trainer]`` table of a slipstream run config.
 
 What: :class:`TrainerConfig`, a validated dataclass (see :mod:`pipeline.configbase`) with the
-optimiser, parallelism, loss and weight-publishing knobs, plus ``megatron``: a pass-through table
+optimiser, parallelism and loss knobs (weight publishing is ``[weights]``), plus ``megatron``: a pass-through table
 whose keys are field names of megatron-core's ``TransformerConfig``, ``OptimizerConfig`` or
 ``DistributedDataParallelConfig`` (DESIGN §10, as in slime).
 
@@ -182,18 +182,6 @@ class TrainerConfig:
         "with model.safetensors.index.json (huggingface_hub.save_torch_state_dict; one model.safetensors when it fits).",
         default=5 * 10**9,
     )
-    publish_bucket_bytes: int = doc(
-        "Weight publishing bucket size in bytes (a tensor larger than this travels alone). The publishing "
-        "rank holds two buffers of this size (one fills while the other is on the wire); SGLang receives "
-        "one bucket per request, so larger buckets mean fewer round trips (bench/gpu_weights.py).",
-        default=512 * MIB,
-    )
-    weight_backend: Literal["auto", "nccl", "gloo"] = doc(
-        "Backend of the weight-update group: 'auto' = nccl with CUDA, gloo without.", default="auto"
-    )
-    weight_group_timeout_s: float = doc(
-        "Timeout for the weight-update group rendezvous and each HTTP call to an engine.", default=60.0
-    )
     seed: int = doc("Random seed (the same on every rank; CPU init builds full weights then slices).", default=1234)
     compute_entropy: bool = doc(
         "Report the policy's token entropy (free with fused_logprobs; an extra no-grad pass over the logits without).",
@@ -297,22 +285,10 @@ class TrainerConfig:
         check(self.export_hf_shard_bytes >= 1 << 20, "export_hf_shard_bytes", f"must be >= 1 MiB, got {self.export_hf_shard_bytes}")
         check(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", f"must be 0 (off) or >= 1, got {self.tis_cap}")
         check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        check(self.publish_bucket_bytes >= 1, "publish_bucket_bytes", f"must be >= 1, got {self.publish_bucket_bytes}")
-        check(
-            self.weight_backend in ("auto", "nccl", "gloo"), "weight_backend",
-            f"must be 'auto', 'nccl' or 'gloo', got {self.weight_backend!r}",
-        )
-        check(self.weight_group_timeout_s > 0, "weight_group_timeout_s", f"must be > 0, got {self.weight_group_timeout_s}")
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         check(isinstance(self.megatron, dict), "megatron", "must be a table")
         for key, value in self.megatron.items():
             validate_megatron_key(key, value)
-
-    def resolved_weight_backend(self, cuda: bool) -> str:
-        """``weight_backend`` with 'auto' resolved (nccl with CUDA, gloo without)."""
-        if self.weight_backend != "auto":
-            return self.weight_backend
-        return "nccl" if cuda else "gloo"
 
 
 @dataclass

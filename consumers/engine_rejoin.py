@@ -17,7 +17,7 @@ pauses an embedded engine (the publisher pauses only SGLang engines), so "paused
 by the launcher and not yet given the current weights".
 
 The current weights are the last published version's: the async snapshot
-(``consumers.publish_async.WeightSnapshot.last``) or, with synchronous publishing and a single
+(``consumers.snapshot.WeightSnapshot.last``) or, with synchronous publishing and a single
 trainer rank, a fresh export (the model has not changed since its publish).  Otherwise (several
 ranks publishing synchronously) the engine rejoins at the next publish and is continued after it;
 so with per-stage publishing (``regroup=False``), whose stage groups rank 0 cannot re-create alone.
@@ -35,11 +35,10 @@ from typing import Any, Protocol
 
 import torch
 
-from consumers.publisher import ROUTE_CONTINUE, PublishError, continue_payload, post_json, spawn
+from consumers.engine_http import PublishError, post_json, spawn
+from schemas.weight_update import ROUTE_CONTINUE, ROUTE_SERVER_INFO, continue_payload
 
 log = logging.getLogger(__name__)
-
-ROUTE_SERVER_INFO = "/get_server_info"
 
 
 class RejoinPublisher(Protocol):
@@ -57,7 +56,7 @@ class RejoinPublisher(Protocol):
 
     def close(self) -> None: ...
 
-    def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> dict[str, Any]: ...
+    def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> Any: ...
 
 
 class EngineRejoin:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -43,14 +44,19 @@ import torch
 import torch.distributed as dist
 from prometheus_client import Counter, Gauge, Histogram
 
+from consumers.engine_links import WeightSyncMetrics
+from consumers.publish_async import AsyncPublisher, InlinePublisher, Publisher
+from consumers.publisher import PublishResult, as_result
+from consumers.snapshot import WeightSnapshot
 from pipeline.config import SlipstreamConfig
-from pipeline.metrics import SECONDS_BUCKETS, new_registry, serve_metrics
+from pipeline.metrics import SECONDS_BUCKETS, new_registry, policy_version_gauge, serve_metrics
 from pipeline.rundir import port_file, write_json_atomic
 from pipeline.tracking import Tracker, TrackingMetrics
 from pipeline.transport import CurveKeys, TrainerClient
 from schemas.codec import decode, encode
 from schemas.messages import Batch
 from schemas.validate import Limits
+from schemas.weight_update import ROUTE_CHECKSUM
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +92,14 @@ class TrainerMetrics:
             "Time generation stood still on the engines for one weight update (SGLang: pause to continue; embedded: the swap).",
             buckets=SECONDS_BUCKETS, registry=r,
         )
-        self.version = Gauge("slipstream_policy_version", "Policy version this process knows to be published.", ["role"], registry=r)
+        self.version = policy_version_gauge(r)
         self.staleness_mean = Gauge("slipstream_trainer_batch_staleness_mean", "Mean staleness of the step's trajectories.", registry=r)
         self.staleness_max = Gauge("slipstream_trainer_batch_staleness_max", "Max staleness of the step's trajectories.", registry=r)
         self.stats = {k: Gauge(f"slipstream_trainer_{k}", doc, registry=r) for k, doc in STAT_GAUGES.items()}
         self.tracking = TrackingMetrics(r)
+        self.weight_sync = WeightSyncMetrics(r)
+        self.snapshot_bytes = Gauge("slipstream_trainer_weight_snapshot_bytes", "Bytes of the publish snapshot (one copy of the published weights).", registry=r)
+        self.snapshot_limit = Gauge("slipstream_trainer_weight_snapshot_limit_bytes", "Memory budget of the publish snapshot (weights.snapshot_max_fraction).", registry=r)
 
 
 @dataclass
@@ -112,6 +121,7 @@ class StepRecord:
     weights_checksum: str
     engine_checksums: list[str] = field(default_factory=list)
     engine_pause_s: float = 0.0
+    stale_engines: list[str] = field(default_factory=list)  # engines out of weight sync after this publish
     replay: bool = False  # the step re-trained a batch the broker retained (see the module doc)
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -150,7 +160,7 @@ def engine_checksums(engine_urls: list[str], expected: str, version: int, timeou
     """Each engine's checksum of the weights it serves; raise if any differs from ``expected``."""
     out = []
     for url in engine_urls:
-        with urllib.request.urlopen(f"{url}/slipstream/weights_checksum", timeout=timeout_s) as r:
+        with urllib.request.urlopen(f"{url}{ROUTE_CHECKSUM}", timeout=timeout_s) as r:
             info = json.loads(r.read())
         if info["checksum"] != expected or str(info["weight_version"]) != str(version):
             raise RuntimeError(
@@ -161,86 +171,229 @@ def engine_checksums(engine_urls: list[str], expected: str, version: int, timeou
     return out
 
 
-def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
-    from consumers.checkpoint import finish_run, maybe_checkpoint, prepare_start
-    from consumers.publish_async import AsyncPublisher
-    from consumers.publisher import WeightPublisher
-    from consumers.stage_publish import StagePublisher
-    from consumers.trainer import NonFiniteStepError, TrainerRank, init_distributed
-    from pipeline.weightsync import DEFAULT_GROUP_NAME
+class Trainer:
+    """One trainer rank's whole run: :meth:`setup` (distributed init, model, resume, weight
+    publishing, broker session), :meth:`step` (batch -> train -> commit -> :meth:`publish`) and
+    :meth:`run` (setup, every step, final checkpoint and export).  Global rank 0 is the publisher
+    (see the module docstring); every rank runs the same code, the roles differ in what they hold:
+    ``client``/``metrics`` only on rank 0, ``sender`` wherever a rank takes part in publishing."""
 
-    init_distributed()
-    rank = TrainerRank(cfg.trainer, cfg.model.path, total_steps=cfg.run.steps)
-    is_pub = rank.is_publisher
-    # weights.per_stage_publish: every PP stage's leader broadcasts its own layers over a weight
-    # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
-    per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish and bool(engine_urls)
-    export = rank.export_hf_stage if per_stage else rank.export_hf_state
-    start_step, version = prepare_start(rank, cfg, run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
-    # Collective; engines start from these weights.  With resume_from set (the launcher restarts a
-    # crashed trainer so), the engines may serve a newer, abandoned policy: always publish then, so
-    # that the checkpoint's weights and version are live before the hello (η = 0 stays exact).
-    # Per-stage publishing needs a stage's part at connect too (its layout is announced then).
-    initial = export() if version > 0 or cfg.trainer.resume_from or per_stage else None
-    if rank.is_publisher and cfg.trainer.resume_from:
-        _supersede_steps(run_dir / "steps.jsonl", start_step)
-    client: TrainerClient | None = None
-    publisher: WeightPublisher | None = None
-    stage_pub: StagePublisher | None = None
-    metrics: TrainerMetrics | None = None
-    tracker: Tracker | None = None
-    recorder = None
-    backend = cfg.trainer.resolved_weight_backend(torch.cuda.is_available())
-    if is_pub:
-        metrics = TrainerMetrics()
-        from pipeline.configbase import to_dict
+    def __init__(self, cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.broker_endpoint = broker_endpoint
+        self.engine_urls = list(engine_urls)
+        self.client: TrainerClient | None = None
+        self.metrics: TrainerMetrics | None = None
+        self.sender: InlinePublisher | AsyncPublisher | None = None  # hands each version to the publisher
+        self.tracker: Tracker | None = None  # tracking.backend (pipeline/tracking.py), rank 0
+        self.recorder: Any = None  # run.record_rollouts (pipeline/record.py), rank 0
+        self.weights_pub: Any = None  # rank 0's WeightPublisher (also inside a StagePublisher), for EngineRejoin
+        self.on_idle: Any = None  # what rank 0 runs while it waits for a batch (see _idle_callback)
+        self.start_step = 0
+        self.version = 0
+        self._t_start = time.monotonic()
 
-        tracker = Tracker(cfg.tracking, run_dir, to_dict(cfg), metrics.tracking)  # tracking.backend (pipeline/tracking.py)
-        if cfg.run.record_rollouts:  # each trained batch to RUN_DIR/rollouts, for run.mode = "train_only" (pipeline/record.py)
-            from pipeline.record import Recorder
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from consumers.checkpoint import prepare_start
+        from consumers.trainer import TrainerRank, init_distributed
 
-            recorder = Recorder(run_dir)
-        if cfg.metrics.enabled:
-            _, port = serve_metrics(metrics.registry, cfg.metrics.host, 0)
-            write_json_atomic(port_file(run_dir, "trainer"), {"metrics_port": port})
-        from pipeline.record import NullPublisher
+        init_distributed()
+        cfg = self.cfg
+        self.rank = rank = TrainerRank(cfg.trainer, cfg.model.path, total_steps=cfg.run.steps)
+        # weights.per_stage_publish: every PP stage's leader broadcasts its own layers over a weight
+        # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
+        self.per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish and bool(self.engine_urls)
+        self.export = rank.export_hf_stage if self.per_stage else rank.export_hf_state
+        self.start_step, self.version = prepare_start(rank, cfg, self.run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
+        if rank.is_publisher:
+            self.metrics = TrainerMetrics()
+            from pipeline.configbase import to_dict
 
-        publisher = NullPublisher() if not engine_urls else WeightPublisher(  # no engines (run.mode = "train_only"): nothing to stream
-            engine_urls, master_address=cfg.queue.host, backend=backend,
-            bucket_bytes=cfg.trainer.publish_bucket_bytes, timeout_s=cfg.trainer.weight_group_timeout_s,
-            engine_kind=cfg.weights.engine_kind, pause_mode=cfg.weights.pause_mode, flush_cache=cfg.weights.flush_cache,
-            resync=cfg.weights.resync_engines and not per_stage, rejoin_timeout_s=cfg.weights.rejoin_timeout_s,
-        )
-    if per_stage:  # collective: every rank, every stage's group
-        stage_pub = StagePublisher(
-            publisher, rank.pp_rank, rank.is_stage_leader, engine_urls, DEFAULT_GROUP_NAME, master_address=cfg.queue.host,
-            backend=backend, bucket_bytes=cfg.trainer.publish_bucket_bytes, timeout_s=cfg.trainer.weight_group_timeout_s,
-            resync=cfg.weights.resync_engines,
-        )
-        assert initial is not None
-        stage_pub.connect(initial)
-        if version > 0 or cfg.trainer.resume_from:
-            stage_pub.publish(initial, version, checksum=False)
-    elif publisher is not None:
-        publisher.connect()  # a restarted trainer rejoins with a new rendezvous; engines drop the dead group
-        if initial is not None:  # resumed or post-SFT weights reach the engines before any rollout
-            publisher.publish(initial, version, checksum=False)
-    if is_pub:
-        assert metrics is not None
-        client = TrainerClient(broker_endpoint, "trainer-0", Limits(max_message_bytes=cfg.queue.max_message_bytes), hwm=cfg.queue.socket_hwm,
-                               heartbeat_interval_s=cfg.queue.heartbeat_interval_s, peer_timeout_s=cfg.queue.peer_timeout_s,
-                               curve=CurveKeys.from_config(cfg.queue))
-        client.hello(version, timeout_s=cfg.run.startup_timeout_s, resume_step=start_step, checkpoint_every=cfg.trainer.checkpoint_every)
-        metrics.version.labels("trainer").set(version)
-    steps_path = run_dir / "steps.jsonl"
-    consumed_path = run_dir / "consumed.jsonl"
-    t_start = time.monotonic()
+            self.tracker = Tracker(cfg.tracking, self.run_dir, to_dict(cfg), self.metrics.tracking)
+            if cfg.run.record_rollouts:  # each trained batch to RUN_DIR/rollouts, for run.mode = "train_only"
+                from pipeline.record import Recorder
 
-    def finish(version: int, pub: dict[str, Any], ctx: dict[str, Any]) -> None:
+                self.recorder = Recorder(self.run_dir)
+            if cfg.metrics.enabled:
+                _, port = serve_metrics(self.metrics.registry, cfg.metrics.host, 0)
+                write_json_atomic(port_file(self.run_dir, "trainer"), {"metrics_port": port})
+            if cfg.trainer.resume_from:
+                _supersede_steps(self.run_dir / "steps.jsonl", self.start_step)
+        publisher = self._connect_publisher()
+        if publisher is not None:
+            on_done = self._finish_step if rank.is_publisher else _stage_done
+            if cfg.weights.async_publish:
+                self.sender = AsyncPublisher(publisher, on_done, checksum=cfg.run.verify_weights,
+                                             timeout_s=cfg.weights.group_timeout_s * 4 + 60.0, snapshot=self._snapshot(publisher))
+            else:
+                self.sender = InlinePublisher(publisher, on_done, checksum=cfg.run.verify_weights)
+        self.on_idle = self._idle_callback()
+        if rank.is_publisher:
+            assert self.metrics is not None
+            q = cfg.queue
+            self.client = TrainerClient(self.broker_endpoint, "trainer-0", Limits(max_message_bytes=q.max_message_bytes), hwm=q.socket_hwm,
+                                        heartbeat_interval_s=q.heartbeat_interval_s, peer_timeout_s=q.peer_timeout_s,
+                                        curve=CurveKeys.from_config(q))
+            self.client.hello(self.version, timeout_s=cfg.run.startup_timeout_s, resume_step=self.start_step,
+                              checkpoint_every=cfg.trainer.checkpoint_every)
+            self.metrics.version.labels("trainer").set(self.version)
+        self._t_start = time.monotonic()
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's weights (and its HF export) live."""
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def _snapshot(self, publisher: Publisher) -> WeightSnapshot:
+        """The publish snapshot: on the device unless every engine gets a gloo broadcast from a GPU
+        (or the user asks for host memory), shareable when an engine takes IPC, within its budget."""
+        w = self.cfg.weights
+        transports = getattr(publisher, "transports", {})
+        gloo_only = w.resolved_backend(torch.cuda.is_available()) == "gloo" and "ipc" not in transports.values()
+        host = w.snapshot_device == "host" or (self.device.type == "cuda" and gloo_only)
+        budget = int(w.snapshot_max_fraction * _memory_of(torch.device("cpu") if host else self.device))
+        if self.metrics is not None:
+            self.metrics.snapshot_limit.set(budget)
+        on_size = self.metrics.snapshot_bytes.set if self.metrics is not None else None
+        log.info("publish snapshot: %s memory, budget %.1f GiB (weights.snapshot_max_fraction = %g)",
+                 "host" if host else str(self.device), budget / 2**30, w.snapshot_max_fraction)
+        return WeightSnapshot(budget, host=host, allocate=getattr(publisher, "snapshot_allocator", None), on_size=on_size)
+
+    def _connect_publisher(self) -> Publisher | None:
+        """Build and connect this rank's weight publisher (collective with per-stage publishing);
+        the engines get the starting weights first when they are not the initial ones.  None on
+        ranks that take no part in publishing."""
+        from consumers.publisher import WeightPublisher
+        from consumers.stage_publish import StagePublisher
+        from pipeline.weightsync import DEFAULT_GROUP_NAME
+
+        cfg, w = self.cfg, self.cfg.weights
+        # With resume_from set (the launcher restarts a crashed trainer so), the engines may serve a
+        # newer, abandoned policy: always publish then, so that the checkpoint's weights and version
+        # are live before the hello (η = 0 stays exact).  Per-stage publishing needs a stage's part
+        # at connect too (its layout is announced then).
+        resumed = self.version > 0 or bool(cfg.trainer.resume_from)
+        initial = self.export() if resumed or self.per_stage else None
+        backend = w.resolved_backend(torch.cuda.is_available())
+        weights_pub: WeightPublisher | None = None
+        if self.rank.is_publisher and not self.engine_urls:  # run.mode = "train_only": nothing to stream
+            from pipeline.record import NullPublisher
+
+            null = NullPublisher()
+            null.connect()
+            return null  # type: ignore[return-value]
+        if self.rank.is_publisher:
+            weights_pub = WeightPublisher(
+                self.engine_urls, master_address=cfg.queue.host, backend=backend, bucket_bytes=w.bucket_bytes,
+                timeout_s=w.group_timeout_s, engine_kind=w.engine_kind, pause_mode=w.pause_mode, flush_cache=w.flush_cache,
+                resync=w.resync_engines and not self.per_stage, rejoin_timeout_s=w.rejoin_timeout_s,
+                transport="broadcast" if self.per_stage else w.transport, update_timeout_s=w.update_timeout_s,
+                device=self.device, snapshot_budget_bytes=int(w.snapshot_max_fraction * _memory_of(self.device)),
+                metrics=self.metrics.weight_sync if self.metrics is not None else None,
+            )
+        publisher: Publisher | None = weights_pub
+        if self.per_stage:  # collective: every rank, every stage's group
+            stage_pub = StagePublisher(weights_pub, self.rank.pp_rank, self.rank.is_stage_leader, self.engine_urls,
+                                       DEFAULT_GROUP_NAME, master_address=cfg.queue.host, backend=backend,
+                                       bucket_bytes=w.bucket_bytes, timeout_s=w.group_timeout_s, resync=w.resync_engines)
+            assert initial is not None
+            stage_pub.connect(initial)
+            publisher = stage_pub
+        elif weights_pub is not None:
+            weights_pub.connect()  # a restarted trainer rejoins with a new rendezvous; engines drop the dead group
+        self.weights_pub = weights_pub
+        if weights_pub is not None and cfg.metrics.enabled:  # processes.json readers find each engine's transport here
+            ports = port_file(self.run_dir, "trainer")
+            info = json.loads(ports.read_text()) if ports.exists() else {}
+            write_json_atomic(ports, {**info, "weight_transports": weights_pub.transports})
+        if publisher is not None and resumed:  # resumed or post-SFT weights reach the engines before any rollout
+            assert initial is not None
+            publisher.publish(initial, self.version, checksum=False)
+        return publisher
+
+    # ------------------------------------------------------------------ steps
+    def step(self, step: int) -> None:
+        """One optimizer step: fetch (rank 0) and share the batch, train, commit it, publish the
+        new version."""
+        cfg, rank = self.cfg, self.rank
+        t0 = time.monotonic()
+        batch = None
+        if self.client is not None:
+            batch = self.client.request_batch(step, self.version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
+                                              on_idle=self.on_idle)
+            if self.recorder is not None:
+                self.recorder.write(step, batch, self.version)
+        batch = broadcast_batch(batch)
+        if batch.replay and self.client is not None:
+            log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
+        t1 = time.monotonic()
+        from consumers.trainer import NonFiniteStepError
+
+        try:
+            stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
+        except NonFiniteStepError as e:  # a restart would replay these batches and fail the same way
+            log.error("%s", e)
+            raise SystemExit(2) from e
+        t2 = time.monotonic()
+        trained_from = self.version
+        self.version += 1
+        ctx: dict[str, Any] = {}
+        if self.client is not None:
+            self.client.commit(batch.lease_id, step, self.version, timeout_s=cfg.run.startup_timeout_s)
+            # Recorded at once: the broker counts these consumed from the commit on, so a trainer
+            # killed while the publish runs must not leave them out of consumed.jsonl.
+            _record_consumed(self.run_dir / "consumed.jsonl", batch, step, trained_from)
+            ctx = {"step": step, "batch": batch, "stats": stats, "trained_from": trained_from, "wait_s": t1 - t0, "train_s": t2 - t1}
+        self.publish(self.export(), self.version, ctx)
+        if self.sender is not None and cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
+            self.sender.wait()  # a checkpoint is taken only once its version is published and its step recorded
+        self._checkpoint(step, batch.lease_id)
+
+    def publish(self, named: dict[str, torch.Tensor], version: int, ctx: dict[str, Any]) -> None:
+        """Hand ``version`` to the publisher (in the background with ``weights.async_publish``: the
+        call first waits for, and announces, ``version - 1``)."""
+        if self.sender is not None:
+            self.sender.submit(named, version, ctx)
+
+    def _idle_callback(self) -> Any:
+        """What rank 0 runs while it waits for a batch: report a finished background publish, and
+        bring back embedded engines the launcher restarted (``consumers.engine_rejoin``; with
+        per-stage publishing only those the last publish brought up to date are continued)."""
+        cfg, sender, pub = self.cfg, self.sender, self.weights_pub
+        poll = sender.poll if sender is not None else None
+        if pub is None or not cfg.weights.resync_engines or cfg.weights.engine_kind != "embedded":
+            return poll
+        from consumers.engine_rejoin import EngineRejoin
+
+        regroup = not self.per_stage
+        current: Any = lambda: None  # noqa: E731  (no copy of the last version to send again)
+        if regroup and isinstance(sender, AsyncPublisher):
+            current = sender.snapshot.last
+        elif regroup and (not dist.is_initialized() or dist.get_world_size() == 1):
+            current = self.export  # one rank: its model still holds the version it last published
+        rejoin = EngineRejoin(pub, current, self.version, regroup=regroup)
+
+        def on_idle() -> None:
+            if sender is None or sender.poll():
+                rejoin.poll()
+
+        return on_idle
+
+    def _checkpoint(self, step: int, lease_id: Any) -> None:
+        from consumers.checkpoint import maybe_checkpoint
+
+        if maybe_checkpoint(self.rank, self.cfg, self.run_dir, step, {"lease_id": lease_id}) is not None and self.client is not None:
+            self.client.checkpointed(step, self.version)  # the broker stops retaining batches of steps <= step
+
+    def _finish_step(self, version: int, pub: PublishResult | None, ctx: dict[str, Any]) -> None:
         """Version ``version`` is on every engine: verify, announce it, write the step's records."""
-        assert client is not None and metrics is not None
-        checks = engine_checksums(engine_urls, pub["checksum"], version, 60.0) if cfg.run.verify_weights else []
-        client.published(version)
+        assert self.client is not None and self.metrics is not None and pub is not None
+        pub = as_result(pub, version)
+        cfg = self.cfg
+        checks = engine_checksums(self.engine_urls, pub.checksum, version, 60.0) if cfg.run.verify_weights else []
+        self.client.published(version)
         t3 = time.monotonic()
         step, batch, stats, trained_from = ctx["step"], ctx["batch"], ctx["stats"], ctx["trained_from"]
         stale = _staleness(batch, trained_from)
@@ -249,116 +402,59 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
             step=step, policy_version=version, reward_mean=sum(rewards) / len(rewards),
             staleness_mean=sum(stale) / len(stale), staleness_max=max(stale),
             tokens_trained=int(stats.get("tokens_trained", 0)), trajectories=len(stale), trajectories_dropped=batch.dropped,
-            queue_depth=batch.queue_depth, wall_time_s=t3 - t_start, wait_s=ctx["wait_s"], train_s=ctx["train_s"],
-            publish_s=float(pub["seconds"]), publish_bytes=int(pub["bytes"]), weights_checksum=str(pub["checksum"]), engine_checksums=checks,
-            engine_pause_s=float(pub.get("pause_s", 0.0)), replay=batch.replay, stats={k: float(v) for k, v in stats.items()},
+            queue_depth=batch.queue_depth, wall_time_s=t3 - self._t_start, wait_s=ctx["wait_s"], train_s=ctx["train_s"],
+            publish_s=pub.seconds, publish_bytes=pub.bytes, weights_checksum=pub.checksum, engine_checksums=checks,
+            engine_pause_s=pub.pause_s, stale_engines=sorted(pub.stale), replay=batch.replay,
+            stats={k: float(v) for k, v in stats.items()},
         )
         line = rec.to_json()
-        with steps_path.open("a") as f:
+        with (self.run_dir / "steps.jsonl").open("a") as f:
             f.write(line + "\n")
-        _observe(metrics, rec, ctx["train_s"], pub)
-        if tracker is not None:
-            tracker.log_step(json.loads(line))  # queued: never blocks the step
+        _observe(self.metrics, rec, ctx["train_s"])
+        if self.tracker is not None:
+            self.tracker.log_step(json.loads(line))  # queued: never blocks the step
 
-    background = None
-    if cfg.weights.async_publish and (stage_pub is not None or is_pub):
-        assert publisher is not None or stage_pub is not None
-        background = AsyncPublisher(stage_pub or publisher, finish if is_pub else _stage_done, checksum=cfg.run.verify_weights,  # type: ignore[arg-type]
-                                    timeout_s=cfg.trainer.weight_group_timeout_s * 4 + 60.0)
-    del initial
-    on_idle = _idle_callback(cfg, publisher, background, export, version, regroup=stage_pub is None)
-    for step in range(start_step + 1, cfg.run.steps + 1):
-        t0 = time.monotonic()
-        batch = None
-        if is_pub:
-            assert client is not None
-            batch = client.request_batch(step, version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
-                                         on_idle=on_idle)
-            if recorder is not None:
-                recorder.write(step, batch, version)
-        batch = broadcast_batch(batch)
-        if batch.replay and is_pub:
-            log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
-        t1 = time.monotonic()
-        try:
-            stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
-        except NonFiniteStepError as e:  # a restart would replay these batches and fail the same way
-            log.error("%s", e)
-            raise SystemExit(2) from e
-        t2 = time.monotonic()
-        trained_from = version
-        version += 1
-        named = export()
-        ctx: dict[str, Any] = {}
-        if is_pub:
-            assert client is not None and publisher is not None and metrics is not None
-            client.commit(batch.lease_id, step, version, timeout_s=cfg.run.startup_timeout_s)
-            # Recorded at once: the broker counts these consumed from the commit on, so a trainer
-            # killed while the publish runs must not leave them out of consumed.jsonl.
-            _record_consumed(consumed_path, batch, step, trained_from)
-            ctx = {"step": step, "batch": batch, "stats": stats, "trained_from": trained_from, "wait_s": t1 - t0, "train_s": t2 - t1}
-        if background is not None:
-            background.submit(named, version, ctx)  # waits for (and announces) version - 1 first
-        elif stage_pub is not None:  # collective: every rank
-            info = stage_pub.publish(named, version, checksum=cfg.run.verify_weights)
-            if is_pub:
-                finish(version, info, ctx)
-        elif is_pub:
-            assert publisher is not None
-            finish(version, publisher.publish(named, version, checksum=cfg.run.verify_weights), ctx)
-        del named
-        if background is not None and cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
-            background.wait()  # a checkpoint is taken only once its version is published and its step recorded
-        if maybe_checkpoint(rank, cfg, run_dir, step, {"lease_id": batch.lease_id}) is not None and client is not None:
-            client.checkpointed(step, version)  # the broker stops retaining batches of steps <= step
-    if background is not None:
-        background.wait()
-    finish_run(rank, cfg, run_dir, max(cfg.run.steps, start_step))
-    if client is not None and cfg.trainer.checkpoint_every:
-        client.checkpointed(max(cfg.run.steps, start_step), version)  # finish_run saved the last step
-    if tracker is not None:
-        tracker.close()
-    if is_pub and client is not None:
-        client.close()
-    log.info("trainer finished %d steps at policy version %d", cfg.run.steps, version)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    # ------------------------------------------------------------------ the run
+    def run(self) -> int:
+        from consumers.checkpoint import finish_run
+
+        self.setup()
+        cfg = self.cfg
+        for step in range(self.start_step + 1, cfg.run.steps + 1):
+            self.step(step)
+        if self.sender is not None:
+            self.sender.wait()
+        last = max(cfg.run.steps, self.start_step)
+        finish_run(self.rank, cfg, self.run_dir, last)
+        if self.client is not None and cfg.trainer.checkpoint_every:
+            self.client.checkpointed(last, self.version)  # finish_run saved the last step
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.client is not None:
+            self.client.close()
+        log.info("trainer finished %d steps at policy version %d", cfg.run.steps, self.version)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return 0
 
 
-def _idle_callback(cfg: SlipstreamConfig, publisher: Any, background: Any, export: Any, start_version: int,
-                   regroup: bool = True) -> Any:
-    """What rank 0 runs while it waits for a batch: report a finished background publish, and bring
-    back embedded engines the launcher restarted (``consumers.engine_rejoin``; ``regroup=False``
-    with per-stage publishing: only continue those the last publish brought up to date)."""
-    rejoin = None
-    if getattr(publisher, "engine_urls", None) and cfg.weights.resync_engines and cfg.weights.engine_kind == "embedded":
-        from consumers.engine_rejoin import EngineRejoin
-
-        if not regroup:
-            current = lambda: None  # noqa: E731
-        elif background is not None:
-            current = background.snapshot.last
-        elif not dist.is_initialized() or dist.get_world_size() == 1:
-            current = export  # one rank: its model still holds the version it last published
-        else:
-            current = lambda: None  # noqa: E731
-        rejoin = EngineRejoin(publisher, current, start_version, regroup=regroup)
-    if rejoin is None:
-        return background.poll if background is not None else None
-
-    def on_idle() -> None:
-        if background is None or background.poll():
-            rejoin.poll()
-
-    return on_idle
+def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
+    """``slipstream train``: one rank's whole run (:class:`Trainer`)."""
+    return Trainer(cfg, run_dir, broker_endpoint, engine_urls).run()
 
 
-def _stage_done(version: int, info: dict[str, Any], ctx: Any) -> None:
+def _memory_of(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes (host RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _stage_done(version: int, info: PublishResult | None, ctx: Any) -> None:
     """Stage leaders k >= 1 (per-stage publishing): their part of ``version`` is sent."""
-    if info:
-        log.debug("stage %s sent its part of version %d", info.get("stage"), version)
+    if info is not None:
+        log.debug("stage %s sent its part of version %d", info.stage, version)
 
 
 def _record_consumed(path: Path, batch: Batch, step: int, trained_from: int) -> None:
@@ -414,7 +510,7 @@ def _mask_spans(mask: Any, limit: int = 16) -> list[list[int]]:
     return spans
 
 
-def _observe(m: TrainerMetrics, rec: StepRecord, train_s: float, pub: dict[str, Any]) -> None:
+def _observe(m: TrainerMetrics, rec: StepRecord, train_s: float) -> None:
     m.step_seconds.observe(train_s)
     m.wait_seconds.inc(rec.wait_s)
     m.busy_seconds.inc(rec.train_s + rec.publish_s)

@@ -1,10 +1,16 @@
 """Overlap weight publishing with the next trainer step (``weights.async_publish``, DESIGN §8).
 
-What: :class:`AsyncPublisher` wraps a :class:`consumers.publisher.WeightPublisher`.  After an
+What: the loop hands every version to a *publish driver* with one interface (``submit``, ``poll``,
+``wait``): :class:`InlinePublisher` publishes on the caller's thread, :class:`AsyncPublisher` in the
+background.  Both wrap one object that fulfils :class:`Publisher` (a
+:class:`consumers.publisher.WeightPublisher`, or a :class:`consumers.stage_publish.StagePublisher`).
+
+:class:`AsyncPublisher` wraps the publisher.  After an
 optimizer step the loop calls :meth:`AsyncPublisher.submit`: it first waits until the previous
 version's publish finished (versions reach the engines strictly in order, one at a time), then
-snapshots the HF-named tensors into persistent buffers (:class:`WeightSnapshot`: a device copy on
-GPU, a CPU copy on CPU; allocated once, reused every step) and publishes the snapshot from a
+snapshots the HF-named tensors into a persistent flat buffer (:class:`consumers.snapshot.WeightSnapshot`:
+on the export's device, or in host memory where the transport needs it; allocated once, reused every
+step) and publishes the snapshot from a
 background thread while the trainer fetches and trains the next batch.
 
 Per-stage publishing (:class:`consumers.stage_publish.StagePublisher`, every trainer rank): a
@@ -33,100 +39,61 @@ from typing import Any, Protocol
 
 import torch
 
-from consumers.publisher import spawn
+from consumers.engine_http import spawn
+from consumers.publisher import PublishResult
+from consumers.snapshot import FlatState, WeightSnapshot
+
+__all__ = ["AsyncPublisher", "FlatState", "InlinePublisher", "Publisher", "WeightSnapshot"]
 
 log = logging.getLogger(__name__)
 
-OnDone = Callable[[int, dict[str, Any], Any], None]
+#: ``on_done(version, result, ctx)``: called on the loop thread once ``version`` is on every engine
+#: (``result`` is None on ranks that only take part in a collective publish)
+OnDone = Callable[[int, PublishResult | None, Any], None]
 
 
 class Publisher(Protocol):
-    """What AsyncPublisher drives: a :class:`consumers.publisher.WeightPublisher`, or a
+    """What the publish drivers wrap: a :class:`consumers.publisher.WeightPublisher`, or a
     :class:`consumers.stage_publish.StagePublisher` (which also has ``prepare``/``send``)."""
 
     engine_urls: list[str]
 
-    def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> dict[str, Any]: ...
+    def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> PublishResult | None: ...
 
 
-class FlatState(dict[str, torch.Tensor]):
-    """HF-named tensors as :meth:`WeightSnapshot.take` returns them; ``contiguous`` when they all
-    lie back to back, in order, in one buffer.  The bucket size bounds the publisher's flatten
-    buffers, and such a state needs none, so the publisher may send it in one broadcast, from a
-    view (fewer broadcasts to post on both sides)."""
+class InlinePublisher:
+    """Publishes each version on the caller's thread, then reports it (``on_done``); the same
+    interface as :class:`AsyncPublisher`, so the loop has one publish path."""
 
-    contiguous: bool = False
+    def __init__(self, publisher: Publisher, on_done: OnDone, checksum: bool = True) -> None:
+        self.publisher = publisher
+        self.on_done = on_done
+        self.checksum = checksum
 
+    @property
+    def in_flight(self) -> int | None:
+        return None
 
-class WeightSnapshot:
-    """Persistent copies of the published tensors.  The first :meth:`take` allocates one flat
-    ``uint8`` buffer per device holding every tensor back to back in the dict's order (the same
-    layout as a flattened bucket), later calls copy into it in place.  Because consecutive
-    tensors are adjacent in memory, the publisher broadcasts straight from the snapshot without
-    flattening (:func:`pipeline.weightsync.contiguous_span`)."""
+    def submit(self, named: Mapping[str, torch.Tensor], version: int, ctx: Any = None) -> None:
+        self.on_done(version, self.publisher.publish(named, version, self.checksum), ctx)
 
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
-        self._flat: dict[torch.device, torch.Tensor] = {}
-        self._layout: list[tuple[str, torch.Size, torch.dtype, torch.device]] = []
-        self._contiguous = False  # every tensor is a view into the one flat buffer, in order
+    def poll(self) -> bool:
+        return True
 
-    def _allocate(self, named: Mapping[str, torch.Tensor]) -> None:
-        self._layout = [(n, t.shape, t.dtype, t.device) for n, t in named.items()]
-        self._bufs, self._flat = {}, {}  # free the old buffers first
-        sizes: dict[torch.device, int] = {}
-        for _, shape, dtype, device in self._layout:
-            sizes[device] = sizes.get(device, 0) + shape.numel() * dtype.itemsize
-        self._flat = {d: torch.empty(n, dtype=torch.uint8, device=d) for d, n in sizes.items()}
-        offsets = dict.fromkeys(sizes, 0)
-        own: list[str] = []  # tensors outside the flat buffer
-        for name, shape, dtype, device in self._layout:
-            n = shape.numel() * dtype.itemsize
-            off = offsets[device]
-            if off % dtype.itemsize:  # not aligned for a view of this dtype: a buffer of its own
-                self._bufs[name] = torch.empty(shape, dtype=dtype, device=device)
-                own.append(name)
-            else:
-                self._bufs[name] = self._flat[device][off : off + n].view(dtype).view(shape)
-            offsets[device] = off + n
-        self._contiguous = len(self._flat) == 1 and not own
-
-    def take(self, named: Mapping[str, torch.Tensor]) -> FlatState:
-        layout = [(n, t.shape, t.dtype, t.device) for n, t in named.items()]
-        if layout != self._layout:
-            self._allocate(named)
-        out = FlatState()
-        out.contiguous = self._contiguous
-        cuda = False
-        for name, t in named.items():
-            buf = self._bufs[name]
-            buf.copy_(t.detach(), non_blocking=t.is_cuda)
-            cuda = cuda or t.is_cuda
-            out[name] = buf
-        if cuda:
-            torch.cuda.current_stream().synchronize()  # the publish thread reads them on another stream
-        return out
-
-    def last(self) -> FlatState | None:
-        """The tensors of the last :meth:`take` (None before the first): the version last submitted,
-        which an engine that restarted can be sent again (``consumers.engine_rejoin``)."""
-        if not self._layout:
-            return None
-        out = FlatState((name, self._bufs[name]) for name, *_ in self._layout)
-        out.contiguous = self._contiguous
-        return out
+    def wait(self, timeout_s: float | None = None) -> None:
+        return None
 
 
 class AsyncPublisher:
     """One publish in flight at a time, from a background thread; see the module docstring."""
 
     def __init__(self, publisher: Publisher, on_done: OnDone, checksum: bool = True,
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, snapshot: WeightSnapshot | None = None) -> None:
         self.publisher = publisher
         self.on_done = on_done
         self.checksum = checksum
         self.timeout_s = timeout_s
-        self.snapshot = WeightSnapshot()
+        self.snapshot = snapshot or WeightSnapshot()
         self._pending: tuple[int, Future, Any] | None = None
 
     @property
@@ -137,6 +104,11 @@ class AsyncPublisher:
     def submit(self, named: Mapping[str, torch.Tensor], version: int, ctx: Any = None) -> None:
         """Wait for the previous publish (and report it), snapshot ``named``, start publishing it."""
         self.wait(self.timeout_s)
+        busy = getattr(self.publisher, "snapshot_busy", None)
+        if busy is not None and busy():  # an engine that missed its deadline may still read it
+            log.warning("an engine may still read the snapshot of version %d: version %d goes to a fresh buffer",
+                        version - 1, version)
+            self.snapshot.retire()
         prepare = getattr(self.publisher, "prepare", None)
         if prepare is not None:  # per-stage publishing: a collective, so on this thread
             prepared = prepare(named, version, self.checksum)

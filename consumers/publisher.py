@@ -1,339 +1,112 @@
 """Stream trainer weights to inference engines over SGLang's weight-update HTTP API (DESIGN §8).
 
 What: :class:`WeightPublisher` runs on the publishing trainer rank (global rank 0).  It drives any
-server that speaks SGLang's HTTP subset (slipstream's embedded engine, or real SGLang):
+server that speaks SGLang's HTTP subset (slipstream's embedded engine, or real SGLang), through
+three seams, each with one implementation per kind:
 
-1. :meth:`WeightPublisher.connect`: picks a free TCP port on ``master_address``, asks every engine
-   ``i`` to join a weight-update group (``POST /init_weights_update_group`` with
-   ``rank_offset = 1 + i``, ``world_size = 1 + len(engines)``; engines with several ranks, e.g.
-   SGLang with TP > 1, via ``ranks_per_engine``), and joins it itself as rank 0
-   (:func:`pipeline.weightsync.init_weight_group`; its own TCPStore, not the trainer's world).
-2. :meth:`WeightPublisher.publish`: splits the HF-named tensors (in the dict's order) into buckets
-   of at most ``bucket_bytes`` (a larger tensor travels alone).  For each bucket it posts
-   ``/update_weights_from_distributed`` (``load_format="flattened_bucket"``) to every engine at once,
-   broadcasts the flattened bucket from rank 0, then waits for every engine's reply.  Only the last
-   bucket carries ``weight_version``; engines reply to it after swapping the new weights in, so when
-   ``publish`` returns every engine serves that version.
-3. SGLang engines (``engine_kind="sglang"``) apply an update inside their scheduler loop, so the
-   publisher brackets the buckets with ``POST /pause_generation {mode}`` and
-   ``/continue_generation`` (plus ``/flush_cache`` when configured) and reports the pause
-   (``pause_s``; for the embedded engine: the longest swap pause an engine reported).
+* the contract (:mod:`schemas.weight_update`): routes and typed requests, shared with the engine;
+* the engine kind (:mod:`consumers.engine_driver`): what brackets an update (SGLang: pause and a
+  weight-update session) and which requests announce it;
+* the transport (:mod:`consumers.transports`): how the bytes get there, chosen per engine from
+  placement (``weights.transport``): a broadcast over a weight group (NCCL on GPU, gloo on CPU), or
+  CUDA IPC of the trainer's snapshot for an engine on the trainer's own GPU.  One publish may mix
+  both.
+
+1. :meth:`WeightPublisher.connect`: asks every engine where it runs (``/get_server_info``), picks
+   its transport, and connects each engine on its own (a broadcast engine joins a weight group of
+   its own: this process is rank 0, the engine ``1..ranks``).  Every engine must join at connect.
+2. :meth:`WeightPublisher.publish`: every in-sync engine gets the version at once, each within
+   ``update_timeout_s`` (:func:`consumers.engine_links.update_all`).  An engine that fails or misses
+   the deadline is taken out for that version and marked stale (counted and logged with its URL,
+   the version and what timed out); the others, and the trainer, carry on.  When ``publish``
+   returns, every in-sync engine serves the version (:class:`PublishResult` lists the stale ones).
+3. Rejoining: a stale engine is resynced in the background (:func:`consumers.engine_links.rejoin`)
+   and gets the current weights with the next publish.  With ``resync=True`` each publish first
+   asks the in-sync engines their ``weight_version``: one that lags (restarted) is re-joined then
+   and there if it answers, else in the background.  An engine stale for longer than
+   ``rejoin_timeout_s`` fails the publish, naming it.
 4. Pipeline stages (``remote_parts``, :mod:`consumers.stage_publish`): other trainer ranks
-   (pipeline-stage leaders) broadcast their stages' tensors over weight groups they host; the
-   publisher asks every engine to join those groups too and announces their tensors (it knows
-   only their layout): embedded engines get one request per version listing every part
-   (:data:`pipeline.weightsync.PARTS_FIELD`), SGLang one request per bucket, part by part, each
-   with its part's ``group_name``.
-5. Joining: with ``resync=True`` each publish first asks every engine its ``weight_version``
-   (``GET /get_model_info``).  If one lags (restarted, or joined late) or does not answer yet, the
-   publisher waits (up to ``rejoin_timeout_s``) until every engine answers, re-creates the weight
-   group with all of them, and the publish then brings every engine to the current version.
-
-The routes and request bodies are built by the ``ROUTE_*`` constants and ``*_payload`` functions
-below; ``tests/test_sglang_contract.py`` checks them against sglang 0.5.23's source.
+   (pipeline-stage leaders) broadcast their stages' tensors over weight groups they host; then all
+   engines share one weight group per stage (the stage leaders host them), there is no isolation
+   between engines, and a failure fails the publish (the stage publisher re-creates every group).
 
 Every HTTP call has a timeout, and every failure names the engine URL, the route and what was
-awaited.  HTTP uses the standard library (``http.client``, kept-alive connections) from daemon threads,
-so the trainer needs no event loop.
+awaited (:mod:`consumers.engine_http`).
 
 How:
 
     pub = WeightPublisher(["http://127.0.0.1:30000"], backend="gloo", bucket_bytes=64 << 20)
     pub.connect()
-    info = pub.publish(trainer.export_hf_state(), version=1)   # {seconds, bytes, buckets, checksum}
+    result = pub.publish(trainer.export_hf_state(), version=1)   # PublishResult(seconds, bytes, ...)
     pub.close()
 """
 
 from __future__ import annotations
 
-import functools
-import http.client
-import json
 import logging
-import select
-import socket
 import threading
 import time
-import urllib.parse
 from collections.abc import Mapping
-from concurrent.futures import Future, as_completed
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from consumers.bucket_send import BucketSender
-from pipeline.weightsync import (
-    CHUNKS_FIELD,
-    DEFAULT_GROUP_NAME,
-    PARTS_FIELD,
-    WeightGroup,
-    dtype_from_name,
-    dtype_name,
-    init_weight_group,
-    weights_checksum,
-)
+from consumers.bucket_send import RemotePart, bucket_sizes, plan_buckets
+from consumers.engine_driver import ENGINE_KINDS, EngineDriver, chunked_update_payload, make_driver
+from consumers.engine_http import Connections, EngineCalls, PublishError, free_port, post_json, spawn
+from consumers.engine_links import EngineLink, WeightSyncMetrics, rejoin, update_all
+from consumers.ipc import SharedAllocator
+from consumers.snapshot import Allocate
+from consumers.transports import BroadcastTransport, IPCTransport, Sent, WeightTransport, choose_transport
+from pipeline.weightsync import DEFAULT_GROUP_NAME, device_identity, weights_checksum
+from schemas.weight_update import BACKENDS, DEVICE_FIELD, PAUSE_MODES, ROUTE_MODEL_INFO
 
 log = logging.getLogger(__name__)
 
-
-class PublishError(RuntimeError):
-    """An engine refused, failed or timed out during connect/publish (the message names it)."""
-
-
-ROUTE_INIT_GROUP = "/init_weights_update_group"
-ROUTE_DESTROY_GROUP = "/destroy_weights_update_group"
-ROUTE_UPDATE = "/update_weights_from_distributed"
-ROUTE_PAUSE = "/pause_generation"
-ROUTE_CONTINUE = "/continue_generation"
-ROUTE_FLUSH = "/flush_cache"
-ROUTE_MODEL_INFO = "/get_model_info"
-#: route -> (HTTP method the publisher uses, SGLang request dataclass of its body or None)
-ROUTES: dict[str, tuple[str, str | None]] = {
-    ROUTE_INIT_GROUP: ("POST", "InitWeightsUpdateGroupReqInput"),
-    ROUTE_DESTROY_GROUP: ("POST", "DestroyWeightsUpdateGroupReqInput"),
-    ROUTE_UPDATE: ("POST", "UpdateWeightsFromDistributedReqInput"),
-    ROUTE_PAUSE: ("POST", "PauseGenerationReqInput"),
-    ROUTE_CONTINUE: ("POST", "ContinueGenerationReqInput"),
-    ROUTE_FLUSH: ("POST", None),  # SGLang reads only the query parameter 'timeout'
-    ROUTE_MODEL_INFO: ("GET", None),
-}
-#: fields of the /get_model_info reply the publisher reads
-MODEL_INFO_FIELDS = ("weight_version",)
-#: a JSON reply succeeded if it has ``"success": true`` (weight routes) or ``"status": "ok"``
-#: (SGLang's /pause_generation and /continue_generation)
-REPLY_SUCCESS = (("success", True), ("status", "ok"))
-#: routes whose reply is plain text: success is HTTP 200 (SGLang's /flush_cache)
-TEXT_REPLY_ROUTES = (ROUTE_FLUSH,)
-
-
-def reply_ok(reply: Mapping[str, Any]) -> bool:
-    return any(reply.get(key) == value for key, value in REPLY_SUCCESS)
-
-
-def init_group_payload(master_address: str, master_port: int, rank_offset: int, world_size: int,
-                       group_name: str, backend: str) -> dict[str, Any]:
-    return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-            "world_size": world_size, "group_name": group_name, "backend": backend}
-
-
-def bucket_payload(tensors: Mapping[str, torch.Tensor], group_name: str, version: int | None,
-                   flush_cache: bool = False) -> dict[str, Any]:
-    """Body of /update_weights_from_distributed for one flattened bucket; only the last bucket of
-    a version carries ``weight_version`` (and ``flush_cache``)."""
-    return {
-        "names": list(tensors),
-        "dtypes": [dtype_name(t.dtype) for t in tensors.values()],
-        "shapes": [list(t.shape) for t in tensors.values()],
-        "group_name": group_name,
-        "load_format": "flattened_bucket",
-        "flush_cache": bool(flush_cache and version is not None),
-        "abort_all_requests": False,
-        "weight_version": None if version is None else str(version),
-    }
-
-
-def chunked_update_payload(named: Mapping[str, torch.Tensor], buckets: list[list[str]], group_name: str,
-                           version: int) -> dict[str, Any]:
-    """Body of the single /update_weights_from_distributed request for a whole update to an
-    embedded engine: every tensor's name/dtype/shape, plus each bucket's byte size."""
-    payload = bucket_payload(named, group_name, version)
-    payload[CHUNKS_FIELD] = bucket_sizes(named, buckets)
-    return payload
+__all__ = [
+    "Connections", "PublishError", "PublishResult", "RemotePart", "WeightPublisher", "as_result", "bucket_sizes",
+    "chunked_update_payload", "free_port", "plan_buckets", "post_json", "spawn",
+]
+TRANSPORTS = ("auto", "broadcast", "ipc")
 
 
 @dataclass
-class RemotePart:
-    """A pipeline stage's share of every update: its leader broadcasts it, as rank 0 of the weight
-    group ``group_name`` it hosts at ``address:port`` (:mod:`consumers.stage_publish`); this
-    publisher only announces it, from ``layout`` ((name, dtype, shape) per tensor, in order)."""
+class PublishResult:
+    """What one publish did.  ``seconds``: wall time; ``bytes``: the version's bytes (every
+    in-sync engine got them; with pipeline stages every part's); ``buckets``: buckets sent;
+    ``checksum``: the published weights' (``""`` when skipped); ``pause_s``: how long generation
+    stood still (the longest engine); ``rejoined``: engines brought back into sync since the last
+    publish; ``stale``: engines out of sync after it (URL -> why); ``transports``: URL -> transport;
+    ``timings``: where the time went (resync, checksum, flatten, send, the slowest engine's
+    ``engine_*`` account of its request).  Per-stage publishing adds ``parts`` (per part: stage,
+    group, tensors, bytes, engine_receive_s) and ``engine_parts``; a stage leader's own result has
+    ``stage`` and ``group``."""
 
-    stage: int
-    group_name: str
-    address: str
-    port: int
-    layout: list[tuple[str, str, list[int]]]
-
-    @functools.cached_property
-    def meta(self) -> dict[str, torch.Tensor]:
-        """The part's tensors as ``meta`` tensors: names, dtypes and shapes, no bytes."""
-        return {n: torch.empty(shape, dtype=dtype_from_name(dt), device="meta") for n, dt, shape in self.layout}
-
-    def buckets(self, bucket_bytes: int) -> list[list[str]]:
-        """The buckets its leader sends: the same plan as the publisher's own."""
-        return plan_buckets(self.meta, bucket_bytes)
-
-
-def parts_update_payload(named: Mapping[str, torch.Tensor], buckets: list[list[str]], group_name: str,
-                         version: int, remote: list[RemotePart], bucket_bytes: int) -> dict[str, Any]:
-    """Body of the single /update_weights_from_distributed request of a multi-part update (embedded
-    engines): every part's tensors (ours first), and per part its group, tensor count and chunks."""
-    every: dict[str, torch.Tensor] = dict(named)
-    parts = [{"group_name": group_name, "num_tensors": len(named), "chunks": bucket_sizes(named, buckets)}]
-    for part in remote:
-        every.update(part.meta)
-        parts.append({"group_name": part.group_name, "num_tensors": len(part.meta),
-                      "chunks": bucket_sizes(part.meta, part.buckets(bucket_bytes))})
-    if len(every) != sum(p["num_tensors"] for p in parts):
-        raise PublishError("a tensor name appears in several pipeline stages' parts")
-    payload = bucket_payload(every, group_name, version)
-    payload[PARTS_FIELD] = parts
-    return payload
+    version: int
+    seconds: float = 0.0
+    bytes: int = 0
+    buckets: int = 0
+    checksum: str = ""
+    pause_s: float = 0.0
+    rejoined: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    stale: dict[str, str] = field(default_factory=dict)
+    transports: dict[str, str] = field(default_factory=dict)
+    parts: list[dict[str, Any]] | None = None
+    engine_parts: list[int] | None = None
+    stage: int | None = None
+    group: str | None = None
 
 
-def bucket_sizes(named: Mapping[str, torch.Tensor], buckets: list[list[str]]) -> list[int]:
-    """Byte size of each bucket."""
-    return [sum(named[n].numel() * named[n].element_size() for n in b) for b in buckets]
-
-
-def pause_payload(mode: str) -> dict[str, Any]:
-    return {"mode": mode}
-
-
-def continue_payload() -> dict[str, Any]:
-    return {}
-
-
-def destroy_payload(group_name: str) -> dict[str, Any]:
-    return {"group_name": group_name}
-
-
-def plan_buckets(named: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
-    """Group names (in ``named``'s order) into buckets of at most ``bucket_bytes`` bytes; a tensor
-    larger than that gets a bucket of its own."""
-    buckets: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for name, t in named.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-def spawn(fn: Any, *args: Any, **kwargs: Any) -> Future:
-    """Run ``fn`` in a new daemon thread; its outcome lands in the returned Future.  Daemon threads
-    (not a ThreadPoolExecutor, whose workers are joined at interpreter exit) so that a call stuck
-    until its timeout after a failure never holds up shutdown."""
-    fut: Future = Future()
-
-    def run() -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
-        try:
-            fut.set_result(fn(*args, **kwargs))
-        except BaseException as e:
-            fut.set_exception(e)
-
-    threading.Thread(target=run, name=f"publish-{getattr(fn, '__name__', 'call')}", daemon=True).start()
-    return fut
-
-
-def free_port(address: str) -> int:
-    """A TCP port that is free on ``address`` right now."""
-    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
-
-
-class Connections:
-    """Keep-alive HTTP connections to the engines (``http.client``), reused across requests.
-
-    Why: a weight update is one request per version (embedded engine) or several back to back
-    (SGLang: pause, one per bucket, continue); a new TCP connection and ``urllib``'s machinery per
-    request added about a millisecond to each.  A connection idle for more than ``idle_s`` or
-    closed by the engine (checked before reuse, as urllib3 does) is dropped, never retried on:
-    uvicorn (SGLang) closes idle connections after 5 s, aiohttp (the embedded engine) after 75 s.
-    Thread-safe: each request takes a connection out of the pool for its duration.
-    """
-
-    def __init__(self, idle_s: float = 4.0) -> None:
-        self.idle_s = idle_s
-        self._idle: dict[tuple[str, int], list[tuple[http.client.HTTPConnection, float]]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, host: str, port: int, timeout_s: float) -> http.client.HTTPConnection:
-        now = time.monotonic()
-        with self._lock:
-            pool = self._idle.get((host, port), [])
-            while pool:
-                conn, since = pool.pop()
-                if now - since <= self.idle_s and not _dropped(conn):
-                    conn.timeout = timeout_s
-                    if conn.sock is not None:
-                        conn.sock.settimeout(timeout_s)
-                    return conn
-                conn.close()
-        return http.client.HTTPConnection(host, port, timeout=timeout_s)
-
-    def give_back(self, host: str, port: int, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            self._idle.setdefault((host, port), []).append((conn, time.monotonic()))
-
-    def close(self) -> None:
-        with self._lock:
-            pools, self._idle = list(self._idle.values()), {}
-        for pool in pools:
-            for conn, _ in pool:
-                conn.close()
-
-
-def _dropped(conn: http.client.HTTPConnection) -> bool:
-    """True if the peer closed (or broke) an idle connection: its socket is readable (EOF)."""
-    if conn.sock is None:
-        return True
-    try:
-        return bool(select.select([conn.sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
-
-
-def post_json(url: str, payload: dict[str, Any] | bytes | None, timeout_s: float, what: str,
-              connections: Connections | None = None) -> dict[str, Any]:
-    """POST JSON (GET when ``payload`` is None; ``bytes`` are sent as already-encoded JSON), return
-    the decoded JSON reply, or raise PublishError naming url and ``what``.  A plain-text reply from
-    a route in ``TEXT_REPLY_ROUTES`` becomes ``{"success": True, "message": text}`` (HTTP errors
-    still raise).  With ``connections``, the request goes over a kept-alive connection."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise PublishError(f"{url}: only http:// engine URLs are supported (while waiting for {what})")
-    host, port = parts.hostname, parts.port or 80
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    body = payload if isinstance(payload, bytes) else None if payload is None else json.dumps(payload).encode()
-    conn = connections.take(host, port, timeout_s) if connections else http.client.HTTPConnection(host, port, timeout=timeout_s)
-    reusable = False
-    try:
-        conn.request("GET" if body is None else "POST", target or "/", body=body,
-                     headers={} if body is None else {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        reusable = connections is not None and not resp.will_close
-    except TimeoutError as e:
-        raise PublishError(f"{url}: no reply within {timeout_s:.0f}s while waiting for {what}") from e
-    except (http.client.HTTPException, OSError) as e:
-        raise PublishError(f"{url}: request failed while waiting for {what}: {e!r}") from e
-    finally:
-        if reusable and connections is not None:
-            connections.give_back(host, port, conn)
-        else:
-            conn.close()
-    if not 200 <= resp.status < 300:
-        detail = raw[:500].decode(errors="replace")
-        raise PublishError(f"{url}: HTTP {resp.status} while waiting for {what}: {detail}")
-    try:
-        reply = json.loads(raw) if raw else {}
-    except ValueError as e:
-        if parts.path.endswith(TEXT_REPLY_ROUTES):
-            return {"success": True, "message": raw[:500].decode(errors="replace")}
-        raise PublishError(f"{url}: reply to {what} is not JSON: {raw[:200]!r}") from e
-    if not isinstance(reply, dict):
-        raise PublishError(f"{url}: reply to {what} is not a JSON object: {reply!r}")
-    return reply
+def as_result(info: PublishResult | dict[str, Any], version: int) -> PublishResult:
+    """``info`` as a :class:`PublishResult` (duck-typed publishers, e.g. ``pipeline.record.NullPublisher``,
+    return a dict of the same fields)."""
+    if isinstance(info, PublishResult):
+        return info
+    known = {k: v for k, v in info.items() if k in PublishResult.__dataclass_fields__ and k != "version"}
+    return PublishResult(version=version, **known)
 
 
 class WeightPublisher:
@@ -353,142 +126,151 @@ class WeightPublisher:
         flush_cache: bool = True,
         resync: bool = False,
         rejoin_timeout_s: float = 120.0,
+        transport: str = "broadcast",
+        update_timeout_s: float | None = None,
+        device: torch.device | None = None,
+        snapshot_budget_bytes: int | None = None,
+        metrics: WeightSyncMetrics | None = None,
     ) -> None:
         """``ranks_per_engine``: how many group ranks each engine brings (its TP size for SGLang,
-        which joins as ``rank_offset + tp_rank``); default 1 each.  ``engine_kind``/``pause_mode``/
-        ``flush_cache``/``resync``: see ``consumers.weights_config.WeightSyncConfig``."""
-        if engine_kind not in ("embedded", "sglang"):
+        which joins as ``rank_offset + tp_rank``); default 1 each.  ``transport``: 'auto' |
+        'broadcast' | 'ipc' (``weights.transport``); ``device``: where this process's weights live
+        (compared with each engine's); ``update_timeout_s``: the deadline of one engine's update
+        (default ``timeout_s``).  The rest: see ``consumers.weights_config.WeightSyncConfig``."""
+        if engine_kind not in ENGINE_KINDS:
             raise ValueError(f"engine_kind must be 'embedded' or 'sglang', got {engine_kind!r}")
-        if pause_mode not in ("in_place", "retract", "abort"):
+        if pause_mode not in PAUSE_MODES:
             raise ValueError(f"pause_mode must be 'in_place', 'retract' or 'abort', got {pause_mode!r}")
         if not engine_urls:
             raise ValueError("WeightPublisher needs at least one engine URL")
-        if backend not in ("gloo", "nccl"):
+        if backend not in BACKENDS:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {list(TRANSPORTS)}, got {transport!r}")
         if bucket_bytes <= 0 or timeout_s <= 0:
             raise ValueError("bucket_bytes and timeout_s must be > 0")
         self.engine_urls = [u.rstrip("/") for u in engine_urls]
-        self.ranks_per_engine = list(ranks_per_engine or [1] * len(engine_urls))
-        if len(self.ranks_per_engine) != len(engine_urls) or min(self.ranks_per_engine) < 1:
+        self.ranks_per_engine = list(ranks_per_engine or [1] * len(self.engine_urls))
+        if len(self.ranks_per_engine) != len(self.engine_urls) or min(self.ranks_per_engine) < 1:
             raise ValueError("ranks_per_engine needs one positive entry per engine URL")
         self.master_address = master_address
         self.backend = backend
-        self.bucket_bytes = bucket_bytes
+        self._bucket_bytes = bucket_bytes
         self.group_name = group_name
         self.timeout_s = timeout_s
-        self.engine_kind = engine_kind
-        self.pause_mode = pause_mode
-        self.flush_cache = flush_cache
         self.resync = resync
         self.rejoin_timeout_s = rejoin_timeout_s
-        self.master_port: int | None = None
-        self.version: int | None = None  # last version every engine acknowledged
-        self.rejoins = 0  # how many times the group was re-created for a lagging engine
-        self._group: WeightGroup | None = None
-        # Where the last publish spent its time (wall seconds): resync, checksum, send (first request
-        # to last reply) and flatten (inside send, overlapping the transfer).
-        self._timings: dict[str, float] = {}
-        self._sender = BucketSender(backend)
+        self.transport_mode = transport
+        self.update_timeout_s = update_timeout_s or timeout_s
+        self.device = device or torch.device("cpu")
+        self.snapshot_budget_bytes = snapshot_budget_bytes
+        self.metrics = metrics
+        self.driver: EngineDriver = make_driver(engine_kind, pause_mode, flush_cache)
+        self.calls = EngineCalls(self.engine_urls, timeout_s)  # every engine (server info, versions)
+        self.links: list[EngineLink] = []
+        self.allocator: SharedAllocator | None = None
+        self.version: int | None = None  # last version published
+        self.rejoins = 0  # engines brought back into sync (re-created groups)
         self.remote_parts: list[RemotePart] = []  # other pipeline stages' groups (consumers.stage_publish)
-        self._conns = Connections()
-        self._layout_json: tuple[Any, bytes, int] | None = None  # (layout key, request minus its version, largest bucket)
+        self._late: list[Future] = []  # updates still running past their deadline
+        self._closing = threading.Event()
 
     @property
     def connected(self) -> bool:
-        return self._group is not None
+        """Connected (engines may still be out of sync: see ``PublishResult.stale``)."""
+        return bool(self.links)
 
-    # ------------------------------------------------------------------ helpers
-    def _post_all(self, route: str, payloads: list[dict[str, Any] | bytes | None], what: str) -> list[Future]:
-        return [
-            spawn(post_json, f"{url}{route}", payload, self.timeout_s, what, self._conns)
-            for url, payload in zip(self.engine_urls, payloads, strict=True)
-        ]
+    @property
+    def engine_kind(self) -> str:
+        return self.driver.kind
 
-    def _check_reply(self, url: str, fut: Future, route: str, what: str) -> str | None:
-        """None if the engine's reply is a success, else the error text (naming the engine)."""
-        exc = fut.exception()
-        if exc is not None:
-            return str(exc) if isinstance(exc, PublishError) else f"{url}{route}: {what} failed: {exc!r}"
-        reply = fut.result()
-        if not reply_ok(reply):
-            return f"{url}{route}: {what} failed: {reply.get('message', reply)!r}"
-        return None
+    @property
+    def bucket_bytes(self) -> int:
+        return self._bucket_bytes
 
-    def _wait(self, engine_futs: list[Future], own: Future, route: str, what: str, own_what: str) -> Any:
-        """Wait for our side (``own``: rendezvous or broadcast, run in a thread) and every engine
-        reply.  An engine failure raises at once (our side would only block until its timeout);
-        every error names the engine URL, the route and what was awaited."""
-        by_future = dict(zip(engine_futs, self.engine_urls, strict=True))
-        try:
-            for fut in as_completed([*engine_futs, own], timeout=self.timeout_s + 5.0):
-                if fut is own:
-                    if fut.exception() is not None:
-                        early = [e for f, u in by_future.items() if f.done() and (e := self._check_reply(u, f, route, what))]
-                        raise PublishError(
-                            f"{own_what} failed: {fut.exception()}"
-                            + (f" Engine replies: {'; '.join(early)}" if early else "")
-                        ) from fut.exception()
-                    continue
-                error = self._check_reply(by_future[fut], fut, route, what)
-                if error:
-                    raise PublishError(error)
-        except TimeoutError as e:
-            silent = [u for f, u in by_future.items() if not f.done()]
-            raise PublishError(
-                f"no reply within {self.timeout_s:.0f}s while waiting for {what} from {', '.join(silent) or 'this process'} ({route})"
-            ) from e
-        return own.result()
+    @bucket_bytes.setter
+    def bucket_bytes(self, value: int) -> None:
+        self._bucket_bytes = value
+        for link in self.links:
+            if isinstance(link.transport, BroadcastTransport):
+                link.transport.bucket_bytes = value
 
-    def _call_all(self, route: str, payload: dict[str, Any] | None, what: str) -> list[dict[str, Any]]:
-        """Send one request to every engine at once and wait (``timeout_s``) for every reply;
-        raise PublishError naming the engines that failed."""
-        return self._collect(self._post_all(route, [payload] * len(self.engine_urls), what), route, what)
+    @property
+    def transports(self) -> dict[str, str]:
+        """Engine URL -> its transport ('broadcast' or 'ipc')."""
+        return {url: link.transport.kind for link in self.links for url in link.urls}
 
-    def _collect(self, futures: list[Future], route: str, what: str) -> list[dict[str, Any]]:
-        """Wait (``timeout_s``) for every engine's reply to one request each; raise PublishError
-        naming the engines that failed."""
+    @property
+    def snapshot_allocator(self) -> Allocate | None:
+        """Where a publish snapshot should come from so that IPC engines can map it (None: no
+        engine takes IPC)."""
+        return self.allocator
+
+    def snapshot_busy(self) -> bool:
+        """An update that missed its deadline may still read the last snapshot."""
+        self._late = [f for f in self._late if not f.done()]
+        return bool(self._late)
+
+    # ------------------------------------------------------------------ connect
+    def _links(self) -> list[EngineLink]:
+        """One link per engine with its chosen transport; one shared broadcast link with parts."""
+        if self.remote_parts:
+            if self.transport_mode == "ipc":
+                raise PublishError("weights.transport 'ipc' does not work with per-stage publishing "
+                                   "(weights.per_stage_publish): each stage would share its own buffer")
+            transport = BroadcastTransport(self.calls, self.master_address, self.backend, self._bucket_bytes,
+                                           self.group_name, self.ranks_per_engine)
+            return [EngineLink(self.calls, transport, "per-stage publishing: one weight group per stage")]
+        mine = device_identity(self.device)
+        infos = self.calls.server_infos() if self.transport_mode != "broadcast" else {}
+        links = []
+        for url, ranks in zip(self.engine_urls, self.ranks_per_engine, strict=True):
+            info = infos.get(url)
+            kind, why = choose_transport(self.transport_mode, mine, None if info is None else info.get(DEVICE_FIELD), url)
+            calls = EngineCalls([url], self.timeout_s, self.calls.connections)
+            transport: WeightTransport
+            if kind == "ipc":
+                if self.allocator is None:
+                    self.allocator = SharedAllocator()
+                transport = IPCTransport(calls, self.allocator, ranks, self.snapshot_budget_bytes)
+            else:
+                transport = BroadcastTransport(calls, self.master_address, self.backend, self._bucket_bytes, self.group_name, [ranks])
+            links.append(EngineLink(calls, transport, why))
+        return links
+
+    def connect(self, remote_parts: list[RemotePart] | None = None) -> None:
+        """Connect every engine (each must join).  ``remote_parts`` (per-stage publishing): the
+        engines also join each part's group (its leader hosts the rendezvous and is rank 0), and
+        every publish announces the parts' tensors after ours."""
+        if self.connected:
+            return
+        if remote_parts is not None:
+            self.remote_parts = list(remote_parts)
+        self.links = self._links()
+        futures = [spawn(link.transport.connect, self.remote_parts) for link in self.links]
         errors = []
-        for url, fut in zip(self.engine_urls, futures, strict=True):
+        for link, fut in zip(self.links, futures, strict=True):
             try:
-                fut.result(timeout=self.timeout_s + 5.0)
-            except TimeoutError:
-                errors.append(f"{url}{route}: no reply within {self.timeout_s:.0f}s while waiting for {what}")
-                continue
-            except Exception:
-                pass
-            if error := self._check_reply(url, fut, route, what):
-                errors.append(error)
+                fut.result(timeout=self.timeout_s + 15.0)
+            except Exception as e:
+                errors.append(str(e) if isinstance(e, PublishError) else f"{link.name}: {e!r}")
         if errors:
+            for link in self.links:
+                link.transport.close()
             raise PublishError("; ".join(errors))
-        return [f.result() for f in futures]
+        for link in self.links:
+            log.info("weight publisher: %s gets weights by %s (%s)", link.name, link.transport.kind, link.reason)
 
+    # ------------------------------------------------------------------ joining
     def engine_versions(self, timeout_s: float | None = None) -> dict[str, str | None]:
         """Each engine's ``weight_version`` from ``GET /get_model_info`` (None: no answer)."""
-        t = timeout_s or self.timeout_s
-        futures = [spawn(post_json, f"{u}{ROUTE_MODEL_INFO}", None, t, "its model info", self._conns) for u in self.engine_urls]
-        out: dict[str, str | None] = {}
-        for url, fut in zip(self.engine_urls, futures, strict=True):
-            try:
-                out[url] = str(fut.result(timeout=t + 5.0).get("weight_version"))
-            except Exception as e:
-                log.info("weight publisher: %s%s did not answer: %s", url, ROUTE_MODEL_INFO, e)
-                out[url] = None
-        return out
-
-    def _resync(self) -> None:
-        """Re-create the group when an engine lags the last published version or is unreachable
-        (restarted, or joined late); waits up to ``rejoin_timeout_s`` for every engine to answer."""
-        if self.resync_needed():
-            self.close()  # best effort: engines still in the old group leave it
-            self.connect()
-            self.rejoins += 1
+        return self.calls.engine_versions(timeout_s)
 
     def resync_needed(self) -> bool:
-        """True if an engine lags the last published version or was unreachable (then waits, up to
-        ``rejoin_timeout_s``, until every engine answers): the weight group(s) must be re-created
-        before the next publish.  Per-stage publishing (:mod:`consumers.stage_publish`) calls this
-        and re-creates every stage's group itself."""
-        if self.version is None or self._group is None:
+        """Per-stage publishing (:mod:`consumers.stage_publish`): True if an engine lags the last
+        published version or was unreachable (then waits, up to ``rejoin_timeout_s``, until every
+        engine answers): every stage's group must be re-created before the next publish."""
+        if self.version is None or not self.connected:
             return False
         versions = self.engine_versions(timeout_s=min(self.timeout_s, 10.0))
         lagging = {u: v for u, v in versions.items() if v != str(self.version)}
@@ -508,226 +290,161 @@ class WeightPublisher:
             versions = self.engine_versions(timeout_s=min(self.timeout_s, 10.0))
         return True
 
-    def _reset(self) -> None:
-        """After a failure the group is unusable (a collective may still block until its timeout
-        in a daemon thread): drop it, so that connect() starts clean."""
-        self._group = None
+    def _isolated(self) -> bool:
+        return not self.remote_parts
 
-    # ------------------------------------------------------------------ API
-    def connect(self, remote_parts: list[RemotePart] | None = None) -> None:
-        """Create the weight-update group: engines join as ranks 1..N, this process as rank 0.
-        ``remote_parts`` (per-stage publishing): the engines also join each part's group (the same
-        engine ranks; its leader hosts the rendezvous and is rank 0), and every publish announces
-        the parts' tensors after ours."""
-        if self._group is not None:
-            return
-        if remote_parts is not None:
-            self.remote_parts = list(remote_parts)
-        port = free_port(self.master_address)
-        world = 1 + sum(self.ranks_per_engine)
-        offsets = [1 + sum(self.ranks_per_engine[:i]) for i in range(len(self.engine_urls))]
-        payloads: list[dict[str, Any] | None] = [
-            init_group_payload(self.master_address, port, offset, world, self.group_name, self.backend) for offset in offsets
-        ]
-        route = ROUTE_INIT_GROUP
-        what = f"joining weight group {self.group_name!r} at {self.master_address}:{port}"
-        log.info("weight publisher: %d engine(s) joining %s:%d (%s)", len(self.engine_urls), self.master_address, port, self.backend)
-        futures = self._post_all(route, payloads, what)
-        remote = [(f"joining stage {part.stage}'s weight group {part.group_name!r} at {part.address}:{part.port}",
-                   self._post_all(route, [init_group_payload(part.address, part.port, offset, world, part.group_name, self.backend)
-                                          for offset in offsets], f"joining weight group {part.group_name!r}"))
-                  for part in self.remote_parts]
-        own = spawn(
-            init_weight_group, self.master_address, port, rank=0, world_size=world, backend=self.backend,
-            group_name=self.group_name, timeout_s=self.timeout_s,
-        )
+    def _fall_out(self, link: EngineLink, version: int, reason: str, error: str) -> None:
+        """Take ``link`` out of sync for ``version`` (counted, logged) and rejoin it in the background."""
+        link.mark_stale(version, error)
+        if self.metrics is not None:
+            self.metrics.failures.labels(reason).inc()
+        log.error("weight sync: %s taken out of version %d (%s; it holds v%s, marked stale): %s", link.name, version,
+                  reason, link.version, error)
+        link.transport.abandon()
+        link.rejoin = spawn(rejoin, link, self.rejoin_timeout_s, self._closing)
+
+    def _catch_up(self) -> int:
+        """Stale engines whose background rejoin finished are back in sync; an engine stale for
+        longer than ``rejoin_timeout_s`` fails the publish.  Returns how many came back."""
+        back = 0
+        for link in self.links:
+            if link.stale and link.rejoin is not None and link.rejoin.done():
+                err = link.rejoin.exception()
+                if err is not None:
+                    raise err if isinstance(err, PublishError) else PublishError(f"{link.name}: rejoin failed: {err!r}")
+                link.stale_since, link.rejoin = None, None  # in the updates again; in sync once one succeeds
+                back += 1
+            if link.out_for() > self.rejoin_timeout_s:  # it rejoins, then fails again: give up, loudly
+                raise PublishError(f"engine(s) {link.name} out of weight sync since version {link.stale_version} for "
+                                   f"{link.out_for():.0f}s, longer than weights.rejoin_timeout_s = {self.rejoin_timeout_s:.0f}s; "
+                                   f"last error: {link.last_error}")
+        return back
+
+    def _check_versions(self, version: int) -> int:
+        """``resync``: in-sync engines that no longer hold the version they acknowledged (restarted)
+        rejoin now if they answer, else fall out and rejoin in the background.  Returns how many
+        rejoined now."""
+        live = [link for link in self.links if not link.stale]
+        if self.version is None or not live:
+            return 0
+        back = 0
+        versions = EngineCalls([u for link in live for u in link.urls], self.timeout_s, self.calls.connections).engine_versions(
+            timeout_s=min(self.timeout_s, 10.0))
+        for link in live:
+            got = [versions.get(u) for u in link.urls]
+            if link.version is None or all(v == str(link.version) for v in got):  # it holds what it acknowledged
+                continue
+            if any(v is None for v in got):
+                self._fall_out(link, version, "unreachable", f"did not answer {ROUTE_MODEL_INFO} (restarting?)")
+                continue
+            log.warning("weight publisher: %s at v%s, not v%d (restarted?): rejoining it", link.name, got, self.version)
+            try:
+                link.transport.close()
+                link.transport.connect(self.remote_parts)
+                back += 1
+            except PublishError as e:
+                self._fall_out(link, version, "error", str(e))
+        return back
+
+    # ------------------------------------------------------------------ publish
+    def _update(self, link: EngineLink, named: Mapping[str, torch.Tensor], version: int, timings: dict[str, float]) -> Sent:
+        """One engine's (or shared group's) update: the driver's bracket around the transport."""
+        link.step = "opening the update (pause, session)"
+        t_bracket = time.perf_counter()
+        self.driver.begin(link.calls, version)
         try:
-            group = self._wait(futures, own, route, what, f"rank 0 rendezvous at {self.master_address}:{port}")
-            for part_what, part_futures in remote:  # the stage leader hosts it: engines' replies tell
-                self._collect(part_futures, route, part_what)
-        except PublishError:
-            self._reset()
+            link.step = f"sending version {version} ({link.transport.kind})"
+            sent = link.transport.send(named, version, self.driver, timings)
+        except BaseException:
+            self.driver.abort(link.calls, version)
             raise
-        self._group, self.master_port = group, port
-        log.info("weight publisher: group %r ready (world %d)%s", self.group_name, world,
-                 f", plus {len(remote)} pipeline stage group(s)" if remote else "")
+        link.step = "closing the update (session, continue)"
+        self.driver.end(link.calls, version)
+        timings["pause_s"] = self.driver.pause_seconds(sent.replies, time.perf_counter() - t_bracket)
+        return sent
 
-    def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> dict[str, Any]:
-        """Send every tensor to every engine; returns ``{seconds, bytes, buckets, checksum, version,
-        pause_s, rejoined}``.  When it returns, every engine has swapped in ``version``.
-        ``checksum=False`` skips hashing every byte (costly for large models; the checksum is then "")."""
-        if self._group is None:
+    def publish(self, named: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> PublishResult:
+        """Send every tensor to every in-sync engine; when it returns, each of them has swapped in
+        ``version`` (see the module docstring for the failure rules).  ``checksum=False`` skips
+        hashing every byte (costly for large models; the checksum is then "")."""
+        if not self.connected:
             raise PublishError("publish() before connect()")
         if not named:
             raise ValueError("nothing to publish: the state dict is empty (not the publishing rank?)")
         t0 = time.perf_counter()
-        rejoins = self.rejoins
-        if self.resync:
-            self._resync()
+        rejoined = self._catch_up()
+        if self.resync and self._isolated():
+            rejoined += self._check_versions(version)
+        elif self.resync and self.resync_needed():
+            self.close()
+            self.connect()
+            rejoined += 1
+        self.rejoins += rejoined
+        if self.metrics is not None and rejoined:
+            self.metrics.rejoins.inc(rejoined)
         t_sum = time.perf_counter()
         digest = weights_checksum(named) if checksum else ""
-        self._timings = {"resync_s": t_sum - t0, "checksum_s": time.perf_counter() - t_sum, "flatten_s": 0.0, "send_s": 0.0}
-        sglang = self.engine_kind == "sglang"
-        pause_s = 0.0
-        if sglang:
-            t_pause = time.perf_counter()
-            self._call_all(ROUTE_PAUSE, pause_payload(self.pause_mode), f"pausing generation ({self.pause_mode}) for version {version}")
-        try:
-            total, nbuckets, replies = self._send_buckets(named, version)
-        except BaseException:
-            if sglang:
-                self._continue_best_effort(version)
-            raise
-        if sglang:
-            if self.flush_cache:
-                try:
-                    self._call_all(ROUTE_FLUSH, {}, f"flushing the prefix cache after version {version}")
-                except PublishError as e:
-                    log.warning("weight publisher: prefix cache not flushed (%s)", e)
-            self._call_all(ROUTE_CONTINUE, continue_payload(), f"continuing generation after version {version}")
-            pause_s = time.perf_counter() - t_pause
-        else:
-            pause_s = max((float(r.get("pause_seconds", 0.0)) for r in replies), default=0.0)
+        base = {"resync_s": t_sum - t0, "checksum_s": time.perf_counter() - t_sum}
+        live = [link for link in self.links if not link.stale]
+        ok, failed, late = update_all(live, lambda link, timings: self._update(link, named, version, timings), self.update_timeout_s)
+        self._late += late
+        for link, (reason, error) in failed.items():
+            if not self._isolated():  # one group for every engine: nothing to isolate; connect() starts clean
+                link.transport.abandon()
+                self.links = []
+                raise PublishError(error)
+            self._fall_out(link, version, reason, error)
+        for link in ok:
+            link.synced(version)
         self.version = version
-        seconds = time.perf_counter() - t0
-        parts = self._parts_info(named) if self.remote_parts else []
-        total += sum(p["bytes"] for p in parts[1:])  # the other stages' leaders sent these
-        log.info(
-            "published version %d: %.1f MiB in %d bucket(s) to %d engine(s) in %.3fs (generation paused %.2f ms)",
-            version, total / 2**20, nbuckets, len(self.engine_urls), seconds, pause_s * 1e3,
-        )
-        out = {"seconds": seconds, "bytes": total, "buckets": nbuckets, "checksum": digest, "version": version,
-               "timings": dict(self._timings),
-               "pause_s": pause_s, "rejoined": self.rejoins - rejoins}
-        if self.remote_parts:
-            out["parts"] = parts
-            out["engine_parts"] = [len(r.get("parts") or []) for r in replies]  # as each engine's reply reports
-            for p in parts:  # the engines' receive time per part (slowest engine), when they report it
-                p["engine_receive_s"] = max((float(e.get("receive_s", 0.0)) for r in replies for e in r.get("parts") or []
-                                             if e.get("group_name") == p["group"]), default=None)
-                log.info("version %d, stage %d: %.1f MiB over group %r (engines received it in %s)", version, p["stage"],
-                         p["bytes"] / 2**20, p["group"],
-                         "n/a" if p["engine_receive_s"] is None else f"{p['engine_receive_s']:.3f}s")
-        return out
-
-    def _parts_info(self, named: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """Per part (ours first): stage, group, tensor count and bytes."""
-        return [{"stage": stage, "group": group, "tensors": len(tensors), "bytes": bucket_sizes(tensors, [list(tensors)])[0]}
-                for stage, group, tensors in [(0, self.group_name, named),
-                                              *((p.stage, p.group_name, p.meta) for p in self.remote_parts)]]
-
-    def _continue_best_effort(self, version: int) -> None:
-        try:
-            self._call_all(ROUTE_CONTINUE, continue_payload(), f"continuing generation after the failed version {version}")
-        except PublishError as e:
-            log.error("weight publisher: could not resume generation after a failed publish: %s", e)
-
-    def _send_buckets(self, named: Mapping[str, torch.Tensor], version: int) -> tuple[int, int, list[dict[str, Any]]]:
-        """Send every bucket; returns (bytes, buckets, the engines' replies to the last request)."""
-        assert self._group is not None
-        if self.engine_kind == "sglang":
-            return self._send_per_bucket(named, plan_buckets(named, self.bucket_bytes), version)
-        if getattr(named, "contiguous", False) and not self.remote_parts:
-            # a flat snapshot (consumers.publish_async.FlatState) needs no flatten buffer, which is
-            # what the bucket size bounds: one broadcast, from a view
-            return self._send_chunked(named, [list(named)], version)
-        return self._send_chunked(named, plan_buckets(named, self.bucket_bytes), version)
-
-    def _broadcast_buckets(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]],
-                           indices: list[int], largest: int) -> int:
-        """Broadcast ``buckets[i]`` for ``i`` in ``indices`` (:class:`consumers.bucket_send.BucketSender`)."""
-        assert self._group is not None
-        return self._sender.broadcast(self._group, named, buckets, indices, largest, self._timings)
-
-    def _chunked_request(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[bytes, int]:
-        """The JSON body of :meth:`_send_chunked`'s request, and the largest bucket's size.  Its
-        layout part (hundreds of names, dtypes and shapes) is encoded once and reused while the
-        layout stays the same; only the version changes from one update to the next."""
-        key = (tuple((n, t.dtype, t.shape) for n, t in named.items()), tuple(map(len, buckets)),
-               tuple((p.group_name, len(p.layout)) for p in self.remote_parts))  # parts' layouts never change
-        if self._layout_json is None or self._layout_json[0] != key:
-            if self.remote_parts:  # per-stage publishing: every part, ours first (PARTS_FIELD)
-                payload = parts_update_payload(named, buckets, self.group_name, 0, self.remote_parts, self.bucket_bytes)
-                largest = max(payload[PARTS_FIELD][0]["chunks"])
-            else:
-                payload = chunked_update_payload(named, buckets, self.group_name, 0)
-                largest = max(payload[CHUNKS_FIELD])
-            del payload["weight_version"]
-            self._layout_json = (key, json.dumps(payload).encode(), largest)
-        _, layout, largest = self._layout_json
-        return b'{"weight_version": "%d", ' % version + layout[1:], largest
-
-    def _send_chunked(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[int, int, list[dict[str, Any]]]:
-        """Embedded engines: one request announces the whole update (:data:`CHUNKS_FIELD`), then
-        every bucket is broadcast back to back; the engine replies once it has swapped the update in.
-        One HTTP round trip per update, however many buckets."""
-        what = f"version {version} ({len(buckets)} bucket(s), swap)"
-        t = time.perf_counter()
-        body, largest = self._chunked_request(named, buckets, version)
-        futures = self._post_all(ROUTE_UPDATE, [body] * len(self.engine_urls), what)
-        own = spawn(self._broadcast_buckets, named, buckets, list(range(len(buckets))), largest)
-        try:
-            total = self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
-        except PublishError:
-            self._reset()
-            raise
-        replies = [f.result() for f in futures]
-        self._timings["send_s"] += time.perf_counter() - t
-        self._timings["posted_at"] = time.monotonic() - (time.perf_counter() - t)  # on the engines' clock (same host)
-        # the slowest engine's own account of the request (see the engine's update reply)
-        engine = max((r.get("timings") or {} for r in replies), key=lambda d: d.get("handler_s", 0.0))
-        self._timings.update({f"engine_{k}": float(v) for k, v in engine.items()})
-        return total, len(buckets), replies
-
-    def _send_per_bucket(self, named: Mapping[str, torch.Tensor], buckets: list[list[str]], version: int) -> tuple[int, int, list[dict[str, Any]]]:
-        """SGLang: one request per bucket, strictly in order (SGLang receives a request's tensors
-        when the request arrives); only the last carries ``weight_version``.  With remote parts
-        (per-stage publishing) our buckets go first, then each part's, each request naming its
-        part's group; the part's leader broadcasts those buckets (we only wait for the replies)."""
-        total = 0
-        replies: list[dict[str, Any]] = []
-        flush = self.flush_cache
-        largest = max(bucket_sizes(named, buckets))
-        plans = [(0, self.group_name, named, buckets), *((p.stage, p.group_name, p.meta, p.buckets(self.bucket_bytes))
-                                                         for p in self.remote_parts)]
-        count = sum(len(b) for *_, b in plans)
-        done: Future = Future()
-        done.set_result(0)
-        sent = 0
-        for stage, group_name, tensors, part_buckets in plans:
-            for i, names in enumerate(part_buckets):
-                sent += 1
-                last = sent == count
-                payload = bucket_payload({n: tensors[n] for n in names}, group_name, version if last else None,
-                                         flush_cache=flush)
-                what = (f"bucket {i + 1}/{len(part_buckets)}" + (f" of stage {stage} (group {group_name!r})" if self.remote_parts else "")
-                        + f" of version {version}" + (" (swap)" if last else ""))
-                t = time.perf_counter()
-                futures = self._post_all(ROUTE_UPDATE, [payload] * len(self.engine_urls), what)
-                # flattened while the engines parse the request; another stage's leader sends its own
-                own = spawn(self._broadcast_buckets, named, buckets, [i], largest) if stage == 0 else done
-                try:
-                    total += self._wait(futures, own, ROUTE_UPDATE, what, f"broadcast of {what}")
-                except PublishError:
-                    self._reset()
-                    raise
-                self._timings["send_s"] += time.perf_counter() - t
-                if last:
-                    replies = [f.result() for f in futures]
-        return total, count, replies
+        if self.metrics is not None:
+            self.metrics.stale.set(sum(len(link.urls) for link in self.links if link.stale))
+        result = publish_result(self, named, version, time.perf_counter() - t0, base, ok, rejoined)
+        result.checksum = digest
+        return result
 
     def close(self) -> None:
-        """Ask engines to leave the group(s) (best effort) and drop ours."""
-        if self._group is not None:
-            futures = [
-                fut for name in [self.group_name, *(p.group_name for p in self.remote_parts)]
-                for fut in self._post_all(ROUTE_DESTROY_GROUP, [destroy_payload(name)] * len(self.engine_urls),
-                                          f"leaving the weight group {name!r}")
-            ]
-            for fut in futures:
-                try:
-                    fut.result(timeout=self.timeout_s)
-                except Exception as e:  # best effort: engines may already be gone
-                    log.warning("weight publisher close: %s", e)
-            self._group = None
-        self._conns.close()
+        """Ask engines to leave their groups (best effort), stop rejoining, release shared memory."""
+        self._closing.set()
+        for link in self.links:
+            link.transport.close()
+        self.links = []
+        self._closing = threading.Event()
+        if self.allocator is not None and not self.snapshot_busy():
+            self.allocator.close()
+            self.allocator = None
+        self.calls.close()
+
+
+def publish_result(pub: WeightPublisher, named: Mapping[str, torch.Tensor], version: int, seconds: float,
+                   base: dict[str, float], ok: dict[EngineLink, Sent], rejoined: int) -> PublishResult:
+    """The :class:`PublishResult` of one publish (the slowest in-sync engine's timings), logged."""
+    slowest = max(ok, key=lambda link: link.timings.get("send_s", 0.0), default=None)
+    sent = ok[slowest] if slowest is not None else Sent(0, 0)
+    parts = _parts_info(pub, named) if pub.remote_parts else []
+    total = sent.bytes + sum(p["bytes"] for p in parts[1:])  # the other stages' leaders sent these
+    pause_s = max((link.timings.get("pause_s", 0.0) for link in ok), default=0.0)
+    timings = {**base, "flatten_s": 0.0, "send_s": 0.0, **(slowest.timings if slowest is not None else {})}
+    timings.pop("pause_s", None)
+    stale = {link.name: link.last_error for link in pub.links if link.stale}
+    log.info("published version %d: %.1f MiB in %d bucket(s) to %d engine(s) in %.3fs (generation paused %.2f ms)%s",
+             version, total / 2**20, sent.buckets, sum(len(link.urls) for link in ok), seconds, pause_s * 1e3,
+             f"; out of sync: {', '.join(stale)}" if stale else "")
+    result = PublishResult(version=version, seconds=seconds, bytes=total, buckets=sent.buckets, pause_s=pause_s,
+                           rejoined=rejoined, timings=timings, stale=stale, transports=pub.transports)
+    if pub.remote_parts:
+        result.parts = parts
+        result.engine_parts = [len(r.get("parts") or []) for r in sent.replies]  # as each engine's reply reports
+        for p in parts:  # the engines' receive time per part (slowest engine), when they report it
+            p["engine_receive_s"] = max((float(e.get("receive_s", 0.0)) for r in sent.replies for e in r.get("parts") or []
+                                         if e.get("group_name") == p["group"]), default=None)
+            log.info("version %d, stage %d: %.1f MiB over group %r (engines received it in %s)", version, p["stage"],
+                     p["bytes"] / 2**20, p["group"], "n/a" if p["engine_receive_s"] is None else f"{p['engine_receive_s']:.3f}s")
+    return result
+
+
+def _parts_info(pub: WeightPublisher, named: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per part (ours first): stage, group, tensor count and bytes."""
+    return [{"stage": stage, "group": group, "tensors": len(tensors), "bytes": bucket_sizes(tensors, [list(tensors)])[0]}
+            for stage, group, tensors in [(0, pub.group_name, named),
+                                          *((p.stage, p.group_name, p.meta) for p in pub.remote_parts)]]

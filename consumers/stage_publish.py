@@ -6,7 +6,7 @@ HF export, :func:`consumers.bridge.export_hf_stage`) broadcasts its own stage's 
 weight group of its own, ``pipeline.weightsync.part_group_name(base, k)``; so no stage's weights
 travel through trainer rank 0.  Global rank 0 (stage 0's leader) stays the single controller: it
 alone talks HTTP to the engines (:class:`consumers.publisher.WeightPublisher`, which learns the
-other stages' groups as :class:`consumers.publisher.RemotePart`).  Stage leaders k >= 1 only
+other stages' groups as :class:`consumers.bucket_send.RemotePart`).  Stage leaders k >= 1 only
 broadcast.
 
 How it fits together (every step is a collective on the trainer world, called by every rank on
@@ -32,7 +32,7 @@ its main thread; nothing but the weight groups is used from background threads):
   its part and announces every part to the engines (embedded engine: one request per version with
   :data:`pipeline.weightsync.PARTS_FIELD`; SGLang: one request per bucket, part 0's buckets first,
   each with its part's ``group_name``); leader k broadcasts its part's buckets (the same
-  :func:`~consumers.publisher.plan_buckets` plan with the same ``bucket_bytes``, so the byte sizes
+  :func:`~consumers.bucket_send.plan_buckets` plan with the same ``bucket_bytes``, so the byte sizes
   match what rank 0 announced).  Rank 0's ``send`` returns only once every engine swapped the
   whole version in, so ``Published(v)`` keeps its meaning; a leader's returns when its broadcast
   is done.  Version v+1's ``prepare`` is a collective that rank 0 enters only after v finished, so
@@ -69,16 +69,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from consumers.bucket_send import BucketSender
-from consumers.publisher import (
-    PublishError,
-    RemotePart,
-    WeightPublisher,
-    bucket_sizes,
-    free_port,
-    plan_buckets,
-    spawn,
-)
+from consumers.bucket_send import BucketSender, RemotePart, bucket_sizes, plan_buckets
+from consumers.engine_http import PublishError, free_port, spawn
+from consumers.publisher import PublishResult, WeightPublisher
 from pipeline.weightsync import (
     WeightGroup,
     combine_digests,
@@ -301,17 +294,18 @@ class StagePublisher:
         if self.publisher is not None:
             self.publisher.rejoins += 1
 
-    def send(self, part: Mapping[str, torch.Tensor], prepared: Prepared) -> dict[str, Any]:
+    def send(self, part: Mapping[str, torch.Tensor], prepared: Prepared) -> PublishResult | None:
         """Publish ``part`` as decided by :meth:`prepare` (thread-safe w.r.t. the trainer world: it
-        only uses the weight groups and HTTP).  Rank 0: the publisher's info dict (``checksum``:
-        the whole model's); leader k: ``{stage, group, bytes, buckets, seconds}``; others: ``{}``."""
+        only uses the weight groups and HTTP).  Rank 0: the publisher's result (``checksum``: the
+        whole model's); leader k: its own part's (``stage``, ``group``, bytes, buckets, seconds);
+        others: None."""
         version = prepared.version
         if self.publisher is not None:
             info = self.publisher.publish(part, version, checksum=False)
-            info["checksum"] = prepared.checksum
+            info.checksum = prepared.checksum
             return info
         if not self.leader:
-            return {}
+            return None
         if self._group is None:
             raise PublishError(f"stage {self.stage}: weight group {self.group_name!r} is gone (a failed publish); "
                                "restart the trainer")
@@ -328,10 +322,10 @@ class StagePublisher:
         seconds = time.perf_counter() - t0
         log.info("stage %d: version %d: %.1f MiB in %d bucket(s) over group %r in %.3fs", self.stage, version,
                  total / 2**20, len(buckets), self.group_name, seconds)
-        return {"stage": self.stage, "group": self.group_name, "bytes": total, "buckets": len(buckets),
-                "seconds": seconds, "version": version, "timings": timings}
+        return PublishResult(version=version, seconds=seconds, bytes=total, buckets=len(buckets), timings=timings,
+                             stage=self.stage, group=self.group_name)
 
-    def publish(self, part: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> dict[str, Any]:
+    def publish(self, part: Mapping[str, torch.Tensor], version: int, checksum: bool = True) -> PublishResult | None:
         """Collective and synchronous: :meth:`prepare` then :meth:`send`."""
         return self.send(part, self.prepare(part, version, checksum))
 

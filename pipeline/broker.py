@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.config import QueueConfig
 from pipeline.journal import Journal
-from pipeline.metrics import STALENESS_BUCKETS, new_registry
+from pipeline.metrics import STALENESS_BUCKETS, new_registry, policy_version_gauge
 from pipeline.queue import DROP_REASONS, StalenessQueue, shard_by_tokens
 from pipeline.transport import CurveKeys, bind, configure_socket
 from schemas.codec import decode, encode
@@ -91,7 +91,7 @@ class BrokerMetrics:
         self.producers_alive = Gauge("slipstream_broker_producers_alive", "Producers heard from within peer_timeout_s.", registry=r)
         self.producer_deaths = Counter("slipstream_broker_producer_deaths_total", "Producers declared dead (silent past peer_timeout_s).", registry=r)
         self.trainer_alive = Gauge("slipstream_broker_trainer_alive", "1 if a trainer was heard from within peer_timeout_s.", registry=r)
-        self.version = Gauge("slipstream_policy_version", "Policy version this process knows to be published.", ["role"], registry=r)
+        self.version = policy_version_gauge(r)
         self.journal_bytes = Counter("slipstream_broker_journal_written_bytes_total", "Bytes appended to the queue journal.", registry=r)
         self.journal_torn = Counter("slipstream_broker_journal_torn_records_total", "Torn or corrupt journal records skipped on recovery.", registry=r)
         self.recovered = Gauge("slipstream_broker_recovered_groups", "Groups this broker recovered from the journal at start.", registry=r)

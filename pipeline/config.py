@@ -15,10 +15,10 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from consumers.config import SFTConfig, TrainerConfig
-from consumers.weights_config import WeightSyncConfig
+from consumers.weights_config import DEPRECATED_KEYS, WeightSyncConfig
 from pipeline.configbase import ConfigError, apply_override, check, doc, from_dict, parse_override
 from pipeline.placement import PlacementConfig
 from pipeline.tracking import TrackingConfig
@@ -200,12 +200,21 @@ class SlipstreamConfig:
     tracking: TrackingConfig = doc("Experiment tracking (wandb, tensorboard).", default_factory=TrackingConfig)
     placement: PlacementConfig = doc("Which GPUs the trainer ranks and the engines run on (pipeline/placement.py).", default_factory=PlacementConfig)
 
+    #: keys that moved (old -> new dotted key); the old ones are read with a warning naming the new one
+    DEPRECATED_KEYS: ClassVar[dict[str, str]] = DEPRECATED_KEYS
+
     def __post_init__(self) -> None:
         check(bool(self.model.path), "model.path",
               "is required (no default): a Hugging Face checkpoint directory or hub id, e.g. model.path = 'Qwen/Qwen3-0.6B'")
         check(self.producer.engine != "sglang" or self.weights.engine_kind == "sglang", "weights.engine_kind",
               "must be 'sglang' when producer.engine = 'sglang' (slipstream launches SGLang servers and must publish to them "
               "the way SGLang expects: paused, one request per bucket)")
+        check(not (self.run.verify_weights and self.weights.engine_kind == "sglang"), "run.verify_weights",
+              "checks the engines' weights with slipstream's /slipstream/weights_checksum, which SGLang does not serve: "
+              "turn it off with weights.engine_kind = 'sglang'")
+        check(not (self.weights.transport == "ipc" and self.trainer.pipeline_parallel > 1 and self.weights.per_stage_publish),
+              "weights.transport", "'ipc' does not work with per-stage publishing (trainer.pipeline_parallel > 1 and "
+              "weights.per_stage_publish): use 'auto' or 'broadcast', or weights.per_stage_publish = false")
         max_traj = self.queue.groups_per_step * self.producer.group_size
         check(
             self.queue.max_queued_trajectories >= max_traj,

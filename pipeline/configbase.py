@@ -11,14 +11,18 @@ dependency, and the error messages are ours.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import logging
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -106,9 +110,46 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def migrate_deprecated(data: dict[str, Any], moves: Mapping[str, str], prefix: str = "") -> dict[str, Any]:
+    """``data`` with every deprecated key of ``moves`` (old dotted key -> new dotted key, relative
+    to ``data``) moved to its new place, logging a warning that names the new key.  Setting both
+    to different values is a ConfigError at the old key.  ``data`` itself is not changed."""
+    out = data
+    for old, new in moves.items():
+        *old_parents, old_leaf = old.split(".")
+        node: Any = data
+        for part in old_parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_leaf not in node:
+            continue
+        if out is data:
+            out = copy.deepcopy(data)
+        holder = out
+        for part in old_parents:
+            holder = holder[part]
+        value = holder.pop(old_leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = out
+        for part in new_parents:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{prefix}{part}", "is a value, not a table")
+            target = child
+        if new_leaf in target and target[new_leaf] != value:
+            raise ConfigError(f"{prefix}{old}", f"is deprecated and moved to '{prefix}{new}'; both are set, to different "
+                              f"values ({value!r} and {target[new_leaf]!r}): keep only '{prefix}{new}'")
+        target[new_leaf] = value
+        log.warning("config key '%s%s' is deprecated: use '%s%s' (read as that this time)", prefix, old, prefix, new)
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and failed checks raise
-    ConfigError with the full dotted key."""
+    ConfigError with the full dotted key.  Keys ``cls`` lists in a ``DEPRECATED_KEYS`` class
+    attribute (old dotted key -> new one) are moved first (:func:`migrate_deprecated`)."""
+    moves = getattr(cls, "DEPRECATED_KEYS", None)
+    if moves:
+        data = migrate_deprecated(data, moves, f"{prefix}." if prefix else "")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}

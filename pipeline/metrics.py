@@ -53,6 +53,12 @@ def new_registry(role: str) -> CollectorRegistry:
     return registry
 
 
+def policy_version_gauge(registry: CollectorRegistry) -> Gauge:
+    """``slipstream_policy_version{role}``: the one definition every role (broker, producer,
+    trainer) registers (DESIGN §9: the current policy version per process)."""
+    return Gauge("slipstream_policy_version", "Policy version this process knows to be published.", ["role"], registry=registry)
+
+
 def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
     """(body, content type) of the text exposition, for HTTP servers that serve /metrics themselves."""
     return generate_latest(registry), CONTENT_TYPE_LATEST

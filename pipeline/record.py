@@ -158,7 +158,7 @@ def run_recorder(cfg: Any, run_dir: Path, broker_endpoint: str, engine_urls: lis
             client.commit(batch.lease_id, step, version + 1, timeout_s=cfg.run.startup_timeout_s)
             version += 1
             for url in engine_urls:  # the engines' weights stay; their version label follows the steps
-                _post(f"{url}/update_weight_version", {"new_version": version, "abort_all_requests": False}, cfg.trainer.weight_group_timeout_s)
+                _post(f"{url}/update_weight_version", {"new_version": version, "abort_all_requests": False}, cfg.weights.group_timeout_s)
             client.published(version)
             with (run_dir / "steps.jsonl").open("a") as f:
                 f.write(json.dumps(_step_line(step, version, batch, rec, time.monotonic() - t0)) + "\n")

@@ -8,7 +8,8 @@ or hosts can join, and a restarted engine can rejoin without restarting the trai
 
 A bucket travels as one flat ``uint8`` tensor holding the concatenated bytes of its tensors
 (SGLang's ``load_format="flattened_bucket"``); ``names``/``dtypes``/``shapes`` in the HTTP request
-describe how to cut it.
+describe how to cut it (the request itself is :mod:`schemas.weight_update`, the one definition of
+the weight-update HTTP contract).
 
     group = init_weight_group("127.0.0.1", port, rank=0, world_size=2, backend="gloo")
     flat = flatten_bucket(tensors); group.broadcast(flat, src=0)
@@ -17,48 +18,34 @@ describe how to cut it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import math
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from schemas.weight_update import (  # noqa: F401  (re-exported: the weight path's shared names)
+    CHUNKS_FIELD,
+    DEFAULT_GROUP_NAME,
+    PARTS_FIELD,
+    dtype_from_name,
+    dtype_name,
+    tensor_sizes,
+)
 
-DEFAULT_GROUP_NAME = "weight_update_group"
-#: slipstream extension of /update_weights_from_distributed (embedded engine only, never sent to
-#: SGLang): the request describes a whole update whose flattened bytes arrive in several
-#: broadcasts of these byte sizes, one request per update instead of one per bucket.
-CHUNKS_FIELD = "slipstream_chunks"
-#: slipstream extension of /update_weights_from_distributed (embedded engine only, never sent to
-#: SGLang): the update's tensors come from several publishers, one weight group each (one per
-#: trainer pipeline stage, DESIGN §8).  A list of ``{"group_name", "num_tensors", "chunks"}``, one
-#: per part, in the order of ``names``: part 0 is the first ``num_tensors`` names, and so on; each
-#: part's flattened bytes arrive over its own group in broadcasts of ``chunks`` byte sizes.
-#: Exclusive with :data:`CHUNKS_FIELD` (the single-part form).
-PARTS_FIELD = "slipstream_parts"
+log = logging.getLogger(__name__)
 
 
 def part_group_name(base: str, stage: int) -> str:
     """Weight group of pipeline stage ``stage``'s publisher: ``base`` for stage 0 (trainer rank 0's
     group, the single-publisher name), ``f"{base}-pp{stage}"`` for the others."""
     return base if stage == 0 else f"{base}-pp{stage}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.float32 -> "float32" (the spelling SGLang's request carries)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dt
 
 
 def init_weight_group(
@@ -120,11 +107,6 @@ class WeightGroup:
         opts.rootRank = src
         opts.rootTensor = 0
         return self.pg.broadcast([tensor], opts)
-
-
-def tensor_sizes(dtypes: list[torch.dtype], shapes: list[list[int]]) -> list[int]:
-    """Byte size of each tensor described by ``dtypes``/``shapes`` (a bucket's layout)."""
-    return [math.prod(shape) * dt.itemsize for dt, shape in zip(dtypes, shapes, strict=True)]
 
 
 def _byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -222,3 +204,41 @@ def weights_checksum(named: Mapping[str, torch.Tensor]) -> str:
     combined in sorted name order, so that per-stage publishers can contribute their parts'
     digests instead of their tensors)."""
     return combine_digests(tensor_digests(named))
+
+
+# ------------------------------------------------------------------------------ placement
+@functools.cache
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def cuda_uuid(index: int) -> str:
+    """The UUID of CUDA device ``index`` (stable across processes, unlike the index)."""
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def device_identity(device: torch.device) -> dict[str, Any]:
+    """Where weights on ``device`` live, comparable across processes: host name and boot id (one
+    machine, one shared-memory namespace), device type and, for CUDA, the GPU's UUID.  Engines
+    report it in ``/get_server_info`` (``schemas.weight_update.DEVICE_FIELD``); the trainer
+    compares it with its own to pick a transport."""
+    ident: dict[str, Any] = {"host": socket.gethostname(), "boot_id": _boot_id(), "device": device.type}
+    if device.type == "cuda":
+        ident["uuid"] = cuda_uuid(device.index if device.index is not None else torch.cuda.current_device())
+    return ident
+
+
+def same_machine(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Both identities name one running machine (so memory can be shared between them)."""
+    return bool(a and b and a.get("host") == b.get("host") and a.get("boot_id") == b.get("boot_id"))
+
+
+def same_device(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Both identities name one device of one machine (the same GPU, or both the CPU)."""
+    if not same_machine(a, b) or a is None or b is None or a.get("device") != b.get("device"):
+        return False
+    return a.get("device") != "cuda" or (bool(a.get("uuid")) and a.get("uuid") == b.get("uuid"))

@@ -26,7 +26,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.metrics import SECONDS_BUCKETS, new_registry
+from pipeline.metrics import SECONDS_BUCKETS, new_registry, policy_version_gauge
 from pipeline.transport import LinkMetrics, LinkStats
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class ProducerMetrics:
         self.groups = Counter("slipstream_producer_groups_generated_total", "Groups fully generated and scored.", registry=r)
         self.errors = Counter("slipstream_producer_generate_errors_total", "Failed /generate calls (retried).", registry=r)
         self.inflight = Gauge("slipstream_producer_inflight_requests", "Groups being generated now.", registry=r)
-        self.version = Gauge("slipstream_policy_version", "Policy version this process knows to be published.", ["role"], registry=r)
+        self.version = policy_version_gauge(r)
         self.gen_seconds = Histogram("slipstream_producer_generate_seconds", "Wall time to generate one group.", buckets=SECONDS_BUCKETS, registry=r)
         self.filtered = Counter("slipstream_producer_groups_filtered_total", "Groups the group filter dropped before sending, by reason.", ["reason"], registry=r)
         self.reward = Histogram("slipstream_producer_reward", "Reward of each generated trajectory.", buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)

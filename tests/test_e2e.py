@@ -104,6 +104,9 @@ def test_synchronous_mode_is_on_policy(tmp_path: Path) -> None:
         assert c["min_version"] == c["max_version"] == c["trained_from_version"], c
     _assert_account_balances(run_dir)
     _assert_no_orphans(run_dir)
+    # the trainer records each engine's weight transport (on CPU, weights.transport = auto broadcasts)
+    transports = json.loads((run_dir / "ports" / "trainer.json").read_text())["weight_transports"]
+    assert transports and set(transports.values()) == {"broadcast"}, transports
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_restarted_engine_serves_only_the_current_weights(model_dir: Path, tmp_p
 
         # the next publish reaches both engines through the re-created group
         v2 = _weights(model_dir, seed=2)
-        assert pub.publish(v2, version=2)["rejoined"] == 0
+        assert pub.publish(v2, version=2).rejoined == 0
         assert {e.ok("GET", "/slipstream/weights_checksum")["checksum"] for e in (eng, other)} == {weights_checksum(v2)}
 
         # no copy of the current weights to send: it stays paused (and says so), rather than serving v0
@@ -95,7 +95,7 @@ def test_restarted_engine_serves_only_the_current_weights(model_dir: Path, tmp_p
         staged = EngineRejoin(pub, lambda: None, start_version=0, interval_s=0.0, regroup=False)
         assert not staged.poll() and eng.ok("GET", "/get_server_info")["paused"] is True
         v3 = _weights(model_dir, seed=3)
-        assert pub.publish(v3, version=3)["rejoined"] == 1  # the publisher's own resync re-creates the group
+        assert pub.publish(v3, version=3).rejoined == 1  # the publisher's own resync re-creates the group
         assert eng.ok("GET", "/get_server_info")["paused"] is True, "a publish alone does not continue it"
         assert staged.poll() and eng.ok("GET", "/get_server_info")["paused"] is False
         assert eng.generate(_request(3))["meta_info"]["output_token_weight_versions"] == [3] * 3

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from consumers.publisher import WeightPublisher
+from consumers.transports import BroadcastTransport
 from pipeline.tiny import make_tiny_model
 from pipeline.weightsync import weights_checksum
 from tests.test_engine_helpers import Engine, in_thread, load_reference
@@ -32,14 +33,14 @@ GENERATION = {"input_ids": [1, 3, 5, 7], "return_logprob": True,
               "sampling_params": {"max_new_tokens": 3000, "temperature": 1.0, "ignore_eos": True}}
 
 
-class DelayedPublisher(WeightPublisher):
+class DelayedTransport(BroadcastTransport):
     """Posts the update request at once, starts broadcasting only ``delay_s`` later."""
 
     delay_s = 0.0
 
-    def _broadcast_buckets(self, *args: Any, **kwargs: Any) -> int:
+    def _broadcast(self, *args: Any, **kwargs: Any) -> int:
         time.sleep(self.delay_s)
-        return super()._broadcast_buckets(*args, **kwargs)
+        return super()._broadcast(*args, **kwargs)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (publisher on GPU 0, engine on GPU 1)")
@@ -53,13 +54,15 @@ def test_nccl_update_keeps_decoding_while_the_bytes_are_awaited(tmp_path: Path, 
     reference = dict(load_reference(model_dir).named_parameters())
     first = {k: v.detach().to("cuda:0") for k, v in reference.items()}
     named = {k: (v.detach() + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype)).to("cuda:0") for k, v in reference.items()}
-    pub = DelayedPublisher([engine.base], backend="nccl", bucket_bytes=1 << 20, timeout_s=120)
+    pub = WeightPublisher([engine.base], backend="nccl", bucket_bytes=1 << 20, timeout_s=120)
     try:
         pub.connect()
+        (link,) = pub.links
+        link.transport.__class__ = DelayedTransport  # the same connected transport, its broadcast held back
         # NCCL sets a communicator up at its first collective, which blocks until both sides
         # arrive: a first update, undelayed, gets that out of the way.
         pub.publish(first, version=1)
-        pub.delay_s = DELAY_S
+        DelayedTransport.delay_s = DELAY_S
         # The same generation once before: the first forward on the GPU loads kernels for a second
         # or more, and a decode step that has to grow the CUDA allocator's pool (cudaMalloc, an
         # implicit device synchronisation) would wait for the pending receive on the side stream.
@@ -75,17 +78,17 @@ def test_nccl_update_keeps_decoding_while_the_bytes_are_awaited(tmp_path: Path, 
         assert versions == sorted(versions) and set(versions) == {1, 2}, "the update must land mid-generation"
         # decoding went on while the engine waited DELAY_S for the bytes: no gap beyond the swap
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        receive_start = info["timings"]["engine_started_at"]
+        receive_start = info.timings["engine_started_at"]
         during = [x for x in times if receive_start < x < receive_start + DELAY_S]
         story = (f"{len(times)} tokens from {times[0] - receive_start:+.3f} s to {times[-1] - receive_start:+.3f} s "
                  f"around the update request, largest gap {max(gaps):.3f} s at {times[gaps.index(max(gaps))] - receive_start:+.3f} s, "
                  f"{len(during)} tokens in the {DELAY_S} s the bytes were awaited, switch at "
-                 f"{times[versions.index(2)] - receive_start:+.3f} s; publish {info['seconds']:.3f} s, "
-                 f"pause {info['pause_s']:.4f} s, engine timings {info['timings']}")
+                 f"{times[versions.index(2)] - receive_start:+.3f} s; publish {info.seconds:.3f} s, "
+                 f"pause {info.pause_s:.4f} s, engine timings {info.timings}")
         print(story)
-        assert max(gaps) < info["pause_s"] + 0.3, story
+        assert max(gaps) < info.pause_s + 0.3, story
         assert len(during) > 20, story
-        assert info["timings"]["engine_receive_s"] >= DELAY_S * 0.8
+        assert info.timings["engine_receive_s"] >= DELAY_S * 0.8
         assert engine.ok("GET", "/slipstream/weights_checksum")["checksum"] == weights_checksum(named)
         assert engine.version() == 2
     finally:

@@ -117,7 +117,7 @@ def test_engine_memory_budget_in_the_plan() -> None:
 def test_sglang_servers_are_listed_and_checked() -> None:
     """producer.engine = 'sglang': the servers keep producers.sglang_launch's GPUs; one on the
     publishing rank's GPU is refused with the ids to use instead."""
-    sglang = ["producer.engine='sglang'", "weights.engine_kind='sglang'", "producer.num_engines=2"]
+    sglang = ["producer.engine='sglang'", "weights.engine_kind='sglang'", "producer.num_engines=2", "run.verify_weights=false"]
     plan = make_plan(cfg_with(*sglang, "producer.sglang_gpu_ids=[1, 2]"), gpus(3), {})
     assert plan.engines == [] and plan.trainer == [0] and plan.mode == "disaggregated"
     assert any("2 SGLang server(s) on GPUs [[1], [2]]" in n for n in plan.notes)

@@ -1,4 +1,4 @@
-"""The publisher's kept-alive HTTP connections (``consumers.publisher.Connections``), over a real
+"""The publisher's kept-alive HTTP connections (``consumers.engine_http.Connections``), over a real
 HTTP/1.1 server in this process.
 
 Reuse is what makes it fast; the danger is reusing a connection the server has already closed
@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from consumers.publisher import Connections, PublishError, post_json
+from consumers.engine_http import Connections, PublishError, post_json
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -5,7 +5,7 @@ wheel once (``pip download --no-deps sglang==0.5.23``, cached in ``~/.cache/slip
 or ``$SLIPSTREAM_SGLANG_WHEEL_DIR``), opens it as a zip and reads the source with ``ast``:
 
 * routes (``sglang/srt/entrypoints/http_server.py``): every route in ``producers.sglang_client.ROUTES``
-  and ``consumers.publisher.ROUTES`` exists with the method slipstream uses, and its handler takes
+  and ``schemas.weight_update.ROUTES`` (the weight-update contract) exists with the method slipstream uses, and its handler takes
   the request dataclass slipstream's body is checked against;
 * request bodies (``sglang/srt/managers/io_struct.py``): the bodies are built by the same functions
   the client and publisher use (``generate_body``, ``bucket_payload``, ...); every key must be a
@@ -13,7 +13,15 @@ or ``$SLIPSTREAM_SGLANG_WHEEL_DIR``), opens it as a zip and reads the source wit
   each value must fit the field's annotation (str/int/bool/float/list/dict/Optional/Union/Literal);
   ``sampling_params`` keys are checked against ``SamplingParams``;
 * responses: the ``meta_info`` keys ``parse_generation`` reads are assigned in SGLang's output
-  code, and ``/get_model_info`` returns ``weight_version``.
+  code, and ``/get_model_info`` returns ``weight_version``;
+* the weight-update session: sglang 0.5.23 refuses ``/update_weights_from_distributed`` and
+  ``/update_weights_from_tensor`` outside ``/begin_weight_update`` .. ``/end_weight_update``, and
+  the SGLang driver opens and closes one around every update;
+* the colocated hand-over (``/update_weights_from_tensor``, ``load_format="flattened_bucket"``):
+  the payload slipstream builds (:func:`consumers.ipc.sglang_serialized_bucket`) uses only globals
+  SGLang's ``SafeUnpickler`` allows (parsed from the wheel), has the keys and metadata attributes
+  ``_update_weights_from_flattened_bucket`` reads, and is unpickled by SGLang's own
+  ``SafeUnpickler`` class (its source from the wheel, executed here) back into the same tensors.
 
 The negative tests feed the checkers deliberately wrong names, methods and values, so a checker
 that accepts everything fails here.
@@ -34,15 +42,18 @@ from typing import Any
 import pytest
 import torch
 
-from consumers import publisher as pub
 from producers import sglang_client as client
 from producers.rollout import SamplingParams
+from schemas import weight_update as pub
 
 SGLANG_VERSION = "0.5.23"
 HTTP_SERVER = "sglang/srt/entrypoints/http_server.py"
 IO_STRUCT = "sglang/srt/managers/io_struct.py"
 SAMPLING = "sglang/srt/sampling/sampling_params.py"
 OUTPUT_CODE = ("sglang/srt/managers/", "sglang/srt/utils/weight_versions.py")
+COMMON = "sglang/srt/utils/common.py"
+SCHEDULER_WEIGHTS = "sglang/srt/managers/scheduler_components/weight_updater.py"
+RUNNER_WEIGHTS = "sglang/srt/model_executor/model_runner_components/weight_updater.py"
 
 
 # ---------------------------------------------------------------------------------------- wheel
@@ -234,6 +245,9 @@ def _sent_bodies() -> list[tuple[str, str, dict[str, Any]]]:
         (pub.ROUTE_DESTROY_GROUP, pub.destroy_payload("weight_update_group")),
         (pub.ROUTE_CONTINUE, pub.continue_payload()),
         *[(pub.ROUTE_PAUSE, pub.pause_payload(m)) for m in ("in_place", "retract", "abort")],
+        (pub.ROUTE_BEGIN_UPDATE, pub.begin_update_payload()),
+        (pub.ROUTE_END_UPDATE, pub.end_update_payload()),
+        (pub.ROUTE_UPDATE_TENSOR, pub.tensor_update_payload(_serialized(), 5, flush_cache=False)),
     ]
     routes = {**client.ROUTES, **pub.ROUTES}
     out = []
@@ -242,6 +256,24 @@ def _sent_bodies() -> list[tuple[str, str, dict[str, Any]]]:
         assert struct is not None, route
         out.append((route, struct, body))
     return out
+
+
+def _flat_example() -> tuple[torch.Tensor, list[str], list[torch.dtype], list[list[int]], list[int], dict[str, torch.Tensor]]:
+    """A snapshot-like flat buffer with a bf16 and a float32 tensor (the latter padded to 4 bytes)."""
+    from consumers.snapshot import WeightSnapshot
+
+    named = {"a.weight": torch.arange(6, dtype=torch.bfloat16).view(2, 3), "b.bias": torch.tensor([1.5, -2.0, 3.25])}
+    flat = WeightSnapshot().take(named)
+    assert flat.buffer is not None and flat.offsets is not None
+    return (flat.buffer, list(flat), [t.dtype for t in flat.values()], [list(t.shape) for t in flat.values()],
+            [flat.offsets[n] for n in flat], named)
+
+
+def _serialized(tp: int = 1) -> list[str]:
+    from consumers.ipc import sglang_serialized_bucket
+
+    buf, names, dtypes, shapes, offsets, _ = _flat_example()
+    return sglang_serialized_bucket(buf, names, dtypes, shapes, offsets, tp)
 
 
 # ------------------------------------------------------------------------------------- tests
@@ -324,7 +356,7 @@ def check_reply_shapes(replies: dict[str, dict[str, Any]], routes: list[str], te
 
 def test_reply_shapes_are_understood(wheel: zipfile.ZipFile) -> None:
     replies = handler_replies(_source(wheel, HTTP_SERVER))
-    used = [r for r, (method, _) in pub.ROUTES.items() if r != pub.ROUTE_MODEL_INFO]
+    used = [r for r, (method, _) in pub.ROUTES.items() if method == "POST"]  # GET routes are information, not commands
     assert check_reply_shapes(replies, used, pub.TEXT_REPLY_ROUTES) == []
     # pause/continue answer {"status": "ok"} without "success": the publisher must accept that
     for route in (pub.ROUTE_PAUSE, pub.ROUTE_CONTINUE):
@@ -373,3 +405,130 @@ def test_parse_generation_uses_sglang_weight_version_spans() -> None:
         g = client.parse_generation({"meta_info": {"output_token_logprobs": lp, "weight_version": "4", "weight_versions": bad,
                                                    "finish_reason": "stop"}}, version_at_submit=3)
         assert g.versions == [3, 3, 3, 3], bad
+
+
+# ---------------------------------------------------------------------- weight-update sessions
+def _function(tree: ast.AST, name: str) -> ast.FunctionDef:
+    found = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name]
+    assert found, f"{name} not found: the source layout changed"
+    return found[0]
+
+
+def _refuses_without_session(fn: ast.FunctionDef) -> bool:
+    """``if self._session is None: return <failure>`` at the top of ``fn``."""
+    for node in fn.body:
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Attribute)
+                and node.test.left.attr == "_session" and isinstance(node.test.ops[0], ast.Is)):
+            return any(isinstance(b, ast.Return) for b in node.body)
+    return False
+
+
+class _RecordingCalls:
+    """Stands in for consumers.engine_http.EngineCalls: records the routes the driver calls."""
+
+    def __init__(self) -> None:
+        self.routes: list[str] = []
+        self.urls = ["http://engine"]
+
+    def call_all(self, route: str, payload: object, what: str) -> list[dict]:
+        self.routes.append(route)
+        return [{"success": True}]
+
+
+def test_updates_need_a_weight_update_session_and_the_driver_opens_one(wheel: zipfile.ZipFile) -> None:
+    from consumers.engine_driver import EmbeddedDriver, SGLangDriver
+
+    tree = ast.parse(_source(wheel, SCHEDULER_WEIGHTS))
+    for name in ("update_weights_from_distributed", "update_weights_from_tensor"):
+        assert _refuses_without_session(_function(tree, name)), f"sglang's {name} no longer needs a session?"
+    assert not _refuses_without_session(_function(tree, "init_weights_update_group"))  # the checker can say no
+    routes = parse_routes(_source(wheel, HTTP_SERVER))
+    assert routes[pub.ROUTE_BEGIN_UPDATE]["body"] == "BeginWeightUpdateReqInput"
+    calls = _RecordingCalls()
+    driver = SGLangDriver("retract", flush_cache=True)
+    driver.begin(calls, 3)  # type: ignore[arg-type]
+    driver.end(calls, 3)  # type: ignore[arg-type]
+    assert calls.routes == [pub.ROUTE_PAUSE, pub.ROUTE_BEGIN_UPDATE, pub.ROUTE_END_UPDATE, pub.ROUTE_FLUSH, pub.ROUTE_CONTINUE]
+    calls.routes.clear()
+    driver.abort(calls, 4)  # type: ignore[arg-type]
+    assert calls.routes == [pub.ROUTE_END_UPDATE, pub.ROUTE_CONTINUE], "a failed update must close its session"
+    calls.routes.clear()
+    EmbeddedDriver().begin(calls, 5)  # type: ignore[arg-type]
+    assert calls.routes == []
+
+
+# ------------------------------------------------------------------- colocated hand-over (IPC)
+def _allowed_globals(wheel: zipfile.ZipFile) -> set[tuple[str, str]]:
+    tree = ast.parse(_source(wheel, COMMON))
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "SafeUnpickler")
+    assign = next(n for n in cls.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "ALLOWED_GLOBALS")
+    allowed = ast.literal_eval(assign.value)
+    assert len(allowed) > 50 and ("torch", "Size") in allowed, "the ALLOWED_GLOBALS parser found too little"
+    return set(allowed)
+
+
+def _globals_of(payload: bytes) -> set[tuple[str, str]]:
+    """Every global a pickle loads (each call of ``find_class``), recorded while unpickling it."""
+    import io
+    import pickle
+
+    found: set[tuple[str, str]] = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            found.add((module, name))
+            return super().find_class(module, name)
+
+    Recording(io.BytesIO(payload)).load()
+    return found
+
+
+def _sglang_unpickler(wheel: zipfile.ZipFile) -> type:
+    """SGLang's own SafeUnpickler class, its source taken from the wheel and executed here."""
+    import io
+    import pickle
+
+    tree = ast.parse(_source(wheel, COMMON))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SafeUnpickler")
+    namespace: dict = {"pickle": pickle, "io": io, "torch": torch,
+                       "_safe_load_torch_storage": lambda data: pytest.fail("no nested torch.load expected")}
+    exec(compile(ast.Module([cls], type_ignores=[]), COMMON, "exec"), namespace)
+    return namespace["SafeUnpickler"]
+
+
+def test_flattened_bucket_payload_is_what_sglang_unpickles(wheel: zipfile.ZipFile) -> None:
+    import base64
+    import io
+
+    from consumers.ipc import _SGLangPickler
+
+    # what _update_weights_from_flattened_bucket reads: two keys, six metadata attributes
+    fn = _function(ast.parse(_source(wheel, RUNNER_WEIGHTS)), "_update_weights_from_flattened_bucket")
+    keys = {n.slice.value for n in ast.walk(fn) if isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Constant)}
+    attrs = {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "meta"}
+    assert keys == {"flattened_tensor", "metadata"} and attrs == {"name", "shape", "dtype", "start_idx", "end_idx", "numel"}
+    serialized = _serialized(tp=2)
+    assert len(serialized) == 2, "one payload per TP rank (deserialize_own_rank indexes them by tp_rank)"
+    raw = base64.b64decode(serialized[0], validate=True)  # pybase64.b64decode(..., validate=True) in SGLang
+    allowed = _allowed_globals(wheel)
+    used = _globals_of(base64.b64decode(serialized[1]))  # each payload can be loaded once (its fds travel once)
+    assert ("types", "SimpleNamespace") in used and ("torch", "Size") in used, used
+    assert used - allowed == set(), "the payload needs globals SGLang's SafeUnpickler refuses"
+    # a CUDA tensor is rebuilt by torch's rebuild_cuda_tensor (patched by SGLang to take a GPU UUID)
+    assert ("torch.multiprocessing.reductions", "rebuild_cuda_tensor") in allowed
+    assert _SGLangPickler.reducer_override.__qualname__.startswith("_SGLangPickler")
+    # round trip through SGLang's own unpickler: the same tensors come back, cut as SGLang cuts them
+    payload = _sglang_unpickler(wheel)(io.BytesIO(raw)).load()
+    assert set(payload) == keys
+    _, names, _, _, _, named = _flat_example()
+    flat = payload["flattened_tensor"]
+    for meta, name in zip(payload["metadata"], names, strict=True):
+        assert {a: getattr(meta, a) for a in attrs}.keys() == attrs and meta.name == name
+        got = flat[meta.start_idx : meta.end_idx].view(meta.dtype).reshape(meta.shape)  # FlattenedTensorBucket.reconstruct_tensors
+        assert torch.equal(got, named[name]) and got.dtype == named[name].dtype
+    # negative: a global SGLang does not allow is caught by the check, and refused by SGLang's unpickler
+    import pickle
+
+    assert _globals_of(pickle.dumps(zipfile.ZipFile)) - allowed == {("zipfile", "ZipFile")}
+    with pytest.raises(RuntimeError, match="Blocked unsafe global"):
+        _sglang_unpickler(wheel)(io.BytesIO(pickle.dumps(zipfile.ZipFile))).load()

@@ -99,15 +99,16 @@ def worker(model_dir: str, engine_url: str, engine_port: str, out_path: str) -> 
         if rank == 0:
             assert info is not None
             res[tag] = {
-                "names": names, "full": list(full), "expected": weights_checksum(full), "info_checksum": info["checksum"],
-                "engine": _engine_checksum(engine_url), "version": info["version"],
-                "engine_parts": info.get("engine_parts"), "parts": info.get("parts"),
+                "names": names, "full": list(full), "expected": weights_checksum(full), "info_checksum": info.checksum,
+                "engine": _engine_checksum(engine_url), "version": info.version,
+                "engine_parts": info.engine_parts, "parts": info.parts,
             }
 
     sp = make("embedded")
     sp.connect(trainer.export_hf_stage())
     done: list[int] = []
-    background = AsyncPublisher(SlowSend(sp, 1.0), lambda v, info, ctx: done.append(v) or res.setdefault("bg", info))
+    bg: dict[str, Any] = {}  # the background publish's result (not JSON: kept out of res)
+    background = AsyncPublisher(SlowSend(sp, 1.0), lambda v, info, ctx: done.append(v) or bg.setdefault("v1", info))
     # version 1 in the background while step 2 trains
     trainer.train_step(shard)
     part = trainer.export_hf_stage()
@@ -118,7 +119,7 @@ def worker(model_dir: str, engine_url: str, engine_port: str, out_path: str) -> 
     full2 = trainer.export_hf_state()
     background.wait(120)
     res["done"] = done
-    record("v1", part, full, res.get("bg") if rank == 0 else None)
+    record("v1", part, full, bg.get("v1") if rank == 0 else None)
     # version 2 synchronously
     info = sp.publish(part2, 2)
     record("v2", part2, full2, info if rank == 0 else None)

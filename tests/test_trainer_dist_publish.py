@@ -98,7 +98,7 @@ def worker(model_dir: str, engine_url: str, out_path: str) -> None:
             res["expected_2"] = weights_checksum(named)
             res["differs"] = res["expected_2"] != res["expected_1"]
             info = pub.publish(named, version)
-            res["publisher_2"] = info["checksum"]
+            res["publisher_2"] = info.checksum
             res["engine_2"] = _engine_checksum(engine_url)
             res["version_2"] = version
             pub.close()

@@ -16,7 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
+from consumers.engine_links import WeightSyncMetrics
 from consumers.publisher import PublishError, WeightPublisher, plan_buckets, post_json
 
 
@@ -40,11 +42,17 @@ def _engine_main(port_queue) -> None:
             self.end_headers()
             self.wfile.write(body)
 
+        def do_GET(self) -> None:
+            if self.path == "/get_model_info":  # what the publisher asks an engine that failed (is it still there?)
+                return self._reply({"weight_version": str(state["version"])})
+            self.send_error(404)
+
         def do_POST(self) -> None:
             req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             fail_mode = state["fail"]
             if self.path == "/test_mode":
                 state["fail"] = req.get("fail")
+                state["kind"] = req.get("kind", "embedded")
                 return self._reply({"success": True})
             if self.path == "/init_weights_update_group":
                 if fail_mode == "init":
@@ -57,6 +65,9 @@ def _engine_main(port_queue) -> None:
             if self.path == "/update_weights_from_distributed":
                 if fail_mode == "update":
                     return self._reply({"success": False, "message": "weights rejected: unknown name"})
+                if state.get("kind") == "sglang" and not state.get("session"):  # what sglang 0.5.23 answers
+                    return self._reply({"success": False, "message": "update_weights_from_distributed must run between "
+                                        "begin_weight_update() and end_weight_update()"})
                 assert req["load_format"] == "flattened_bucket" and req["flush_cache"] is False
                 dtypes = [dtype_from_name(d) for d in req["dtypes"]]
                 nbytes = sum(
@@ -76,6 +87,12 @@ def _engine_main(port_queue) -> None:
                     state["live"], state["staged"] = state["staged"], {}
                     state["version"] = req["weight_version"]
                 return self._reply({"success": True, "message": "ok"})
+            if self.path in ("/begin_weight_update", "/end_weight_update"):  # SGLang 0.5.23's session
+                opening = self.path == "/begin_weight_update"
+                if state.get("session", False) == opening:
+                    return self._reply({"success": False, "message": "session already open" if opening else "no session open"})
+                state["session"] = opening
+                return self._reply({"success": True, "message": "Success"})
             if self.path in ("/pause_generation", "/continue_generation"):  # SGLang's replies
                 state["paused"] = self.path == "/pause_generation"
                 return self._reply({"status": "ok"})
@@ -118,9 +135,9 @@ def engine_urls():
 def engines(engine_urls):
     """``engines(fail_modes) -> urls``: set each engine's failure mode (None = healthy)."""
 
-    def configure(*modes: str | None) -> list[str]:
+    def configure(*modes: str | None, kind: str = "embedded") -> list[str]:
         for url, mode in zip(engine_urls, modes, strict=False):
-            post_json(f"{url}/test_mode", {"fail": mode}, 10, "test mode")
+            post_json(f"{url}/test_mode", {"fail": mode, "kind": kind}, 10, "test mode")
         return engine_urls[: len(modes)]
 
     return configure
@@ -149,7 +166,7 @@ def test_plan_buckets():
 def test_publish_to_two_engines_in_other_processes(engines, kind):
     """Every byte arrives in the right tensor.  Embedded engines get one request per update (the
     buckets follow as broadcasts); SGLang gets one request per bucket, bracketed by pause/continue."""
-    urls = engines(None, None)
+    urls = engines(None, None, kind=kind)  # as SGLang 0.5.23, the fake refuses updates outside a weight-update session
     pub = WeightPublisher(urls, bucket_bytes=70_000, timeout_s=30, engine_kind=kind, flush_cache=False)
     pub.connect()
     try:
@@ -157,14 +174,14 @@ def test_publish_to_two_engines_in_other_processes(engines, kind):
             named = _weights(seed=version)
             before = [post_json(f"{url}/state", {}, 10, "state")["buckets"] for url in urls]
             info = pub.publish(named, version=version)
-            assert info["buckets"] == len(plan_buckets(named, 70_000)) > 2
-            assert info["bytes"] == sum(t.numel() * t.element_size() for t in named.values())
+            assert info.buckets == len(plan_buckets(named, 70_000)) > 2
+            assert info.bytes == sum(t.numel() * t.element_size() for t in named.values())
             for url, b0 in zip(urls, before, strict=True):  # publish returned => every engine serves it, bit for bit
                 st = post_json(f"{url}/state", {}, 10, "state")
                 assert st["version"] == str(version)
-                assert st["checksum"] == info["checksum"]
+                assert st["checksum"] == info.checksum
                 assert st["names"] == list(named)
-                assert st["buckets"] - b0 == (1 if kind == "embedded" else info["buckets"])
+                assert st["buckets"] - b0 == (1 if kind == "embedded" else info.buckets)
                 assert st["paused"] is False
     finally:
         pub.close()
@@ -181,14 +198,22 @@ def test_engine_refusing_to_join_is_named(engines):
 
 
 def test_engine_rejecting_a_bucket_is_named(engines):
+    """An engine that refuses an update is taken out of that version, named (URL, route, what
+    failed, the version) and counted; the trainer carries on.  Still out of sync after
+    weights.rejoin_timeout_s, it fails the next publish, naming it and its last error."""
     (bad,) = engines("update")
-    pub = WeightPublisher([bad], timeout_s=15)
+    metrics = WeightSyncMetrics(CollectorRegistry())
+    pub = WeightPublisher([bad], timeout_s=15, rejoin_timeout_s=1.5, metrics=metrics)
     pub.connect()
-    with pytest.raises(PublishError) as e:
-        pub.publish(_weights(), version=1)
-    msg = str(e.value)
+    result = pub.publish(_weights(), version=1)
+    msg = result.stale[bad]
     assert bad in msg and "/update_weights_from_distributed" in msg and "unknown name" in msg and "version 1" in msg
-    assert not pub.connected
+    assert metrics.failures.labels("error")._value.get() == 1 and metrics.stale._value.get() == 1
+    time.sleep(2.0)
+    with pytest.raises(PublishError) as e:
+        pub.publish(_weights(), version=2)
+    assert bad in str(e.value) and "unknown name" in str(e.value) and "weights.rejoin_timeout_s" in str(e.value)
+    pub.close()
 
 
 def test_unreachable_engine_is_named():

@@ -58,12 +58,14 @@ from aiohttp import web
 
 from pipeline.configbase import ConfigError, apply_override, from_dict, parse_override
 from pipeline.metrics import VERSION, exposition, new_registry
-from pipeline.weightsync import DEFAULT_GROUP_NAME, weights_checksum
+from pipeline.weightsync import device_identity, weights_checksum
 from producers.engine.config import EngineConfig
 from producers.engine.decode import GenRequest, Scheduler
 from producers.engine.metrics import EngineMetrics
 from producers.engine.sampling import RequestError, parse_generate_request
 from producers.engine.weights import WeightReceiver, WeightUpdateError, parse_update_request
+from producers.engine.weights_ipc import IPCReceiver
+from schemas import weight_update as wu
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,6 +99,14 @@ def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...], defaul
         names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise RequestError(key, f"expected {names}, got {value!r}")
     return value
+
+
+def _parsed(parse: Callable[..., T], *args: Any) -> T:
+    """A :mod:`schemas.weight_update` parser's result; its FieldError becomes a RequestError (400)."""
+    try:
+        return parse(*args)
+    except wu.FieldError as e:
+        raise RequestError(e.field, e.message) from None
 
 
 def load_model(model_path: str, cfg: EngineConfig) -> tuple[torch.nn.Module, torch.device]:
@@ -133,6 +143,9 @@ class EngineServer:
         self.scheduler = Scheduler(self.model, cfg, self.metrics, self.device)
         self.receiver = WeightReceiver(self.model, self.device, self.metrics, cfg.weight_group_timeout_s,
                                        swap=lambda staged, version, adopt: self.scheduler.swap_weights(staged, version, adopt=adopt))
+        self.ipc = IPCReceiver(self.device, self.metrics, cfg.weight_group_timeout_s, check=self.receiver.checked,
+                               swap=lambda staged, version, adopt: self.scheduler.swap_weights(staged, version, adopt=adopt),
+                               before=self.receiver.fault)
         self._inflight: set[str] = set()
         self._counter = 0
         self._closing = asyncio.Event()
@@ -179,11 +192,14 @@ class EngineServer:
         r.add_post("/pause_generation", self.pause)
         r.add_post("/continue_generation", self.resume)
         r.add_post("/abort_request", self.abort)
-        r.add_post("/init_weights_update_group", self.init_group)
-        r.add_post("/destroy_weights_update_group", self.destroy_group)
-        r.add_post("/update_weights_from_distributed", self.update_weights)
-        r.add_post("/update_weight_version", self.update_version)
-        r.add_get("/slipstream/weights_checksum", self.checksum)
+        r.add_post(wu.ROUTE_INIT_GROUP, self.init_group)
+        r.add_post(wu.ROUTE_DESTROY_GROUP, self.destroy_group)
+        r.add_post(wu.ROUTE_UPDATE, self.update_weights)
+        r.add_post(wu.ROUTE_UPDATE_VERSION, self.update_version)
+        r.add_post(wu.ROUTE_UPDATE_IPC, self.update_weights_ipc)
+        r.add_post(wu.ROUTE_BEGIN_UPDATE, self.weight_session)
+        r.add_post(wu.ROUTE_END_UPDATE, self.weight_session)
+        r.add_get(wu.ROUTE_CHECKSUM, self.checksum)
         return app
 
     # ------------------------------------------------------------------ plumbing
@@ -196,8 +212,7 @@ class EngineServer:
             msg = f"{e.field}: {e.message}"
             log.info("400 %s %s: %s", request.method, request.path, msg)
             body: dict[str, Any] = {"error": {"message": msg, "field": e.field}}
-            if request.path in ("/init_weights_update_group", "/update_weights_from_distributed",
-                                "/destroy_weights_update_group", "/update_weight_version"):
+            if request.path in wu.WEIGHT_ROUTES:
                 body.update(success=False, message=msg)
             return web.json_response(body, status=400)
         except EngineClosing:
@@ -291,6 +306,7 @@ class EngineServer:
             "device": str(self.device),
             "max_running_requests": self.cfg.max_running_requests,
             "context_length": self.scheduler.context_len,
+            wu.DEVICE_FIELD: device_identity(self.device),  # slipstream extension: lets a trainer tell a colocated engine
             **self.scheduler.state(),
         })
 
@@ -334,22 +350,9 @@ class EngineServer:
 
     # ------------------------------------------------------------------ weights
     async def init_group(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
-        address = _field(body, "master_address", str)
-        port = _field(body, "master_port", int)
-        rank = _field(body, "rank_offset", int)
-        world = _field(body, "world_size", int)
-        group_name = _field(body, "group_name", str, DEFAULT_GROUP_NAME)
-        backend = _field(body, "backend", str, "nccl")
-        if not 0 < port < 65536:
-            raise RequestError("master_port", f"must be a TCP port, got {port}")
-        if world < 2:
-            raise RequestError("world_size", f"must be >= 2 (trainer rank 0 plus engines), got {world}")
-        if not 1 <= rank < world:
-            raise RequestError("rank_offset", f"must be in [1, world_size={world}), got {rank}")
-        if backend not in ("gloo", "nccl"):
-            raise RequestError("backend", f"must be 'gloo' or 'nccl', got {backend!r}")
-        fut = _daemon_call(lambda: self.receiver.init_group(address, port, rank, world, backend, group_name),
+        req = _parsed(wu.InitGroupRequest.parse, await self._json(request))
+        fut = _daemon_call(lambda: self.receiver.init_group(req.master_address, req.master_port, req.rank_offset,
+                                                            req.world_size, req.backend, req.group_name),
                            "engine-weight-group-init")
         try:
             message = await self._until_closing(fut)
@@ -361,8 +364,7 @@ class EngineServer:
         return web.json_response({"success": True, "message": message})
 
     async def destroy_group(self, request: web.Request) -> web.Response:
-        body = await self._json(request, allow_empty=True)
-        name = _field(body, "group_name", str, DEFAULT_GROUP_NAME)
+        name = _parsed(wu.DestroyGroupRequest.parse, await self._json(request, allow_empty=True)).group_name
         ok = await asyncio.to_thread(self.receiver.destroy_group, name)
         return web.json_response({"success": ok, "message": "destroyed" if ok else f"no weight group {name!r}"},
                                  status=200 if ok else 400)
@@ -403,14 +405,33 @@ class EngineServer:
             **({"parts": result.parts} if result.parts is not None else {}),
         })
 
+    async def update_weights_ipc(self, request: web.Request) -> web.Response:
+        """slipstream extension: an update from the trainer's shared snapshot (colocated mode)."""
+        started = time.perf_counter()
+        req = _parsed(wu.IPCUpdateRequest.parse, await self._json(request), self.receiver.layouts)
+        try:
+            timings = await self._until_closing(_daemon_call(lambda: self.ipc.update(req), "engine-weight-ipc"))
+        except WeightUpdateError as e:
+            self.metrics.updates.labels("failed").inc()
+            log.error("weight update refused: %s", e)
+            return web.json_response({"success": False, "message": str(e)}, status=400)
+        self.metrics.updates.labels("success").inc()
+        return web.json_response({
+            "success": True, "weight_version": str(req.weight_version), "pause_seconds": timings["swap_s"], "adopted": False,
+            "message": f"copied {len(req.names)} tensors from the trainer's shared buffer, version {req.weight_version}; "
+                       f"generation paused {timings['swap_s'] * 1e3:.2f} ms",
+            "timings": {**timings, "request_s": time.perf_counter() - started},
+        })
+
+    async def weight_session(self, request: web.Request) -> web.Response:
+        """SGLang's /begin_weight_update and /end_weight_update: the embedded engine needs no
+        session (its updates are whole or nothing by themselves), so both just succeed."""
+        await self._json(request, allow_empty=True)
+        return web.json_response({"success": True, "message": "Success"})
+
     async def update_version(self, request: web.Request) -> web.Response:
         body = await self._json(request)
-        raw = _field(body, "new_version", (str, int))
-        try:
-            version = int(raw)
-            assert version >= 0
-        except (ValueError, AssertionError):
-            raise RequestError("new_version", f"expected a non-negative integer version, got {raw!r}") from None
+        version = _parsed(wu.parse_version, _field(body, "new_version", (str, int)), "new_version")
         if _field(body, "abort_all_requests", bool, True):
             self.scheduler.abort(None, "aborted for a weight-version change")
         pause = await asyncio.wrap_future(self.scheduler.swap_weights({}, version))

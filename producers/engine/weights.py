@@ -36,6 +36,9 @@ what the trainer's resync does for every group) aborts that group's old instance
 update in flight, all parts of it, including those that already arrived: an update is swapped
 whole or not at all, and a rejoin never waits for a part from a group that is gone.
 
+The request format (and its parsing) is :class:`schemas.weight_update.UpdateRequest`, shared with
+the trainer's publisher.
+
 Run: not on its own; the engine server owns one receiver.  The trainer side is
 ``pipeline.weightsync``: ``group.broadcast(flatten_bucket(tensors), src=0)``.
 """
@@ -44,8 +47,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -55,18 +58,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from pipeline.weightsync import (
-    CHUNKS_FIELD,
-    DEFAULT_GROUP_NAME,
-    PARTS_FIELD,
-    WeightGroup,
-    dtype_from_name,
-    init_weight_group,
-    tensor_sizes,
-    unflatten_bucket,
-)
+from pipeline.weightsync import WeightGroup, init_weight_group, unflatten_bucket
 from producers.engine.metrics import EngineMetrics
 from producers.engine.sampling import RequestError
+from schemas.weight_update import PARTS_FIELD, FieldError, LayoutCache, UpdateRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,43 +72,47 @@ class WeightUpdateError(RuntimeError):
     """An update that was (or must be) refused; the message goes back as ``success: false``."""
 
 
+#: test-only fault hook: ``KIND[:SECONDS][@VERSION]`` with KIND ``stall`` (sleep before receiving),
+#: ``exit`` (die mid-transfer: after the receive is posted) or ``error`` (receive, then refuse);
+#: only for the update to VERSION (every update without it).  Never set outside tests.
+FAULT_ENV = "SLIPSTREAM_TEST_WEIGHT_FAULT"
+
+
 @dataclass
-class PartSpec:
-    """One part of a multi-part update (:data:`PARTS_FIELD`): tensors ``first .. first +
-    num_tensors - 1`` of the request, whose ``nbytes`` arrive over ``group_name`` in broadcasts
-    of ``chunks`` bytes."""
+class Fault:
+    """A weight-sync failure injected on purpose (:data:`FAULT_ENV`), so the trainer's failure path
+    is tested against real engine processes."""
 
-    group_name: str
-    first: int
-    num_tensors: int
-    chunks: list[int]
-    nbytes: int = 0
+    kind: str
+    seconds: float = 0.0
+    version: int | None = None
 
+    STAGES = {"stall": "receive", "exit": "mid", "error": "after_receive"}
 
-@dataclass(eq=False)
-class BucketSpec:
-    """A parsed ``/update_weights_from_distributed`` request."""
+    @classmethod
+    def from_env(cls) -> Fault | None:
+        raw = os.environ.get(FAULT_ENV, "").strip()
+        if not raw:
+            return None
+        spec, _, version = raw.partition("@")
+        kind, _, seconds = spec.partition(":")
+        if kind not in cls.STAGES:
+            raise ValueError(f"{FAULT_ENV}={raw!r}: kind must be one of {sorted(cls.STAGES)}")
+        fault = cls(kind, float(seconds or 0), int(version) if version else None)
+        log.warning("TEST FAULT armed: %s", fault)
+        return fault
 
-    names: list[str]
-    dtypes: list[torch.dtype]
-    shapes: list[list[int]]
-    group_name: str = DEFAULT_GROUP_NAME
-    load_format: str | None = None
-    weight_version: int | None = None
-    flush_cache: bool = True
-    abort_all_requests: bool = False
-    chunks: list[int] | None = None  # slipstream extension: the flat bytes arrive in broadcasts of these sizes
-    parts: list[PartSpec] | None = None  # slipstream extension: the bytes arrive over several groups
-    layout: Layout | None = None  # where the check against the model is cached (parse_update_request)
-
-    @functools.cached_property
-    def sizes(self) -> list[int]:
-        """Byte size of each tensor (computed once: a bucket can hold hundreds of tensors)."""
-        return tensor_sizes(self.dtypes, self.shapes)
-
-    @functools.cached_property
-    def nbytes(self) -> int:
-        return sum(self.sizes)
+    def __call__(self, version: int | None, stage: str) -> None:
+        """Called at each ``stage`` ("receive", "mid", "after_receive") of an update to ``version``."""
+        if stage != self.STAGES[self.kind] or (self.version is not None and version != self.version):
+            return
+        log.warning("TEST FAULT %s at %s of the update to version %s", self.kind, stage, version)
+        if self.kind == "stall":
+            time.sleep(self.seconds)
+        elif self.kind == "exit":
+            os._exit(17)
+        else:
+            raise WeightUpdateError(f"test fault: update to version {version} refused on purpose ({FAULT_ENV})")
 
 
 @dataclass
@@ -133,172 +132,13 @@ class BucketResult:
     parts: list[dict[str, Any]] | None = None  # multi-part update: group, tensors, bytes, receive time per part
 
 
-@dataclass(eq=False)
-class Layout:
-    """A request's tensor layout, parsed; ``problem`` caches its check against the model (set once
-    by the receive thread, the only reader)."""
-
-    raw: tuple[list[Any], list[Any], list[Any]]  # names/dtypes/shapes exactly as received
-    names: list[str]
-    dtypes: list[torch.dtype]
-    shapes: list[list[int]]
-    sizes: list[int]
-    problem: str | None = None
-    checked: bool = False
-
-
-class LayoutCache:
-    """The last request's layout, so an identical one is not parsed and checked again.
-
-    Why: a trainer sends the same names/dtypes/shapes (hundreds of entries) with every version.
-    Parsing and checking them costs about a millisecond of Python between the request's arrival
-    and the start of the transfer; comparing the raw lists with the cached ones takes tens of
-    microseconds (list equality runs in C).  Used from the server's event loop only.
-    """
-
-    def __init__(self) -> None:
-        self.last: Layout | None = None
-
-    def lookup(self, raw: tuple[list[Any], list[Any], list[Any]]) -> Layout | None:
-        return self.last if self.last is not None and self.last.raw == raw else None
-
-
-def parse_update_request(body: Any, cache: LayoutCache | None = None) -> BucketSpec:
-    """Validate the JSON of ``/update_weights_from_distributed``; RequestError names the bad field.
-    With ``cache``, a layout equal to the previous request's is not parsed again."""
-    if not isinstance(body, dict):
-        raise RequestError("body", "expected a JSON object")
-    lists: dict[str, list[Any]] = {}
-    for key in ("names", "dtypes", "shapes"):
-        if not isinstance(body.get(key), list):
-            raise RequestError(key, f"required, a list (got {body.get(key)!r})")
-        lists[key] = body[key]
-    raw = (lists["names"], lists["dtypes"], lists["shapes"])
-    layout = cache.lookup(raw) if cache is not None else None
-    if layout is not None:
-        spec = _parse_options(body, layout.names, layout.dtypes, layout.shapes, sizes=layout.sizes)
-    else:
-        spec = _parse_options(body, *_parse_layout(lists))
-        if cache is not None:
-            layout = cache.last = Layout((list(raw[0]), list(raw[1]), [list(x) for x in raw[2]]),
-                                         spec.names, spec.dtypes, spec.shapes, spec.sizes)
-    spec.layout = layout
-    return spec
-
-
-def _parse_layout(lists: dict[str, list[Any]]) -> tuple[list[str], list[torch.dtype], list[list[int]]]:
-    n = len(lists["names"])
-    for key in ("dtypes", "shapes"):
-        if len(lists[key]) != n:
-            raise RequestError(key, f"has {len(lists[key])} entries but names has {n}")
-    names: list[str] = []
-    for i, name in enumerate(lists["names"]):
-        if not isinstance(name, str) or not name:
-            raise RequestError(f"names[{i}]", f"expected a parameter name, got {name!r}")
-        names.append(name)
-    dtypes: list[torch.dtype] = []
-    for i, dt in enumerate(lists["dtypes"]):
-        try:
-            dtypes.append(dtype_from_name(str(dt)))
-        except ValueError:
-            raise RequestError(f"dtypes[{i}]", f"unknown dtype {dt!r}") from None
-    shapes: list[list[int]] = []
-    for i, shape in enumerate(lists["shapes"]):
-        if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
-            raise RequestError(f"shapes[{i}]", f"expected a list of non-negative ints, got {shape!r}")
-        shapes.append(list(shape))
-    return names, dtypes, shapes
-
-
-def _parse_options(body: dict[str, Any], names: list[str], dtypes: list[torch.dtype], shapes: list[list[int]],
-                   sizes: list[int] | None = None) -> BucketSpec:
-    group_name = body.get("group_name") or DEFAULT_GROUP_NAME
-    if not isinstance(group_name, str):
-        raise RequestError("group_name", f"expected a string, got {group_name!r}")
-    load_format = body.get("load_format")
-    if load_format not in (None, "flattened_bucket"):
-        raise RequestError("load_format", f"must be null or 'flattened_bucket', got {load_format!r}")
-    version = body.get("weight_version")
-    if version is not None:
-        try:
-            if isinstance(version, bool):
-                raise ValueError
-            version = int(version)
-            if version < 0:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise RequestError("weight_version", f"expected a non-negative integer version, got {version!r}") from None
-    flags = {}
-    for key, default in (("flush_cache", True), ("abort_all_requests", False)):
-        flags[key] = body.get(key, default) if body.get(key) is not None else default
-        if not isinstance(flags[key], bool):
-            raise RequestError(key, f"expected true/false, got {flags[key]!r}")
-    spec = BucketSpec(names, dtypes, shapes, group_name, load_format, version, flags["flush_cache"],
-                      flags["abort_all_requests"])
-    if sizes is not None:
-        spec.__dict__["sizes"] = sizes  # the cached_property, computed for an identical layout before
-    chunks = body.get(CHUNKS_FIELD)
-    if chunks is not None:
-        if load_format != "flattened_bucket":
-            raise RequestError(CHUNKS_FIELD, "needs load_format 'flattened_bucket'")
-        if not _byte_counts(chunks):
-            raise RequestError(CHUNKS_FIELD, f"expected a non-empty list of positive byte counts, got {chunks!r}")
-        if sum(chunks) != spec.nbytes:
-            raise RequestError(CHUNKS_FIELD, f"chunks add up to {sum(chunks)} bytes but the tensors need {spec.nbytes}")
-        spec.chunks = list(chunks)
-    parts = body.get(PARTS_FIELD)
-    if parts is not None:
-        spec.parts = _parse_parts(parts, spec, chunks is not None)
-        spec.group_name = spec.parts[0].group_name
-    return spec
-
-
-def _byte_counts(value: Any) -> bool:
-    """True for a non-empty list of positive ints (a broadcast plan's byte sizes)."""
-    return isinstance(value, list) and bool(value) and all(
-        not isinstance(c, bool) and isinstance(c, int) and c > 0 for c in value)
-
-
-def _parse_parts(raw: Any, spec: BucketSpec, with_chunks: bool) -> list[PartSpec]:
-    """Validate :data:`PARTS_FIELD` against the request's tensors; RequestError names the field."""
-    if with_chunks:
-        raise RequestError(PARTS_FIELD, f"cannot be combined with {CHUNKS_FIELD} (each part gives its own chunks)")
-    if spec.load_format != "flattened_bucket":
-        raise RequestError(PARTS_FIELD, "needs load_format 'flattened_bucket'")
-    if not isinstance(raw, list) or not raw:
-        raise RequestError(PARTS_FIELD, f"expected a non-empty list of {{group_name, num_tensors, chunks}} objects, got {raw!r:.200}")
-    parts: list[PartSpec] = []
-    seen: dict[str, int] = {}
-    first = 0
-    for i, part in enumerate(raw):
-        where = f"{PARTS_FIELD}[{i}]"
-        if not isinstance(part, dict):
-            raise RequestError(where, f"expected an object {{group_name, num_tensors, chunks}}, got {part!r:.200}")
-        unknown = sorted(set(part) - {"group_name", "num_tensors", "chunks"})
-        if unknown:
-            raise RequestError(where, f"unknown key(s) {unknown}")
-        group = part.get("group_name")
-        if not isinstance(group, str) or not group:
-            raise RequestError(f"{where}.group_name", f"expected a weight group name, got {group!r}")
-        if group in seen:
-            raise RequestError(f"{where}.group_name", f"group {group!r} is already part {seen[group]}'s")
-        seen[group] = i
-        n = part.get("num_tensors")
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise RequestError(f"{where}.num_tensors", f"expected a positive tensor count, got {n!r}")
-        chunks = part.get("chunks")
-        if not _byte_counts(chunks):
-            raise RequestError(f"{where}.chunks", f"expected a non-empty list of positive byte counts, got {chunks!r:.200}")
-        parts.append(PartSpec(group, first, n, list(chunks)))
-        first += n
-    if first != len(spec.names):
-        raise RequestError(PARTS_FIELD, f"the parts' num_tensors add up to {first} but names has {len(spec.names)}")
-    for i, part in enumerate(parts):
-        part.nbytes = sum(spec.sizes[part.first : part.first + part.num_tensors])
-        if sum(part.chunks) != part.nbytes:
-            raise RequestError(f"{PARTS_FIELD}[{i}].chunks", f"chunks add up to {sum(part.chunks)} bytes but the part's "
-                               f"{part.num_tensors} tensors need {part.nbytes}")
-    return parts
+def parse_update_request(body: Any, cache: LayoutCache | None = None) -> UpdateRequest:
+    """:meth:`schemas.weight_update.UpdateRequest.parse`, its FieldError as the engine's
+    RequestError (HTTP 400 naming the field)."""
+    try:
+        return UpdateRequest.parse(body, cache)
+    except FieldError as e:
+        raise RequestError(e.field, e.message) from None
 
 
 class _SerialWorker:
@@ -439,6 +279,7 @@ class WeightReceiver:
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._swap = swap
         self.layouts = LayoutCache()  # for parse_update_request on the server's event loop
+        self.fault = Fault.from_env()  # tests only
 
     # ------------------------------------------------------------------ groups
     def init_group(self, master_address: str, master_port: int, rank: int, world_size: int, backend: str,
@@ -485,7 +326,7 @@ class WeightReceiver:
         the parameters now point into the staging buffer."""
         self._arena.release(adopted)
 
-    def submit_bucket(self, spec: BucketSpec) -> cf.Future[BucketResult]:
+    def submit_bucket(self, spec: UpdateRequest) -> cf.Future[BucketResult]:
         """Receive one bucket on the receive thread; see the module docstring for the failure rules."""
         with self._lock:
             known = ", ".join(repr(g) for g in self._groups) or "none"
@@ -502,7 +343,7 @@ class WeightReceiver:
                 )
         return self._worker.submit(lambda: self._receive(spec))
 
-    def _receive(self, spec: BucketSpec) -> BucketResult:
+    def _receive(self, spec: UpdateRequest) -> BucketResult:
         with self._lock:
             group, backend = self._groups[spec.group_name]
             groups = [self._groups[p.group_name][0] for p in spec.parts] if spec.parts else [group]
@@ -512,15 +353,19 @@ class WeightReceiver:
         # On CUDA, on the side stream, posting and waiting both: a NCCL work's wait() orders the
         # *current* stream after the transfer, which must not be the decode stream.
         side = self._side if recv_device.type == "cuda" else None
+        fault = self.fault if self.fault is not None else (lambda version, stage: None)
         try:
+            fault(spec.weight_version, "receive")
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 # Post the receive first: the request is checked against the model while the bytes arrive.
                 pending = _post_recv(groups, spec, recv_device, self._arena, part_done)
                 posted_at = time.perf_counter()
-                problem = self._checked(spec)
+                fault(spec.weight_version, "mid")
+                problem = self.checked(spec)
                 tensors = pending()
             if side is not None:
                 side.synchronize()  # the bytes are really here before we say so (and time it)
+            fault(spec.weight_version, "after_receive")
         except Exception as e:
             with self._lock:  # a broken transfer poisons the pending update like a bad bucket does
                 self._poisoned, self._staged = self._poisoned or f"receive failed: {e}", {}
@@ -582,8 +427,9 @@ class WeightReceiver:
         fut.add_done_callback(lambda f: self.release_staging(adopt and not f.cancelled() and f.exception() is None))
         return fut
 
-    def _checked(self, spec: BucketSpec) -> str | None:
-        """:meth:`_check`, done once per distinct layout (see :class:`LayoutCache`)."""
+    def checked(self, spec: Any) -> str | None:
+        """:meth:`_check`, done once per distinct layout (see :class:`LayoutCache`); ``spec`` is an
+        ``UpdateRequest`` or ``IPCUpdateRequest`` (names, dtypes, shapes, layout)."""
         layout = spec.layout
         if layout is None:
             return self._check(spec)
@@ -591,7 +437,7 @@ class WeightReceiver:
             layout.problem, layout.checked = self._check(spec), True
         return layout.problem
 
-    def _check(self, spec: BucketSpec) -> str | None:
+    def _check(self, spec: Any) -> str | None:
         """A precise description of the first mismatch with the model, or None."""
         for name, dt, shape in zip(spec.names, spec.dtypes, spec.shapes, strict=True):
             if name not in self._specs:
@@ -605,7 +451,7 @@ class WeightReceiver:
         return None
 
 
-def _post_recv(groups: list[WeightGroup], spec: BucketSpec, device: torch.device,
+def _post_recv(groups: list[WeightGroup], spec: UpdateRequest, device: torch.device,
                arena: StagingArena | None = None, part_done: list[float] | None = None) -> Callable[[], list[torch.Tensor]]:
     """Join rank 0's broadcast(s) of one bucket (``groups``: one per part of a multi-part update,
     else the request's group); returns a function that waits for the bytes and returns the
