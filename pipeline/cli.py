@@ -103,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print every config key with its default and doc")
     c.add_argument("--markdown", action="store_true", help="print the README's config table")
     bn = sub.add_parser("bench", help="run benchmarks (baseline side by side) and write JSON to bench/results")
-    bn.add_argument("which", choices=["queue", "async", "e2e", "all"], help="which benchmark")
+    bn.add_argument("which", choices=["queue", "async", "e2e", "engine", "all"],
+                    help="which benchmark (engine: the embedded engine vs transformers generate; its own options: "
+                         "slipstream bench engine --help)")
     bn.add_argument("config", nargs="?", type=Path, default=None, help="e2e: the run's config (e.g. examples/gpu/one_gpu.toml)")
     bn.add_argument("--groups", type=int, default=2000, help="queue: groups of 8 trajectories to move")
     bn.add_argument("--steps", type=int, default=None, help="async: trainer steps per run (60); e2e: the same (30)")
@@ -375,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         from producers.engine.server import main as engine_main
 
         return engine_main(argv[1:])
+    if argv[:2] == ["bench", "engine"]:
+        from producers.engine.bench import main as engine_bench
+
+        return engine_bench(argv[2:], command="slipstream " + " ".join(argv))
     args, extra = _parser().parse_known_args(argv)
     try:
         if args.command not in ("run", "sweep") and extra:

@@ -236,7 +236,7 @@ class Launcher:
             for i in range(cfg.producer.num_engines):
                 cmd = self._cli("engine", "--model", cfg.model.path, "--host", host, "--port", "0",
                                 "--port-file", str(port_file(rd, f"engine-{i}")), "--seed", str(cfg.run.seed + 1000 * i),
-                                "--log-level", cfg.run.log_level)
+                                "--log-level", cfg.run.log_level, "--log-format", cfg.run.log_format)
                 for key, value in to_dict(cfg.engine).items():
                     cmd += ["--set", f"{key}={json.dumps(value)}"]
                 engines.append(self._spawn(f"engine-{i}", "engine", cmd))

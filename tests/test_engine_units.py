@@ -11,7 +11,8 @@ import torch
 
 from pipeline.configbase import ConfigError, from_dict
 from producers.engine.config import EngineConfig
-from producers.engine.sampling import RequestError, SamplingParams, parse_sampling_params, sample_rows
+from producers.engine.sampler import sample_rows
+from producers.engine.sampling import RequestError, SamplingParams, parse_sampling_params
 from producers.engine.weights import parse_update_request
 
 

@@ -1,7 +1,8 @@
 """Configuration of the embedded inference engine (``producers/engine``).
 
-What: :class:`EngineConfig`, the behaviour knobs of one engine process (batch cap, sampling seed,
-dtype/device, threads, weight-update behaviour, timeouts).  Where the model lives and which
+What: :class:`EngineConfig`, the behaviour knobs of one engine process (batch cap, memory budget,
+KV slot size, prefill chunking, CUDA graphs / compile, sampling seed, dtype/device, threads,
+weight-update behaviour, timeouts).  Where the model lives and which
 address the HTTP server binds are command-line arguments, not config, because the launcher picks
 them per process.
 
@@ -50,7 +51,35 @@ class EngineConfig:
     device: Device = doc("Where the model runs: cpu, cuda, or auto (cuda when available).", default="auto")
     threads: int = doc("torch intra-op threads (torch.set_num_threads). 1 suits many small engines per host.", default=1)
     attn_implementation: Literal["sdpa", "eager"] = doc(
-        "transformers attention implementation used for prefill and decode.", default="sdpa"
+        "Attention of the engine's forward: 'sdpa' (torch scaled_dot_product_attention kernels) or 'eager' "
+        "(matmul + softmax, a reference).", default="sdpa"
+    )
+    mem_fraction: float = doc(
+        "Fraction of the device's total memory (host RAM on CPU) this engine may hold: weights, weight staging, "
+        "working memory and the KV cache, which gets at most the rest. On CUDA also the allocator's hard cap "
+        "(torch.cuda.set_per_process_memory_fraction). Lower it when a trainer shares the GPU; it never depends on "
+        "what happens to be free.", default=0.85,
+    )
+    max_total_tokens: int = doc(
+        "Cap of the KV cache in tokens (0: what mem_fraction leaves). Running sequences = min(max_running_requests, "
+        "this // max_seq_len - 1); further requests wait in the FIFO queue.", default=0,
+    )
+    max_seq_len: int = doc(
+        "Tokens one sequence may hold (prompt + max_new_tokens): the size of its KV slot. 0: the model's context "
+        "length, at most 4096. A request that cannot fit gets HTTP 400 naming this key.", default=0,
+    )
+    prefill_chunk_tokens: int = doc(
+        "Most prompt tokens (padded) prefilled between two decode steps; a longer prompt is prefilled in chunks "
+        "of this size over several steps, so a burst of requests does not stall decoding.", default=8192,
+    )
+    cuda_graphs: bool = doc(
+        "Replay decode steps as CUDA graphs, captured per (batch, attention width) bucket on first use (CUDA "
+        "only; off for MoE models). A failed capture is logged and counted "
+        "(slipstream_engine_fallbacks_total) and decoding continues without graphs.", default=True,
+    )
+    compile: bool = doc(
+        "Fuse the forward's element-wise steps (RMSNorm, residual add, q/k norm + RoPE, SiLU) with torch.compile "
+        "(CUDA only, at start-up; a failure falls back to eager kernels, logged and counted).", default=True,
     )
     weight_version: int = doc(
         "Policy version of the weights loaded from --model (0 for the initial checkpoint; a restarted engine "
@@ -99,3 +128,7 @@ class EngineConfig:
         check(self.request_timeout_s >= 0, "request_timeout_s", "must be >= 0 seconds (0 disables)")
         check(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0 seconds")
         check(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1024")
+        check(0.0 < self.mem_fraction <= 1.0, "mem_fraction", "must be in (0, 1]")
+        check(self.max_total_tokens >= 0, "max_total_tokens", "must be >= 0 (0: from mem_fraction)")
+        check(self.max_seq_len == 0 or self.max_seq_len >= 2, "max_seq_len", "must be 0 (auto) or at least 2")
+        check(self.prefill_chunk_tokens >= 16, "prefill_chunk_tokens", "must be at least 16")

@@ -1,22 +1,25 @@
 """The embedded engine's scheduler: one thread that owns the model and runs continuous batching.
 
-What: :class:`Scheduler` admits requests (FIFO, up to ``max_running_requests``), prefills them as a
-left-padded *cohort* with its own ``DynamicCache``, merges the cohort into the running one (KV
-left-padded to a common length) and runs one decode step per iteration for every running sequence.
-Each sampled token is recorded with its exact log-prob, the policy version of the weights that
-sampled it and a monotonic timestamp.  Every other thread talks to the scheduler only through
-closures put on its inbox (:meth:`Scheduler.submit`, :meth:`abort`, :meth:`pause`,
-:meth:`swap_weights`, :meth:`call`), which run *between* decode steps; answers come back as
+What: :class:`Scheduler` admits requests in FIFO order into free KV slots (a fixed number, sized
+from the memory budget at start-up: ``kvcache.py``), prefills them in batches of at most
+``engine.prefill_chunk_tokens`` padded tokens per iteration (a longer prompt is prefilled one
+chunk per iteration), and runs one decode step per iteration for every running sequence
+(``batch.py``; CUDA graphs on GPU: ``graphs.py``; the forward: ``model.py``).  Each sampled token
+is recorded with its exact log-prob, the policy version of the weights that sampled it and a
+monotonic timestamp.  Every other thread talks to the scheduler only through closures put on its
+inbox (:meth:`Scheduler.submit`, :meth:`abort`, :meth:`pause`, :meth:`swap_weights`,
+:meth:`call`), which run *between* decode steps; answers come back as
 ``concurrent.futures.Future`` objects (the HTTP server wraps them with ``asyncio.wrap_future``).
 
 Why: a weight swap is then a plain closure that runs between two decode steps: generation stops
 only for the copy, never for the network transfer (DESIGN §8), and per-token versions switch
-exactly at the swap.
+exactly at the swap.  Memory is bounded by construction: the KV cache is allocated once, and a
+request waits in the FIFO until a slot is free.
 
 Log-probs: the log-prob of the sampled token under ``softmax(logits / temperature)``, i.e. after
 temperature and *before* top-k/top-p/min-p truncation (what SGLang returns, and what the
 trainer's recomputation with the same temperature reproduces).  With ``temperature == 0``
-(greedy) it is ``log_softmax(logits)`` of the argmax token.
+(greedy) it is ``log_softmax(logits)`` of the argmax token (``sampler.py``).
 
 Run: not on its own; ``python -m producers.engine --model DIR`` starts it (see server.py).
 """
@@ -24,7 +27,6 @@ Run: not on its own; ``python -m producers.engine --model DIR`` starts it (see s
 from __future__ import annotations
 
 import concurrent.futures as cf
-import inspect
 import itertools
 import logging
 import queue
@@ -32,75 +34,76 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from transformers import DynamicCache
 
+from pipeline.configbase import ConfigError
+from producers.engine.batch import GenRequest, RunningBatch, Seq
 from producers.engine.config import EngineConfig
+from producers.engine.graphs import DecodeRunner, use_compiled_kernels
+from producers.engine.kvcache import (
+    KVCache,
+    KVShape,
+    MemoryPlan,
+    device_total_memory,
+    memory_in_use,
+    plan_memory,
+    working_memory,
+)
 from producers.engine.metrics import EngineMetrics
-from producers.engine.sampling import SamplingParams, sample_rows
-
-try:  # transformers >= 4.56 keeps per-layer tensors in ``cache.layers``
-    from transformers.cache_utils import DynamicLayer
-except ImportError:  # pragma: no cover - older transformers: cohorts are never merged
-    DynamicLayer = None  # type: ignore[assignment,misc]
+from producers.engine.model import DecoderModel, compile_kernels, weight_bytes
+from producers.engine.sampler import UniformStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DEFAULT_MAX_SEQ_LEN = 4096
+
+__all__ = ["GenRequest", "Scheduler"]
 
 
-@dataclass
-class GenRequest:
-    """One sequence to generate (a batch /generate call becomes several)."""
-
-    rid: str
-    input_ids: list[int]
-    params: SamplingParams
-    return_logprob: bool
-    future: cf.Future[dict[str, Any]] = field(default_factory=cf.Future)
-    submitted: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Seq:
-    req: GenRequest
-    generator: torch.Generator
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    finish_reason: dict[str, Any] | None = None
-
-    def response(self, version: int) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "id": self.req.rid,
-            "finish_reason": self.finish_reason,
-            "prompt_tokens": len(self.req.input_ids),
-            "completion_tokens": len(self.output_ids),
-            "cached_tokens": 0,
-            "weight_version": str(version),
-            "e2e_latency": time.monotonic() - self.req.submitted,
-            # slipstream extensions: version of the weights that sampled each token, and the engine's
-            # monotonic clock when each token was sampled.
-            "output_token_weight_versions": list(self.versions),
-            "output_token_times": list(self.times),
-        }
-        if self.req.return_logprob:
-            meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(self.logprobs, self.output_ids, strict=True)]
-        return {"text": "", "output_ids": list(self.output_ids), "meta_info": meta}
-
-
-@dataclass
-class _Cohort:
-    """Sequences decoded by one forward: left-padded rows sharing one KV cache and attention mask."""
-
-    seqs: list[_Seq]
-    cache: Any
-    mask: torch.Tensor  # (B, T) 1 for real tokens in the cache, 0 for left padding
-    next_pos: torch.Tensor  # (B,) position of the token fed next
-    next_tokens: torch.Tensor  # (B,) the last sampled token, fed at the next step
+def build_batch(model: torch.nn.Module, cfg: EngineConfig, metrics: EngineMetrics,
+                device: torch.device) -> tuple[RunningBatch, MemoryPlan]:
+    """The decode path for ``model`` under ``cfg``'s memory budget (ConfigError naming the key
+    when the budget cannot hold one sequence)."""
+    mcfg = model.config
+    context = int(getattr(mcfg, "max_position_embeddings", 0) or DEFAULT_MAX_SEQ_LEN)
+    if cfg.max_seq_len > context:
+        raise ConfigError("engine.max_seq_len", f"{cfg.max_seq_len} exceeds the model's context length {context}")
+    max_seq_len = cfg.max_seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
+    cuda = device.type == "cuda"
+    decoder = DecoderModel(model, max_seq_len, fuse=cuda, attention=cfg.attn_implementation)
+    graphs = cfg.cuda_graphs and cuda
+    if graphs and decoder.moe:
+        log.warning("CUDA graphs off: the MoE layers run transformers' expert block, which synchronises with the host")
+        metrics.fallbacks.labels("cuda_graph").inc()
+        graphs = False
+    shape = KVShape(len(decoder.layers), decoder.kv_heads, decoder.head_dim, decoder.dtype)
+    weights = weight_bytes(model)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    staging = params * (2 if decoder.adopts else 1)  # the weight receiver's arena (weights.py)
+    inter = int(getattr(mcfg, "intermediate_size", 0) or 4 * decoder.hidden)
+    working = working_memory(min(cfg.max_running_requests, 4096), decoder.vocab, decoder.hidden, inter,
+                             (decoder.num_heads + 2 * decoder.kv_heads) * decoder.head_dim, cfg.prefill_chunk_tokens,
+                             torch.empty((), dtype=decoder.dtype).element_size())
+    plan = plan_memory(device_total=device_total_memory(device), mem_fraction=cfg.mem_fraction,
+                       max_total_tokens=cfg.max_total_tokens, max_seq_len=max_seq_len,
+                       max_running_requests=cfg.max_running_requests, weights=weights, staging=staging,
+                       working=working, bytes_per_token=shape.bytes_per_token)
+    if cuda:  # a hard cap for this process's allocator: fail an allocation rather than take a co-resident trainer's memory
+        torch.cuda.set_per_process_memory_fraction(cfg.mem_fraction, device)
+    cache = KVCache(shape, plan.slots, max_seq_len, device)
+    log.info("%s", plan.describe())
+    if plan.slots < cfg.max_running_requests:
+        log.warning("the memory budget holds %d sequences, fewer than max_running_requests=%d: the rest wait in "
+                    "the queue", plan.slots, cfg.max_running_requests)
+    runner = DecodeRunner(decoder, cache, metrics, graphs=graphs)
+    if cfg.compile and cuda:
+        use_compiled_kernels(decoder, cache, metrics, compile_kernels())
+    metrics.memory_limit.set(plan.limit)
+    metrics.kv_cache_bytes.set(cache.nbytes)
+    metrics.slots.set(plan.slots)
+    return RunningBatch(decoder, cache, runner, cfg.prefill_chunk_tokens), plan
 
 
 class Scheduler:
@@ -115,21 +118,25 @@ class Scheduler:
         mcfg = model.config
         self.vocab_size: int = int(mcfg.vocab_size)
         self.eos_ids: frozenset[int] = _eos_ids(model)
-        self.pad_id: int = int(getattr(mcfg, "pad_token_id", None) or 0)
-        self.context_len: int = int(getattr(mcfg, "max_position_embeddings", 0) or 1 << 30)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_kw = "logits_to_keep" in params
+        self.batch, self.plan = build_batch(model, cfg, metrics, device)
+        self.context_len: int = self.plan.max_seq_len  # prompt + max_new_tokens must fit one KV slot
+        self.model_context_len: int = int(getattr(mcfg, "max_position_embeddings", 0) or self.context_len)
         self._params = dict(model.named_parameters())
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._waiting: deque[GenRequest] = deque()
-        self._cohorts: list[_Cohort] = []
-        self._retracted: list[_Seq] = []
+        self._retracted: list[Seq] = []
         self._paused = False
         self._stop = False
         self._counter = itertools.count()
+        self._memory_checked = 0.0
+        self._deadlines_checked = 0.0
         self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
         metrics.version.set(self.version)
+
+    @property
+    def adopts(self) -> bool:
+        """Whether a full weight update may be adopted by pointer (not with fused weights or CUDA graphs)."""
+        return self.batch.decoder.adopts and not self.batch.runner.graphs_enabled
 
     # ---------------------------------------------------------------- public, thread-safe API
     def start(self) -> None:
@@ -152,7 +159,8 @@ class Scheduler:
     def swap_weights(self, staged: dict[str, torch.Tensor], version: int, adopt: bool = False) -> cf.Future[float]:
         """Put ``staged`` into the live parameters between two decode steps; resolves to the pause in s.
         ``adopt``: point the parameters at the staged tensors (they must cover every parameter and
-        stay untouched afterwards) instead of copying them in."""
+        stay untouched afterwards) instead of copying them in; ignored (a copy) when the decode
+        path holds the parameters' storage (:attr:`adopts` false)."""
         return self.call(lambda: self._swap(staged, version, adopt))
 
     def call(self, fn: Callable[[], T]) -> cf.Future[T]:
@@ -182,42 +190,75 @@ class Scheduler:
         """A racy-but-harmless snapshot for /get_server_info."""
         return {
             "weight_version": str(self.version),
-            "running_requests": sum(len(c.seqs) for c in self._cohorts) + len(self._retracted),
+            "running_requests": len(self.batch) + len(self._retracted),
             "queued_requests": len(self._waiting),
             "paused": self._paused,
         }
 
     # ---------------------------------------------------------------- scheduler thread
     def _run(self) -> None:
-        log.info("scheduler started (max_running_requests=%d)", self.cfg.max_running_requests)
+        log.info("scheduler started (%d KV slots of %d tokens)", self.plan.slots, self.plan.max_seq_len)
         with torch.inference_mode():
             while not self._stop:
                 try:
                     self._iteration()
                 except Exception:
                     log.exception("scheduler iteration failed; aborting the running batch")
-                    for seq in self._all_running():
+                    for seq in self.batch.clear() + self._retracted:
                         self._finish(seq, {"type": "abort", "message": "engine error (see engine log)"})
-                    self._cohorts, self._retracted = [], []
+                    self._retracted = []
             self._shutdown()
         log.info("scheduler stopped")
 
     def _iteration(self) -> None:
-        idle = self._paused or not (self._cohorts or self._waiting or self._retracted)
-        self._drain(block=idle)
+        busy = len(self.batch) or self._waiting or self._retracted
+        self._drain(block=self._paused or not busy)
         if self._stop:
             return
         self._expire_deadlines()
         if not self._paused:
             if self._retracted:
-                self._restore(self._retracted)
+                self._sampled(self.batch.prefill(self._retracted, self.version))
                 self._retracted = []
-            self._admit()
-            for cohort in list(self._cohorts):
-                self._decode_step(cohort)
-            self._sweep()
-        self.metrics.running.set(sum(len(c.seqs) for c in self._cohorts) + len(self._retracted))
-        self.metrics.queued.set(len(self._waiting))
+                self._sweep()
+            if self.batch.chunking is None:
+                self._admit()
+            if self.batch.chunking is not None:
+                self._sampled(self.batch.continue_chunk(self.version))
+                self._sweep()
+            if self.batch.rows:
+                t0 = time.perf_counter()
+                self._sampled(self.batch.decode(self.version))
+                self.metrics.decode_steps.inc()
+                self.metrics.step_seconds.observe(time.perf_counter() - t0)
+                self._sweep()
+        self._report()
+
+    def _report(self) -> None:
+        m = self.metrics
+        m.running.set(len(self.batch) + len(self._retracted))
+        m.queued.set(len(self._waiting))
+        m.kv_used_bytes.set(self.batch.used_tokens() * self.batch.cache.shape.bytes_per_token)
+        now = time.monotonic()
+        if now - self._memory_checked > 0.5:
+            self._memory_checked = now
+            self.memory()
+
+    def decode_info(self) -> dict[str, Any]:
+        runner = self.batch.runner
+        return {"cuda_graphs": runner.graphs_enabled, "graphs_captured": runner.num_graphs,
+                "graph_capture_s": runner.capture_seconds, "compiled_kernels": self.batch.decoder.kernels.compiled,
+                "fused_weights": self.batch.decoder.fused, "attention": self.batch.decoder.attention,
+                "adopts_weight_updates": self.adopts}
+
+    def memory(self) -> dict[str, int]:
+        """The engine's memory figures now (bytes), also set as metrics."""
+        used, peak = memory_in_use(self.device)
+        self.metrics.memory_used.set(used)
+        self.metrics.memory_peak.set(peak)
+        return {"limit_bytes": self.plan.limit, "used_bytes": used, "peak_bytes": peak,
+                "kv_cache_bytes": self.batch.cache.nbytes, "weights_bytes": self.plan.weights,
+                "kv_slots": self.plan.slots, "max_seq_len": self.plan.max_seq_len}
 
     def _drain(self, block: bool) -> None:
         try:
@@ -250,10 +291,7 @@ class Scheduler:
             fn()
             self._abort(None, "engine shutting down")
 
-    def _all_running(self) -> list[_Seq]:
-        return [s for c in self._cohorts for s in c.seqs] + list(self._retracted)
-
-    def _finish(self, seq: _Seq, reason: dict[str, Any]) -> None:
+    def _finish(self, seq: Seq, reason: dict[str, Any]) -> None:
         if seq.finish_reason is not None:
             return
         seq.finish_reason = reason
@@ -267,11 +305,10 @@ class Scheduler:
         reason = {"type": "abort", "message": message}
         for req in [r for r in self._waiting if rid is None or r.rid == rid]:
             self._waiting.remove(req)
-            self._finish(_Seq(req=req, generator=torch.Generator()), reason)
-        for seq in self._all_running():
+            self._finish(Seq(req=req, uniforms=UniformStream(torch.Generator())), reason)
+        for seq in self.batch.all() + self._retracted:
             if rid is None or seq.req.rid == rid:
                 self._finish(seq, reason)
-        self._retracted = [s for s in self._retracted if s.finish_reason is None]
         self._sweep()
 
     def _pause(self, mode: str) -> None:
@@ -279,8 +316,7 @@ class Scheduler:
             self._abort(None, "generation paused with mode=abort")
         elif mode == "retract":
             # Drop the KV caches; the sequences are re-prefilled (with the then-current weights) on continue.
-            self._retracted.extend(s for c in self._cohorts for s in c.seqs)
-            self._cohorts = []
+            self._retracted.extend(self.batch.clear())
         self._paused = True
         self.metrics.paused.set(1)
         log.info("generation paused (mode=%s)", mode)
@@ -292,7 +328,8 @@ class Scheduler:
 
     def _swap(self, staged: dict[str, torch.Tensor], version: int, adopt: bool = False) -> float:
         t0 = time.perf_counter()
-        if adopt:
+        adopted = adopt and self.adopts
+        if adopted:
             if set(staged) != set(self._params):
                 raise ValueError("adopting a weight update needs every parameter")
             for name, tensor in staged.items():
@@ -300,127 +337,84 @@ class Scheduler:
         elif staged:
             with torch.no_grad():  # one multi-tensor copy, not one kernel launch per tensor
                 torch._foreach_copy_([self._params[name] for name in staged], list(staged.values()))
-        first = next(iter(self._params.values()), None)
-        if first is not None and first.is_cuda:
+        if self.device.type == "cuda":
             # The pause is the copy, not its launch; and decode kernels still reading the old
             # weights finish before the caller lets the next update overwrite them.
-            torch.cuda.current_stream(first.device).synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
         old, self.version = self.version, version
-        if self.cfg.recompute_kv_on_update and self._cohorts:
-            running = [s for c in self._cohorts for s in c.seqs]
-            self._cohorts = []
-            self._restore(running)
+        if self.cfg.recompute_kv_on_update and len(self.batch):
+            self.batch.recompute()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
         pause = time.perf_counter() - t0
         self.metrics.pause_seconds.observe(pause)
         self.metrics.version.set(version)
         log.info("weights swapped: version %d -> %d (%d tensors %s, pause %.2f ms)", old, version, len(staged),
-                 "adopted" if adopt else "copied", pause * 1e3)
+                 "adopted" if adopted else "copied", pause * 1e3)
         return pause
 
     def _expire_deadlines(self) -> None:
+        """Abort requests older than ``request_timeout_s`` (checked at most every 50 ms; the FIFO is in
+        arrival order, so only its head is looked at)."""
         limit = self.cfg.request_timeout_s
-        if limit <= 0:
-            return
         now = time.monotonic()
-        reqs = list(self._waiting) + [s.req for s in self._all_running()]
-        for req in reqs:
-            if now - req.submitted > limit:
-                self._abort(req.rid, f"request timeout ({limit:.0f}s)")
+        if limit <= 0 or now - self._deadlines_checked < 0.05:
+            return
+        self._deadlines_checked = now
+        expired = [s.req for s in self.batch.all() + self._retracted if now - s.req.submitted > limit]
+        for req in self._waiting:
+            if now - req.submitted <= limit:
+                break
+            expired.append(req)
+        for req in expired:
+            self._abort(req.rid, f"request timeout ({limit:.0f}s)")
 
-    def _new_seq(self, req: GenRequest) -> _Seq:
+    def _new_seq(self, req: GenRequest) -> Seq:
         seed = req.params.sampling_seed
         if seed is None:
             seed = (self.cfg.seed * 1_000_003 + next(self._counter)) % (1 << 63)
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed)
-        return _Seq(req=req, generator=gen)
+        return Seq(req=req, uniforms=UniformStream(gen))
 
     # ---------------------------------------------------------------- batching
     def _admit(self) -> None:
-        running = sum(len(c.seqs) for c in self._cohorts)
-        new: list[_Seq] = []
-        while self._waiting and running + len(new) < self.cfg.max_running_requests:
-            req = self._waiting.popleft()
+        """FIFO into free slots, at most ``prefill_chunk_tokens`` padded prompt tokens per iteration;
+        a longer prompt starts a chunked prefill (alone)."""
+        budget = self.cfg.prefill_chunk_tokens
+        new: list[Seq] = []
+        width = 0
+        while self._waiting and len(new) < self.batch.free_slots:
+            req = self._waiting[0]
             if req.future.done():  # cancelled while queued
+                self._waiting.popleft()
                 continue
+            n = len(req.input_ids)
+            if new and (n > budget or (len(new) + 1) * max(width, n) > budget):
+                break
+            self._waiting.popleft()
             seq = self._new_seq(req)
-            if seq.req.params.max_new_tokens == 0:
+            if req.params.max_new_tokens == 0:
                 self._finish(seq, {"type": "length", "length": 0})
                 continue
+            if n > budget:
+                self.metrics.prompt_tokens.inc(n)
+                self.batch.start_chunked(seq)
+                return
             new.append(seq)
+            width = max(width, n)
         if not new:
             return
-        contexts = [s.req.input_ids for s in new]
-        cohort, logits = self._prefill(contexts)
-        cohort.seqs = new
-        self.metrics.prompt_tokens.inc(sum(len(c) for c in contexts))
-        cohort.next_tokens = self._sample_and_record(new, logits)
-        self._finish_checks(new)
-        self._remove_finished(cohort)
-        if cohort.seqs:
-            self._add_cohort(cohort)
+        self.metrics.prompt_tokens.inc(sum(len(s.req.input_ids) for s in new))
+        self._sampled(self.batch.prefill(new, self.version))
+        self._sweep()
 
-    def _restore(self, seqs: list[_Seq]) -> None:
-        """Rebuild KV for running sequences (prompt + output but the last token, which is fed next)."""
-        seqs = [s for s in seqs if s.finish_reason is None]
-        if not seqs:
-            return
-        cohort, _ = self._prefill([s.req.input_ids + s.output_ids[:-1] for s in seqs])
-        cohort.seqs = seqs
-        cohort.next_tokens = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=self.device)
-        self._add_cohort(cohort)
-
-    def _prefill(self, contexts: list[list[int]]) -> tuple[_Cohort, torch.Tensor]:
-        width = max(len(c) for c in contexts)
-        ids = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(contexts), width), dtype=torch.long)
-        for i, ctx in enumerate(contexts):
-            ids[i, width - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
-            mask[i, width - len(ctx) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._new_cache()
-        logits = self._forward(ids, mask, pos, cache)
-        next_pos = torch.tensor([len(c) for c in contexts], dtype=torch.long, device=self.device)
-        cohort = _Cohort(seqs=[], cache=cache, mask=mask, next_pos=next_pos, next_tokens=next_pos)
-        return cohort, logits
-
-    def _decode_step(self, cohort: _Cohort) -> None:
-        t0 = time.perf_counter()
-        ones = torch.ones((len(cohort.seqs), 1), dtype=cohort.mask.dtype, device=self.device)
-        cohort.mask = torch.cat([cohort.mask, ones], dim=1)
-        logits = self._forward(cohort.next_tokens[:, None], cohort.mask, cohort.next_pos[:, None], cohort.cache)
-        cohort.next_pos = cohort.next_pos + 1
-        cohort.next_tokens = self._sample_and_record(cohort.seqs, logits)
-        self._finish_checks(cohort.seqs)
-        self.metrics.decode_steps.inc()
-        self.metrics.step_seconds.observe(time.perf_counter() - t0)
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
-        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
-        if self._keep_kw:
-            kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
-        return out.logits[:, -1, :]
-
-    def _new_cache(self) -> Any:
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # pragma: no cover - older transformers
-            return DynamicCache()
-
-    def _sample_and_record(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
-        tokens, logprobs = sample_rows(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
-        now = time.monotonic()
-        for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
-            seq.output_ids.append(tok)
-            seq.logprobs.append(lp)
-            seq.versions.append(self.version)
-            seq.times.append(now)
+    def _sampled(self, seqs: list[Seq]) -> None:
+        """Count the tokens just sampled for ``seqs`` and finish those that are done."""
         self.metrics.generated_tokens.inc(len(seqs))
-        return torch.tensor(tokens, dtype=torch.long, device=self.device)
+        self._finish_checks(seqs)
 
-    def _finish_checks(self, seqs: list[_Seq]) -> None:
+    def _finish_checks(self, seqs: list[Seq]) -> None:
         """SGLang's order: length first, then EOS / stop_token_ids (both skipped with ignore_eos)."""
         for seq in seqs:
             p = seq.req.params
@@ -432,36 +426,8 @@ class Scheduler:
                 self._finish(seq, {"type": "stop", "matched": last})
 
     def _sweep(self) -> None:
-        for cohort in self._cohorts:
-            self._remove_finished(cohort)
-        self._cohorts = [c for c in self._cohorts if c.seqs]
-
-    def _remove_finished(self, cohort: _Cohort) -> None:
-        keep = [i for i, s in enumerate(cohort.seqs) if s.finish_reason is None]
-        if len(keep) == len(cohort.seqs):
-            return
-        cohort.seqs = [cohort.seqs[i] for i in keep]
-        if not keep:
-            return
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        cohort.cache.batch_select_indices(idx)
-        cohort.mask = cohort.mask[idx]
-        cohort.next_pos = cohort.next_pos[idx]
-        cohort.next_tokens = cohort.next_tokens[idx]
-        layers = _plain_layers(cohort.cache)
-        if layers is not None:  # drop left-padding columns no remaining row needs
-            first = int(torch.nonzero(cohort.mask.sum(0))[0])
-            if first > 0:
-                for layer in layers:
-                    layer.keys = layer.keys[:, :, first:, :]
-                    layer.values = layer.values[:, :, first:, :]
-                cohort.mask = cohort.mask[:, first:]
-
-    def _add_cohort(self, cohort: _Cohort) -> None:
-        for running in self._cohorts:
-            if _merge_into(running, cohort):
-                return
-        self._cohorts.append(cohort)
+        self.batch.retire()
+        self._retracted = [s for s in self._retracted if s.finish_reason is None]
 
 
 def _eos_ids(model: torch.nn.Module) -> frozenset[int]:
@@ -471,38 +437,3 @@ def _eos_ids(model: torch.nn.Module) -> frozenset[int]:
         eos = getattr(source, "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else (eos or []))
     return frozenset(ids)
-
-
-def _plain_layers(cache: Any) -> list[Any] | None:
-    """The cache's layers when every one is a plain, initialized DynamicLayer (safe to pad/trim)."""
-    layers = getattr(cache, "layers", None)
-    if DynamicLayer is None or not layers:
-        return None
-    if any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4 for layer in layers):
-        return None
-    return list(layers)
-
-
-def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _merge_into(dst: _Cohort, src: _Cohort) -> bool:
-    """Append src's rows to dst (left-padding the shorter KV). False when the caches can't be merged."""
-    dl, sl = _plain_layers(dst.cache), _plain_layers(src.cache)
-    if dl is None or sl is None or len(dl) != len(sl):
-        return False
-    td, ts = dst.mask.shape[1], src.mask.shape[1]
-    width = max(td, ts)
-    for a, b in zip(dl, sl, strict=True):
-        a.keys = torch.cat([_pad_left(a.keys, width - td, 2), _pad_left(b.keys, width - ts, 2)], dim=0)
-        a.values = torch.cat([_pad_left(a.values, width - td, 2), _pad_left(b.values, width - ts, 2)], dim=0)
-    dst.mask = torch.cat([_pad_left(dst.mask, width - td, 1), _pad_left(src.mask, width - ts, 1)], dim=0)
-    dst.next_pos = torch.cat([dst.next_pos, src.next_pos])
-    dst.next_tokens = torch.cat([dst.next_tokens, src.next_tokens])
-    dst.seqs = dst.seqs + src.seqs
-    return True

@@ -61,6 +61,41 @@ class EngineMetrics:
         self.bad_requests = Counter(
             "slipstream_engine_bad_requests_total", "HTTP requests rejected with status 400.", registry=r
         )
+        self.memory_limit = Gauge(
+            "slipstream_engine_memory_limit_bytes",
+            "The engine's memory budget: engine.mem_fraction x the device's total memory (host RAM on CPU).", registry=r,
+        )
+        self.memory_used = Gauge(
+            "slipstream_engine_memory_used_bytes",
+            "Memory the engine holds now: the CUDA caching allocator's reserved bytes, or the process RSS on CPU.",
+            registry=r,
+        )
+        self.memory_peak = Gauge(
+            "slipstream_engine_memory_peak_bytes",
+            "Peak of slipstream_engine_memory_used_bytes (CUDA: max reserved; CPU: peak RSS).", registry=r,
+        )
+        self.kv_cache_bytes = Gauge(
+            "slipstream_engine_kv_cache_bytes", "Size of the preallocated KV cache (every slot, plus the scratch slot).",
+            registry=r,
+        )
+        self.kv_used_bytes = Gauge(
+            "slipstream_engine_kv_cache_used_bytes", "KV-cache bytes holding tokens of running sequences.", registry=r,
+        )
+        self.slots = Gauge(
+            "slipstream_engine_kv_slots", "Sequences the KV cache holds at once (running requests cap after the budget).",
+            registry=r,
+        )
+        self.graphs = Gauge("slipstream_engine_cuda_graphs", "Decode CUDA graphs captured.", registry=r)
+        self.graph_capture_seconds = Counter(
+            "slipstream_engine_cuda_graph_capture_seconds_total", "Time spent capturing decode CUDA graphs.", registry=r,
+        )
+        self.fallbacks = Counter(
+            "slipstream_engine_fallbacks_total",
+            "Fast paths turned off at run time (reason: cuda_graph = graph capture/replay failed or not possible, "
+            "compile = torch.compile failed); the engine continues on the slower path.", ["reason"], registry=r,
+        )
+        for kind in ("cuda_graph", "compile"):
+            self.fallbacks.labels(kind)
         for reason in FINISH_REASONS:
             self.requests.labels(reason)
         for result in ("success", "failed"):

@@ -1,9 +1,9 @@
-"""Sampling parameters and the sampler of the embedded engine.
+"""Sampling parameters of the embedded engine and validation of ``/generate`` bodies.
 
 What: :class:`SamplingParams` (the subset of SGLang's ``sampling_params`` the engine honours),
 :func:`parse_sampling_params` and :func:`parse_generate_request` (validation of a ``/generate``
 body; errors are :class:`RequestError` naming the JSON field, which the server turns into HTTP
-400), and :func:`sample_rows` (one token per row, reproducibly).
+400).  The sampler that uses these parameters is ``sampler.py``.
 
 Why these choices:
 - The returned log-prob is that of the sampled token under ``softmax(logits / temperature)``,
@@ -11,22 +11,20 @@ Why these choices:
   recomputes from its own logits with the same temperature; the truncation only changes which
   tokens can be drawn.  Greedy (``temperature < 1e-6``, as in SGLang) returns ``log_softmax(logits)``
   of the argmax token.
-- Each sequence owns a ``torch.Generator`` and draws exactly one uniform number per token, then
-  inverts the CDF of the (truncated) distribution in a stable order.  The same ``sampling_seed``
+- Each sequence owns a ``torch.Generator`` and draws exactly one uniform number per sampled
+  token, then inverts the CDF of the (truncated) distribution in a stable order (``sampler.py``).  The same ``sampling_seed``
   therefore gives the same tokens regardless of what else is in the batch (up to float ties).
 - Parameters that would change the sampling distribution in ways this engine does not implement
   (penalties, string stops, grammars, n > 1, ...) are rejected with a clear 400 instead of being
   silently ignored; text-only options (``skip_special_tokens`` ...) are accepted and ignored.
 
-Run: imported by ``producers.engine.decode`` and ``producers.engine.server``.
+Run: imported by ``producers.engine.sampler``, ``decode`` and ``server``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 GREEDY_EPS = 1e-6
 
@@ -152,8 +150,10 @@ class GenerateInput:
 
 
 def parse_generate_request(body: dict[str, Any], *, vocab_size: int, context_len: int, max_new_tokens_cap: int,
-                           default_max_new_tokens: int) -> tuple[list[GenerateInput], bool]:
-    """Validate a /generate body (single or batch). Returns the inputs and whether it was a batch."""
+                           default_max_new_tokens: int, context_name: str = "") -> tuple[list[GenerateInput], bool]:
+    """Validate a /generate body (single or batch). Returns the inputs and whether it was a batch.
+    ``context_name`` says what limits prompt + max_new_tokens to ``context_len`` (in the 400)."""
+    context_name = context_name or f"the model's context length {context_len}"
     if body.get("stream"):
         raise RequestError("stream", "streaming is not supported by the embedded engine")
     for key, neutral in (("logprob_start_len", -1), ("top_logprobs_num", 0), ("token_ids_logprob", None)):
@@ -199,8 +199,8 @@ def parse_generate_request(body: dict[str, Any], *, vocab_size: int, context_len
         if len(prompts[i]) + params.max_new_tokens > context_len:
             raise RequestError(
                 f"sampling_params{sfx}.max_new_tokens",
-                f"prompt ({len(prompts[i])} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"model's context length {context_len}",
+                f"prompt ({len(prompts[i])} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"{context_name}",
             )
         if not isinstance(lp_raw[i], bool):
             raise RequestError(f"return_logprob{sfx}", f"expected true/false, got {lp_raw[i]!r}")
@@ -208,46 +208,3 @@ def parse_generate_request(body: dict[str, Any], *, vocab_size: int, context_len
             raise RequestError(f"rid{sfx}", f"expected a non-empty string, got {rids[i]!r}")
         out.append(GenerateInput(rids[i], list(prompts[i]), params, lp_raw[i]))
     return out, batch
-
-
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator]) -> tuple[list[int], list[float]]:
-    """One token per row of ``logits`` (B, V) and its log-prob (see the module docstring)."""
-    logits = logits.float()
-    temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
-    logp = torch.log_softmax(logits / temps[:, None], dim=-1)
-    tokens: list[int] = []
-    logprobs: list[float] = []
-    for i, p in enumerate(params):
-        row = logp[i]
-        if p.greedy:
-            tok = int(torch.argmax(row))
-        else:
-            u = float(torch.rand((), generator=generators[i], dtype=torch.float64))
-            tok = _draw(row.exp(), p, u)
-        tokens.append(tok)
-        logprobs.append(float(row[tok]))
-    return tokens, logprobs
-
-
-def _draw(probs: torch.Tensor, p: SamplingParams, u: float) -> int:
-    """Invert the CDF of ``probs`` truncated by top-k/top-p/min-p (SGLang's rules) at ``u`` in [0, 1)."""
-    vocab = probs.numel()
-    if p.top_k == -1 and p.top_p >= 1.0 and p.min_p <= 0.0:
-        order = None
-        kept = probs
-    else:
-        kept, order = torch.sort(probs, descending=True, stable=True)
-        keep = vocab if p.top_k == -1 else min(vocab, p.top_k)
-        if p.top_p < 1.0:  # drop tokens whose preceding cumulative mass already exceeds top_p
-            cum = torch.cumsum(kept, 0)
-            keep = min(keep, max(1, int(((cum - kept) <= p.top_p).sum())))
-        if p.min_p > 0.0:
-            keep = min(keep, max(1, int((kept >= p.min_p * kept[0]).sum())))
-        kept = kept[:keep]
-    cdf = torch.cumsum(kept, 0)
-    target = torch.tensor([u], dtype=cdf.dtype, device=cdf.device) * cdf[-1]
-    j = min(int(torch.searchsorted(cdf, target, right=True)), kept.numel() - 1)
-    while j > 0 and float(kept[j]) == 0.0:  # float rounding at the end of the CDF: never pick p == 0
-        j -= 1
-    return j if order is None else int(order[j])

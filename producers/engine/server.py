@@ -32,7 +32,8 @@ Contract notes (where this engine differs from, or extends, SGLang):
 How to run::
 
     python -m producers.engine --model DIR --host 127.0.0.1 --port 0 --port-file /tmp/port \\
-        [--seed N] [--max-running-requests N] [--weight-version V] [--start-paused] [--set key=value]...
+        [--seed N] [--max-running-requests N] [--weight-version V] [--start-paused] [--log-format json] \\
+        [--set key=value]...
 
 ``--port 0`` binds a free port, logs ``engine listening on http://HOST:PORT`` and writes the port
 to ``--port-file``.  SIGTERM/SIGINT abort running requests and exit 0 within a few seconds.
@@ -57,6 +58,7 @@ import torch
 from aiohttp import web
 
 from pipeline.configbase import ConfigError, apply_override, from_dict, parse_override
+from pipeline.logs import setup_logging
 from pipeline.metrics import VERSION, exposition, new_registry
 from pipeline.weightsync import device_identity, weights_checksum
 from producers.engine.config import EngineConfig
@@ -142,7 +144,8 @@ class EngineServer:
         self.metrics = EngineMetrics(self.registry)
         self.scheduler = Scheduler(self.model, cfg, self.metrics, self.device)
         self.receiver = WeightReceiver(self.model, self.device, self.metrics, cfg.weight_group_timeout_s,
-                                       swap=lambda staged, version, adopt: self.scheduler.swap_weights(staged, version, adopt=adopt))
+                                       swap=lambda staged, version, adopt: self.scheduler.swap_weights(staged, version, adopt=adopt),
+                                       adopt=self.scheduler.adopts)
         self.ipc = IPCReceiver(self.device, self.metrics, cfg.weight_group_timeout_s, check=self.receiver.checked,
                                swap=lambda staged, version, adopt: self.scheduler.swap_weights(staged, version, adopt=adopt),
                                before=self.receiver.fault)
@@ -245,9 +248,14 @@ class EngineServer:
     # ------------------------------------------------------------------ generation
     def _requests(self, body: dict[str, Any]) -> tuple[list[GenRequest], bool]:
         sched = self.scheduler
+        if sched.context_len < sched.model_context_len:
+            limit = f"engine.max_seq_len = {sched.context_len} (the KV slot size; the model's context is {sched.model_context_len})"
+        else:
+            limit = f"the model's context length {sched.context_len}"
         items, batch = parse_generate_request(
             body, vocab_size=sched.vocab_size, context_len=sched.context_len,
             max_new_tokens_cap=self.cfg.max_new_tokens_cap, default_max_new_tokens=self.cfg.default_max_new_tokens,
+            context_name=limit,
         )
         reqs: list[GenRequest] = []
         for i, item in enumerate(items):
@@ -307,6 +315,8 @@ class EngineServer:
             "max_running_requests": self.cfg.max_running_requests,
             "context_length": self.scheduler.context_len,
             wu.DEVICE_FIELD: device_identity(self.device),  # slipstream extension: lets a trainer tell a colocated engine
+            "memory": self.scheduler.memory(),  # slipstream extension: budget and use, bytes
+            "decode": self.scheduler.decode_info(),  # slipstream extension: how decode runs (graphs, compile)
             **self.scheduler.state(),
         })
 
@@ -455,6 +465,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-running-requests", type=int, default=None, help="batch cap (config key)")
     p.add_argument("--weight-version", type=int, default=None, help="policy version of --model (default 0)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="plain text, or one JSON object per line (run.log_format)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="EngineConfig override")
     p.add_argument("--start-paused", action="store_true",
                    help="start with generation paused (requests queue; /continue_generation resumes): the launcher "
@@ -480,6 +492,9 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         engine = EngineServer(cfg, args.model)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
     except Exception as e:
         log.error("could not load model %s: %s", args.model, e)
         return 1
@@ -514,7 +529,8 @@ async def serve(cfg: EngineConfig, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("engine", args.log_level, args.log_format)
+    logging.captureWarnings(True)  # library warnings become log records (one JSON object each with --log-format json)
     try:
         cfg = build_config(args)
     except ConfigError as e:

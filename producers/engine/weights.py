@@ -257,11 +257,13 @@ class WeightReceiver:
     """Weight groups + staging for one engine (single TP rank: engine rank = rank_offset)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, metrics: EngineMetrics, timeout_s: float,
-                 swap: SwapHook | None = None) -> None:
+                 swap: SwapHook | None = None, adopt: bool = True) -> None:
         """``swap(staged, version, adopt)``: start swapping a complete update in (the scheduler's
         ``swap_weights``); the receive thread calls it the moment the last bucket is on the device,
         and releases the staging buffer when it finishes.  Without it the caller swaps
-        (``BucketResult.staged_update``) and calls :meth:`release_staging`."""
+        (``BucketResult.staged_update``) and calls :meth:`release_staging`.  ``adopt=False``: the
+        scheduler always copies (its decode path holds the parameters' storage: fused weights,
+        CUDA graphs), so no update is adoptable and one staging buffer is reused."""
         params = dict(model.named_parameters())
         self._specs = {name: (list(p.shape), p.dtype) for name, p in params.items()}
         self._aliases = {k for k in model.state_dict() if k not in params}  # tied weights, buffers
@@ -278,6 +280,7 @@ class WeightReceiver:
         # running; the receive thread waits for that stream alone before it reports a bucket.
         self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._swap = swap
+        self._adopt = adopt
         self.layouts = LayoutCache()  # for parse_update_request on the server's event loop
         self.fault = Fault.from_env()  # tests only
 
@@ -402,7 +405,7 @@ class WeightReceiver:
                     self._staged.update((name, t.to(self._device)) for name, t in zip(spec.names, tensors, strict=True))
             if spec.weight_version is not None:  # last bucket: hand over (or drop) the whole update
                 result.staged_update, self._staged, self._poisoned = self._staged, {}, None
-                result.adoptable = (poisoned is None and result.staged_update.keys() == self._specs.keys()
+                result.adoptable = (self._adopt and poisoned is None and result.staged_update.keys() == self._specs.keys()
                                     and self._arena.holds(list(result.staged_update.values())))
                 self._arena.end_update(handed_over=poisoned is None)
         if poisoned is not None:
