@@ -210,8 +210,8 @@ class SlipstreamConfig:
               "must be 'sglang' when producer.engine = 'sglang' (slipstream launches SGLang servers and must publish to them "
               "the way SGLang expects: paused, one request per bucket)")
         check(not (self.run.verify_weights and self.weights.engine_kind == "sglang"), "run.verify_weights",
-              "checks the engines' weights with slipstream's /slipstream/weights_checksum, which SGLang does not serve: "
-              "turn it off with weights.engine_kind = 'sglang'")
+              "= true checks the engines' weights with slipstream's /slipstream/weights_checksum route, which SGLang does "
+              "not serve (weights.engine_kind = 'sglang'): set run.verify_weights = false")
         check(not (self.weights.transport == "ipc" and self.trainer.pipeline_parallel > 1 and self.weights.per_stage_publish),
               "weights.transport", "'ipc' does not work with per-stage publishing (trainer.pipeline_parallel > 1 and "
               "weights.per_stage_publish): use 'auto' or 'broadcast', or weights.per_stage_publish = false")

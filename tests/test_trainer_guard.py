@@ -166,7 +166,7 @@ def test_skipped_step_reaches_metrics_and_steps_jsonl():
                          trajectories=4, trajectories_dropped=0, queue_depth=0, wall_time_s=1.0, wait_s=0.1, train_s=0.5,
                          publish_s=0.1, publish_bytes=100, weights_checksum="x",
                          stats={"step_skipped": skipped, "skipped_steps": 1.0, "lr": 2.5e-4})
-        _observe(m, rec, 0.5, {})
+        _observe(m, rec, 0.5)
     line = json.loads(rec.to_json())
     assert line["step_skipped"] == 1.0 and line["lr"] == 2.5e-4
     assert m.registry.get_sample_value("slipstream_trainer_skipped_steps_total") == 2.0
