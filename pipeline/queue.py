@@ -6,7 +6,9 @@ Semantics (DESIGN §3, §5):
   ``consumed + queued + leased + in_flight < (η + v + 1) × groups_per_step`` (AReaL's bound), where
   ``v`` is the *published* policy version, and while the queue's trajectory/byte bounds leave room.
   All of these counters are derived from the queue's contents and the trainer's version, so a
-  restart can rebuild them (AReaL #1345 inflated a stored budget after recovery).
+  restart can rebuild them (AReaL #1345 inflated a stored budget after recovery); ``consumed``
+  counts at least ``v × groups_per_step``, so a queue that meets a trainer resumed at version ``v``
+  without the run's history grants ``η + 1`` steps of credits, not ``η + v + 1``.
 - **Exactly-once enqueue.** Groups are keyed by ``(producer_id, epoch, seq)``; a resend of an
   accepted group is acknowledged as a duplicate and not enqueued again.
 - **Group-atomic, staleness-checked batches.** A batch for a trainer at version ``v`` takes whole
@@ -177,6 +179,8 @@ class StalenessQueue:
         self.replay_leases: dict[str, Lease] = {}
         self.retained_trajectories = 0
         self.retained_bytes = 0
+        self.consumed_baseline = 0  # derived: see _rebase
+        self._rebase()
 
     @property
     def seen(self) -> SeenSeqs:
@@ -191,10 +195,26 @@ class StalenessQueue:
     def in_flight_groups(self) -> int:
         return sum(self.in_flight.values())
 
+    @property
+    def consumed_for_admission(self) -> int:
+        """Groups the admission bound counts as consumed: those committed by distinct versions, plus
+        :attr:`consumed_baseline` (see :meth:`_rebase`)."""
+        return self.stats.groups_consumed - self.stats.groups_superseded + self.consumed_baseline
+
+    def _rebase(self) -> None:
+        """Count at least ``v × groups_per_step`` groups consumed for the published version ``v``.
+        Every version consumed one step's groups, so the baseline stays 0 whenever this queue saw
+        the whole run; a queue that learns a version without that history (a broker without a
+        journal meeting a trainer resumed at version v, or a trainer after its ``[sft]`` stage)
+        would otherwise grant ``η + v + 1`` steps of credits at once, the budget inflation of
+        AReaL #1345, and flood the queue with data that goes stale before it is consumed."""
+        seen = self.stats.groups_consumed - self.stats.groups_superseded
+        self.consumed_baseline = max(self.consumed_baseline, self.published_version * self.groups_per_step - seen)
+
     def capacity(self, group_size: int) -> int:
         """How many more group starts may be granted now (admission control)."""
         budget = (self.max_staleness + self.published_version + 1) * self.groups_per_step
-        used = self.stats.groups_consumed - self.stats.groups_superseded + len(self.groups) + self.leased_groups + self.in_flight_groups
+        used = self.consumed_for_admission + len(self.groups) + self.leased_groups + self.in_flight_groups
         # The trajectory bound: groups queued or in flight must fit.
         traj_room = self.max_trajectories - self.queued_trajectories - self.retained_trajectories - self.in_flight_groups * group_size
         return max(0, min(budget - used, traj_room // max(group_size, 1)))
@@ -412,10 +432,13 @@ class StalenessQueue:
         self.retained = {r.step: r for r in sorted(retained or [], key=lambda r: r.step)}
         self.retained_trajectories = sum(r.trajectories for r in self.retained.values())
         self.retained_bytes = sum(r.nbytes for r in self.retained.values())
+        self.consumed_baseline = 0
+        self._rebase()
 
     def publish(self, version: int) -> None:
         self.published_version = max(self.published_version, version)
         self.committed_version = max(self.committed_version, version)
+        self._rebase()
 
     def return_all_leases(self) -> list[Lease]:
         """A new trainer process said hello: the old one's outstanding leases will never be committed.
