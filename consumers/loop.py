@@ -14,6 +14,15 @@ Their ``consumed.jsonl`` lines carry ``"replay": true``: the broker counted thos
 consumed once, at the first commit; a replay line is the same trajectory trained again only
 because that training was lost with the killed process.
 
+Stop (SIGINT/SIGTERM, :meth:`Trainer.request_stop`; ``slipstream run`` sends SIGTERM on Ctrl-C):
+rank 0 gives up the batch it waits for (its lease, if one was issued, goes back to the queue) or
+finishes the step it is in; every rank stops at that step boundary (rank 0 broadcasts "stop"
+instead of a batch), the publish in flight ends, and with ``trainer.checkpoint_every > 0`` the last
+step is checkpointed (``"at_exit": true``) and reported to the broker.  Exit code 128 + signal.  On
+resume, ``steps.jsonl``'s ``wall_time_s`` goes on from the checkpointed step's, each record's
+``interval_s`` is the time since this process's previous one, and engines a resumed run started
+paused are continued once they hold the checkpoint's weights and the broker has our hello.
+
 Order per step (η = 0 relies on it): train -> ``Commit`` (broker counts the groups consumed) ->
 publish weights to every engine -> ``Published`` (broker opens credits for the new version).
 With ``weights.async_publish`` the publish of version v runs in a background thread
@@ -234,7 +243,7 @@ class Trainer:
             on_done = self._finish_step if rank.is_publisher else _stage_done
             if cfg.weights.async_publish:
                 self.sender = AsyncPublisher(publisher, on_done, checksum=cfg.run.verify_weights,
-                                             timeout_s=cfg.weights.group_timeout_s * 4 + 60.0, snapshot=self._snapshot(publisher))
+                                             timeout_s=cfg.weights.group_timeout_s * 4 + 60.0, snapshot=_snapshot(cfg.weights, self.device, publisher, self.metrics))
             else:
                 self.sender = InlinePublisher(publisher, on_done, checksum=cfg.run.verify_weights)
         self.on_idle = self._idle_callback()
@@ -259,21 +268,6 @@ class Trainer:
     def device(self) -> torch.device:
         """Where this rank's weights (and its HF export) live."""
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-    def _snapshot(self, publisher: Publisher) -> WeightSnapshot:
-        """The publish snapshot: on the device unless every engine gets a gloo broadcast from a GPU
-        (or the user asks for host memory), shareable when an engine takes IPC, within its budget."""
-        w = self.cfg.weights
-        transports = getattr(publisher, "transports", {})
-        gloo_only = w.resolved_backend(torch.cuda.is_available()) == "gloo" and "ipc" not in transports.values()
-        host = w.snapshot_device == "host" or (self.device.type == "cuda" and gloo_only)
-        budget = int(w.snapshot_max_fraction * _memory_of(torch.device("cpu") if host else self.device))
-        if self.metrics is not None:
-            self.metrics.snapshot_limit.set(budget)
-        on_size = self.metrics.snapshot_bytes.set if self.metrics is not None else None
-        log.info("publish snapshot: %s memory, budget %.1f GiB (weights.snapshot_max_fraction = %g)",
-                 "host" if host else str(self.device), budget / 2**30, w.snapshot_max_fraction)
-        return WeightSnapshot(budget, host=host, allocate=getattr(publisher, "snapshot_allocator", None), on_size=on_size)
 
     def _connect_publisher(self) -> Publisher | None:
         """Build and connect this rank's weight publisher (collective with per-stage publishing);
@@ -484,6 +478,21 @@ class Trainer:
 def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
     """``slipstream train``: one rank's whole run (:class:`Trainer`)."""
     return Trainer(cfg, run_dir, broker_endpoint, engine_urls).run()
+
+
+def _snapshot(w: Any, device: torch.device, publisher: Publisher, metrics: TrainerMetrics | None) -> WeightSnapshot:
+    """The publish snapshot: on the device unless every engine gets a gloo broadcast from a GPU
+    (or the user asks for host memory), shareable when an engine takes IPC, within its budget."""
+    transports = getattr(publisher, "transports", {})
+    gloo_only = w.resolved_backend(torch.cuda.is_available()) == "gloo" and "ipc" not in transports.values()
+    host = w.snapshot_device == "host" or (device.type == "cuda" and gloo_only)
+    budget = int(w.snapshot_max_fraction * _memory_of(torch.device("cpu") if host else device))
+    if metrics is not None:
+        metrics.snapshot_limit.set(budget)
+    on_size = metrics.snapshot_bytes.set if metrics is not None else None
+    log.info("publish snapshot: %s memory, budget %.1f GiB (weights.snapshot_max_fraction = %g)",
+             "host" if host else str(device), budget / 2**30, w.snapshot_max_fraction)
+    return WeightSnapshot(budget, host=host, allocate=getattr(publisher, "snapshot_allocator", None), on_size=on_size)
 
 
 def _memory_of(device: torch.device) -> int:

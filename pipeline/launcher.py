@@ -6,7 +6,13 @@ terminal Ctrl-C reaches only the launcher, which then stops the children in orde
 to ``cmds/NAME.sh`` so it can be re-run by hand, and ``processes.json`` lists role, pid, command,
 log and metrics URL of every process.  The console shows a progress bar and one line per step,
 read from ``steps.jsonl``.  The run ends when the trainer finishes its steps (exit 0), when any
-child fails for good (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130).
+child fails for good (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130): the
+children get SIGTERM in order, and the trainer first writes a final checkpoint when checkpoints are
+on (``consumers/loop.py``).  Before anything starts, :func:`pipeline.resume.prepare_run_dir` decides
+between a fresh run (an earlier run's journal is moved aside) and a resume in the same run
+directory (``trainer.resume_from``: the journal is kept and replayed by the broker, the earlier
+part's stats kept, the embedded engines started paused until the trainer sent them the
+checkpoint's weights).
 
 Placement (``pipeline/placement.py``): before anything starts, the GPUs are detected and every
 trainer rank and engine is given its GPU(s) through ``CUDA_VISIBLE_DEVICES`` (the broker and the
