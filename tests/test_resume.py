@@ -123,6 +123,19 @@ def test_supersede_steps_returns_the_clock_to_go_on_from(tmp_path: Path) -> None
     assert _supersede_steps(tmp_path / "none.jsonl", 3) == 0.0
 
 
+def test_sglang_default_weight_version_is_version_zero_after_a_resume() -> None:
+    """An SGLang server a resumed run started answers with weight_version "default" until the trainer
+    publishes: its tokens are model.path's (version 0), not the resumed version the producer knows."""
+    from producers.sglang_client import parse_generation
+
+    resp = {"meta_info": {"output_token_logprobs": [[-0.5, 3, None], [-0.1, 4, None]], "weight_version": "default",
+                          "finish_reason": {"type": "stop"}}}
+    gen = parse_generation(resp, version_at_submit=7)
+    assert gen.versions == [0, 0] and gen.weight_version == 0
+    resp["meta_info"]["weight_version"] = "7"
+    assert parse_generation(resp, version_at_submit=7).versions == [7, 7]
+
+
 def _requeued(summary: dict) -> int:
     return int(summary["trajectories"]["dropped"].get("stale_requeued", 0))
 
