@@ -46,6 +46,7 @@ from producers.engine.kvcache import (
     KVCache,
     KVShape,
     MemoryPlan,
+    cuda_index,
     device_total_memory,
     memory_in_use,
     plan_memory,
@@ -91,7 +92,7 @@ def build_batch(model: torch.nn.Module, cfg: EngineConfig, metrics: EngineMetric
                        max_running_requests=cfg.max_running_requests, weights=weights, staging=staging,
                        working=working, bytes_per_token=shape.bytes_per_token)
     if cuda:  # a hard cap for this process's allocator: fail an allocation rather than take a co-resident trainer's memory
-        torch.cuda.set_per_process_memory_fraction(cfg.mem_fraction, device)
+        torch.cuda.set_per_process_memory_fraction(cfg.mem_fraction, cuda_index(device))
     cache = KVCache(shape, plan.slots, max_seq_len, device)
     log.info("%s", plan.describe())
     if plan.slots < cfg.max_running_requests:

@@ -63,6 +63,7 @@ from pipeline.metrics import VERSION, exposition, new_registry
 from pipeline.weightsync import device_identity, weights_checksum
 from producers.engine.config import EngineConfig
 from producers.engine.decode import GenRequest, Scheduler
+from producers.engine.kvcache import cuda_index
 from producers.engine.metrics import EngineMetrics
 from producers.engine.sampling import RequestError, parse_generate_request
 from producers.engine.weights import WeightReceiver, WeightUpdateError, parse_update_request
@@ -121,6 +122,8 @@ def load_model(model_path: str, cfg: EngineConfig) -> tuple[torch.nn.Module, tor
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if device.type == "cuda":  # an indexed device: torch.cuda's memory calls refuse a bare "cuda"
+        device = torch.device("cuda", cuda_index(device))
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation
     )
