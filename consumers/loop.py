@@ -392,7 +392,9 @@ class Trainer:
         assert self.client is not None and self.metrics is not None and pub is not None
         pub = as_result(pub, version)
         cfg = self.cfg
+        t_verify = time.monotonic()
         checks = engine_checksums(self.engine_urls, pub.checksum, version, 60.0) if cfg.run.verify_weights else []
+        verify_s = time.monotonic() - t_verify
         self.client.published(version)
         t3 = time.monotonic()
         step, batch, stats, trained_from = ctx["step"], ctx["batch"], ctx["stats"], ctx["trained_from"]
@@ -405,7 +407,7 @@ class Trainer:
             queue_depth=batch.queue_depth, wall_time_s=t3 - self._t_start, wait_s=ctx["wait_s"], train_s=ctx["train_s"],
             publish_s=pub.seconds, publish_bytes=pub.bytes, weights_checksum=pub.checksum, engine_checksums=checks,
             engine_pause_s=pub.pause_s, stale_engines=sorted(pub.stale), replay=batch.replay,
-            stats={k: float(v) for k, v in stats.items()},
+            stats={**{k: float(v) for k, v in stats.items()}, **publish_breakdown(pub, verify_s)},
         )
         line = rec.to_json()
         with (self.run_dir / "steps.jsonl").open("a") as f:
@@ -508,6 +510,14 @@ def _mask_spans(mask: Any, limit: int = 16) -> list[list[int]]:
             if len(spans) >= limit:
                 break
     return spans
+
+
+def publish_breakdown(pub: PublishResult, verify_s: float) -> dict[str, float]:
+    """Where a publish's time went, for steps.jsonl: ``publish_checksum_s`` (hashing the export
+    for run.verify_weights), ``publish_send_s`` (the transfer to the slowest engine, until it
+    swapped the version in) and ``verify_s`` (asking the engines for their checksums)."""
+    return {"publish_checksum_s": float(pub.timings.get("checksum_s", 0.0)),
+            "publish_send_s": float(pub.timings.get("send_s", 0.0)), "verify_s": float(verify_s)}
 
 
 def _observe(m: TrainerMetrics, rec: StepRecord, train_s: float) -> None:
