@@ -206,7 +206,8 @@ class Trainer:
         # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
         self.per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish and bool(self.engine_urls)
         self.export = rank.export_hf_stage if self.per_stage else rank.export_hf_state
-        self.start_step, self.version = prepare_start(rank, cfg, self.run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
+        # resume, or the [sft] stage (consumers/checkpoint.py)
+        self.start_step, self.version = prepare_start(rank, cfg.trainer, cfg.sft, cfg.model.path, cfg.queue.max_staleness, self.run_dir)
         if rank.is_publisher:
             self.metrics = TrainerMetrics()
             from pipeline.configbase import to_dict
@@ -384,7 +385,7 @@ class Trainer:
     def _checkpoint(self, step: int, lease_id: Any) -> None:
         from consumers.checkpoint import maybe_checkpoint
 
-        if maybe_checkpoint(self.rank, self.cfg, self.run_dir, step, {"lease_id": lease_id}) is not None and self.client is not None:
+        if maybe_checkpoint(self.rank, self.cfg.trainer, self.run_dir, step, {"lease_id": lease_id}) is not None and self.client is not None:
             self.client.checkpointed(step, self.version)  # the broker stops retaining batches of steps <= step
 
     def _finish_step(self, version: int, pub: PublishResult | None, ctx: dict[str, Any]) -> None:
@@ -425,7 +426,7 @@ class Trainer:
         if self.sender is not None:
             self.sender.wait()
         last = max(cfg.run.steps, self.start_step)
-        finish_run(self.rank, cfg, self.run_dir, last)
+        finish_run(self.rank, cfg.trainer, cfg.model.path, self.run_dir, last)
         if self.client is not None and cfg.trainer.checkpoint_every:
             self.client.checkpointed(last, self.version)  # finish_run saved the last step
         if self.tracker is not None:
@@ -440,7 +441,10 @@ class Trainer:
 
 
 def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
-    """``slipstream train``: one rank's whole run (:class:`Trainer`)."""
+    """``slipstream train``: one rank's whole run (:class:`Trainer`).  It takes the whole config, not
+    one section: the trainer reads eight of them (trainer, sft, weights, queue, run, model, metrics,
+    tracking) and the tracker logs all of them as the run's hyper-parameters.  What it calls gets
+    its section (``prepare_start``, ``maybe_checkpoint``, ``finish_run``, ``TrainerRank``)."""
     return Trainer(cfg, run_dir, broker_endpoint, engine_urls).run()
 
 

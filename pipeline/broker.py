@@ -29,10 +29,10 @@ import zmq
 import zmq.asyncio
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.config import QueueConfig
 from pipeline.journal import Journal
 from pipeline.metrics import STALENESS_BUCKETS, new_registry, policy_version_gauge
 from pipeline.queue import DROP_REASONS, StalenessQueue, shard_by_tokens
+from pipeline.runconfig import QueueConfig
 from pipeline.transport import CurveKeys, bind, configure_socket
 from schemas.codec import decode, encode
 from schemas.messages import (

@@ -38,7 +38,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
@@ -61,6 +61,9 @@ from schemas.messages import (
     Welcome,
 )
 from schemas.validate import Limits
+
+if TYPE_CHECKING:
+    from pipeline.config import SlipstreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,7 @@ def check_recording(path: str | Path, steps: int) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- rollout_only: the recorder process
-def run_recorder(cfg: Any, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
+def run_recorder(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
     """The trainer's place in ``rollout_only``: take each step's batch, record it, commit it, move
     every engine's version label on (same weights) and announce the version."""
     from pipeline.rundir import port_file
@@ -212,7 +215,7 @@ class Replayer:
     """The producers' place in ``train_only``: the recorded groups to the broker, in order, as a
     producer sends them (hello, credits, acks and resends, heartbeats)."""
 
-    def __init__(self, cfg: Any, source: str | Path, broker_endpoint: str, producer_id: str = "replayer-0") -> None:
+    def __init__(self, cfg: SlipstreamConfig, source: str | Path, broker_endpoint: str, producer_id: str = "replayer-0") -> None:
         from pipeline.transport import CurveKeys, configure_socket
 
         self.cfg = cfg

@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
@@ -55,6 +55,9 @@ from schemas.messages import (
     Welcome,
 )
 from schemas.validate import REJECT_REASONS, Limits, WireError
+
+if TYPE_CHECKING:
+    from pipeline.runconfig import QueueConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,8 @@ class CurveKeys:
         self._auth: Any = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> CurveKeys | None:
-        """From a ``QueueConfig``; None when CURVE is off."""
+    def from_config(cls, cfg: QueueConfig) -> CurveKeys | None:
+        """From the ``[queue]`` section; None when CURVE is off."""
         if not cfg.curve_server_key:
             return None
         return cls(cfg.curve_server_key, cfg.curve_client_key, cfg.curve_authorized_dir)
