@@ -338,15 +338,15 @@ class Trainer:
             log.error("%s", e)
             raise SystemExit(2) from e
         t2 = time.monotonic()
-        trained_from = self.version
+        trained_from_version = self.version
         self.version += 1
         ctx: dict[str, Any] = {}
         if self.client is not None:
             self.client.commit(batch.lease_id, step, self.version, timeout_s=cfg.run.startup_timeout_s)
             # Recorded at once: the broker counts these consumed from the commit on, so a trainer
             # killed while the publish runs must not leave them out of consumed.jsonl.
-            _record_consumed(self.run_dir / "consumed.jsonl", batch, step, trained_from)
-            ctx = {"step": step, "batch": batch, "stats": stats, "trained_from": trained_from, "wait_s": t1 - t0, "train_s": t2 - t1}
+            _record_consumed(self.run_dir / "consumed.jsonl", batch, step, trained_from_version)
+            ctx = {"step": step, "batch": batch, "stats": stats, "trained_from_version": trained_from_version, "wait_s": t1 - t0, "train_s": t2 - t1}
         self.publish(self.export(), self.version, ctx)
         if self.sender is not None and cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
             self.sender.wait()  # a checkpoint is taken only once its version is published and its step recorded
@@ -396,8 +396,8 @@ class Trainer:
         checks = engine_checksums(self.engine_urls, pub.checksum, version, 60.0) if cfg.run.verify_weights else []
         self.client.published(version)
         t3 = time.monotonic()
-        step, batch, stats, trained_from = ctx["step"], ctx["batch"], ctx["stats"], ctx["trained_from"]
-        stale = _staleness(batch, trained_from)
+        step, batch, stats, trained_from_version = ctx["step"], ctx["batch"], ctx["stats"], ctx["trained_from_version"]
+        stale = _staleness(batch, trained_from_version)
         rewards = [t.reward for g in batch.groups for t in g.trajectories]
         rec = StepRecord(
             step=step, policy_version=version, reward_mean=sum(rewards) / len(rewards),
@@ -461,7 +461,7 @@ def _stage_done(version: int, info: PublishResult | None, ctx: Any) -> None:
         log.debug("stage %s sent its part of version %d", info.stage, version)
 
 
-def _record_consumed(path: Path, batch: Batch, step: int, trained_from: int) -> None:
+def _record_consumed(path: Path, batch: Batch, step: int, trained_from_version: int) -> None:
     """Append one ``consumed.jsonl`` line per trajectory of a committed batch; ``replay`` marks a
     batch served again after a resume (counted consumed once, at its first commit)."""
     with path.open("a") as f:
@@ -469,7 +469,7 @@ def _record_consumed(path: Path, batch: Batch, step: int, trained_from: int) -> 
             for t in g.trajectories:
                 f.write(json.dumps({
                     "trajectory_id": t.trajectory_id, "group_id": g.group_id, "step": step,
-                    "trained_from_version": trained_from, "min_version": int(t.versions.min()),
+                    "trained_from_version": trained_from_version, "min_version": int(t.versions.min()),
                     "max_version": int(t.versions.max()), "num_tokens": len(t.response_tokens),
                     "prompt_id": g.prompt_id, "reward": t.reward, "masked_tokens": int((t.loss_mask == 0).sum()), "mask_spans": _mask_spans(t.loss_mask),
                     "replay": batch.replay,

@@ -83,14 +83,14 @@ class Recorder:
         self.dir = run_dir / "rollouts"
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def write(self, step: int, batch: Batch, trained_from: int) -> dict[str, Any]:
+    def write(self, step: int, batch: Batch, trained_from_version: int) -> dict[str, Any]:
         data = msgpack.packb([bytes(f.buffer) if hasattr(f, "buffer") else bytes(f) for f in encode(batch)])
         name = f"step-{step:06d}.batch"
         tmp = self.dir / (name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(self.dir / name)
         line = {"step": step, "file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "groups": len(batch.groups),
-                "trajectories": sum(len(g.trajectories) for g in batch.groups), "trained_from_version": trained_from,
+                "trajectories": sum(len(g.trajectories) for g in batch.groups), "trained_from_version": trained_from_version,
                 "lease_id": batch.lease_id, "replay": batch.replay}
         with (self.dir / INDEX).open("a") as f:
             f.write(json.dumps(line) + "\n")
