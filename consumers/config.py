@@ -100,8 +100,9 @@ class TrainerConfig:
         default=1,
     )
     temperature: float = doc(
-        "Sampling temperature of the producers: the trainer computes log-probs from logits / temperature "
-        "so they are comparable with the behaviour log-probs.",
+        "Temperature of the trainer's log-probs (logits / temperature), which must be the producers' sampling "
+        "temperature to be comparable with the behaviour log-probs. In a run config it follows producer.temperature "
+        "(set that one); a different value here is a config error.",
         default=1.0,
     )
     loss: Literal["grpo", "ppo", "gspo"] = doc(

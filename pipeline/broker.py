@@ -29,10 +29,10 @@ import zmq
 import zmq.asyncio
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.config import QueueConfig
 from pipeline.journal import Journal
 from pipeline.metrics import STALENESS_BUCKETS, new_registry, policy_version_gauge
 from pipeline.queue import DROP_REASONS, StalenessQueue, shard_by_tokens
+from pipeline.runconfig import QueueConfig
 from pipeline.transport import CurveKeys, bind, configure_socket
 from schemas.codec import decode, encode
 from schemas.messages import (
@@ -151,7 +151,7 @@ class Broker:
         self.journal = Journal(journal_dir, self.cfg.journal_segment_bytes, self.cfg.journal_fsync)
         rec = self.journal.recover()
         if rec.segments:
-            version = max(rec.version, self.queue.published_version)
+            version = max(rec.version, self.queue.published_policy_version)
             self.queue.restore(rec.groups, rec.seen, rec.stats, version, list(rec.retained.values()))
             self.orphan_leases = rec.leases
             self.orphan_lease_steps = rec.lease_steps
@@ -171,13 +171,13 @@ class Broker:
                 rec.segments, len(rec.groups), len(rec.leases), len(rec.retained), sorted(rec.retained), version, rec.torn_records,
             )
         self.recovery = {"segments": rec.segments, "groups": len(rec.groups), "torn_records": rec.torn_records}
-        self.journal.open_segment(self.queue.stats, self.queue.seen, self.queue.published_version)
+        self.journal.open_segment(self.queue.stats, self.queue.seen, self.queue.published_policy_version)
 
     def _journal_tick(self) -> None:
         """Rotate/compact the journal. Only between events, when journal and queue agree."""
         if self.journal is not None:
             before = self.journal.bytes_written
-            self.journal.maybe_rotate(self.queue.stats, self.queue.seen, self.queue.published_version)
+            self.journal.maybe_rotate(self.queue.stats, self.queue.seen, self.queue.published_policy_version)
             self.metrics.journal_bytes.inc(self.journal.bytes_written - before)
 
     # ----------------------------------------------------------------- plumbing
@@ -191,7 +191,7 @@ class Broker:
         self.metrics.rejected.labels(code).inc()
 
     def _decode(self, frames: list[Any], sender: str) -> Any:
-        limits = dataclasses.replace(self.limits, max_version=self.queue.committed_version)
+        limits = dataclasses.replace(self.limits, max_version=self.queue.committed_policy_version)
         return decode(frames, limits)
 
     # ----------------------------------------------------------------- producers
@@ -242,7 +242,7 @@ class Broker:
 
     def _welcome(self) -> Welcome:
         return Welcome(
-            policy_version=self.queue.published_version, max_staleness=self.cfg.max_staleness,
+            policy_version=self.queue.published_policy_version, max_staleness=self.cfg.max_staleness,
             groups_per_step=self.cfg.groups_per_step, max_message_bytes=self.cfg.max_message_bytes,
             heartbeat_interval_s=self.cfg.heartbeat_interval_s,
         )
@@ -286,7 +286,7 @@ class Broker:
             granted = self.queue.grant(peer.peer_id, peer.want, self.group_size)
             if granted:
                 peer.want -= granted
-                await self._send(self.psock, peer.identity, Credit(granted=granted, policy_version=self.queue.published_version))
+                await self._send(self.psock, peer.identity, Credit(granted=granted, policy_version=self.queue.published_policy_version))
         self._update_gauges()
 
     # ----------------------------------------------------------------- trainers
@@ -307,7 +307,7 @@ class Broker:
                 self._trainer_replaced(msg)
             self.trainer = Peer(identity, msg.peer_id, msg.epoch, time.monotonic(), pid=msg.pid)
             self._trainer_resumes(msg)
-            if self.journal is not None and msg.policy_version > self.queue.published_version:
+            if self.journal is not None and msg.policy_version > self.queue.published_policy_version:
                 self.journal.version(msg.policy_version)
             self.queue.publish(msg.policy_version)
             log.info("trainer %s registered at policy version %d", msg.peer_id, msg.policy_version)
@@ -367,7 +367,7 @@ class Broker:
         log.warning(
             "trainer %s restarted (pid %d -> %d, policy version %d, broker at %d): %d outstanding leases "
             "(%d groups) returned to the queue", hello.peer_id, self.trainer.pid, hello.pid, hello.policy_version,
-            self.queue.published_version, len(returned), sum(len(lease.groups) for lease in returned),
+            self.queue.published_policy_version, len(returned), sum(len(lease.groups) for lease in returned),
         )
         self._update_gauges()
 
@@ -459,7 +459,7 @@ class Broker:
             self.journal.replayed(msg.lease_id, msg.step, msg.policy_version, n_groups, n_traj)
         self.metrics.replayed_groups.inc(n_groups)
         self.metrics.replayed_trajectories.inc(n_traj)
-        self.queue.committed_version = max(self.queue.committed_version, msg.policy_version)
+        self.queue.committed_policy_version = max(self.queue.committed_policy_version, msg.policy_version)
         log.info("replayed step %d committed (%d groups, policy version %d): not counted consumed again", msg.step, n_groups, msg.policy_version)
         self._update_gauges()
         await self._send(self.tsock, identity, CommitAck(lease_id=msg.lease_id, policy_version=msg.policy_version))
@@ -504,7 +504,7 @@ class Broker:
         await self._send(self.tsock, identity, CommitAck(lease_id=msg.lease_id, policy_version=msg.policy_version))
 
     async def _announce(self) -> None:
-        v = self.queue.published_version
+        v = self.queue.published_policy_version
         self.metrics.version.labels("broker").set(v)
         for peer in self.producers.values():
             await self._send(self.psock, peer.identity, VersionAnnouncement(policy_version=v))
@@ -658,7 +658,7 @@ class Broker:
             "groups_replayed": s.groups_replayed,
             "groups_not_retained": s.groups_not_retained,
             "rejected_messages": {k: int(v) for k, v in _counter_values(self.metrics.rejected).items() if v},
-            "policy_version": q.published_version,
+            "policy_version": q.published_policy_version,
             "journal": {**self.recovery, "segments_deleted": self.journal.segments_deleted} if self.journal else None,
         }
 

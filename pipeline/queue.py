@@ -161,8 +161,8 @@ class StalenessQueue:
         self.max_trajectories = max_trajectories
         self.max_bytes = max_bytes
         self.stale_policy = stale_policy
-        self.published_version = policy_version  # live on every engine: credits use this
-        self.committed_version = policy_version  # produced by the last optimizer step
+        self.published_policy_version = policy_version  # live on every engine: credits use this
+        self.committed_policy_version = policy_version  # produced by the last optimizer step
         self.groups: collections.deque[TrajectoryGroup] = collections.deque()
         self.leases: dict[str, Lease] = {}
         self.in_flight: dict[str, int] = collections.defaultdict(int)  # credits granted, group not yet arrived
@@ -193,7 +193,7 @@ class StalenessQueue:
 
     def capacity(self, group_size: int) -> int:
         """How many more group starts may be granted now (admission control)."""
-        budget = (self.max_staleness + self.published_version + 1) * self.groups_per_step
+        budget = (self.max_staleness + self.published_policy_version + 1) * self.groups_per_step
         used = self.stats.groups_consumed - self.stats.groups_superseded + len(self.groups) + self.leased_groups + self.in_flight_groups
         # The trajectory bound: groups queued or in flight must fit.
         traj_room = self.max_trajectories - self.queued_trajectories - self.retained_trajectories - self.in_flight_groups * group_size
@@ -298,22 +298,22 @@ class StalenessQueue:
         self.leases[lease.lease_id] = lease
         return BatchResult(lease=lease, shards=shards, stale=[], staleness=staleness)
 
-    def _count_consumed(self, groups: list[TrajectoryGroup], new_version: int) -> None:
+    def _count_consumed(self, groups: list[TrajectoryGroup], policy_version: int) -> None:
         self.stats.groups_consumed += len(groups)
         self.stats.trajectories_consumed += sum(len(g.trajectories) for g in groups)
-        if new_version <= self.committed_version:  # a resumed trainer re-does a version (see QueueStats)
+        if policy_version <= self.committed_policy_version:  # a resumed trainer re-does a version (see QueueStats)
             self.stats.groups_superseded += len(groups)
-        self.committed_version = max(self.committed_version, new_version)
+        self.committed_policy_version = max(self.committed_policy_version, policy_version)
 
-    def commit(self, lease_id: str, new_version: int) -> Lease:
+    def commit(self, lease_id: str, policy_version: int) -> Lease:
         """Count a (non-replay) lease's groups consumed; keep them for replay when retaining
         (:meth:`will_retain` says beforehand whether they fit)."""
         lease = self.leases.pop(lease_id)
-        self._count_consumed(lease.groups, new_version)
-        self._retain(lease.step, lease.lease_id, new_version, lease.groups, lease.shards)
+        self._count_consumed(lease.groups, policy_version)
+        self._retain(lease.step, lease.lease_id, policy_version, lease.groups, lease.shards)
         return lease
 
-    def consume_queued(self, keys: list[tuple[str, int, int]], new_version: int, step: int = -1,
+    def consume_queued(self, keys: list[tuple[str, int, int]], policy_version: int, step: int = -1,
                        shards: list[list[int]] | None = None) -> list[TrajectoryGroup] | None:
         """Commit of a lease an earlier broker incarnation issued (recovered from the journal, so its
         groups are back in the queue): remove exactly those groups and count them consumed (and
@@ -328,9 +328,9 @@ class StalenessQueue:
         for g in found:
             self.queued_trajectories -= len(g.trajectories)
             self.queued_bytes -= g.nbytes
-        self._count_consumed(found, new_version)
+        self._count_consumed(found, policy_version)
         if step >= 0:
-            self._retain(step, "", new_version, found, shards or [list(range(len(found)))])
+            self._retain(step, "", policy_version, found, shards or [list(range(len(found)))])
         return found
 
     # ------------------------------------------------------------------ retention and replay
@@ -408,14 +408,14 @@ class StalenessQueue:
         self.leases.clear()
         self.replay_leases.clear()
         self.in_flight.clear()
-        self.published_version = self.committed_version = version
+        self.published_policy_version = self.committed_policy_version = version
         self.retained = {r.step: r for r in sorted(retained or [], key=lambda r: r.step)}
         self.retained_trajectories = sum(r.trajectories for r in self.retained.values())
         self.retained_bytes = sum(r.nbytes for r in self.retained.values())
 
     def publish(self, version: int) -> None:
-        self.published_version = max(self.published_version, version)
-        self.committed_version = max(self.committed_version, version)
+        self.published_policy_version = max(self.published_policy_version, version)
+        self.committed_policy_version = max(self.committed_policy_version, version)
 
     def return_all_leases(self) -> list[Lease]:
         """A new trainer process said hello: the old one's outstanding leases will never be committed.
