@@ -238,6 +238,8 @@ class Launcher:
                                 "--port-file", str(port_file(rd, f"engine-{i}")), "--seed", str(cfg.run.seed + 1000 * i),
                                 "--log-level", cfg.run.log_level, "--log-format", cfg.run.log_format)
                 for key, value in to_dict(cfg.engine).items():
+                    if key == "mem_fraction":  # as the placement resolved it (0 = auto: per device and neighbours)
+                        value = self.plan.engines[i].mem_fraction if i < len(self.plan.engines) else value
                     cmd += ["--set", f"{key}={json.dumps(value)}"]
                 engines.append(self._spawn(f"engine-{i}", "engine", cmd))
             engine_urls = []

@@ -88,12 +88,12 @@ def build_batch(model: torch.nn.Module, cfg: EngineConfig, metrics: EngineMetric
     working = working_memory(min(cfg.max_running_requests, 4096), decoder.vocab, decoder.hidden, inter,
                              (decoder.num_heads + 2 * decoder.kv_heads) * decoder.head_dim, cfg.prefill_chunk_tokens,
                              torch.empty((), dtype=decoder.dtype).element_size())
-    plan = plan_memory(device_total=device_total_memory(device), mem_fraction=cfg.mem_fraction,
+    plan = plan_memory(device_total=device_total_memory(device), mem_fraction=cfg.effective_mem_fraction,
                        max_total_tokens=cfg.max_total_tokens, max_seq_len=max_seq_len,
                        max_running_requests=cfg.max_running_requests, weights=weights, staging=staging,
                        working=working, bytes_per_token=shape.bytes_per_token)
     if cuda:  # a hard cap for this process's allocator: fail an allocation rather than take a co-resident trainer's memory
-        torch.cuda.set_per_process_memory_fraction(cfg.mem_fraction, cuda_index(device))
+        torch.cuda.set_per_process_memory_fraction(cfg.effective_mem_fraction, cuda_index(device))
     cache = KVCache(shape, plan.slots, max_seq_len, device)
     log.info("%s", plan.describe())
     if plan.slots < cfg.max_running_requests:
