@@ -203,6 +203,10 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"config OK: {args.config}", file=sys.stderr)
         return 0
     run_dir = args.run_dir or Path(cfg.run.run_dir or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.run.launcher == "ray":  # the roles placed on a Ray cluster (pipeline/ray_launcher.py)
+        from pipeline.ray_launcher import run_ray
+
+        return run_ray(cfg, run_dir, args.config, plan)
     return run(cfg, run_dir, args.config, plan)
 
 

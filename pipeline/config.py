@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 from consumers.config import SFTConfig, TrainerConfig
 from consumers.weights_config import DEPRECATED_KEYS, WeightSyncConfig
 from pipeline.configbase import ConfigError, apply_override, check, doc, from_dict, parse_override
+from pipeline.launch_config import RayConfig, TorchrunConfig
 from pipeline.placement import PlacementConfig
 from pipeline.tracking import TrackingConfig
 from producers.config import ProducerConfig
@@ -63,6 +64,10 @@ class RunConfig:
     )
     record_rollouts: bool = doc("mode 'train': also record every batch the trainer trains to RUN_DIR/rollouts (for a later 'train_only' replay).", False)
     replay_from: str = doc("mode 'train_only': the recording to replay, a run directory or its rollouts/ folder.", "")
+    launcher: Literal["local", "ray"] = doc(
+        "'local': every process on this machine, supervised by slipstream (pipeline/launcher.py). 'ray': the processes "
+        "placed on a Ray cluster (ray.*) and supervised through Ray actor restarts (pipeline/ray_launcher.py; needs "
+        "`pip install slipstream[ray]` and run_dir on storage every node reaches).", "local")
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "must be >= 1")
@@ -199,6 +204,8 @@ class SlipstreamConfig:
     metrics: MetricsConfig = doc("Prometheus endpoints.", default_factory=MetricsConfig)
     tracking: TrackingConfig = doc("Experiment tracking (wandb, tensorboard).", default_factory=TrackingConfig)
     placement: PlacementConfig = doc("Which GPUs the trainer ranks and the engines run on (pipeline/placement.py).", default_factory=PlacementConfig)
+    ray: RayConfig = doc("The Ray cluster and placement of run.launcher = 'ray' (pipeline/ray_launcher.py).", default_factory=RayConfig)
+    torchrun: TorchrunConfig = doc("Multi-node torchrun for the local launcher's trainer (pipeline/multinode.py).", default_factory=TorchrunConfig)
 
     #: keys that moved (old -> new dotted key); the old ones are read with a warning naming the new one
     DEPRECATED_KEYS: ClassVar[dict[str, str]] = DEPRECATED_KEYS
@@ -227,6 +234,11 @@ class SlipstreamConfig:
             "trainer.lr_warmup_steps",
             f"must be < run.steps = {self.run.steps} (the decay length while trainer.lr_decay_steps = 0)",
         )
+        check(self.run.launcher != "ray" or (self.producer.engine != "sglang" and self.run.mode != "train_only"), "run.launcher",
+              "'ray' places embedded engines (or attaches to producer.engine_urls) in run.mode 'train' or 'rollout_only'; "
+              "SGLang servers and 'train_only' replays run with run.launcher = 'local'")
+        check(self.run.launcher != "ray" or self.torchrun.nnodes == 1, "torchrun.nnodes",
+              "applies to run.launcher = 'local'; with 'ray' the trainer ranks are placed by Ray (keep torchrun.nnodes = 1)")
         check(self.run.mode != "rollout_only" or self.trainer.checkpoint_every == 0, "trainer.checkpoint_every",
               "run.mode 'rollout_only' has no trainer to checkpoint (its recorder starts over at step 1): set it to 0")
 
