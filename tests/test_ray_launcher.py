@@ -27,10 +27,11 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.configbase import ConfigError
+from pipeline.journal import replay, scan
 from pipeline.multinode import reexec_argv, torchrun_command, write_node_script
 from pipeline.ray_actor import fill, restart_form
 from tests.helpers import REPO, env, slipstream
-from tests.test_faults import _audit, _logs, _wait_steps
+from tests.test_faults import _logs, _wait_steps
 
 TINY = REPO / "examples" / "tiny" / "config.toml"
 NO_PUBLIC_IP = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray then keeps 127.0.0.1 as it is (no host address)
@@ -60,6 +61,42 @@ class LocalCluster:
         node = next(n for n in self.cluster.worker_nodes if n.node_ip_address == ip)
         self.cluster.remove_node(node, allow_graceful=False)
         self.add()
+
+
+def _audit(run_dir: Path) -> dict[str, Any]:
+    """tests/test_faults.py's audit, with one interleaving a dying broker adds: the broker journaled a
+    step's commit, then died before its ack reached the trainer.  That trainer never wrote the step's
+    consumed.jsonl lines (it writes them on the ack) and was restarted from an older checkpoint; the
+    recovered broker replayed the retained batch to the resumed trainer, which trained it at that step.
+    Such a batch is consumed once, and its only lines are the replay's ("replay": true)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    t = summary["trajectories"]
+    assert t["balanced"] is True, t
+    acked: dict[tuple[str, int, int], list[str]] = {}
+    for path in (run_dir / "acked").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            a = json.loads(line)
+            acked[(path.stem, a["epoch"], a["seq"])] = a["trajectory_ids"]
+    lines = [json.loads(line) for line in (run_dir / "consumed.jsonl").read_text().splitlines()]
+    first = [c["trajectory_id"] for c in lines if not c.get("replay")]
+    assert len(first) == len(set(first)), "a trajectory reached the trainer twice (outside a replay)"
+    first_step = {c["trajectory_id"]: c["step"] for c in lines if not c.get("replay")}
+    replayed = [c for c in lines if c.get("replay")]
+    assert len(replayed) == t["replayed"], (len(replayed), t)
+    assert all(first_step.get(c["trajectory_id"], c["step"]) == c["step"] for c in replayed), "a replay trained a trajectory at another step"
+    replay_only = {c["trajectory_id"] for c in replayed} - set(first)
+    consumed = set(first) | replay_only
+    assert len(consumed) == t["consumed"], (len(first), len(replay_only), t)
+    state = replay(run_dir / "journal", truncate_torn_tail=False)
+    queued = {tid.trajectory_id for g in state.groups for tid in g.trajectories}
+    assert len(queued) == t["still_queued"], (len(queued), t)
+    assert not queued & consumed, "a trajectory is both consumed and still queued"
+    dropped_keys = {tuple(k) for _, kind, p in scan(run_dir / "journal") if kind == "dropped" for k, _ in p["groups"]}
+    dropped = {tid for key, ids in acked.items() if key in dropped_keys for tid in ids}
+    lost = {tid for ids in acked.values() for tid in ids} - consumed - queued - dropped
+    assert not lost, f"{len(lost)} acked trajectories were lost, e.g. {sorted(lost)[:5]}"
+    assert acked, "no acked trajectories were recorded"
+    return summary
 
 
 @pytest.fixture(scope="module")
