@@ -237,6 +237,9 @@ class SlipstreamConfig:
         check(self.run.launcher != "ray" or (self.producer.engine != "sglang" and self.run.mode != "train_only"), "run.launcher",
               "'ray' places embedded engines (or attaches to producer.engine_urls) in run.mode 'train' or 'rollout_only'; "
               "SGLang servers and 'train_only' replays run with run.launcher = 'local'")
+        nranks = self.trainer.tensor_parallel * self.trainer.pipeline_parallel * self.trainer.data_parallel
+        check(nranks % self.torchrun.nnodes == 0, "torchrun.nnodes",
+              f"must divide the trainer's ranks (TP x PP x DP = {nranks}): each node runs the same number of them")
         check(self.run.launcher != "ray" or self.torchrun.nnodes == 1, "torchrun.nnodes",
               "applies to run.launcher = 'local'; with 'ray' the trainer ranks are placed by Ray (keep torchrun.nnodes = 1)")
         check(self.run.mode != "rollout_only" or self.trainer.checkpoint_every == 0, "trainer.checkpoint_every",

@@ -36,9 +36,10 @@ def torchrun_prefix(nproc: int, nnodes: int = 1, node_rank: int | str = 0, rdzv_
 
 
 def torchrun_command(cfg: SlipstreamConfig, nproc: int, args: list[str], node_rank: int | str = 0) -> list[str]:
-    """The trainer's command on node ``node_rank`` (``args``: ``train --config ... --broker ...``)."""
+    """The trainer's command on node ``node_rank`` (``args``: ``train --config ... --broker ...``);
+    ``nproc`` is every rank of the trainer (TP x PP x DP), split evenly over ``torchrun.nnodes``."""
     t = cfg.torchrun
-    return [*torchrun_prefix(nproc, t.nnodes, node_rank, t.rdzv_endpoint, t.rdzv_id), "-m", "pipeline.cli", *args]
+    return [*torchrun_prefix(nproc // t.nnodes, t.nnodes, node_rank, t.rdzv_endpoint, t.rdzv_id), "-m", "pipeline.cli", *args]
 
 
 def write_node_script(cfg: SlipstreamConfig, run_dir: Path, nproc: int, args: list[str]) -> Path | None:

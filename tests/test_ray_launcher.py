@@ -238,18 +238,20 @@ def test_ray_launcher_config_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"ray\.placement_strategy"):
         load_config(TINY, ['ray.placement_strategy="CLOSE"'])
     with pytest.raises(ConfigError, match=r"torchrun\.rdzv_endpoint"):
-        load_config(TINY, ["torchrun.nnodes=2"])
+        load_config(TINY, ["torchrun.nnodes=2", "trainer.data_parallel=2"])
     with pytest.raises(ConfigError, match=r"torchrun\.nnodes"):
-        load_config(TINY, ['run.launcher="ray"', "torchrun.nnodes=2", 'torchrun.rdzv_endpoint="h:1"'])
+        load_config(TINY, ['run.launcher="ray"', "torchrun.nnodes=2", 'torchrun.rdzv_endpoint="h:1"', "trainer.data_parallel=2"])
 
 
 def test_torchrun_across_nodes(tmp_path: Path) -> None:
-    cfg = load_config(TINY, ["torchrun.nnodes=3", 'torchrun.rdzv_endpoint="node0:29500"'])
-    cmd = torchrun_command(cfg, 2, ["train", "--broker", "tcp://b:1"], node_rank=0)
+    cfg = load_config(TINY, ["torchrun.nnodes=3", 'torchrun.rdzv_endpoint="node0:29500"', "trainer.data_parallel=6"])
+    cmd = torchrun_command(cfg, 6, ["train", "--broker", "tcp://b:1"], node_rank=0)
     assert "--standalone" not in cmd
     assert {"--nnodes=3", "--node-rank=0", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500", "--nproc_per_node=2"} <= set(cmd)
     assert cmd[-5:] == ["-m", "pipeline.cli", "train", "--broker", "tcp://b:1"]
-    script = write_node_script(cfg, tmp_path, 2, ["train"])
+    with pytest.raises(ConfigError, match=r"torchrun\.nnodes"):
+        load_config(TINY, ["torchrun.nnodes=3", 'torchrun.rdzv_endpoint="node0:29500"', "trainer.data_parallel=2"])
+    script = write_node_script(cfg, tmp_path, 6, ["train"])
     assert script is not None and '--node-rank="$1"' in script.read_text()
     assert write_node_script(load_config(TINY), tmp_path, 2, ["train"]) is None
     argv = ["train", "--config", "c", "--nnodes", "2", "--node-rank=1", "--rdzv-endpoint", "h:5", "--nproc-per-node", "4", "--broker", "tcp://b:1"]
