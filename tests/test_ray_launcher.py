@@ -254,6 +254,8 @@ def test_torchrun_across_nodes(tmp_path: Path) -> None:
     script = write_node_script(cfg, tmp_path, 6, ["train"])
     assert script is not None and '--node-rank="$1"' in script.read_text()
     assert write_node_script(load_config(TINY), tmp_path, 2, ["train"]) is None
+    one = torchrun_command(load_config(TINY), 2, ["train"])  # one machine: the local launcher's command as before
+    assert one[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline.cli", "train"]
     argv = ["train", "--config", "c", "--nnodes", "2", "--node-rank=1", "--rdzv-endpoint", "h:5", "--nproc-per-node", "4", "--broker", "tcp://b:1"]
     again = reexec_argv(argv, 2, 1, "h:5", "slipstream", 4)
     assert again[again.index("pipeline.cli") + 1:] == ["train", "--config", "c", "--broker", "tcp://b:1"]
