@@ -1,10 +1,10 @@
 """``run.launcher = "ray"`` on a real multi-node Ray cluster made on this machine, and node deaths.
 
 The cluster (one per module, shared): ``ray.cluster_utils.Cluster`` with a head node that holds no
-CPUs (the driver's) and five worker nodes of one Ray CPU each, each on its own loopback address
+CPUs (the driver's) and six worker nodes of one Ray CPU each, each on its own loopback address
 (127.0.0.2 ...), so that a process's address says which node it is on and a process restarted on
 another node comes back on another address.  With ``ray.num_cpus = 1`` and SPREAD every process
-(broker, engine, producer, trainer) gets a node of its own and one node is spare.  A test that kills
+(broker, engine, producer, one or two trainer ranks) gets a node of its own and one node or more is spare.  A test that kills
 a node (``remove_node(allow_graceful=False)``: its raylet and workers die, and with them the role's
 process) adds a replacement, so the next test finds a spare again.
 
@@ -104,7 +104,7 @@ def cluster() -> Iterator[LocalCluster]:
     with pytest.MonkeyPatch.context() as mp:
         for k, v in NO_PUBLIC_IP.items():
             mp.setenv(k, v)
-        c = LocalCluster(workers=5)
+        c = LocalCluster(workers=6)
         try:
             yield c
         finally:
@@ -180,15 +180,22 @@ def test_ray_run_spreads_learns_and_survives_the_producer_node(cluster: LocalClu
 
 @pytest.mark.slow
 def test_ray_trainer_node_dies_and_the_trainer_resumes_from_its_checkpoint(cluster: LocalCluster, model_dir: Path, tmp_path: Path) -> None:
+    """Two trainer ranks (DP 2, one torch.distributed group over two nodes); rank 0's node dies: the
+    driver restarts both ranks as a new group (fresh rendezvous) from the last checkpoint."""
     steps = 10
-    with _run(cluster, model_dir, tmp_path, steps, "trainer.checkpoint_every=3") as (proc, run_dir):
+    with _run(cluster, model_dir, tmp_path, steps, "trainer.checkpoint_every=3", "trainer.data_parallel=2") as (proc, run_dir):
         _wait_steps(proc, run_dir, 4, tmp_path, timeout_s=180, poll_s=0.05)
-        ip = _procs(run_dir)["trainer"]["node_ip"]
+        before = _procs(run_dir)
+        assert before["trainer"]["node_id"] != before["trainer-rank-1"]["node_id"], "the two ranks on two nodes"
+        ip = before["trainer"]["node_ip"]
         cluster.kill_node(ip)
         _wait_moved(proc, run_dir, "trainer", ip, tmp_path)
         assert proc.wait(timeout=300) == 0, _logs(tmp_path)
     summary = _audit(run_dir)
     assert summary["restarts"] == {"broker": 0, "engine": 0, "producer": 0, "trainer": 1}, summary["restarts"]
+    after = _procs(run_dir)
+    assert after["trainer"]["incarnation"] == after["trainer-rank-1"]["incarnation"] == 1, "the whole group restarted"
+    assert "rank 1/2" in (run_dir / "logs" / "trainer-rank-1.log").read_text()
     records = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, steps + 1)), "one line per step, the resumed steps continuing"
     assert "resum" in (run_dir / "logs" / "trainer.log").read_text().lower()
