@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--broker", required=True, help="broker trainer endpoint, tcp://HOST:PORT")
     t.add_argument("--engine-url", action="append", default=[],
                    help="engine base URL to publish weights to (repeatable; none with run.mode = 'train_only')")
+    # torchrun across nodes without Ray (pipeline/multinode.py): outside torchrun, these re-run the command under it
+    t.add_argument("--nnodes", type=int, default=None, help="nodes of this trainer (re-runs itself under torchrun on this node)")
+    t.add_argument("--node-rank", type=int, default=0, help="this node's rank among --nnodes (0 = the rendezvous host)")
+    t.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the c10d rendezvous (node rank 0), with --nnodes > 1")
+    t.add_argument("--rdzv-id", default="slipstream", help="rendezvous id, the same on every node")
+    t.add_argument("--nproc-per-node", type=int, default=1, help="trainer ranks on this node, with --nnodes")
     rec = sub.add_parser("record", help="run.mode = 'rollout_only': record each step's batch in the trainer's place (pipeline/record.py)")
     _common(rec)
     rec.add_argument("--broker", required=True, help="broker trainer endpoint, tcp://HOST:PORT")
@@ -235,6 +241,10 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"config OK: {args.config}", file=sys.stderr)
         return 0
     run_dir = args.run_dir or Path(cfg.run.run_dir or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.run.launcher == "ray":  # the roles placed on a Ray cluster (pipeline/ray_launcher.py)
+        from pipeline.ray_launcher import run_ray
+
+        return run_ray(cfg, run_dir, args.config, plan)
     return run(cfg, run_dir, args.config, plan)
 
 
@@ -428,6 +438,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "produce":
             return _cmd_produce(args)
         if args.command == "train":
+            if args.nnodes is not None and "RANK" not in os.environ:  # this node's ranks under torchrun
+                from pipeline.multinode import reexec_argv
+
+                if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+                    raise ConfigError("--node-rank", f"must be in [0, --nnodes = {args.nnodes}), got {args.node_rank}")
+                if args.nnodes > 1 and ":" not in args.rdzv_endpoint:
+                    raise ConfigError("--rdzv-endpoint", "must be HOST:PORT (node rank 0's address) with --nnodes > 1")
+                cmd = reexec_argv(argv, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.nproc_per_node)
+                os.execv(cmd[0], cmd)
             return _cmd_train(args)
         if args.command in ("record", "replay"):
             return _cmd_record_replay(args)

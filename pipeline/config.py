@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from consumers.config import SFTConfig, TrainerConfig
 from consumers.weights_config import DEPRECATED_KEYS, WeightSyncConfig
 from pipeline.configbase import ConfigError, check, doc, from_dict
+from pipeline.launch_config import RayConfig, TorchrunConfig
 from pipeline.placement import PlacementConfig
 from pipeline.runconfig import (
     MetricsConfig,
@@ -59,6 +60,8 @@ class SlipstreamConfig:
     metrics: MetricsConfig = doc("Prometheus endpoints.", default_factory=MetricsConfig)
     tracking: TrackingConfig = doc("Experiment tracking (wandb, tensorboard).", default_factory=TrackingConfig)
     placement: PlacementConfig = doc("Which GPUs the trainer ranks and the engines run on (pipeline/placement.py).", default_factory=PlacementConfig)
+    ray: RayConfig = doc("The Ray cluster and placement of run.launcher = 'ray' (pipeline/ray_launcher.py).", default_factory=RayConfig)
+    torchrun: TorchrunConfig = doc("Multi-node torchrun for the local launcher's trainer (pipeline/multinode.py).", default_factory=TorchrunConfig)
 
     #: keys that moved (old -> new dotted key); the old ones are read with a warning naming the new one
     DEPRECATED_KEYS: ClassVar[dict[str, str]] = DEPRECATED_KEYS
@@ -98,6 +101,14 @@ class SlipstreamConfig:
             "trainer.lr_warmup_steps",
             f"must be < run.steps = {self.run.steps} (the decay length while trainer.lr_decay_steps = 0)",
         )
+        check(self.run.launcher != "ray" or (self.producer.engine != "sglang" and self.run.mode != "train_only"), "run.launcher",
+              "'ray' places embedded engines (or attaches to producer.engine_urls) in run.mode 'train' or 'rollout_only'; "
+              "SGLang servers and 'train_only' replays run with run.launcher = 'local'")
+        nranks = self.trainer.tensor_parallel * self.trainer.pipeline_parallel * self.trainer.data_parallel
+        check(nranks % self.torchrun.nnodes == 0, "torchrun.nnodes",
+              f"must divide the trainer's ranks (TP x PP x DP = {nranks}): each node runs the same number of them")
+        check(self.run.launcher != "ray" or self.torchrun.nnodes == 1, "torchrun.nnodes",
+              "applies to run.launcher = 'local'; with 'ray' the trainer ranks are placed by Ray (keep torchrun.nnodes = 1)")
         check(self.run.mode != "rollout_only" or self.trainer.checkpoint_every == 0, "trainer.checkpoint_every",
               "run.mode 'rollout_only' has no trainer to checkpoint (its recorder starts over at step 1): set it to 0")
 

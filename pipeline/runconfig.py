@@ -66,6 +66,10 @@ class RunConfig:
     )
     record_rollouts: bool = doc("mode 'train': also record every batch the trainer trains to RUN_DIR/rollouts (for a later 'train_only' replay).", False)
     replay_from: str = doc("mode 'train_only': the recording to replay, a run directory or its rollouts/ folder.", "")
+    launcher: Literal["local", "ray"] = doc(
+        "'local': every process on this machine, supervised by slipstream (pipeline/launcher.py). 'ray': the processes "
+        "placed on a Ray cluster (ray.*) and supervised through Ray actor restarts (pipeline/ray_launcher.py; needs "
+        "`pip install slipstream[ray]` and run_dir on storage every node reaches).", "local")
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "must be >= 1")
