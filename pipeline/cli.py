@@ -234,7 +234,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     async def main() -> None:
         vocab = _vocab_size(cfg.model.path)  # type: ignore[attr-defined]
         journal = args.run_dir / "journal" if cfg.queue.journal else None  # type: ignore[attr-defined]
-        broker = Broker(cfg.queue, cfg.producer.group_size, vocab_size=vocab, journal_dir=journal)  # type: ignore[attr-defined]
+        broker = Broker(cfg.queue, cfg.producer.group_size, vocab_size=vocab, journal_dir=journal,  # type: ignore[attr-defined]
+                        acked_dir=args.run_dir / "acked")
         metrics_port = 0
         if cfg.metrics.enabled:  # type: ignore[attr-defined]
             _, metrics_port = serve_metrics(broker.metrics.registry, cfg.metrics.host, args.metrics_port)  # type: ignore[attr-defined]
@@ -272,7 +273,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
             cfg.producer, args.producer_id, args.broker, args.engine_url, cfg.model.path,  # type: ignore[attr-defined]
             seed=cfg.run.seed * 7919 + idx, hwm=cfg.queue.socket_hwm, max_message_bytes=cfg.queue.max_message_bytes,  # type: ignore[attr-defined]
             peer_timeout_s=cfg.queue.peer_timeout_s, heartbeat_interval_s=cfg.queue.heartbeat_interval_s,  # type: ignore[attr-defined]
-            acked_log=args.run_dir / "acked" / f"{args.producer_id}.jsonl",
+            acked_log=args.run_dir / "acked" / "client" / f"{args.producer_id}.jsonl",  # the broker writes acked/ itself
             curve=CurveKeys.from_config(cfg.queue),  # type: ignore[attr-defined]
             eval_path=args.run_dir / "eval.jsonl" if idx == 0 else None,
             cursor_path=args.run_dir / "cursors" / f"{args.producer_id}.json",
