@@ -12,6 +12,12 @@ short, bounded reason (used as a metric label) and whose message says exactly wh
 
     frames = encode(msg)           # list of bytes / buffers for socket.send_multipart
     msg = decode(frames, limits)   # raises WireError
+    frames = frames_of(msg)        # a decoded message's own frames (forwarding), else encode(msg)
+
+One encoding per batch: a decoded group keeps the frames it came in (``TrajectoryGroup.wire``), and
+a ``Batch`` of such groups is encoded from them: the batch header embeds each group's msgpack header
+byte for byte (its own ``schema_version``/``type`` keys ride along; the batch decoder reads only the
+group fields) and the array frames are the received ones, so nothing is decoded or copied again.
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ def encode(msg: Message) -> list[Any]:
     if isinstance(msg, TrajectoryGroup):
         header, frames = _group_header_and_frames(msg)
         return [_pack({"schema_version": SCHEMA_VERSION, "type": "group", **header}), *frames]
+    if isinstance(msg, Batch) and msg.groups and all(g.wire is not None for g in msg.groups):
+        return _batch_from_wire(msg)
     if isinstance(msg, Batch):
         groups, frames = [], []
         for g in msg.groups:
@@ -105,6 +113,34 @@ def encode(msg: Message) -> list[Any]:
     if mtype in CONTROL_TYPES:
         return [_pack({"schema_version": SCHEMA_VERSION, "type": mtype, **dataclasses.asdict(msg)})]
     raise TypeError(f"refusing to encode {type(msg).__name__}: not a slipstream message type")
+
+
+def _batch_fields(msg: Batch) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "type": "batch", "step": msg.step, "lease_id": msg.lease_id, "shards": msg.shards,
+            "dropped": msg.dropped, "queue_depth": msg.queue_depth, "replay": msg.replay}
+
+
+def _batch_from_wire(msg: Batch) -> list[Any]:
+    """A batch of groups that came off the wire: their header bytes spliced into the batch header,
+    their array frames passed through (see the module doc)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    fields = _batch_fields(msg)
+    parts = [packer.pack_map_header(len(fields) + 1)]
+    for k, v in fields.items():
+        parts += [packer.pack(k), packer.pack(v)]
+    parts += [packer.pack("groups"), packer.pack_array_header(len(msg.groups))]
+    frames: list[Any] = []
+    for g in msg.groups:
+        assert g.wire is not None
+        parts.append(_buffer(g.wire[0]))
+        frames.extend(_buffer(f) for f in g.wire[1:])
+    return [b"".join(parts), *frames]
+
+
+def frames_of(msg: Message) -> list[Any]:
+    """The frames a decoded message arrived in (to forward it unchanged), else :func:`encode`."""
+    wire = getattr(msg, "wire", None)
+    return list(wire) if wire is not None else encode(msg)
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -210,7 +246,9 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
         raise WireError("schema_version", f"schema_version {sv!r} is not supported (this peer speaks {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
     mtype = header.get("type")
     if mtype == "group":
-        return _decode_group(header, frames[1:], limits, "group")
+        group = _decode_group(header, frames[1:], limits, "group")
+        group.wire = list(frames)
+        return group
     if mtype == "batch":
         ghs = _need(header, "groups", list, "batch")
         if len(frames) - 1 != FRAMES_PER_GROUP * len(ghs):
@@ -229,6 +267,7 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
             dropped=_need(header, "dropped", int, "batch"),
             queue_depth=_need(header, "queue_depth", int, "batch"),
             replay=_need(header, "replay", bool, "batch") if sv >= 2 else _refuse_newer(header, "replay", sv, "batch", False),
+            wire=list(frames),
         )
     cls = CONTROL_TYPES.get(mtype) if isinstance(mtype, str) else None
     if cls is None:
