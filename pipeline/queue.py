@@ -479,7 +479,7 @@ class StalenessQueue(QueueState):
         if len(self.groups) < num_groups:
             raise RuntimeError(f"take_batch: only {len(self.groups)} groups queued, {num_groups} needed")
         groups = list(itertools.islice(self.groups, num_groups))
-        staleness = [version - t.min_version for g in groups for t in g.trajectories]
+        staleness = [version - m for g in groups for m in g.trajectory_min_versions]
         if max(staleness) > self.max_staleness:  # remove_stale must have run: this is an invariant
             raise AssertionError(f"staleness {max(staleness)} > bound {self.max_staleness}")
         shards = shard_by_tokens(groups, dp_size)

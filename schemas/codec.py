@@ -23,6 +23,7 @@ group fields) and the array frames are the received ones, so nothing is decoded 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,8 +112,13 @@ def encode(msg: Message) -> list[Any]:
         }
         return [_pack(header), *frames]
     if mtype in CONTROL_TYPES:
-        return [_pack({"schema_version": SCHEMA_VERSION, "type": mtype, **dataclasses.asdict(msg)})]
+        return [_pack({"schema_version": SCHEMA_VERSION, "type": mtype, **{name: getattr(msg, name) for name in _field_names(type(msg))}})]
     raise TypeError(f"refusing to encode {type(msg).__name__}: not a slipstream message type")
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _batch_fields(msg: Batch) -> dict[str, Any]:
@@ -221,7 +227,24 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
     too_long = any(a + b > limits.max_tokens_per_trajectory for a, b in zip(n_prompt, n_resp, strict=True))
     if too_long or not arrays_look_valid(arrays, limits):
         validate_group(group, limits)  # slow path: find and name the offending trajectory and field
+    _fill_group_cache(group, arrays, n_prompt, n_resp)
     return group
+
+
+def _fill_group_cache(group: TrajectoryGroup, arrays: dict[str, np.ndarray], n_prompt: list[int], n_resp: list[int]) -> None:
+    """The group's cached sizes and versions, from the concatenated frames (one reduction each,
+    not one per trajectory): the broker reads them for every group it queues and batches."""
+    versions = arrays["versions"]
+    mins = [-1] * len(n_resp)
+    nonempty = [i for i, n in enumerate(n_resp) if n]
+    if nonempty:
+        starts = np.cumsum([0, *n_resp[:-1]])[nonempty]
+        for i, m in zip(nonempty, np.minimum.reduceat(versions, starts).tolist(), strict=True):
+            mins[i] = int(m)
+    group.__dict__.update(
+        trajectory_min_versions=mins, min_version=min(mins), max_version=int(versions.max()) if len(versions) else -1,
+        num_tokens=sum(n_prompt) + sum(n_resp), nbytes=sum(a.nbytes for a in arrays.values()),
+    )
 
 
 def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:

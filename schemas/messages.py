@@ -99,6 +99,11 @@ class TrajectoryGroup:
         return max((int(t.versions.max()) for t in self.trajectories if len(t.versions)), default=-1)
 
     @functools.cached_property
+    def trajectory_min_versions(self) -> list[int]:
+        """Each trajectory's oldest token version (staleness is per trajectory); the codec fills it at decode."""
+        return [t.min_version for t in self.trajectories]
+
+    @functools.cached_property
     def num_tokens(self) -> int:
         return sum(t.num_tokens for t in self.trajectories)
 
