@@ -53,7 +53,7 @@ from pipeline.metrics import SECONDS_BUCKETS, new_registry, policy_version_gauge
 from pipeline.rundir import port_file, write_json_atomic
 from pipeline.tracking import Tracker, TrackingMetrics
 from pipeline.transport import CurveKeys, TrainerClient
-from schemas.codec import decode, encode
+from schemas.codec import decode, frames_of
 from schemas.messages import Batch
 from schemas.validate import Limits
 from schemas.weight_update import ROUTE_CHECKSUM
@@ -138,7 +138,7 @@ def broadcast_batch(batch: Batch | None, src: int = 0) -> Batch:
         return batch
     if dist.get_rank() == src:
         assert batch is not None
-        payload = msgpack.packb([bytes(f) for f in encode(batch)])
+        payload = msgpack.packb([bytes(f) for f in frames_of(batch)])  # the frames it arrived in: not encoded again
         size = torch.tensor([len(payload)], dtype=torch.int64)
     else:
         payload, size = b"", torch.zeros(1, dtype=torch.int64)

@@ -276,7 +276,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     async def main() -> None:
         vocab = _vocab_size(model.path)
         journal = args.run_dir / "journal" if queue.journal else None
-        broker = Broker(queue, producer.group_size, vocab_size=vocab, journal_dir=journal)
+        broker = Broker(queue, producer.group_size, vocab_size=vocab, journal_dir=journal, acked_dir=args.run_dir / "acked")
         metrics_port = 0
         if metrics.enabled:
             _, metrics_port = serve_metrics(broker.metrics.registry, metrics.host, args.metrics_port)
@@ -314,7 +314,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
             producer_cfg, args.producer_id, args.broker, args.engine_url, model.path,
             seed=run.seed * 7919 + idx, hwm=queue.socket_hwm, max_message_bytes=queue.max_message_bytes,
             peer_timeout_s=queue.peer_timeout_s, heartbeat_interval_s=queue.heartbeat_interval_s,
-            acked_log=args.run_dir / "acked" / f"{args.producer_id}.jsonl",
+            acked_log=args.run_dir / "acked" / "client" / f"{args.producer_id}.jsonl",  # the broker writes acked/ itself
             curve=CurveKeys.from_config(queue),
             eval_path=args.run_dir / "eval.jsonl" if idx == 0 else None,
             cursor_path=args.run_dir / "cursors" / f"{args.producer_id}.json",

@@ -45,7 +45,7 @@ import zmq
 
 from pipeline.configbase import ConfigError
 from pipeline.rundir import write_json_atomic
-from schemas.codec import WireError, decode, encode
+from schemas.codec import WireError, decode, encode, frames_of
 from schemas.messages import (
     Ack,
     Batch,
@@ -84,7 +84,7 @@ class Recorder:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def write(self, step: int, batch: Batch, trained_from_version: int) -> dict[str, Any]:
-        data = msgpack.packb([bytes(f.buffer) if hasattr(f, "buffer") else bytes(f) for f in encode(batch)])
+        data = msgpack.packb([bytes(f.buffer) if hasattr(f, "buffer") else bytes(f) for f in frames_of(batch)])
         name = f"step-{step:06d}.batch"
         tmp = self.dir / (name + ".tmp")
         tmp.write_bytes(data)

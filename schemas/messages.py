@@ -121,6 +121,9 @@ class TrajectoryGroup:
     seq: int
     trajectories: list[Trajectory]
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: the frames it was decoded from (header + arrays), when it came off the wire: a batch of such
+    #: groups is encoded from them without re-encoding (:func:`schemas.codec.encode`). Not a field on the wire.
+    wire: list[Any] | None = field(default=None, repr=False, compare=False)
 
     # Cached: a group is immutable once built, and the queue reads these on every batch.
     @functools.cached_property
@@ -131,6 +134,11 @@ class TrajectoryGroup:
     def max_version(self) -> int:
         """The newest policy version among the group's tokens (-1 if it has none)."""
         return max((int(t.versions.max()) for t in self.trajectories if len(t.versions)), default=-1)
+
+    @functools.cached_property
+    def trajectory_min_versions(self) -> list[int]:
+        """Each trajectory's oldest token version (staleness is per trajectory); the codec fills it at decode."""
+        return [t.min_version for t in self.trajectories]
 
     @functools.cached_property
     def num_tokens(self) -> int:
@@ -269,6 +277,8 @@ class Batch:
     #: True: the batch this step consumed before the trainer was restarted from an older checkpoint,
     #: served again (same groups, same order, same shards); its commit counts nothing consumed.
     replay: bool = False
+    #: the frames it was decoded from: :func:`schemas.codec.frames_of` forwards them unchanged. Not on the wire.
+    wire: list[Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
