@@ -42,11 +42,14 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from consumers.config import SFTConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -228,52 +231,56 @@ def export_hf_final(rank: Any, hf_src: str | Path, out_dir: str | Path, max_shar
     return out
 
 
-def prepare_start(rank: Any, cfg: Any, run_dir: str | Path) -> tuple[int, int]:
+def prepare_start(
+    rank: Any, trainer: TrainerConfig, sft: SFTConfig, model_path: str, max_staleness: int, run_dir: str | Path
+) -> tuple[int, int]:
     """Before the RL loop (collective): resume from ``trainer.resume_from`` if it names a
     checkpoint, else run the ``[sft]`` stage if configured.  Returns ``(last completed step,
     policy version)``: ``(0, 0)`` for a fresh run, ``(0, max_staleness + 1)`` after SFT (so
-    rollouts sampled with the pre-SFT weights exceed the staleness bound), the checkpoint's values
-    on resume.  The caller publishes the weights to the engines when the version is > 0.
+    rollouts sampled with the pre-SFT weights exceed the staleness bound ``queue.max_staleness``),
+    the checkpoint's values on resume.  The caller publishes the weights to the engines when the version is > 0.
 
     Data position: the step is the queue position.  The trainer's hello carries it, and the broker
     replays the batches it retained for the steps after it (committed by the trainer that died,
     see ``consumers/loop.py``) before any new data, so the resumed run trains what the dead one did."""
-    path = resolve_checkpoint(run_dir, cfg.trainer.resume_from)
+    path = resolve_checkpoint(run_dir, trainer.resume_from)
     if path is not None:
         meta = load_checkpoint(rank, path)
         return int(meta["step"]), int(meta["policy_version"])
-    sft = getattr(cfg, "sft", None)
-    if sft is not None and sft.steps > 0:
+    if sft.steps > 0:
         from consumers.sft import run_sft
 
-        run_sft(rank, sft, cfg.model.path, run_dir)
+        run_sft(rank, sft, model_path, run_dir)
         # Producers may already have sampled with the pre-SFT weights (version 0) while SFT ran.
         # Jump past the staleness bound so that all of that data is too stale to train on (the
         # broker drops or requeues it per queue.stale_policy): RL sees post-SFT samples only.
-        rank.policy_version = int(getattr(getattr(cfg, "queue", None), "max_staleness", 0)) + 1
+        rank.policy_version = max_staleness + 1
         return 0, rank.policy_version
     return 0, 0
 
 
-def maybe_checkpoint(rank: Any, cfg: Any, run_dir: str | Path, step: int, extra: dict[str, Any] | None = None) -> Path | None:
+def maybe_checkpoint(rank: Any, trainer: TrainerConfig, run_dir: str | Path, step: int,
+                     extra: dict[str, Any] | None = None) -> Path | None:
     """Save when ``trainer.checkpoint_every`` divides ``step`` (collective); returns the path if it saved."""
-    every = cfg.trainer.checkpoint_every
+    every = trainer.checkpoint_every
     if every and step % every == 0:
         return save_checkpoint(rank, run_dir, step, extra)
     return None
 
 
-def finish_run(rank: Any, cfg: Any, run_dir: str | Path, last_step: int, interrupted: bool = False) -> Path | None:
+def finish_run(rank: Any, trainer: TrainerConfig, model_path: str, run_dir: str | Path, last_step: int,
+               interrupted: bool = False) -> Path | None:
     """At exit (collective): a final checkpoint if checkpointing is on and ``last_step`` was not
-    saved yet (its ``meta.json`` says ``"at_exit": true``), and the ``hf-final`` export
-    (``trainer.export_hf_at_end``; not when ``interrupted``: SIGINT/SIGTERM stopped the run before
-    its last step, and the resumed run exports at its end).  Returns the checkpoint written now."""
-    every = cfg.trainer.checkpoint_every
+    saved yet (its ``meta.json`` says ``"at_exit": true``), and the ``hf-final`` export of
+    ``model_path``'s architecture (``trainer.export_hf_at_end``; not when ``interrupted``:
+    SIGINT/SIGTERM stopped the run before its last step, and the resumed run exports at its end).
+    Returns the checkpoint written now."""
+    every = trainer.checkpoint_every
     saved = None
     if every and last_step > 0 and last_step % every:
         saved = save_checkpoint(rank, run_dir, last_step, {"at_exit": True, "interrupted": interrupted})
     elif every and last_step > 0:
         log.info("checkpoint at exit: step %d was saved already (trainer.checkpoint_every = %d)", last_step, every)
-    if cfg.trainer.export_hf_at_end and not interrupted:
-        export_hf_final(rank, cfg.model.path, Path(run_dir) / "hf-final", cfg.trainer.export_hf_shard_bytes)
+    if trainer.export_hf_at_end and not interrupted:
+        export_hf_final(rank, model_path, Path(run_dir) / "hf-final", trainer.export_hf_shard_bytes)
     return saved

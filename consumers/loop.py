@@ -63,7 +63,7 @@ from pipeline.metrics import SECONDS_BUCKETS, new_registry, policy_version_gauge
 from pipeline.rundir import port_file, write_json_atomic
 from pipeline.tracking import Tracker, TrackingMetrics
 from pipeline.transport import CurveKeys, TrainerClient
-from schemas.codec import decode, encode
+from schemas.codec import decode, frames_of
 from schemas.messages import Batch
 from schemas.validate import Limits
 from schemas.weight_update import ROUTE_CHECKSUM
@@ -151,7 +151,7 @@ def broadcast_batch(batch: Batch | None, src: int = 0, stop: bool = False) -> Ba
         return None if stop else batch
     if dist.get_rank() == src:
         assert stop or batch is not None
-        payload = b"" if stop or batch is None else msgpack.packb([bytes(f) for f in encode(batch)])
+        payload = b"" if stop or batch is None else msgpack.packb([bytes(f) for f in frames_of(batch)])  # its own frames: not encoded again
         size = torch.tensor([-1 if stop else len(payload)], dtype=torch.int64)
     else:
         payload, size = b"", torch.zeros(1, dtype=torch.int64)
@@ -222,7 +222,8 @@ class Trainer:
         # group of its own (consumers/stage_publish.py); rank 0 still drives the engines over HTTP.
         self.per_stage = cfg.trainer.pipeline_parallel > 1 and cfg.weights.per_stage_publish and bool(self.engine_urls)
         self.export = rank.export_hf_stage if self.per_stage else rank.export_hf_state
-        self.start_step, self.version = prepare_start(rank, cfg, self.run_dir)  # resume, or the [sft] stage (consumers/checkpoint.py)
+        # resume, or the [sft] stage (consumers/checkpoint.py)
+        self.start_step, self.version = prepare_start(rank, cfg.trainer, cfg.sft, cfg.model.path, cfg.queue.max_staleness, self.run_dir)
         wall_offset = 0.0
         if rank.is_publisher:
             self.metrics = TrainerMetrics()
@@ -365,15 +366,15 @@ class Trainer:
             log.error("%s", e)
             raise SystemExit(2) from e
         t2 = time.monotonic()
-        trained_from = self.version
+        trained_from_version = self.version
         self.version += 1
         ctx: dict[str, Any] = {}
         if self.client is not None:
             self.client.commit(batch.lease_id, step, self.version, timeout_s=cfg.run.startup_timeout_s)
             # Recorded at once: the broker counts these consumed from the commit on, so a trainer
             # killed while the publish runs must not leave them out of consumed.jsonl.
-            _record_consumed(self.run_dir / "consumed.jsonl", batch, step, trained_from)
-            ctx = {"step": step, "batch": batch, "stats": stats, "trained_from": trained_from, "wait_s": t1 - t0, "train_s": t2 - t1}
+            _record_consumed(self.run_dir / "consumed.jsonl", batch, step, trained_from_version)
+            ctx = {"step": step, "batch": batch, "stats": stats, "trained_from_version": trained_from_version, "wait_s": t1 - t0, "train_s": t2 - t1}
         self.publish(self.export(), self.version, ctx)
         if self.sender is not None and cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
             self.sender.wait()  # a checkpoint is taken only once its version is published and its step recorded
@@ -413,7 +414,7 @@ class Trainer:
     def _checkpoint(self, step: int, lease_id: Any) -> None:
         from consumers.checkpoint import maybe_checkpoint
 
-        if maybe_checkpoint(self.rank, self.cfg, self.run_dir, step, {"lease_id": lease_id}) is not None and self.client is not None:
+        if maybe_checkpoint(self.rank, self.cfg.trainer, self.run_dir, step, {"lease_id": lease_id}) is not None and self.client is not None:
             self.client.checkpointed(step, self.version)  # the broker stops retaining batches of steps <= step
 
     def _finish_step(self, version: int, pub: PublishResult | None, ctx: dict[str, Any]) -> None:
@@ -421,11 +422,13 @@ class Trainer:
         assert self.client is not None and self.metrics is not None and pub is not None
         pub = as_result(pub, version)
         cfg = self.cfg
+        t_verify = time.monotonic()
         checks = engine_checksums(self.engine_urls, pub.checksum, version, 60.0) if cfg.run.verify_weights else []
+        verify_s = time.monotonic() - t_verify
         self.client.published(version)
         t3 = time.monotonic()
-        step, batch, stats, trained_from = ctx["step"], ctx["batch"], ctx["stats"], ctx["trained_from"]
-        stale = _staleness(batch, trained_from)
+        step, batch, stats, trained_from_version = ctx["step"], ctx["batch"], ctx["stats"], ctx["trained_from_version"]
+        stale = _staleness(batch, trained_from_version)
         rewards = [t.reward for g in batch.groups for t in g.trajectories]
         rec = StepRecord(
             step=step, policy_version=version, reward_mean=sum(rewards) / len(rewards),
@@ -434,7 +437,7 @@ class Trainer:
             queue_depth=batch.queue_depth, wall_time_s=t3 - self._t_start, interval_s=t3 - self._t_last, wait_s=ctx["wait_s"], train_s=ctx["train_s"],
             publish_s=pub.seconds, publish_bytes=pub.bytes, weights_checksum=pub.checksum, engine_checksums=checks,
             engine_pause_s=pub.pause_s, stale_engines=sorted(pub.stale), replay=batch.replay,
-            stats={k: float(v) for k, v in stats.items()},
+            stats={**{k: float(v) for k, v in stats.items()}, **publish_breakdown(pub, verify_s)},
         )
         self._t_last = t3
         line = rec.to_json()
@@ -461,7 +464,7 @@ class Trainer:
                         ": writing the final checkpoint" if cfg.trainer.checkpoint_every else " (no checkpoint: trainer.checkpoint_every = 0)")
         if self.sender is not None:
             self.sender.wait()
-        finish_run(self.rank, cfg, self.run_dir, last, interrupted=stopped)
+        finish_run(self.rank, cfg.trainer, cfg.model.path, self.run_dir, last, interrupted=stopped)
         if self.client is not None and cfg.trainer.checkpoint_every:
             self.client.checkpointed(last, self.version)  # finish_run saved the last step
         if self.tracker is not None:
@@ -476,7 +479,10 @@ class Trainer:
 
 
 def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
-    """``slipstream train``: one rank's whole run (:class:`Trainer`)."""
+    """``slipstream train``: one rank's whole run (:class:`Trainer`).  It takes the whole config, not
+    one section: the trainer reads eight of them (trainer, sft, weights, queue, run, model, metrics,
+    tracking) and the tracker logs all of them as the run's hyper-parameters.  What it calls gets
+    its section (``prepare_start``, ``maybe_checkpoint``, ``finish_run``, ``TrainerRank``)."""
     return Trainer(cfg, run_dir, broker_endpoint, engine_urls).run()
 
 
@@ -508,7 +514,7 @@ def _stage_done(version: int, info: PublishResult | None, ctx: Any) -> None:
         log.debug("stage %s sent its part of version %d", info.stage, version)
 
 
-def _record_consumed(path: Path, batch: Batch, step: int, trained_from: int) -> None:
+def _record_consumed(path: Path, batch: Batch, step: int, trained_from_version: int) -> None:
     """Append one ``consumed.jsonl`` line per trajectory of a committed batch; ``replay`` marks a
     batch served again after a resume (counted consumed once, at its first commit)."""
     with path.open("a") as f:
@@ -516,7 +522,7 @@ def _record_consumed(path: Path, batch: Batch, step: int, trained_from: int) -> 
             for t in g.trajectories:
                 f.write(json.dumps({
                     "trajectory_id": t.trajectory_id, "group_id": g.group_id, "step": step,
-                    "trained_from_version": trained_from, "min_version": int(t.versions.min()),
+                    "trained_from_version": trained_from_version, "min_version": int(t.versions.min()),
                     "max_version": int(t.versions.max()), "num_tokens": len(t.response_tokens),
                     "prompt_id": g.prompt_id, "reward": t.reward, "masked_tokens": int((t.loss_mask == 0).sum()), "mask_spans": _mask_spans(t.loss_mask),
                     "replay": batch.replay,
@@ -574,6 +580,14 @@ def _mask_spans(mask: Any, limit: int = 16) -> list[list[int]]:
             if len(spans) >= limit:
                 break
     return spans
+
+
+def publish_breakdown(pub: PublishResult, verify_s: float) -> dict[str, float]:
+    """Where a publish's time went, for steps.jsonl: ``publish_checksum_s`` (hashing the export
+    for run.verify_weights), ``publish_send_s`` (the transfer to the slowest engine, until it
+    swapped the version in) and ``verify_s`` (asking the engines for their checksums)."""
+    return {"publish_checksum_s": float(pub.timings.get("checksum_s", 0.0)),
+            "publish_send_s": float(pub.timings.get("send_s", 0.0)), "verify_s": float(verify_s)}
 
 
 def _observe(m: TrainerMetrics, rec: StepRecord, train_s: float) -> None:

@@ -167,7 +167,10 @@ def plan_build(cfg: TrainerConfig, spec: bridge.HFModelSpec, dp: int) -> tuple[B
     over = megatron_overrides(cfg.megatron)
     want_pack = cfg.packing == "block_diagonal"
     name = resolve_layer_spec(cfg.layer_spec, want_pack)
-    packing = cfg.packing if cfg.packing != "auto" else ("block_diagonal" if cuda and name == "sdpa" else "none")
+    # 'auto' = padded rows: on one H200 (0.6B, sdpa, varied lengths) packed rows trained 0.81x as
+    # fast as padded ones (bench/results/2026-12-02-trainer-gpu-h200.json, "packed"); on CPU the
+    # mask is O(row^2) (bench/packing_cpu.py). block_diagonal stays a choice.
+    packing = cfg.packing if cfg.packing != "auto" else "none"
     defaults = tuning.transformer_defaults(cuda)
     bf16 = bool(over["TransformerConfig"].get("bf16"))
     tokens, recompute, estimate = cfg.max_tokens_per_microbatch, "none", None

@@ -109,6 +109,23 @@ def as_result(info: PublishResult | dict[str, Any], version: int) -> PublishResu
     return PublishResult(version=version, **known)
 
 
+def _check_options(engine_urls: list[str], engine_kind: str, pause_mode: str, backend: str, transport: str,
+                   bucket_bytes: int, timeout_s: float) -> None:
+    """:class:`WeightPublisher`'s argument checks: a ValueError naming the bad one."""
+    if engine_kind not in ENGINE_KINDS:
+        raise ValueError(f"engine_kind must be 'embedded' or 'sglang', got {engine_kind!r}")
+    if pause_mode not in PAUSE_MODES:
+        raise ValueError(f"pause_mode must be 'in_place', 'retract' or 'abort', got {pause_mode!r}")
+    if not engine_urls:
+        raise ValueError("WeightPublisher needs at least one engine URL")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {list(TRANSPORTS)}, got {transport!r}")
+    if bucket_bytes <= 0 or timeout_s <= 0:
+        raise ValueError("bucket_bytes and timeout_s must be > 0")
+
+
 class WeightPublisher:
     """Publishes versioned weights from trainer rank 0 to engines; see the module docstring."""
 
@@ -137,18 +154,7 @@ class WeightPublisher:
         'broadcast' | 'ipc' (``weights.transport``); ``device``: where this process's weights live
         (compared with each engine's); ``update_timeout_s``: the deadline of one engine's update
         (default ``timeout_s``).  The rest: see ``consumers.weights_config.WeightSyncConfig``."""
-        if engine_kind not in ENGINE_KINDS:
-            raise ValueError(f"engine_kind must be 'embedded' or 'sglang', got {engine_kind!r}")
-        if pause_mode not in PAUSE_MODES:
-            raise ValueError(f"pause_mode must be 'in_place', 'retract' or 'abort', got {pause_mode!r}")
-        if not engine_urls:
-            raise ValueError("WeightPublisher needs at least one engine URL")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {list(TRANSPORTS)}, got {transport!r}")
-        if bucket_bytes <= 0 or timeout_s <= 0:
-            raise ValueError("bucket_bytes and timeout_s must be > 0")
+        _check_options(engine_urls, engine_kind, pause_mode, backend, transport, bucket_bytes, timeout_s)
         self.engine_urls = [u.rstrip("/") for u in engine_urls]
         self.ranks_per_engine = list(ranks_per_engine or [1] * len(self.engine_urls))
         if len(self.ranks_per_engine) != len(self.engine_urls) or min(self.ranks_per_engine) < 1:

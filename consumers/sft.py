@@ -26,7 +26,10 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from consumers.config import SFTConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def load_examples(path: str | Path, model_path: str | Path, append_eos: bool = T
     return out
 
 
-def run_sft(rank: Any, sft_cfg: Any, model_path: str | Path, run_dir: str | Path | None = None) -> list[dict[str, float]]:
+def run_sft(rank: Any, sft_cfg: SFTConfig, model_path: str | Path, run_dir: str | Path | None = None) -> list[dict[str, float]]:
     """Run the SFT stage on ``rank`` (collective over all trainer ranks); returns per-step stats
     (and appends them to ``RUN_DIR/sft_steps.jsonl`` on global rank 0).  Sets ``rank.policy_version`` to 1."""
     import torch.distributed as dist

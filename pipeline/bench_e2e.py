@@ -217,6 +217,10 @@ def analyse(run_dir: Path, samples: list[dict[str, Any]], process_wall_s: float,
         "trainer_wait_fraction": sum(s["wait_s"] for s in use) / loop_s if loop_s else None,
         "publish_s_mean": _mean([s["publish_s"] for s in use]), "publish_bytes_per_version": use[-1]["publish_bytes"] if use else None,
         "publish_gb_per_s": total_bytes / total_pub_s / 1e9 if total_pub_s > 0 else None,
+        # the same publish split: hashing for run.verify_weights vs the transfer itself (older runs lack them)
+        "publish_checksum_s_mean": _mean([s.get("publish_checksum_s") for s in use if "publish_checksum_s" in s]),
+        "publish_send_gb_per_s": _send_rate(use),
+        "verify_s_mean": _mean([s.get("verify_s") for s in use if "verify_s" in s]),
         "engine_pause_s_mean": _mean([s.get("engine_pause_s", 0.0) for s in use]),
         "engine_pause_s_max": max((s.get("engine_pause_s", 0.0) for s in use), default=None),
         "staleness_mean": _mean([s["staleness_mean"] for s in use]),
@@ -227,6 +231,13 @@ def analyse(run_dir: Path, samples: list[dict[str, Any]], process_wall_s: float,
     }
     out.update(_from_samples(samples))
     return out
+
+
+def _send_rate(steps: list[dict[str, Any]]) -> float | None:
+    """Bytes of each version over its transfer time alone (``publish_send_s``), in GB/s."""
+    rows = [(s["publish_bytes"], s.get("publish_send_s", 0.0)) for s in steps]
+    send_s = sum(t for _, t in rows)
+    return sum(b for b, _ in rows) / send_s / 1e9 if send_s > 0 else None
 
 
 def _from_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -409,7 +420,8 @@ def table(result: dict[str, Any]) -> str:
         ("process wall (s)", "process_wall_s"), ("steady s/step", "steady_s_per_step"), ("tokens generated/s", "tokens_generated_per_s"),
         ("tokens trained/s", "tokens_trained_per_s"), ("trainer wait (s, mean)", "trainer_wait_s_mean"),
         ("trainer wait share", "trainer_wait_fraction"), ("train step (s, mean)", "trainer_step_s_mean"),
-        ("publish (s, mean)", "publish_s_mean"), ("publish GB/s", "publish_gb_per_s"), ("engine pause (s, max)", "engine_pause_s_max"),
+        ("publish (s, mean)", "publish_s_mean"), ("publish GB/s", "publish_gb_per_s"),
+        ("  of it hashing (s, mean)", "publish_checksum_s_mean"), ("  transfer GB/s", "publish_send_gb_per_s"), ("engine pause (s, max)", "engine_pause_s_max"),
         ("staleness (mean)", "staleness_mean"), ("GPU util % (mean)", "gpu_util_pct_mean"),
         ("summary balances", "summary_balanced"), ("verify_weights every step", "verify_weights_every_step"),
         ("engine memory within budget", "engine_memory_within_budget"),

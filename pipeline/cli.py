@@ -33,10 +33,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.configbase import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import SlipstreamConfig
+    from pipeline.runconfig import MetricsConfig, ModelConfig, QueueConfig, RunConfig
+    from producers.config import ProducerConfig
 
 log = logging.getLogger("slipstream")
 
@@ -84,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--broker", required=True, help="broker trainer endpoint, tcp://HOST:PORT")
     t.add_argument("--engine-url", action="append", default=[],
                    help="engine base URL to publish weights to (repeatable; none with run.mode = 'train_only')")
+    # torchrun across nodes without Ray (pipeline/multinode.py): outside torchrun, these re-run the command under it
+    t.add_argument("--nnodes", type=int, default=None, help="nodes of this trainer (re-runs itself under torchrun on this node)")
+    t.add_argument("--node-rank", type=int, default=0, help="this node's rank among --nnodes (0 = the rendezvous host)")
+    t.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the c10d rendezvous (node rank 0), with --nnodes > 1")
+    t.add_argument("--rdzv-id", default="slipstream", help="rendezvous id, the same on every node")
+    t.add_argument("--nproc-per-node", type=int, default=1, help="trainer ranks on this node, with --nnodes")
     rec = sub.add_parser("record", help="run.mode = 'rollout_only': record each step's batch in the trainer's place (pipeline/record.py)")
     _common(rec)
     rec.add_argument("--broker", required=True, help="broker trainer endpoint, tcp://HOST:PORT")
@@ -120,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _add_sweep_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_sweep_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sw = sub.add_parser("sweep", help="run the job once per max_staleness and seed; write sweep.json, PNG plots and an HTML report")
     sw.add_argument("config", type=Path, nargs="?", default=None)
     sw.add_argument("--max-staleness", default=None, metavar="0,1,2", help="comma-separated η values")
@@ -135,7 +147,7 @@ def _add_sweep_command(sub: argparse._SubParsersAction) -> None:  # type: ignore
     sw.add_argument("--smooth", type=int, default=10, help="steps in the trailing reward mean (default 10)")
 
 
-def _add_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("dashboard", help="write the Grafana dashboard generated from code (--check: verify it)")
     d.add_argument("--check", action="store_true", help="exit 1 if the committed JSON is stale, conflicted or uses unknown metrics")
     d.add_argument("--path", type=Path, default=None, help="dashboard file (default ops/grafana/slipstream.json)")
@@ -171,10 +183,35 @@ def _cmd_ops(args: argparse.Namespace) -> int:
     return status_main(args.run_dir, args.once, args.interval)
 
 
-def _load(path: str | Path, overrides: list[str]) -> object:
+def _load(path: str | Path, overrides: list[str]) -> SlipstreamConfig:
+    """The whole config, every section and the cross-role checks (the trainer and the recorder
+    read most sections, and the tracker logs all of them)."""
     from pipeline.config import load_config
 
     return load_config(path, overrides)
+
+
+def role_sections(
+    path: str | Path, overrides: list[str]
+) -> tuple[RunConfig, ModelConfig, QueueConfig, MetricsConfig, ProducerConfig]:
+    """The sections the broker and the producer processes read (``[run]``, ``[model]``,
+    ``[queue]``, ``[metrics]``, ``[producer]``), and only those: neither loads the trainer's or the
+    engine's config module (pipeline/runconfig.py says why; ``slipstream run`` checked the whole
+    config before it started them)."""
+    from pipeline.runconfig import (
+        MetricsConfig,
+        ModelConfig,
+        QueueConfig,
+        RunConfig,
+        load_config_dict,
+        load_sections,
+    )
+    from producers.config import ProducerConfig
+
+    run, model, queue, metrics, producer = load_sections(
+        load_config_dict(path, overrides), run=RunConfig, model=ModelConfig, queue=QueueConfig, metrics=MetricsConfig,
+        producer=ProducerConfig)
+    return run, model, queue, metrics, producer
 
 
 def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -204,6 +241,10 @@ def _cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"config OK: {args.config}", file=sys.stderr)
         return 0
     run_dir = args.run_dir or Path(cfg.run.run_dir or f"runs/{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.run.launcher == "ray":  # the roles placed on a Ray cluster (pipeline/ray_launcher.py)
+        from pipeline.ray_launcher import run_ray
+
+        return run_ray(cfg, run_dir, args.config, plan)
     return run(cfg, run_dir, args.config, plan)
 
 
@@ -214,13 +255,13 @@ def _stop_event_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
     return stop
 
 
-def _run_async(main: object) -> None:
+def _run_async(main: Coroutine[Any, Any, None]) -> None:
     try:
-        import uvloop  # type: ignore[import-not-found]
-
-        uvloop.run(main)  # type: ignore[arg-type]
+        import uvloop
     except ImportError:
-        asyncio.run(main)  # type: ignore[arg-type]
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
@@ -229,16 +270,16 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     from pipeline.metrics import serve_metrics
     from pipeline.rundir import port_file, stats_file, write_json_atomic
 
-    cfg = _load(args.config, args.set)
-    setup_logging("broker", cfg.run.log_level, cfg.run.log_format)  # type: ignore[attr-defined]
+    run, model, queue, metrics, producer = role_sections(args.config, args.set)
+    setup_logging("broker", run.log_level, run.log_format)
 
     async def main() -> None:
-        vocab = _vocab_size(cfg.model.path)  # type: ignore[attr-defined]
-        journal = args.run_dir / "journal" if cfg.queue.journal else None  # type: ignore[attr-defined]
-        broker = Broker(cfg.queue, cfg.producer.group_size, vocab_size=vocab, journal_dir=journal)  # type: ignore[attr-defined]
+        vocab = _vocab_size(model.path)
+        journal = args.run_dir / "journal" if queue.journal else None
+        broker = Broker(queue, producer.group_size, vocab_size=vocab, journal_dir=journal, acked_dir=args.run_dir / "acked")
         metrics_port = 0
-        if cfg.metrics.enabled:  # type: ignore[attr-defined]
-            _, metrics_port = serve_metrics(broker.metrics.registry, cfg.metrics.host, args.metrics_port)  # type: ignore[attr-defined]
+        if metrics.enabled:
+            _, metrics_port = serve_metrics(broker.metrics.registry, metrics.host, args.metrics_port)
         write_json_atomic(port_file(args.run_dir, "broker"), {"producer_port": broker.producer_port, "trainer_port": broker.trainer_port, "metrics_port": metrics_port})
         stop = _stop_event_on_signals(asyncio.get_running_loop())
         stats_file(args.run_dir, "broker").parent.mkdir(parents=True, exist_ok=True)
@@ -264,28 +305,28 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     from pipeline.transport import CurveKeys
     from producers.producer import Producer, write_stats
 
-    cfg = _load(args.config, args.set)
-    setup_logging(args.producer_id, cfg.run.log_level, cfg.run.log_format)  # type: ignore[attr-defined]
+    run, model, queue, metrics, producer_cfg = role_sections(args.config, args.set)
+    setup_logging(args.producer_id, run.log_level, run.log_format)
     idx = int(args.producer_id.rsplit("-", 1)[-1]) if args.producer_id.rsplit("-", 1)[-1].isdigit() else 0
 
     async def main() -> None:
         producer = Producer(
-            cfg.producer, args.producer_id, args.broker, args.engine_url, cfg.model.path,  # type: ignore[attr-defined]
-            seed=cfg.run.seed * 7919 + idx, hwm=cfg.queue.socket_hwm, max_message_bytes=cfg.queue.max_message_bytes,  # type: ignore[attr-defined]
-            peer_timeout_s=cfg.queue.peer_timeout_s, heartbeat_interval_s=cfg.queue.heartbeat_interval_s,  # type: ignore[attr-defined]
-            acked_log=args.run_dir / "acked" / f"{args.producer_id}.jsonl",
-            curve=CurveKeys.from_config(cfg.queue),  # type: ignore[attr-defined]
+            producer_cfg, args.producer_id, args.broker, args.engine_url, model.path,
+            seed=run.seed * 7919 + idx, hwm=queue.socket_hwm, max_message_bytes=queue.max_message_bytes,
+            peer_timeout_s=queue.peer_timeout_s, heartbeat_interval_s=queue.heartbeat_interval_s,
+            acked_log=args.run_dir / "acked" / "client" / f"{args.producer_id}.jsonl",  # the broker writes acked/ itself
+            curve=CurveKeys.from_config(queue),
             eval_path=args.run_dir / "eval.jsonl" if idx == 0 else None,
             cursor_path=args.run_dir / "cursors" / f"{args.producer_id}.json",
             stats_path=stats_file(args.run_dir, args.producer_id),  # rewritten before each first send: exact after a SIGKILL
         )
         port = 0
-        if cfg.metrics.enabled:  # type: ignore[attr-defined]
-            _, port = serve_metrics(producer.metrics.registry, cfg.metrics.host, 0)  # type: ignore[attr-defined]
+        if metrics.enabled:
+            _, port = serve_metrics(producer.metrics.registry, metrics.host, 0)
         write_json_atomic(port_file(args.run_dir, args.producer_id), {"metrics_port": port})
         stop = _stop_event_on_signals(asyncio.get_running_loop())
         try:
-            await producer.run(stop, cfg.run.startup_timeout_s)  # type: ignore[attr-defined]
+            await producer.run(stop, run.startup_timeout_s)
         finally:
             write_stats(stats_file(args.run_dir, args.producer_id), producer.final_stats())
 
@@ -301,9 +342,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config, args.set)
     rank = os.environ.get("RANK", "0")
-    setup_logging(f"trainer-{rank}", cfg.run.log_level, cfg.run.log_format)  # type: ignore[attr-defined]
+    setup_logging(f"trainer-{rank}", cfg.run.log_level, cfg.run.log_format)
     torch.set_num_threads(1)
-    trainer = Trainer(cfg, args.run_dir, args.broker, args.engine_url)  # type: ignore[arg-type]
+    trainer = Trainer(cfg, args.run_dir, args.broker, args.engine_url)
 
     def on_signal(signum: int, _frame: Any) -> None:
         if trainer.stop_signal is not None:  # a second signal: do not wait for the step and the checkpoint
@@ -339,14 +380,14 @@ def _cmd_record_replay(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config, args.set)
     name = "recorder" if args.command == "record" else "replayer-0"
-    setup_logging(name, cfg.run.log_level, cfg.run.log_format)  # type: ignore[attr-defined]
+    setup_logging(name, cfg.run.log_level, cfg.run.log_format)
     stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _f: stopping.append(s))
     if args.command == "record":
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         return run_recorder(cfg, args.run_dir, args.broker, args.engine_url)
-    replayer = Replayer(cfg, cfg.run.replay_from, args.broker)  # type: ignore[attr-defined]
+    replayer = Replayer(cfg, cfg.run.replay_from, args.broker)
     write_json_atomic(port_file(args.run_dir, name), {"metrics_port": 0})
     last = time.monotonic()
 
@@ -405,6 +446,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "produce":
             return _cmd_produce(args)
         if args.command == "train":
+            if args.nnodes is not None and "RANK" not in os.environ:  # this node's ranks under torchrun
+                from pipeline.multinode import reexec_argv
+
+                if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+                    raise ConfigError("--node-rank", f"must be in [0, --nnodes = {args.nnodes}), got {args.node_rank}")
+                if args.nnodes > 1 and ":" not in args.rdzv_endpoint:
+                    raise ConfigError("--rdzv-endpoint", "must be HOST:PORT (node rank 0's address) with --nnodes > 1")
+                cmd = reexec_argv(argv, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.nproc_per_node)
+                os.execv(cmd[0], cmd)
             return _cmd_train(args)
         if args.command in ("record", "replay"):
             return _cmd_record_replay(args)

@@ -143,15 +143,48 @@ def migrate_deprecated(data: dict[str, Any], moves: Mapping[str, str], prefix: s
     return out
 
 
+def fill_shared(data: dict[str, Any], shared: Mapping[str, str]) -> dict[str, Any]:
+    """``data`` with each follower key of ``shared`` (follower dotted key -> home dotted key) that
+    is not set given the home's value, where the home is set.  A follower set to a value of its own
+    stays (the composing dataclass's ``__post_init__`` reports a mismatch).  ``data`` is not changed."""
+    out = data
+    for follower, home in shared.items():
+        node: Any = data
+        for part in home.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is _ABSENT:
+            continue
+        *parents, leaf = follower.split(".")
+        holder: Any = data
+        for part in parents:
+            holder = holder.get(part, {}) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict) or leaf in holder:
+            continue  # set (or not a table: from_dict reports that)
+        if out is data:
+            out = copy.deepcopy(data)
+        target = out
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = node
+    return out
+
+
+_ABSENT = object()
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and failed checks raise
     ConfigError with the full dotted key.  Keys ``cls`` lists in a ``DEPRECATED_KEYS`` class
-    attribute (old dotted key -> new one) are moved first (:func:`migrate_deprecated`)."""
+    attribute (old dotted key -> new one) are moved first (:func:`migrate_deprecated`), then the
+    followers of its ``SHARED_KEYS`` take their home's value (:func:`fill_shared`)."""
     moves = getattr(cls, "DEPRECATED_KEYS", None)
     if moves:
         data = migrate_deprecated(data, moves, f"{prefix}." if prefix else "")
+    shared = getattr(cls, "SHARED_KEYS", None)
+    if shared:
+        data = fill_shared(data, shared)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls))}
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name

@@ -9,8 +9,15 @@ published version and recent commits, as of the end of the previous segment), ``
 group's encoded wire frames, byte for byte), ``leased`` (lease id -> group keys, written before the
 batch is sent), ``consumed`` (a lease's commit: lease id, group keys and sizes, new version),
 ``dropped`` (reason, group keys and sizes), ``version`` (a published policy version),
-``released`` (steps whose retained batches a trainer checkpoint now covers) and ``replayed`` (the
-commit of a retained batch served again to a resumed trainer).
+``released`` (steps whose retained batches a trainer checkpoint now covers), ``replayed`` (the
+commit of a retained batch served again to a resumed trainer) and ``returned`` (leases given back
+uncommitted: expired, or their trainer process was replaced).
+
+**The queue's event log.** Every record after a checkpoint is one event of
+:mod:`pipeline.queue_events`: the queue appends it here and then applies it
+(:meth:`pipeline.queue.StalenessQueue.emit`). Recovery reads the events back and applies them to a
+fresh queue with the same :meth:`pipeline.queue.QueueState.apply`; there is no second state
+machine. With the journal off the queue's log is :class:`NullJournal`, which writes nothing.
 
 Replay retention: a ``consumed`` record with ``retain`` keeps its groups (step, lease order, DP
 shards) as a retained batch until a ``released`` record names its step, so a restarted broker can
@@ -25,7 +32,8 @@ exactly-once, and every admission counter is *derived* from the replayed records
 version: nothing like a stored budget is persisted (AReaL #1345).
 
 **How.** Replay starts from the oldest segment's checkpoint, applies every later record, and
-ignores later checkpoints. A torn or corrupt record (short header, impossible length, CRC
+ignores later checkpoints; the leases still open at the end belong to the previous incarnation:
+their groups go back to the front of the queue, and a commit of one still consumes them. A torn or corrupt record (short header, impossible length, CRC
 mismatch: what a crash mid-write leaves) ends that segment's replay with a warning and is counted
 (``torn_records``); a torn tail of the last segment is truncated away. A restarted broker never
 appends to an old segment: it opens a new one. Compaction deletes the oldest segments while every
@@ -52,24 +60,29 @@ from typing import Any
 
 import msgpack
 
-from pipeline.queue import DROP_REASONS, QueueStats, Retained, SeenSeqs
-from schemas.codec import decode
+from pipeline.queue import DROP_REASONS, RECENT_COMMITS, QueueStats, Retained, SeenSeqs, StalenessQueue
+from pipeline.queue_events import (
+    Accepted,
+    Consumed,
+    Dropped,
+    Event,
+    Key,
+    Leased,
+    Released,
+    Replayed,
+    VersionPublished,
+    event_from_record,
+    sizes,
+)
 from schemas.messages import TrajectoryGroup
-from schemas.validate import Limits, WireError
 
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 31
-KINDS = {"checkpoint": 0, "accepted": 1, "leased": 2, "consumed": 3, "dropped": 4, "version": 5, "released": 6, "replayed": 7}
+KINDS = {"checkpoint": 0, "accepted": 1, "leased": 2, "consumed": 3, "dropped": 4, "version": 5, "released": 6, "replayed": 7,
+         "returned": 8}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
-RECENT_COMMITS = 64  # commit lease ids remembered for idempotent re-commits after a restart
-
-Key = tuple[str, int, int]
-
-
-def _key(k: Any) -> Key:
-    return (str(k[0]), int(k[1]), int(k[2]))
 
 
 def encode_record(kind: str, payload: Any) -> bytes:
@@ -115,13 +128,6 @@ def scan(directory: Path) -> Iterator[tuple[str, str, Any]]:
             yield path.name, kind, payload
 
 
-def group_from_frames(frames: list[bytes]) -> TrajectoryGroup:
-    msg = decode(frames, Limits(max_message_bytes=2**62))
-    if not isinstance(msg, TrajectoryGroup):
-        raise WireError("unexpected", f"journal 'accepted' record holds a {type(msg).__name__}")
-    return msg
-
-
 @dataclass
 class Recovered:
     """The queue state a journal replay rebuilt."""
@@ -148,13 +154,14 @@ def _stats_payload(stats: QueueStats) -> dict[str, Any]:
         "groups_dropped": dict(stats.groups_dropped), "trajectories_dropped": dict(stats.trajectories_dropped),
         "groups_superseded": stats.groups_superseded, "groups_replayed": stats.groups_replayed,
         "trajectories_replayed": stats.trajectories_replayed, "groups_not_retained": stats.groups_not_retained,
+        "leases_expired": stats.leases_expired,
     }
 
 
 def _stats_from(p: dict[str, Any]) -> QueueStats:
     s = QueueStats()
     for k in ("groups_accepted", "trajectories_accepted", "groups_consumed", "trajectories_consumed", "groups_superseded",
-              "groups_replayed", "trajectories_replayed", "groups_not_retained"):
+              "groups_replayed", "trajectories_replayed", "groups_not_retained", "leases_expired"):
         setattr(s, k, int(p.get(k, 0)))
     for k in ("groups_dropped", "trajectories_dropped"):
         getattr(s, k).update({r: int(v) for r, v in p.get(k, {}).items()})
@@ -162,109 +169,39 @@ def _stats_from(p: dict[str, Any]) -> QueueStats:
 
 
 def replay(directory: Path, truncate_torn_tail: bool = True) -> Recovered:
-    """Rebuild the queue state from every segment in ``directory`` (see the module doc)."""
-    rec = Recovered()
-    pending: collections.OrderedDict[Key, TrajectoryGroup] = collections.OrderedDict()
-    paths = segment_paths(directory)
-    committed = -1  # newest version a replayed commit produced (a commit at or below it re-did a version)
-    for i, path in enumerate(paths):
-        seg_no = int(path.stem.split("-")[1])
-        records, end, problem = read_segment(path)
-        rec.segments += 1
-        rec.last_segment = seg_no
-        if problem is not None:
-            rec.torn_records += 1
-            log.warning("journal %s: %s; the rest of this segment is skipped (a crash mid-write leaves this)", path.name, problem)
-            if truncate_torn_tail and i == len(paths) - 1:
-                with path.open("r+b") as f:
-                    f.truncate(end)
-        for j, (kind, p) in enumerate(records):
-            if kind == "checkpoint":
-                if i == 0 and j == 0:
-                    rec.stats = _stats_from(p["stats"])
-                    rec.seen = SeenSeqs.from_state(p["seen"])
-                    rec.version = int(p["version"])
-                    rec.commits = {str(k): int(v) for k, v in p.get("commits", {}).items()}
-                    committed = max([committed, rec.version, *rec.commits.values()])
-                continue
-            if kind == "accepted":
-                group = group_from_frames(p)
-                key = group.dedup_key
-                if key in rec.seen:
-                    log.warning("journal %s: group %s accepted twice; the second record is ignored", path.name, group.group_id)
-                    continue
-                rec.seen.add(key)
-                pending[key] = group
-                rec.live[key] = seg_no
-                rec.stats.groups_accepted += 1
-                rec.stats.trajectories_accepted += len(group.trajectories)
-            elif kind == "leased":
-                if p.get("replay"):
-                    rec.replay_leases[str(p["lease_id"])] = int(p["step"])
-                    continue
-                rec.leases[str(p["lease_id"])] = [_key(k) for k in p["keys"]]
-                if "step" in p:
-                    rec.lease_steps[str(p["lease_id"])] = (int(p["step"]), p.get("shards") or [])
-            elif kind == "replayed":
-                rec.replay_leases.pop(str(p["lease_id"]), None)
-                rec.commits[str(p["lease_id"])] = int(p["version"])
-                rec.stats.groups_replayed += int(p["groups"])
-                rec.stats.trajectories_replayed += int(p["trajectories"])
-            elif kind == "released":
-                for step in p["steps"]:
-                    r = rec.retained.pop(int(step), None)
-                    for g in r.groups if r is not None else []:
-                        rec.live.pop(g.dedup_key, None)
-            elif kind in ("consumed", "dropped"):
-                redo = kind == "consumed" and int(p["version"]) <= committed
-                retain = kind == "consumed" and bool(p.get("retain"))
-                kept: list[TrajectoryGroup | None] = []
-                for k, n in p["groups"]:
-                    key = _key(k)
-                    kept.append(pending.pop(key, None))
-                    if not retain:
-                        rec.live.pop(key, None)
-                    if kind == "consumed":
-                        rec.stats.groups_consumed += 1
-                        rec.stats.trajectories_consumed += int(n)
-                        rec.stats.groups_superseded += int(redo)
-                    else:
-                        rec.stats.groups_dropped[p["reason"]] += 1
-                        rec.stats.trajectories_dropped[p["reason"]] += int(n)
-                if retain:
-                    _recover_retained(rec, p, kept, path.name)
-                if kind == "consumed":
-                    rec.leases.pop(str(p["lease_id"]), None)
-                    rec.lease_steps.pop(str(p["lease_id"]), None)
-                    rec.commits[str(p["lease_id"])] = int(p["version"])  # not published yet: no version change
-                    committed = max(committed, int(p["version"]))
-            elif kind == "version":
-                rec.version = max(rec.version, int(p["version"]))
-                committed = max(committed, rec.version)
-    while len(rec.commits) > RECENT_COMMITS:
-        rec.commits.pop(next(iter(rec.commits)))
-    rec.groups = list(pending.values())
-    return rec
+    """Rebuild the queue state from every segment in ``directory`` (see the module doc): the
+    events applied to a fresh queue."""
+    queue = StalenessQueue(0, 1, 2**62, 2**62)
+    return Journal(directory, fsync="never").recover_into(queue, truncate_torn_tail)
 
 
-def _recover_retained(rec: Recovered, p: dict[str, Any], groups: list[TrajectoryGroup | None], segment: str) -> None:
-    """A replayed ``consumed`` record with ``retain``: rebuild its retained batch (its groups, in
-    lease order, were just taken out of the pending queue)."""
-    step = int(p["step"])
-    if any(g is None for g in groups):  # cannot happen unless records were lost (torn): cannot replay exactly
-        log.warning("journal %s: retained batch of step %d lacks some of its groups; it will not be replayed", segment, step)
-        for k, _ in p["groups"]:
-            rec.live.pop(_key(k), None)
-        return
-    old = rec.retained.pop(step, None)
-    for g in old.groups if old is not None else []:
-        rec.live.pop(g.dedup_key, None)
-    rec.retained[step] = Retained(step, str(p["lease_id"]), int(p["version"]), [g for g in groups if g is not None],
-                                  [list(map(int, s)) for s in p.get("shards", [])])
+class NullJournal:
+    """The queue's event log with the journal off: events are applied, nothing is written."""
+
+    bytes_written = 0
+    segments_deleted = 0
+
+    def append(self, event: Event) -> None:
+        pass
+
+    def recover_into(self, queue: StalenessQueue, truncate_torn_tail: bool = True) -> Recovered:
+        return Recovered()
+
+    def open_segment(self, stats: QueueStats, seen: SeenSeqs, version: int, committed: int | None = None) -> None:
+        pass
+
+    def maybe_rotate(self, stats: QueueStats, seen: SeenSeqs, version: int, committed: int | None = None) -> None:
+        pass
+
+    def summary(self, recovered: Recovered) -> dict[str, Any] | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 class Journal:
-    """Appends records to the current segment; rotates and compacts (see the module doc)."""
+    """Appends events to the current segment; rotates and compacts; recovers (see the module doc)."""
 
     def __init__(self, directory: Path, segment_bytes: int = 64 << 20, fsync: str = "always") -> None:
         if fsync not in ("always", "never"):
@@ -273,8 +210,9 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.live: dict[Key, int] = {}
+        self.live: dict[Key, int] = {}  # accepted group -> the segment holding its record, while it may be needed
         self.seg_live: collections.Counter[int] = collections.Counter()
+        self.retained_keys: dict[int, list[Key]] = {}  # step -> keys of its retained batch
         self.commits: dict[str, int] = {}
         self.segment = 0
         self._f: Any = None
@@ -282,16 +220,52 @@ class Journal:
         self.bytes_written = 0
         self.segments_deleted = 0
 
+    # ------------------------------------------------------------------ recovery
     def recover(self) -> Recovered:
-        rec = replay(self.directory)
-        self.live = dict(rec.live)
-        self.seg_live = collections.Counter(rec.live.values())
-        self.commits = dict(rec.commits)
+        """The state a replay of this directory rebuilds (a fresh queue; see :meth:`recover_into`)."""
+        return self.recover_into(StalenessQueue(0, 1, 2**62, 2**62))
+
+    def recover_into(self, queue: StalenessQueue, truncate_torn_tail: bool = True) -> Recovered:
+        """Apply every event of the journal to ``queue`` (fresh), from the oldest segment's checkpoint."""
+        rec = Recovered()
+        paths = segment_paths(self.directory)
+        for i, path in enumerate(paths):
+            seg_no = int(path.stem.split("-")[1])
+            records, end, problem = read_segment(path)
+            rec.segments += 1
+            rec.last_segment = seg_no
+            if problem is not None:
+                rec.torn_records += 1
+                log.warning("journal %s: %s; the rest of this segment is skipped (a crash mid-write leaves this)", path.name, problem)
+                if truncate_torn_tail and i == len(paths) - 1:
+                    with path.open("r+b") as f:
+                        f.truncate(end)
+            for j, (kind, p) in enumerate(records):
+                if kind == "checkpoint":
+                    if i == 0 and j == 0:
+                        commits = {str(k): int(v) for k, v in p.get("commits", {}).items()}
+                        committed = int(p.get("committed_version", max([int(p["version"]), *commits.values()])))
+                        queue.load_checkpoint(_stats_from(p["stats"]), SeenSeqs.from_state(p["seen"]), int(p["version"]), commits, committed)
+                        self.commits = dict(commits)
+                    continue
+                ev = event_from_record(kind, p)
+                self._track(ev, seg_no)
+                queue.apply(ev)
+        queue.orphan_all_leases()
         self.segment = rec.last_segment
+        rec.groups, rec.seen, rec.stats, rec.version = list(queue.groups), queue.seen, queue.stats, queue.published_policy_version
+        rec.leases = {k: list(keys) for k, (keys, _, _) in queue.orphan_leases.items()}
+        rec.lease_steps = {k: (step, shards) for k, (_, step, shards) in queue.orphan_leases.items() if step >= 0}
+        rec.replay_leases = dict(queue.orphan_replays)
+        rec.commits, rec.retained, rec.live = dict(queue.commits), dict(queue.retained), dict(self.live)
         return rec
 
+    def summary(self, recovered: Recovered) -> dict[str, Any]:
+        return {"segments": recovered.segments, "groups": len(recovered.groups), "torn_records": recovered.torn_records,
+                "segments_deleted": self.segments_deleted}
+
     # ------------------------------------------------------------------ writing
-    def open_segment(self, stats: QueueStats, seen: SeenSeqs, version: int) -> None:
+    def open_segment(self, stats: QueueStats, seen: SeenSeqs, version: int, committed: int | None = None) -> None:
         """Start a new segment whose first record is a checkpoint of the given (current) state."""
         if self._f is not None:
             self._sync()
@@ -301,6 +275,7 @@ class Journal:
         self._f = path.open("ab")
         self._write(encode_record("checkpoint", {
             "stats": _stats_payload(stats), "seen": seen.state(), "version": version, "commits": self.commits,
+            "committed_version": max([version, *self.commits.values()] if committed is None else [version, committed]),
         }))
         self._sync()
         self._sync_dir()
@@ -324,67 +299,77 @@ class Journal:
             finally:
                 os.close(fd)
 
-    def _append(self, kind: str, payload: Any) -> None:
-        self._write(encode_record(kind, payload))
+    def append(self, ev: Event) -> None:
+        """Write one event durably (fsync per ``queue.journal_fsync``) before the queue applies it."""
+        self._write(encode_record(ev.kind, ev.payload()))
         self._sync()
+        self._track(ev, self.segment)
 
-    def accepted(self, group: TrajectoryGroup, frames: list[bytes]) -> None:
-        self._append("accepted", frames)
-        self.live[group.dedup_key] = self.segment
-        self.seg_live[self.segment] += 1
+    def _track(self, ev: Event, segment: int) -> None:
+        """Which segments still hold groups that may be needed (compaction), and recent commits."""
+        if isinstance(ev, Accepted):
+            if ev.group.dedup_key not in self.live:
+                self.live[ev.group.dedup_key] = segment
+                self.seg_live[segment] += 1
+        elif isinstance(ev, Consumed):
+            keys = [k for k, _ in ev.groups]
+            if ev.retain:
+                self._resolve(self.retained_keys.pop(ev.step, []))
+                self.retained_keys[ev.step] = keys
+            else:
+                self._resolve(keys)
+            self._remember_commit(ev.lease_id, ev.version)
+        elif isinstance(ev, Dropped):
+            self._resolve([k for k, _ in ev.groups])
+        elif isinstance(ev, Released):
+            for step in ev.steps:
+                self._resolve(self.retained_keys.pop(step, []))
+        elif isinstance(ev, Replayed):
+            self._remember_commit(ev.lease_id, ev.version)
 
-    def leased(self, lease_id: str, groups: list[TrajectoryGroup], step: int = -1, shards: list[list[int]] | None = None,
-               replay: bool = False) -> None:
-        self._append("leased", {"lease_id": lease_id, "keys": [list(g.dedup_key) for g in groups], "step": step,
-                                "shards": shards or [], "replay": replay})
-
-    def consumed(self, lease_id: str, groups: list[TrajectoryGroup], version: int, step: int = -1,
-                 shards: list[list[int]] | None = None, retain: bool = False) -> None:
-        """A commit. With ``retain`` the groups stay live (their segments are not compacted) until
-        :meth:`released` names ``step``."""
-        resolved = [[list(g.dedup_key), len(g.trajectories)] for g in groups] if retain else self._resolve(groups)
-        self._append("consumed", {"lease_id": lease_id, "version": version, "groups": resolved, "step": step,
-                                  "shards": shards or [], "retain": retain})
-        self._remember_commit(lease_id, version)
+    def _resolve(self, keys: list[Key]) -> None:
+        for k in keys:
+            seg = self.live.pop(k, None)
+            if seg is not None:
+                self.seg_live[seg] -= 1
 
     def _remember_commit(self, lease_id: str, version: int) -> None:
         self.commits[lease_id] = version
         while len(self.commits) > RECENT_COMMITS:
             self.commits.pop(next(iter(self.commits)))
 
+    # Record helpers (tools and tests that drive a queue and a journal side by side).
+    def accepted(self, group: TrajectoryGroup, frames: list[bytes]) -> None:
+        self.append(Accepted(group, frames))
+
+    def leased(self, lease_id: str, groups: list[TrajectoryGroup], step: int = -1, shards: list[list[int]] | None = None,
+               replay: bool = False) -> None:
+        self.append(Leased(lease_id, [g.dedup_key for g in groups], step, shards or [], replay))
+
+    def consumed(self, lease_id: str, groups: list[TrajectoryGroup], version: int, step: int = -1,
+                 shards: list[list[int]] | None = None, retain: bool = False) -> None:
+        self.append(Consumed(lease_id, sizes(groups), version, step, shards or [], retain))
+
     def released(self, batches: list[Retained]) -> None:
-        """Retained batches a trainer checkpoint covers: their groups stop holding segments."""
         if batches:
-            self._append("released", {"steps": [r.step for r in batches]})
-            for r in batches:
-                self._resolve(r.groups)
+            self.append(Released([r.step for r in batches]))
 
     def replayed(self, lease_id: str, step: int, version: int, groups: int, trajectories: int) -> None:
-        self._append("replayed", {"lease_id": lease_id, "step": step, "version": version, "groups": groups, "trajectories": trajectories})
-        self._remember_commit(lease_id, version)
+        self.append(Replayed(lease_id, step, version, groups, trajectories))
 
     def dropped(self, reason: str, groups: list[TrajectoryGroup]) -> None:
         assert reason in DROP_REASONS, reason
-        self._append("dropped", {"reason": reason, "groups": self._resolve(groups)})
+        self.append(Dropped(reason, sizes(groups)))
 
     def version(self, version: int) -> None:
-        self._append("version", {"version": version})
-
-    def _resolve(self, groups: list[TrajectoryGroup]) -> list[list[Any]]:
-        out = []
-        for g in groups:
-            seg = self.live.pop(g.dedup_key, None)
-            if seg is not None:
-                self.seg_live[seg] -= 1
-            out.append([list(g.dedup_key), len(g.trajectories)])
-        return out
+        self.append(VersionPublished(version))
 
     # ------------------------------------------------------------------ rotation and compaction
-    def maybe_rotate(self, stats: QueueStats, seen: SeenSeqs, version: int) -> None:
+    def maybe_rotate(self, stats: QueueStats, seen: SeenSeqs, version: int, committed: int | None = None) -> None:
         """Call only between events (after a record *and* its queue change): the new segment's
         checkpoint must match the replay of everything written before it."""
         if self._f is not None and self._f.tell() >= self.segment_bytes:
-            self.open_segment(stats, seen, version)
+            self.open_segment(stats, seen, version, committed)
         self.compact()
 
     def compact(self) -> int:

@@ -241,6 +241,8 @@ class Launcher:
                                 "--port-file", str(port_file(rd, f"engine-{i}")), "--seed", str(cfg.run.seed + 1000 * i),
                                 "--log-level", cfg.run.log_level, "--log-format", cfg.run.log_format)
                 for key, value in to_dict(cfg.engine).items():
+                    if key == "mem_fraction":  # as the placement resolved it (0 = auto: per device and neighbours)
+                        value = self.plan.engines[i].mem_fraction if i < len(self.plan.engines) else value
                     cmd += ["--set", f"{key}={json.dumps(value)}"]
                 # A resume: no sample with model.path's weights; the trainer sends the checkpoint's and continues it.
                 cmd += ["--start-paused"] if self.resume is not None else []
@@ -269,8 +271,11 @@ class Launcher:
         nproc = t.tensor_parallel * t.pipeline_parallel * t.data_parallel
         args = ["record" if cfg.run.mode == "rollout_only" else "train", "--config", str(self.config_path), "--run-dir", str(rd), "--broker", broker.extra["trainer_endpoint"],
                 *[a for u in engine_urls for a in ("--engine-url", u)]]
-        if nproc > 1:
-            cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *args]
+        if nproc > 1 or cfg.torchrun.nnodes > 1:  # torchrun: --standalone, or node rank 0 of torchrun.nnodes (pipeline/multinode.py)
+            from pipeline.multinode import torchrun_command, write_node_script
+
+            cmd = torchrun_command(cfg, nproc, args)
+            write_node_script(cfg, rd, nproc, args)
         else:
             cmd = self._cli(*args)
         trainer = self._spawn("trainer", "trainer", cmd)

@@ -183,6 +183,7 @@ class EnginePlacement:
     budget: str  # its memory budget, in words
     budget_bytes: int | None = None
     shares_with: list[str] = field(default_factory=list)  # other processes on its GPU
+    mem_fraction: float = 0.0  # the engine.mem_fraction it is started with (resolved when auto)
 
 
 @dataclass
@@ -261,18 +262,36 @@ def publishing_ranks(cfg: SlipstreamConfig) -> list[int]:
     return [0]
 
 
-def engine_budget(engine_cfg: Any, gpu: Gpu | None) -> tuple[str, int | None]:
-    """An engine's memory budget in words (and bytes where known) from its config."""
-    frac = getattr(engine_cfg, "mem_fraction", None)
+# engine.mem_fraction = 0 (auto): what each engine may hold, split evenly between the engines of
+# one device.  A GPU of its own: 0.85 (SGLang's --mem-fraction-static is of that order); a GPU it
+# shares with a trainer rank: 0.3 (the trainer keeps 0.7: on one H200 the 0.6B trainer peaked at
+# 29 GiB, the engine at 17.6 GiB of its 42 GiB, bench/results/2026-12-02-e2e-1xh200.json); the
+# CPU: 0.5 of host RAM (the trainer shares it).
+AUTO_FRACTION_ALONE, AUTO_FRACTION_WITH_TRAINER, AUTO_FRACTION_CPU = 0.85, 0.3, 0.5
+
+
+def engine_fraction(configured: float, gpu: int | None, engines_here: int, trainer_here: bool) -> tuple[float, bool]:
+    """The engine.mem_fraction an engine gets: the configured one, or (0 = auto) the default for
+    its device split between the ``engines_here`` engines on it; and whether it was auto."""
+    if configured > 0:
+        return configured, False
+    base = AUTO_FRACTION_CPU if gpu is None else AUTO_FRACTION_WITH_TRAINER if trainer_here else AUTO_FRACTION_ALONE
+    return round(base / max(engines_here, 1), 4), True
+
+
+def engine_budget(engine_cfg: Any, gpu: Gpu | None, frac: float, auto: bool = False) -> tuple[str, int | None]:
+    """An engine's memory budget in words (and bytes where known): ``frac`` of its device, and
+    engine.max_total_tokens when set."""
     tokens = getattr(engine_cfg, "max_total_tokens", None)
     parts: list[str] = []
     nbytes = None
-    if isinstance(frac, float) and frac > 0:
+    how = " (auto)" if auto else ""
+    if frac > 0:
         if gpu is not None and gpu.memory_bytes:
             nbytes = int(frac * gpu.memory_bytes)
-            parts.append(f"engine.mem_fraction {frac:g} of {gpu.memory_bytes / 2**30:.0f} GiB = {nbytes / 2**30:.1f} GiB")
+            parts.append(f"engine.mem_fraction {frac:g}{how} of {gpu.memory_bytes / 2**30:.0f} GiB = {nbytes / 2**30:.1f} GiB")
         else:
-            parts.append(f"engine.mem_fraction {frac:g} of the device")
+            parts.append(f"engine.mem_fraction {frac:g}{how} of the {'device' if gpu is not None else 'host memory'}")
     if isinstance(tokens, int) and tokens > 0:
         parts.append(f"KV cache of engine.max_total_tokens {tokens}")
     if not parts:
@@ -363,14 +382,15 @@ def make_plan(cfg: SlipstreamConfig, detected: Detected, env: Mapping[str, str] 
     publisher_gpus = [trainer[r] for r in pubs if r < len(trainer)]
     engines = []
     for i, g in enumerate(engine_gpus):
-        budget, nbytes = engine_budget(cfg.engine, gpus[g] if g is not None else None)
+        frac, auto = engine_fraction(float(getattr(cfg.engine, "mem_fraction", 0.0) or 0.0), g, engine_gpus.count(g), g in trainer)
+        budget, nbytes = engine_budget(cfg.engine, gpus[g] if g is not None else None, frac, auto)
         try:
             transport = _transport(cfg, g, publisher_gpus, on_gpu) if n_engines else ""
         except ConfigError as e:
             raise ConfigError(e.key, f"engine-{i}: {e.message}") from None
         share = [f"trainer rank {r}" for r, tg in enumerate(trainer) if tg == g] + [f"engine-{j}" for j, eg in enumerate(engine_gpus) if eg == g and j != i and g is not None]
-        engines.append(EnginePlacement(f"engine-{i}", g, transport, budget, nbytes, share))
-    _check_budgets(cfg, engines)
+        engines.append(EnginePlacement(f"engine-{i}", g, transport, budget, nbytes, share, mem_fraction=frac))
+    _check_budgets(engines)
     notes = []
     other = _other_engines(cfg, publisher_gpus, notes) if n else []  # SGLang servers: placed by producer.sglang_gpu_ids
     engine_gpus = [*engine_gpus, *other]
@@ -387,7 +407,7 @@ def make_plan(cfg: SlipstreamConfig, detected: Detected, env: Mapping[str, str] 
     if n > len(set(trainer) | {g for g in engine_gpus if g is not None}) and n:
         unused = sorted(set(range(n)) - set(trainer) - {g for g in engine_gpus if g is not None})
         notes.append(f"GPU(s) {unused} unused (raise producer.num_engines, or the trainer's parallelism)")
-    notes += _memory_notes(cfg, trainer, engines)
+    notes += _memory_notes(trainer, engines)
     user_alloc = [f"{k}={env[k]}" for k in ALLOC_ENV if k in env]
     alloc = "" if user_alloc else p.alloc_conf
     if user_alloc and gpus:
@@ -416,31 +436,26 @@ def _other_engines(cfg: SlipstreamConfig, publisher_gpus: list[int], notes: list
     return [g for sl in slices for g in sl]
 
 
-def _check_budgets(cfg: SlipstreamConfig, engines: list[EnginePlacement]) -> None:
+def _check_budgets(engines: list[EnginePlacement]) -> None:
     """Engines that share a GPU must fit it together (by their mem_fraction)."""
-    frac = getattr(cfg.engine, "mem_fraction", None)
-    if not isinstance(frac, float) or frac <= 0:
-        return
-    per_gpu: dict[int, int] = {}
+    per_gpu: dict[int, list[float]] = {}
     for e in engines:
         if e.gpu is not None:
-            per_gpu[e.gpu] = per_gpu.get(e.gpu, 0) + 1
-    for g, k in per_gpu.items():
-        if k * frac > 1.0:
-            raise ConfigError("engine.mem_fraction", f"{k} engines share GPU {g}, and {k} x {frac:g} of its memory is more than all of it: "
-                              "lower engine.mem_fraction or spread them with placement.engine_devices")
+            per_gpu.setdefault(e.gpu, []).append(e.mem_fraction)
+    for g, fracs in per_gpu.items():
+        if sum(fracs) > 1.0:
+            raise ConfigError("engine.mem_fraction", f"{len(fracs)} engines share GPU {g}, and {len(fracs)} x {fracs[0]:g} of its memory "
+                              "is more than all of it: lower engine.mem_fraction (0 = auto splits the GPU between them) "
+                              "or spread them with placement.engine_devices")
 
 
-def _memory_notes(cfg: SlipstreamConfig, trainer: list[int], engines: list[EnginePlacement]) -> list[str]:
+def _memory_notes(trainer: list[int], engines: list[EnginePlacement]) -> list[str]:
     """How a GPU shared by engines and a trainer rank is split (engines take their mem_fraction)."""
-    frac = getattr(cfg.engine, "mem_fraction", None)
-    if not isinstance(frac, float):
-        return []
     out = []
     for g in sorted({e.gpu for e in engines if e.gpu is not None and e.gpu in trainer}):
-        k = sum(1 for e in engines if e.gpu == g)
-        out.append(f"GPU {g}: {k} engine(s) may hold {k * frac:.2f} of its memory (engine.mem_fraction {frac:g} each); "
-                   f"trainer rank {trainer.index(g)} there gets the rest ({1 - k * frac:.2f})")
+        fracs = [e.mem_fraction for e in engines if e.gpu == g]
+        out.append(f"GPU {g}: {len(fracs)} engine(s) may hold {sum(fracs):.2f} of its memory (engine.mem_fraction {fracs[0]:g} each); "
+                   f"trainer rank {trainer.index(g)} there gets the rest ({1 - sum(fracs):.2f})")
     return out
 
 

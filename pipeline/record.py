@@ -38,14 +38,14 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
 
 from pipeline.configbase import ConfigError
 from pipeline.rundir import write_json_atomic
-from schemas.codec import WireError, decode, encode
+from schemas.codec import WireError, decode, encode, frames_of
 from schemas.messages import (
     Ack,
     Batch,
@@ -61,6 +61,9 @@ from schemas.messages import (
     Welcome,
 )
 from schemas.validate import Limits
+
+if TYPE_CHECKING:
+    from pipeline.config import SlipstreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +83,14 @@ class Recorder:
         self.dir = run_dir / "rollouts"
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def write(self, step: int, batch: Batch, trained_from: int) -> dict[str, Any]:
-        data = msgpack.packb([bytes(f.buffer) if hasattr(f, "buffer") else bytes(f) for f in encode(batch)])
+    def write(self, step: int, batch: Batch, trained_from_version: int) -> dict[str, Any]:
+        data = msgpack.packb([bytes(f.buffer) if hasattr(f, "buffer") else bytes(f) for f in frames_of(batch)])
         name = f"step-{step:06d}.batch"
         tmp = self.dir / (name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(self.dir / name)
         line = {"step": step, "file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "groups": len(batch.groups),
-                "trajectories": sum(len(g.trajectories) for g in batch.groups), "trained_from_version": trained_from,
+                "trajectories": sum(len(g.trajectories) for g in batch.groups), "trained_from_version": trained_from_version,
                 "lease_id": batch.lease_id, "replay": batch.replay}
         with (self.dir / INDEX).open("a") as f:
             f.write(json.dumps(line) + "\n")
@@ -137,7 +140,7 @@ def check_recording(path: str | Path, steps: int) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- rollout_only: the recorder process
-def run_recorder(cfg: Any, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
+def run_recorder(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
     """The trainer's place in ``rollout_only``: take each step's batch, record it, commit it, move
     every engine's version label on (same weights) and announce the version."""
     from pipeline.rundir import port_file
@@ -212,7 +215,7 @@ class Replayer:
     """The producers' place in ``train_only``: the recorded groups to the broker, in order, as a
     producer sends them (hello, credits, acks and resends, heartbeats)."""
 
-    def __init__(self, cfg: Any, source: str | Path, broker_endpoint: str, producer_id: str = "replayer-0") -> None:
+    def __init__(self, cfg: SlipstreamConfig, source: str | Path, broker_endpoint: str, producer_id: str = "replayer-0") -> None:
         from pipeline.transport import CurveKeys, configure_socket
 
         self.cfg = cfg

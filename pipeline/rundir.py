@@ -11,6 +11,8 @@
       steps.jsonl        one line per trainer step
       consumed.jsonl     one line per consumed trajectory (ids and token-version range)
       summary.json       the end-of-run account of every trajectory
+      ray/NAME.json      run.launcher = "ray": each process's actor state (command, incarnation, node)
+      cmds/trainer-node.sh  torchrun.nnodes > 1: the trainer ranks of another node (pipeline/multinode.py)
 """
 
 from __future__ import annotations

@@ -263,7 +263,8 @@ def _last_step(run_dir: Path) -> dict[str, Any] | None:
 def render_finished(run_dir: Path, summary: dict[str, Any]) -> str:
     """The view of a finished run, from ``summary.json`` and the last line of ``steps.jsonl``."""
     code = summary.get("exit_code")
-    state = {0: "finished", 130: "stopped (interrupted)"}.get(code, f"failed (exit code {code})")  # type: ignore[arg-type]
+    known: dict[Any, str] = {0: "finished", 130: "stopped (interrupted)"}
+    state = known.get(code, f"failed (exit code {code})")
     lines = [f"slipstream status: {run_dir}  ({state}; wall time {summary.get('wall_time_s', 0):.1f} s)"]
     last = _last_step(run_dir)
     if last is not None:

@@ -52,7 +52,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 

@@ -172,7 +172,8 @@ def make_sink(cfg: TrackingConfig, run_dir: Path, hparams: dict[str, Any]) -> Si
         return WandbSink(cfg, run_dir, hparams)
     from producers.plugins import load_plugin
 
-    return load_plugin(cfg.backend, "tracking.backend", {})(cfg, run_dir, hparams)  # type: ignore[no-any-return]
+    sink: Sink = load_plugin(cfg.backend, "tracking.backend", {})(cfg, run_dir, hparams)
+    return sink
 
 
 class Tracker:

@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
@@ -55,6 +55,9 @@ from schemas.messages import (
     Welcome,
 )
 from schemas.validate import REJECT_REASONS, Limits, WireError
+
+if TYPE_CHECKING:
+    from pipeline.runconfig import QueueConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,8 @@ class CurveKeys:
         self._auth: Any = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> CurveKeys | None:
-        """From a ``QueueConfig``; None when CURVE is off."""
+    def from_config(cls, cfg: QueueConfig) -> CurveKeys | None:
+        """From the ``[queue]`` section; None when CURVE is off."""
         if not cfg.curve_server_key:
             return None
         return cls(cfg.curve_server_key, cfg.curve_client_key, cfg.curve_authorized_dir)
@@ -190,7 +193,7 @@ class TrainerClient:
         self._last_heartbeat = 0.0
         self._last_broker_msg = time.monotonic()
         self._last_rehello = 0.0
-        self._published_version = 0
+        self._published_policy_version = 0
         self._checkpoint_every = 0
         self._checkpointed: Checkpointed | None = None
         self.reconnects = 0
@@ -213,9 +216,9 @@ class TrainerClient:
             return  # several not_registered replies to one outage: one hello is enough
         self._last_rehello = now
         self.reconnects += 1
-        log.warning("%s: saying hello again at policy version %d, then resending the request for %s", why, self._published_version, what)
+        log.warning("%s: saying hello again at policy version %d, then resending the request for %s", why, self._published_policy_version, what)
         # resume_step -1: this process keeps its training, nothing to release or replay.
-        self.send(Hello(role="trainer", peer_id=self.peer_id, epoch=int(time.time()), pid=os.getpid(), policy_version=self._published_version,
+        self.send(Hello(role="trainer", peer_id=self.peer_id, epoch=int(time.time()), pid=os.getpid(), policy_version=self._published_policy_version,
                         resume_step=-1, checkpoint_every=self._checkpoint_every))
         if self._checkpointed is not None:  # the notice may have been lost with the old broker
             self.send(self._checkpointed)
@@ -272,7 +275,7 @@ class TrainerClient:
         start); the broker replays the batches it retained for later steps. ``checkpoint_every``
         (``trainer.checkpoint_every``) > 0 makes the broker retain committed batches until
         :meth:`checkpointed` covers them."""
-        self._published_version = policy_version
+        self._published_policy_version = policy_version
         self._checkpoint_every = checkpoint_every
         self.send(Hello(role="trainer", peer_id=self.peer_id, epoch=int(time.time()), pid=os.getpid(), policy_version=policy_version,
                         resume_step=resume_step, checkpoint_every=checkpoint_every))
@@ -294,7 +297,7 @@ class TrainerClient:
                              match=lambda a: a.lease_id == lease_id)
 
     def published(self, policy_version: int) -> None:
-        self._published_version = policy_version
+        self._published_policy_version = policy_version
         self.send(Published(policy_version=policy_version))
 
     def checkpointed(self, step: int, policy_version: int) -> None:
@@ -354,10 +357,10 @@ class LinkListener(Protocol):
         """Groups generating now: they keep their credits when the broker forgets ours (re-registration)."""
 
     def on_welcome(self, welcome: Welcome) -> None:
-        """(Re-)registered: ``link.version`` and ``link.max_staleness`` are the broker's now."""
+        """(Re-)registered: ``link.policy_version`` and ``link.max_staleness`` are the broker's now."""
 
     def on_version(self, version: int) -> None:
-        """A newer policy version was published (``link.version`` holds it)."""
+        """A newer policy version was published (``link.policy_version`` holds it)."""
 
     def on_requeue(self, msg: Requeue) -> None:
         """The broker hands back a prompt whose group was too stale: regenerate it."""
@@ -399,7 +402,7 @@ class ProducerLink:
         self.metrics = metrics if metrics is not None else LinkMetrics(CollectorRegistry())
         self.stats = LinkStats()
         self.listener: LinkListener | None = None
-        self.version = 0  # the newest published policy version the broker told us
+        self.policy_version = 0  # the newest published policy version the broker told us
         self.max_staleness: int | None = None  # η, from the Welcome
         self.credits = 0  # granted, not yet spent on a sent group
         self.requested = -1  # the outstanding credit request (-1: none since the last welcome)
@@ -509,14 +512,14 @@ class ProducerLink:
     async def _on_message(self, msg: Any) -> None:
         listener = self.listener
         if isinstance(msg, Welcome):
-            self.version = msg.policy_version
+            self.policy_version = msg.policy_version
             self.max_staleness = msg.max_staleness
             # The broker forgot the credits of an earlier registration; groups already generating keep theirs.
             self.credits = min(self.credits, listener.credits_in_use() if listener is not None else 0)
             self.metrics.credits.set(self.credits)
             self.requested = -1
             self.welcomed.set()
-            log.info("registered with broker %s at policy version %d", self.endpoint, self.version)
+            log.info("registered with broker %s at policy version %d", self.endpoint, self.policy_version)
             if listener is not None:
                 listener.on_welcome(msg)
             for out in list(self.outbox.values()):  # reconnect: resend everything unacked
@@ -538,10 +541,10 @@ class ProducerLink:
         elif isinstance(msg, Error):
             await self._on_error(msg)
         elif isinstance(msg, VersionAnnouncement):
-            if msg.policy_version > self.version:
-                self.version = msg.policy_version
+            if msg.policy_version > self.policy_version:
+                self.policy_version = msg.policy_version
                 if listener is not None:
-                    listener.on_version(self.version)
+                    listener.on_version(self.policy_version)
         elif isinstance(msg, Requeue):
             if listener is not None:
                 listener.on_requeue(msg)

@@ -61,7 +61,9 @@ class ProducerConfig:
     eval_every_versions: int = doc("Evaluate at version 0 and each time the policy version reaches a multiple of this.", 10)
     eval_pass_threshold: float = doc("A held-out sample passes when its reward is >= this.", 1.0)
     stop_token_ids: list[int] = doc("Extra token ids that end a response (besides EOS).", default_factory=list)
-    temperature: float = doc("Sampling temperature (the trainer uses the same for its log-probs).", 1.0)
+    temperature: float = doc(
+        "Sampling temperature, declared once for the run: trainer.temperature follows it (the trainer computes its "
+        "log-probs at the same temperature).", 1.0)
     top_p: float = doc("Nucleus sampling threshold (1.0 = off; off keeps behaviour log-probs exact).", 1.0)
     max_new_tokens: int = doc("Most tokens sampled per response.", 7)
     request_timeout_s: float = doc("Timeout of one /generate call.", 300.0)

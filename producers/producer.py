@@ -131,8 +131,8 @@ class Producer:
         return self.scheduler.fatal
 
     @property
-    def version(self) -> int:
-        return self.link.version
+    def policy_version(self) -> int:
+        return self.link.policy_version
 
     @property
     def credits(self) -> int:

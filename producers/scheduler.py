@@ -87,15 +87,15 @@ class GroupScheduler:
         link.attach(self)
 
     @property
-    def version(self) -> int:
-        return self.link.version
+    def policy_version(self) -> int:
+        return self.link.policy_version
 
     # ------------------------------------------------------------------ LinkListener
     def credits_in_use(self) -> int:
         return self.running
 
     def on_welcome(self, welcome: Welcome) -> None:
-        self.account.metrics.version.labels("producer").set(self.link.version)
+        self.account.metrics.version.labels("producer").set(self.link.policy_version)
         self.check_staleness()
 
     def on_version(self, version: int) -> None:
@@ -177,7 +177,7 @@ class GroupScheduler:
 
     def _start(self, client: EngineClient, job: Job) -> None:
         key = next(self._ids)
-        ctx = RolloutContext(client, self.maker.tokenizer, self.cfg.group_size, self.version, self.producer_id, lambda: self.version,
+        ctx = RolloutContext(client, self.maker.tokenizer, self.cfg.group_size, self.policy_version, self.producer_id, lambda: self.policy_version,
                              tool_timeout_s=self.cfg.tool_timeout_s, partial_rollouts=self.cfg.partial_rollouts, on_cut=self._on_cut)
         act = Active(job, ctx)
         self.active[key] = act
@@ -268,7 +268,7 @@ class GroupScheduler:
 
     def _on_cut(self, result: str, continued: int, regenerated: int) -> None:
         self.account.cut(result)
-        log.info("group cut at v%d (%s): %d samples continue from their tokens, %d regenerated", self.version, result, continued, regenerated)
+        log.info("group cut at v%d (%s): %d samples continue from their tokens, %d regenerated", self.policy_version, result, continued, regenerated)
 
     def _restart_cut(self, job: Job) -> None:
         job.cuts += 1
@@ -280,7 +280,7 @@ class GroupScheduler:
         eta = self.link.max_staleness
         if eta is None:
             return
-        version = self.version
+        version = self.policy_version
         for act in list(self.active.values()):
             if act.phase != "rollout" or act.restart or version - act.ctx.start_version <= eta:
                 continue
@@ -311,7 +311,7 @@ class GroupScheduler:
     async def _evaluate(self, client: EngineClient) -> None:
         assert self.evaluator is not None
         try:
-            await self.evaluator.loop(client, self.maker.tokenizer, lambda: self.version, self.stopping)
+            await self.evaluator.loop(client, self.maker.tokenizer, lambda: self.policy_version, self.stopping)
         except PluginError as e:
             log.error("stopping (evaluation): %s", e)
             self.fatal = e

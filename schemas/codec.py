@@ -12,11 +12,18 @@ short, bounded reason (used as a metric label) and whose message says exactly wh
 
     frames = encode(msg)           # list of bytes / buffers for socket.send_multipart
     msg = decode(frames, limits)   # raises WireError
+    frames = frames_of(msg)        # a decoded message's own frames (forwarding), else encode(msg)
+
+One encoding per batch: a decoded group keeps the frames it came in (``TrajectoryGroup.wire``), and
+a ``Batch`` of such groups is encoded from them: the batch header embeds each group's msgpack header
+byte for byte (its own ``schema_version``/``type`` keys ride along; the batch decoder reads only the
+group fields) and the array frames are the received ones, so nothing is decoded or copied again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,6 +91,8 @@ def encode(msg: Message) -> list[Any]:
     if isinstance(msg, TrajectoryGroup):
         header, frames = _group_header_and_frames(msg)
         return [_pack({"schema_version": SCHEMA_VERSION, "type": "group", **header}), *frames]
+    if isinstance(msg, Batch) and msg.groups and all(g.wire is not None for g in msg.groups):
+        return _batch_from_wire(msg)
     if isinstance(msg, Batch):
         groups, frames = [], []
         for g in msg.groups:
@@ -103,8 +112,41 @@ def encode(msg: Message) -> list[Any]:
         }
         return [_pack(header), *frames]
     if mtype in CONTROL_TYPES:
-        return [_pack({"schema_version": SCHEMA_VERSION, "type": mtype, **dataclasses.asdict(msg)})]
+        return [_pack({"schema_version": SCHEMA_VERSION, "type": mtype, **{name: getattr(msg, name) for name in _field_names(type(msg))}})]
     raise TypeError(f"refusing to encode {type(msg).__name__}: not a slipstream message type")
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _batch_fields(msg: Batch) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "type": "batch", "step": msg.step, "lease_id": msg.lease_id, "shards": msg.shards,
+            "dropped": msg.dropped, "queue_depth": msg.queue_depth, "replay": msg.replay}
+
+
+def _batch_from_wire(msg: Batch) -> list[Any]:
+    """A batch of groups that came off the wire: their header bytes spliced into the batch header,
+    their array frames passed through (see the module doc)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    fields = _batch_fields(msg)
+    parts = [packer.pack_map_header(len(fields) + 1)]
+    for k, v in fields.items():
+        parts += [packer.pack(k), packer.pack(v)]
+    parts += [packer.pack("groups"), packer.pack_array_header(len(msg.groups))]
+    frames: list[Any] = []
+    for g in msg.groups:
+        assert g.wire is not None
+        parts.append(_buffer(g.wire[0]))
+        frames.extend(_buffer(f) for f in g.wire[1:])
+    return [b"".join(parts), *frames]
+
+
+def frames_of(msg: Message) -> list[Any]:
+    """The frames a decoded message arrived in (to forward it unchanged), else :func:`encode`."""
+    wire = getattr(msg, "wire", None)
+    return list(wire) if wire is not None else encode(msg)
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -185,7 +227,24 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
     too_long = any(a + b > limits.max_tokens_per_trajectory for a, b in zip(n_prompt, n_resp, strict=True))
     if too_long or not arrays_look_valid(arrays, limits):
         validate_group(group, limits)  # slow path: find and name the offending trajectory and field
+    _fill_group_cache(group, arrays, n_prompt, n_resp)
     return group
+
+
+def _fill_group_cache(group: TrajectoryGroup, arrays: dict[str, np.ndarray], n_prompt: list[int], n_resp: list[int]) -> None:
+    """The group's cached sizes and versions, from the concatenated frames (one reduction each,
+    not one per trajectory): the broker reads them for every group it queues and batches."""
+    versions = arrays["versions"]
+    mins = [-1] * len(n_resp)
+    nonempty = [i for i, n in enumerate(n_resp) if n]
+    if nonempty:
+        starts = np.cumsum([0, *n_resp[:-1]])[nonempty]
+        for i, m in zip(nonempty, np.minimum.reduceat(versions, starts).tolist(), strict=True):
+            mins[i] = int(m)
+    group.__dict__.update(
+        trajectory_min_versions=mins, min_version=min(mins), max_version=int(versions.max()) if len(versions) else -1,
+        num_tokens=sum(n_prompt) + sum(n_resp), nbytes=sum(a.nbytes for a in arrays.values()),
+    )
 
 
 def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
@@ -210,7 +269,9 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
         raise WireError("schema_version", f"schema_version {sv!r} is not supported (this peer speaks {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
     mtype = header.get("type")
     if mtype == "group":
-        return _decode_group(header, frames[1:], limits, "group")
+        group = _decode_group(header, frames[1:], limits, "group")
+        group.wire = list(frames)
+        return group
     if mtype == "batch":
         ghs = _need(header, "groups", list, "batch")
         if len(frames) - 1 != FRAMES_PER_GROUP * len(ghs):
@@ -229,6 +290,7 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
             dropped=_need(header, "dropped", int, "batch"),
             queue_depth=_need(header, "queue_depth", int, "batch"),
             replay=_need(header, "replay", bool, "batch") if sv >= 2 else _refuse_newer(header, "replay", sv, "batch", False),
+            wire=list(frames),
         )
     cls = CONTROL_TYPES.get(mtype) if isinstance(mtype, str) else None
     if cls is None:

@@ -9,6 +9,43 @@ Per-token arrays of one trajectory all have the response length:
 ``response_tokens`` (int32), ``logprobs`` (float32, behaviour log-probs, ≤ 0, finite where
 ``loss_mask`` is 1), ``versions`` (int32, the policy version that sampled each token) and
 ``loss_mask`` (uint8, 0 for tool/environment tokens).
+
+Glossary: the policy version and the names it travels under
+-----------------------------------------------------------
+A *policy version* is an int naming one set of trainer weights: 0 is the initial checkpoint, each
+trainer step produces the next one (after an ``[sft]`` stage the RL run starts at
+``queue.max_staleness + 1``).  Its one name is ``policy_version``: every message below that carries
+it (``Hello``, ``Welcome``, ``Credit``, ``VersionAnnouncement``, ``BatchRequest``, ``Commit``,
+``Published``, ``Checkpointed``, ``CommitAck``), ``ProducerLink.policy_version``,
+``Producer.policy_version`` and the ``slipstream_policy_version{role}`` gauge.  The other names
+that remain, and why:
+
+- ``published_policy_version`` / ``committed_policy_version`` (the broker's queue): two different
+  policy versions at one moment.  *Published*: live on every engine (``Published``); credits and the
+  admission budget count from it.  *Committed*: produced by the newest optimizer step (``Commit``),
+  one ahead of published while the weights are on their way; tokens up to it are accepted.
+- ``trained_from_version`` (``consumed.jsonl``, the rollout recording's index, the trainer loop):
+  the policy version the trainer's weights were at when it trained a batch, i.e. the step's
+  ``policy_version`` minus one; a trajectory's staleness is ``trained_from_version - min_version``.
+  A file field read by ``pipeline/sweepresults.py`` and existing run directories, so it keeps its name.
+- ``versions`` (per-token array), ``min_version`` / ``max_version`` (oldest / newest token version of
+  a trajectory or group): policy versions of the tokens, not of the trainer.
+- ``weight_version``: SGLang's own HTTP field, a policy version written as a decimal string
+  (:func:`schemas.weight_update.parse_version` reads it): the last bucket of a weight update
+  (``/update_weights_from_distributed``; slipstream's ``/slipstream/update_weights_from_ipc`` mirrors it), the replies of
+  ``/get_model_info``, ``/get_server_info`` and weight updates, ``/generate``'s ``meta_info``.  Kept
+  wherever SGLang's wire has it (the embedded engine speaks the same API), and for the engine's
+  starting label ``engine.weight_version`` (SGLang's ``--weight-version`` flag).
+- ``new_version``: SGLang's ``/update_weight_version`` request field (the same value, a string).
+- ``version`` alone: a local name or argument where only policy versions are in scope
+  (``publish(named, version)``, ``Trainer.version``, an engine link's acknowledged version); the
+  journal's on-disk records keep their ``version`` key so that journals written earlier replay;
+  ``RolloutContext.version`` / ``version_at_submit`` are the rollout plug-in API and keep their names
+  for existing plug-ins.
+- ``schema_version`` is not a policy version: it is the wire format's version (:data:`SCHEMA_VERSION`).
+
+Renaming the code's names changed no message: the broker's messages already said
+``policy_version`` and SGLang's fields are SGLang's, so :data:`SCHEMA_VERSION` stays 2.
 """
 
 from __future__ import annotations
@@ -84,6 +121,9 @@ class TrajectoryGroup:
     seq: int
     trajectories: list[Trajectory]
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: the frames it was decoded from (header + arrays), when it came off the wire: a batch of such
+    #: groups is encoded from them without re-encoding (:func:`schemas.codec.encode`). Not a field on the wire.
+    wire: list[Any] | None = field(default=None, repr=False, compare=False)
 
     # Cached: a group is immutable once built, and the queue reads these on every batch.
     @functools.cached_property
@@ -94,6 +134,11 @@ class TrajectoryGroup:
     def max_version(self) -> int:
         """The newest policy version among the group's tokens (-1 if it has none)."""
         return max((int(t.versions.max()) for t in self.trajectories if len(t.versions)), default=-1)
+
+    @functools.cached_property
+    def trajectory_min_versions(self) -> list[int]:
+        """Each trajectory's oldest token version (staleness is per trajectory); the codec fills it at decode."""
+        return [t.min_version for t in self.trajectories]
 
     @functools.cached_property
     def num_tokens(self) -> int:
@@ -232,6 +277,8 @@ class Batch:
     #: True: the batch this step consumed before the trainer was restarted from an older checkpoint,
     #: served again (same groups, same order, same shards); its commit counts nothing consumed.
     replay: bool = False
+    #: the frames it was decoded from: :func:`schemas.codec.frames_of` forwards them unchanged. Not on the wire.
+    wire: list[Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -44,6 +44,11 @@ def test_bench_e2e_numbers_match_the_run_directories(tmp_path: Path) -> None:
         assert run["trainer_wait_s_mean"] == pytest.approx(sum(s["wait_s"] for s in lines) / steps)
         assert run["publish_gb_per_s"] == pytest.approx(sum(s["publish_bytes"] for s in lines) / sum(s["publish_s"] for s in lines) / 1e9)
         assert run["engine_pause_s_max"] == max(s["engine_pause_s"] for s in lines)
+        # the publish split: hashing for verify_weights is part of publish_s, the transfer is the rest
+        assert all(0 < s["publish_checksum_s"] < s["publish_s"] and 0 < s["publish_send_s"] < s["publish_s"] for s in lines)
+        assert run["publish_checksum_s_mean"] == pytest.approx(sum(s["publish_checksum_s"] for s in lines) / steps)
+        assert run["publish_send_gb_per_s"] == pytest.approx(sum(s["publish_bytes"] for s in lines) / sum(s["publish_send_s"] for s in lines) / 1e9)
+        assert all(s["verify_s"] > 0 for s in lines)
         assert run["summary_balanced"] is True and summary["trajectories"]["balanced"] is True
         assert run["verify_weights_every_step"] is True
         assert all(s["engine_checksums"] == [s["weights_checksum"]] for s in lines)

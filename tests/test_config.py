@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -60,9 +61,12 @@ def test_cli_prints_one_line_without_traceback(override: str, tmp_path: Path) ->
 
 
 def test_dry_run_validates_and_starts_nothing(tmp_path: Path) -> None:
-    r = subprocess.run(slipstream("run", str(TINY), "--dry-run", "--run-dir", str(tmp_path / "rd")), capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=120)
+    r = subprocess.run(slipstream("run", str(TINY), "--dry-run", "--run-dir", str(tmp_path / "rd"), "--set", "producer.temperature=0.7"),
+                       capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert '"max_staleness": 1' in r.stdout
+    resolved = json.loads(r.stdout)
+    assert resolved["trainer"]["temperature"] == resolved["producer"]["temperature"] == 0.7  # declared once, followed
     assert not (tmp_path / "rd").exists()
 
 

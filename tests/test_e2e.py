@@ -92,6 +92,8 @@ def test_tiny_example_learns_within_bounds(tmp_path: Path) -> None:
     _assert_no_orphans(run_dir)
     for name in ("config.json", "processes.json", "logs/broker.log", "logs/trainer.log", "logs/engine-0.log", "logs/producer-0.log", "cmds/trainer.sh"):
         assert (run_dir / name).exists(), name
+    # engine.mem_fraction = 0 (auto) reaches the engine resolved by the placement: 0.5 of host RAM on CPU
+    assert "mem_fraction=0.5 " in (run_dir / "cmds" / "engine-0.sh").read_text() + " "
 
 
 @pytest.mark.slow

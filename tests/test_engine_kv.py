@@ -260,3 +260,13 @@ def test_retract_and_kv_recompute_with_contexts_longer_than_a_chunk(model_dir: P
         new = reference_logprobs(new_ref, prompt, out["output_ids"], temp)
         assert max(abs(a - b) for a, b in zip(got[:switch], old[:switch], strict=True)) < 1e-4
         assert max(abs(a - b) for a, b in zip(got[switch:], new[switch:], strict=True)) < 1e-4
+
+
+def test_cuda_index_gives_torch_cuda_an_indexed_device() -> None:
+    """torch.cuda.set_per_process_memory_fraction (and mem_get_info) refuse a bare ``cuda`` device
+    ("Expected a torch.device with a specified index"): the first GPU run of the engine failed so.
+    cuda_index keeps an explicit index as is (a bare one resolves to the current device on GPU)."""
+    from producers.engine.kvcache import cuda_index
+
+    assert cuda_index(torch.device("cuda", 3)) == 3
+    assert cuda_index(torch.device("cuda:0")) == 0

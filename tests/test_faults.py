@@ -1,7 +1,7 @@
 """Fault injection with real processes: `slipstream run` on the tiny example, SIGKILL one role
 mid-stream, and audit every trajectory id.
 
-The audit: every trajectory a producer got acked (RUN_DIR/acked/*.jsonl) is consumed exactly once
+The audit: every trajectory the broker acked (RUN_DIR/acked/*.jsonl, written by the broker before each ack) is consumed exactly once
 (RUN_DIR/consumed.jsonl), dropped/requeued for staleness, or still queued at the end (the
 broker's journal, replayed offline); no id reaches the trainer twice; the summary balances and
 counts the restart.
@@ -110,6 +110,12 @@ def _audit(run_dir: Path) -> dict:
     lost = {tid for ids in acked.values() for tid in ids} - set(consumed) - queued - dropped
     assert not lost, f"{len(lost)} acked trajectories were lost, e.g. {sorted(lost)[:5]}"
     assert acked, "no acked trajectories were recorded"
+    # The broker writes the audit line before it sends the ack: every trajectory it accepted is in the
+    # trail, whoever was killed (the producer's own view, acked/client/, may miss acks in flight).
+    audited = {tid for ids in acked.values() for tid in ids}
+    unaudited = (set(consumed) | queued) - audited
+    assert not unaudited, f"{len(unaudited)} accepted trajectories are missing from the audit trail, e.g. {sorted(unaudited)[:5]}"
+    assert len(audited) == t["accepted"], (len(audited), t)
     return summary
 
 

@@ -39,14 +39,14 @@ def _journaled_queue(d: Path, segment_bytes: int) -> tuple[StalenessQueue, Journ
     q = StalenessQueue(max_staleness=1, groups_per_step=2, max_trajectories=1000, max_bytes=1 << 30)
     j = Journal(d, segment_bytes=segment_bytes, fsync="never")
     j.recover()
-    j.open_segment(q.stats, q.seen, q.published_version)
+    j.open_segment(q.stats, q.seen, q.published_policy_version)
     return q, j
 
 
 def _accept(q: StalenessQueue, j: Journal, g) -> None:
     j.accepted(g, _frames(g))
     assert q.accept(g) == "accepted"
-    j.maybe_rotate(q.stats, q.seen, q.published_version)
+    j.maybe_rotate(q.stats, q.seen, q.published_policy_version)
 
 
 def test_replay_rebuilds_queue_dedup_and_counters_through_compaction(tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_replay_rebuilds_queue_dedup_and_counters_through_compaction(tmp_path: P
         _accept(q, j, make_group(seq=seq, version=1))
     res = q.take_batch(step=2, version=1, num_groups=2, dp_size=1)  # leased, never committed
     j.leased(res.lease.lease_id, res.lease.groups)
-    j.maybe_rotate(q.stats, q.seen, q.published_version)
+    j.maybe_rotate(q.stats, q.seen, q.published_policy_version)
     j.close()
     assert j.segments_deleted >= 1, "fully consumed segments should have been compacted away"
 
@@ -95,14 +95,14 @@ def test_replay_counts_commits_that_redo_a_version_as_superseded(tmp_path: Path)
         if step == 1:
             j.version(1)
             q.publish(1)
-            j.maybe_rotate(q.stats, q.seen, q.published_version)
+            j.maybe_rotate(q.stats, q.seen, q.published_policy_version)
     j.close()
     assert (q.stats.groups_consumed, q.stats.groups_superseded) == (3, 1)
     rec = replay(tmp_path)
     assert (rec.stats.groups_consumed, rec.stats.groups_superseded) == (3, 1)
     j2 = Journal(tmp_path / "rotated", segment_bytes=1 << 20, fsync="never")
     j2.recover()
-    j2.open_segment(q.stats, q.seen, q.published_version)  # a new segment's checkpoint carries the count
+    j2.open_segment(q.stats, q.seen, q.published_policy_version)  # a new segment's checkpoint carries the count
     j2.close()
     assert replay(tmp_path / "rotated").stats.groups_superseded == 1
 
@@ -262,7 +262,7 @@ def _commit(q: StalenessQueue, j: Journal, step: int, version: int, n: int = 2, 
     retain = q.will_retain(lease.groups)
     j.consumed(lease.lease_id, lease.groups, version + 1, step, lease.shards, retain)
     q.commit(lease.lease_id, version + 1)
-    j.maybe_rotate(q.stats, q.seen, q.published_version)
+    j.maybe_rotate(q.stats, q.seen, q.published_policy_version)
     return lease.groups
 
 
@@ -281,7 +281,7 @@ def test_retained_batches_survive_replay_and_hold_their_segments_until_released(
         _commit(q, j, step, step - 1)
     released = q.release(4)
     j.released(released)
-    j.maybe_rotate(q.stats, q.seen, q.published_version)
+    j.maybe_rotate(q.stats, q.seen, q.published_policy_version)
     j.close()
     assert j.segments_deleted >= 1
 
@@ -300,9 +300,9 @@ def test_retained_batches_survive_replay_and_hold_their_segments_until_released(
     rec2 = j2.recover()
     q2 = StalenessQueue(max_staleness=1, groups_per_step=2, max_trajectories=1000, max_bytes=1 << 30)
     q2.restore(rec2.groups, rec2.seen, rec2.stats, rec2.version, list(rec2.retained.values()))
-    j2.open_segment(q2.stats, q2.seen, q2.published_version)
+    j2.open_segment(q2.stats, q2.seen, q2.published_policy_version)
     j2.released(q2.release(6))
-    j2.maybe_rotate(q2.stats, q2.seen, q2.published_version)
+    j2.maybe_rotate(q2.stats, q2.seen, q2.published_policy_version)
     j2.close()
     assert len(segment_paths(tmp_path)) == 1 and replay(tmp_path).retained == {}
 

@@ -111,7 +111,20 @@ def test_engine_memory_budget_in_the_plan() -> None:
     assert plan.engines[0].budget_bytes == 35 * 2**30
     assert "0.25 of 140 GiB = 35.0 GiB" in plan.engines[0].budget
     assert plan.to_json()["engines"][0]["memory_budget_bytes"] == 35 * 2**30
-    assert "unbounded" in make_plan(cfg_with(), gpus(1), {}).engines[0].budget
+
+
+
+def test_auto_engine_memory_fraction_follows_the_device_and_its_neighbours() -> None:
+    """engine.mem_fraction = 0 (the default): 0.3 of a GPU shared with a trainer rank, 0.85 of a GPU
+    of its own, 0.5 of host RAM on CPU, each split between the engines there; the launcher starts
+    each engine with its resolved fraction."""
+    one = make_plan(cfg_with(), gpus(1, mem_gib=100), {}).engines[0]
+    assert (one.mem_fraction, one.budget_bytes) == (0.3, int(0.3 * 100 * 2**30)) and "(auto)" in one.budget
+    alone = make_plan(cfg_with("producer.num_engines=2", "placement.engine_devices=[1, 1]"), gpus(2), {}).engines
+    assert [e.mem_fraction for e in alone] == [0.425, 0.425]
+    cpu = make_plan(cfg_with("producer.num_engines=2"), gpus(0), {}).engines
+    assert [e.mem_fraction for e in cpu] == [0.25, 0.25] and "host memory" in cpu[0].budget
+    assert make_plan(cfg_with(mem_fraction=0.6), gpus(1), {}).engines[0].mem_fraction == 0.6  # explicit: as set
 
 
 def test_sglang_servers_are_listed_and_checked() -> None:

@@ -205,7 +205,7 @@ async def announce(p: Producer, harness: BrokerHarness, version: int) -> None:
     """Publish ``version`` through the broker and wait until the producer has heard it."""
     await harness.publish(version)
     deadline = time.monotonic() + WAIT_S
-    while p.version < version:
+    while p.policy_version < version:
         assert time.monotonic() < deadline, f"the producer did not hear of v{version} within {WAIT_S:.0f}s"
         await asyncio.sleep(0.005)
 

@@ -106,7 +106,7 @@ def test_hello_credits_send_ack_and_refusal() -> None:
     async def body(link: ProducerLink, rec: Recorder) -> None:
         async with harness:
             await link.connect(WAIT_S)
-            assert (link.version, link.max_staleness) == (2, 3) and rec.of("welcome") == [2]
+            assert (link.policy_version, link.max_staleness) == (2, 3) and rec.of("welcome") == [2]
             await link.request_credits(3)
             await until(lambda: link.credits == 3, "3 credits")
             await link.send_group(group(0))

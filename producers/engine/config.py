@@ -26,6 +26,9 @@ DType = Literal["float32", "bfloat16", "float16"]
 Device = Literal["cpu", "cuda", "auto"]
 
 
+
+STANDALONE_MEM_FRACTION = 0.85  # engine.mem_fraction = 0 in an engine the launcher did not place
+
 @dataclass
 class EngineConfig:
     """Behaviour of one embedded engine process."""
@@ -57,8 +60,10 @@ class EngineConfig:
     mem_fraction: float = doc(
         "Fraction of the device's total memory (host RAM on CPU) this engine may hold: weights, weight staging, "
         "working memory and the KV cache, which gets at most the rest. On CUDA also the allocator's hard cap "
-        "(torch.cuda.set_per_process_memory_fraction). Lower it when a trainer shares the GPU; it never depends on "
-        "what happens to be free.", default=0.85,
+        "(torch.cuda.set_per_process_memory_fraction). It never depends on what happens to be free. 0 = auto: the "
+        "launcher's placement picks 0.85 of a GPU the engine has alone, 0.3 of one it shares with a trainer rank, 0.5 "
+        "of host RAM on CPU, each split evenly between the engines on that device (--dry-run prints it); an engine "
+        "started by hand takes 0.85.", default=0.0,
     )
     max_total_tokens: int = doc(
         "Cap of the KV cache in tokens (0: what mem_fraction leaves). Running sequences = min(max_running_requests, "
@@ -110,6 +115,11 @@ class EngineConfig:
     )
     max_request_bytes: int = doc("Largest accepted HTTP request body in bytes.", default=64 * 1024 * 1024)
 
+    @property
+    def effective_mem_fraction(self) -> float:
+        """mem_fraction, or for 0 (auto, not resolved by a launcher) the fraction of a device of its own."""
+        return self.mem_fraction or STANDALONE_MEM_FRACTION
+
     def __post_init__(self) -> None:
         check(self.max_running_requests >= 1, "max_running_requests", "must be at least 1")
         check(self.max_new_tokens_cap >= 1, "max_new_tokens_cap", "must be at least 1")
@@ -128,7 +138,7 @@ class EngineConfig:
         check(self.request_timeout_s >= 0, "request_timeout_s", "must be >= 0 seconds (0 disables)")
         check(self.shutdown_timeout_s > 0, "shutdown_timeout_s", "must be > 0 seconds")
         check(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1024")
-        check(0.0 < self.mem_fraction <= 1.0, "mem_fraction", "must be in (0, 1]")
+        check(0.0 <= self.mem_fraction <= 1.0, "mem_fraction", "must be in [0, 1] (0 = auto)")
         check(self.max_total_tokens >= 0, "max_total_tokens", "must be >= 0 (0: from mem_fraction)")
         check(self.max_seq_len == 0 or self.max_seq_len >= 2, "max_seq_len", "must be 0 (auto) or at least 2")
         check(self.prefill_chunk_tokens >= 16, "prefill_chunk_tokens", "must be at least 16")

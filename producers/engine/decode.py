@@ -27,6 +27,7 @@ Run: not on its own; ``python -m producers.engine --model DIR`` starts it (see s
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import itertools
 import logging
 import queue
@@ -46,6 +47,7 @@ from producers.engine.kvcache import (
     KVCache,
     KVShape,
     MemoryPlan,
+    cuda_index,
     device_total_memory,
     memory_in_use,
     plan_memory,
@@ -86,12 +88,12 @@ def build_batch(model: torch.nn.Module, cfg: EngineConfig, metrics: EngineMetric
     working = working_memory(min(cfg.max_running_requests, 4096), decoder.vocab, decoder.hidden, inter,
                              (decoder.num_heads + 2 * decoder.kv_heads) * decoder.head_dim, cfg.prefill_chunk_tokens,
                              torch.empty((), dtype=decoder.dtype).element_size())
-    plan = plan_memory(device_total=device_total_memory(device), mem_fraction=cfg.mem_fraction,
+    plan = plan_memory(device_total=device_total_memory(device), mem_fraction=cfg.effective_mem_fraction,
                        max_total_tokens=cfg.max_total_tokens, max_seq_len=max_seq_len,
                        max_running_requests=cfg.max_running_requests, weights=weights, staging=staging,
                        working=working, bytes_per_token=shape.bytes_per_token)
     if cuda:  # a hard cap for this process's allocator: fail an allocation rather than take a co-resident trainer's memory
-        torch.cuda.set_per_process_memory_fraction(cfg.mem_fraction, device)
+        torch.cuda.set_per_process_memory_fraction(cfg.effective_mem_fraction, cuda_index(device))
     cache = KVCache(shape, plan.slots, max_seq_len, device)
     log.info("%s", plan.describe())
     if plan.slots < cfg.max_running_requests:
@@ -166,19 +168,10 @@ class Scheduler:
     def call(self, fn: Callable[[], T]) -> cf.Future[T]:
         """Run ``fn`` on the scheduler thread between decode steps (also while paused)."""
         fut: cf.Future[T] = cf.Future()
-
-        def run() -> None:
-            if not fut.set_running_or_notify_cancel():
-                return
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # delivered to the caller
-                fut.set_exception(e)
-
         if self._stop or not self._thread.is_alive():
             fut.set_exception(RuntimeError("engine scheduler is not running"))
         else:
-            self._inbox.put(run)
+            self._inbox.put(functools.partial(_resolve, fut, fn))
         return fut
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -329,18 +322,7 @@ class Scheduler:
     def _swap(self, staged: dict[str, torch.Tensor], version: int, adopt: bool = False) -> float:
         t0 = time.perf_counter()
         adopted = adopt and self.adopts
-        if adopted:
-            if set(staged) != set(self._params):
-                raise ValueError("adopting a weight update needs every parameter")
-            for name, tensor in staged.items():
-                self._params[name].data = tensor
-        elif staged:
-            with torch.no_grad():  # one multi-tensor copy, not one kernel launch per tensor
-                torch._foreach_copy_([self._params[name] for name in staged], list(staged.values()))
-        if self.device.type == "cuda":
-            # The pause is the copy, not its launch; and decode kernels still reading the old
-            # weights finish before the caller lets the next update overwrite them.
-            torch.cuda.current_stream(self.device).synchronize()
+        _put_weights(self._params, staged, adopted, self.device)
         old, self.version = self.version, version
         if self.cfg.recompute_kv_on_update and len(self.batch):
             self.batch.recompute()
@@ -362,10 +344,7 @@ class Scheduler:
             return
         self._deadlines_checked = now
         expired = [s.req for s in self.batch.all() + self._retracted if now - s.req.submitted > limit]
-        for req in self._waiting:
-            if now - req.submitted <= limit:
-                break
-            expired.append(req)
+        expired += itertools.takewhile(lambda req: now - req.submitted > limit, self._waiting)
         for req in expired:
             self._abort(req.rid, f"request timeout ({limit:.0f}s)")
 
@@ -415,19 +394,54 @@ class Scheduler:
         self._finish_checks(seqs)
 
     def _finish_checks(self, seqs: list[Seq]) -> None:
-        """SGLang's order: length first, then EOS / stop_token_ids (both skipped with ignore_eos)."""
+        """Finish the sequences that are done (:func:`_finish_reason`)."""
         for seq in seqs:
-            p = seq.req.params
-            if len(seq.output_ids) >= p.max_new_tokens:
-                self._finish(seq, {"type": "length", "length": p.max_new_tokens})
-                continue
-            last = seq.output_ids[-1]
-            if not p.ignore_eos and (last in self.eos_ids or last in p.stop_token_ids):
-                self._finish(seq, {"type": "stop", "matched": last})
+            reason = _finish_reason(seq, self.eos_ids)
+            if reason is not None:
+                self._finish(seq, reason)
 
     def _sweep(self) -> None:
         self.batch.retire()
         self._retracted = [s for s in self._retracted if s.finish_reason is None]
+
+
+def _resolve(fut: cf.Future[T], fn: Callable[[], T]) -> None:
+    """Run ``fn`` into ``fut`` (on the scheduler thread; :meth:`Scheduler.call`)."""
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(fn())
+    except BaseException as e:  # delivered to the caller
+        fut.set_exception(e)
+
+
+def _put_weights(params: dict[str, torch.nn.Parameter], staged: dict[str, torch.Tensor], adopt: bool,
+                 device: torch.device) -> None:
+    """Put ``staged`` into ``params``: point them at the staged tensors (``adopt``: every
+    parameter must be there) or copy them in; on CUDA, wait until the copy is done."""
+    if adopt:
+        if set(staged) != set(params):
+            raise ValueError("adopting a weight update needs every parameter")
+        for name, tensor in staged.items():
+            params[name].data = tensor
+    elif staged:
+        with torch.no_grad():  # one multi-tensor copy, not one kernel launch per tensor
+            torch._foreach_copy_([params[name] for name in staged], list(staged.values()))
+    if device.type == "cuda":
+        # The pause is the copy, not its launch; and decode kernels still reading the old
+        # weights finish before the caller lets the next update overwrite them.
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _finish_reason(seq: Seq, eos_ids: frozenset[int]) -> dict[str, Any] | None:
+    """SGLang's order: length first, then EOS / stop_token_ids (both skipped with ignore_eos); None: not done."""
+    p = seq.req.params
+    if len(seq.output_ids) >= p.max_new_tokens:
+        return {"type": "length", "length": p.max_new_tokens}
+    last = seq.output_ids[-1]
+    if not p.ignore_eos and (last in eos_ids or last in p.stop_token_ids):
+        return {"type": "stop", "matched": last}
+    return None
 
 
 def _eos_ids(model: torch.nn.Module) -> frozenset[int]:

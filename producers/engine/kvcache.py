@@ -184,6 +184,12 @@ class MemoryPlan:
                 f"{self.max_seq_len} tokens (+1 scratch slot) x {self.bytes_per_token} B/token")
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA ordinal of ``device``: its own index, or the current device for a bare ``cuda``
+    (several torch.cuda calls, e.g. ``set_per_process_memory_fraction``, refuse an index-less device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_total_memory(device: torch.device) -> int:
     """Total memory of ``device``: the GPU's, or the host's physical RAM for CPU."""
     if device.type == "cuda":

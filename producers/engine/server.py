@@ -63,6 +63,7 @@ from pipeline.metrics import VERSION, exposition, new_registry
 from pipeline.weightsync import device_identity, weights_checksum
 from producers.engine.config import EngineConfig
 from producers.engine.decode import GenRequest, Scheduler
+from producers.engine.kvcache import cuda_index
 from producers.engine.metrics import EngineMetrics
 from producers.engine.sampling import RequestError, parse_generate_request
 from producers.engine.weights import WeightReceiver, WeightUpdateError, parse_update_request
@@ -103,6 +104,29 @@ def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...], defaul
     return value
 
 
+async def _json(request: web.Request, allow_empty: bool = False) -> dict[str, Any]:
+    """The request's JSON object body (``{}`` for an empty body when ``allow_empty``), else a
+    RequestError (a 400 naming the problem)."""
+    raw = await request.read()
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise RequestError("body", "a JSON object is required")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError("body", f"invalid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _eos_field(eos_ids: frozenset[int]) -> int | list[int] | None:
+    """``eos_token_id`` as SGLang's /get_model_info writes it: one id, a list, or null."""
+    ids = sorted(eos_ids)
+    return None if not ids else ids[0] if len(ids) == 1 else ids
+
+
 def _parsed(parse: Callable[..., T], *args: Any) -> T:
     """A :mod:`schemas.weight_update` parser's result; its FieldError becomes a RequestError (400)."""
     try:
@@ -121,6 +145,8 @@ def load_model(model_path: str, cfg: EngineConfig) -> tuple[torch.nn.Module, tor
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if device.type == "cuda":  # an indexed device: torch.cuda's memory calls refuse a bare "cuda"
+        device = torch.device("cuda", cuda_index(device))
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=getattr(torch, cfg.dtype), attn_implementation=cfg.attn_implementation
     )
@@ -227,20 +253,6 @@ class EngineServer:
             log.exception("%s %s failed", request.method, request.path)
             return web.json_response({"error": {"message": f"internal error: {e}"}}, status=500)
 
-    async def _json(self, request: web.Request, allow_empty: bool = False) -> dict[str, Any]:
-        raw = await request.read()
-        if not raw.strip():
-            if allow_empty:
-                return {}
-            raise RequestError("body", "a JSON object is required")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError("body", f"invalid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
-        return body
-
     def _new_rid(self) -> str:
         self._counter += 1
         return f"engine-{os.getpid()}-{self._counter}"
@@ -267,7 +279,7 @@ class EngineServer:
         return reqs, batch
 
     async def generate(self, request: web.Request) -> web.Response:
-        reqs, batch = self._requests(await self._json(request))
+        reqs, batch = self._requests(await _json(request))
         self._inflight.update(r.rid for r in reqs)
         try:
             futs = [asyncio.wrap_future(self.scheduler.submit(r)) for r in reqs]
@@ -284,10 +296,6 @@ class EngineServer:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    def _eos(self) -> int | list[int] | None:
-        ids = sorted(self.scheduler.eos_ids)
-        return None if not ids else ids[0] if len(ids) == 1 else ids
-
     async def model_info(self, request: web.Request) -> web.Response:
         mcfg = self.model.config
         return web.json_response({
@@ -301,7 +309,7 @@ class EngineServer:
             "model_type": getattr(mcfg, "model_type", None),
             "architectures": getattr(mcfg, "architectures", None),
             "vocab_size": self.scheduler.vocab_size,
-            "eos_token_id": self._eos(),
+            "eos_token_id": _eos_field(self.scheduler.eos_ids),
             "context_length": self.scheduler.context_len,
             "dtype": self.cfg.dtype,
         })
@@ -337,7 +345,7 @@ class EngineServer:
         return web.json_response({"success": True, "message": "Cache flushed (the embedded engine keeps no prefix cache)."})
 
     async def pause(self, request: web.Request) -> web.Response:
-        body = await self._json(request, allow_empty=True)
+        body = await _json(request, allow_empty=True)
         mode = _field(body, "mode", str, "abort")
         if mode not in PAUSE_MODES:
             raise RequestError("mode", f"must be one of {list(PAUSE_MODES)}, got {mode!r}")
@@ -345,12 +353,12 @@ class EngineServer:
         return web.json_response({"success": True, "message": f"Generation paused (mode={mode})."})
 
     async def resume(self, request: web.Request) -> web.Response:
-        await self._json(request, allow_empty=True)
+        await _json(request, allow_empty=True)
         await asyncio.wrap_future(self.scheduler.resume())
         return web.json_response({"success": True, "message": "Generation continued."})
 
     async def abort(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
+        body = await _json(request)
         if _field(body, "abort_all", bool, False):
             self.scheduler.abort(None, "aborted by /abort_request abort_all")
             return web.json_response({"success": True, "message": "Aborted all requests."})
@@ -360,7 +368,7 @@ class EngineServer:
 
     # ------------------------------------------------------------------ weights
     async def init_group(self, request: web.Request) -> web.Response:
-        req = _parsed(wu.InitGroupRequest.parse, await self._json(request))
+        req = _parsed(wu.InitGroupRequest.parse, await _json(request))
         fut = _daemon_call(lambda: self.receiver.init_group(req.master_address, req.master_port, req.rank_offset,
                                                             req.world_size, req.backend, req.group_name),
                            "engine-weight-group-init")
@@ -374,14 +382,14 @@ class EngineServer:
         return web.json_response({"success": True, "message": message})
 
     async def destroy_group(self, request: web.Request) -> web.Response:
-        name = _parsed(wu.DestroyGroupRequest.parse, await self._json(request, allow_empty=True)).group_name
+        name = _parsed(wu.DestroyGroupRequest.parse, await _json(request, allow_empty=True)).group_name
         ok = await asyncio.to_thread(self.receiver.destroy_group, name)
         return web.json_response({"success": ok, "message": "destroyed" if ok else f"no weight group {name!r}"},
                                  status=200 if ok else 400)
 
     async def update_weights(self, request: web.Request) -> web.Response:
         started_at, started = time.monotonic(), time.perf_counter()
-        spec = parse_update_request(await self._json(request), self.receiver.layouts)
+        spec = parse_update_request(await _json(request), self.receiver.layouts)
         if spec.abort_all_requests:
             self.scheduler.abort(None, "aborted for a weight update (abort_all_requests)")
         parsed = time.perf_counter()
@@ -418,7 +426,7 @@ class EngineServer:
     async def update_weights_ipc(self, request: web.Request) -> web.Response:
         """slipstream extension: an update from the trainer's shared snapshot (colocated mode)."""
         started = time.perf_counter()
-        req = _parsed(wu.IPCUpdateRequest.parse, await self._json(request), self.receiver.layouts)
+        req = _parsed(wu.IPCUpdateRequest.parse, await _json(request), self.receiver.layouts)
         try:
             timings = await self._until_closing(_daemon_call(lambda: self.ipc.update(req), "engine-weight-ipc"))
         except WeightUpdateError as e:
@@ -436,11 +444,11 @@ class EngineServer:
     async def weight_session(self, request: web.Request) -> web.Response:
         """SGLang's /begin_weight_update and /end_weight_update: the embedded engine needs no
         session (its updates are whole or nothing by themselves), so both just succeed."""
-        await self._json(request, allow_empty=True)
+        await _json(request, allow_empty=True)
         return web.json_response({"success": True, "message": "Success"})
 
     async def update_version(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
+        body = await _json(request)
         version = _parsed(wu.parse_version, _field(body, "new_version", (str, int)), "new_version")
         if _field(body, "abort_all_requests", bool, True):
             self.scheduler.abort(None, "aborted for a weight-version change")
