@@ -268,11 +268,19 @@ def maybe_checkpoint(rank: Any, trainer: TrainerConfig, run_dir: str | Path, ste
     return None
 
 
-def finish_run(rank: Any, trainer: TrainerConfig, model_path: str, run_dir: str | Path, last_step: int) -> None:
-    """At exit (collective): a final checkpoint (if checkpointing is on and ``last_step`` was not
-    saved yet) and the ``hf-final`` export of ``model_path``'s architecture (``trainer.export_hf_at_end``)."""
+def finish_run(rank: Any, trainer: TrainerConfig, model_path: str, run_dir: str | Path, last_step: int,
+               interrupted: bool = False) -> Path | None:
+    """At exit (collective): a final checkpoint if checkpointing is on and ``last_step`` was not
+    saved yet (its ``meta.json`` says ``"at_exit": true``), and the ``hf-final`` export of
+    ``model_path``'s architecture (``trainer.export_hf_at_end``; not when ``interrupted``:
+    SIGINT/SIGTERM stopped the run before its last step, and the resumed run exports at its end).
+    Returns the checkpoint written now."""
     every = trainer.checkpoint_every
+    saved = None
     if every and last_step > 0 and last_step % every:
-        save_checkpoint(rank, run_dir, last_step)
-    if trainer.export_hf_at_end:
+        saved = save_checkpoint(rank, run_dir, last_step, {"at_exit": True, "interrupted": interrupted})
+    elif every and last_step > 0:
+        log.info("checkpoint at exit: step %d was saved already (trainer.checkpoint_every = %d)", last_step, every)
+    if trainer.export_hf_at_end and not interrupted:
         export_hf_final(rank, model_path, Path(run_dir) / "hf-final", trainer.export_hf_shard_bytes)
+    return saved

@@ -167,12 +167,14 @@ class TrainerConfig:
         default=0,
     )
     checkpoint_every: int = doc(
-        "Save a Megatron distributed checkpoint to RUN_DIR/checkpoints/step-K every N steps (and at exit); 0 = off.",
+        "Save a Megatron distributed checkpoint to RUN_DIR/checkpoints/step-K every N steps and at exit (also when "
+        "SIGINT/SIGTERM stops the run); 0 = off.",
         default=0,
     )
     resume_from: str = doc(
         "Resume model, optimizer, RNG, step and policy version from 'latest' (RUN_DIR/checkpoints) or a "
-        "checkpoint directory; '' = start fresh.",
+        "checkpoint directory; '' = start fresh. 'slipstream run' with a checkpoint of its own run directory keeps "
+        "and replays that directory's queue journal.",
         default="",
     )
     export_hf_at_end: bool = doc(

@@ -95,6 +95,18 @@ class EngineRejoin:
                 out[url] = (None, False)
         return out
 
+    def continue_paused(self) -> list[str]:
+        """Continue every engine that is paused but already holds the published version (a resumed
+        run's engines, started paused, after the trainer sent them the checkpoint's weights); the
+        rest are left to :meth:`poll`.  Returns their URLs."""
+        version = self.publisher.version if self.publisher.version is not None else self.start_version
+        ready = [u for u, (v, paused) in self.states().items() if paused and v == str(version)]
+        for url in ready:
+            self._continue(url)
+        if ready:
+            log.info("continued %s: paused at start, now serving v%d", ", ".join(ready), version)
+        return ready
+
     def poll(self, now: float | None = None) -> bool:
         """Check (at most every ``interval_s``) and bring back restarted engines; True if it did.
         Call only while no publish is in flight.  Failures are logged and retried at the next check."""

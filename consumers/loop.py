@@ -14,6 +14,15 @@ Their ``consumed.jsonl`` lines carry ``"replay": true``: the broker counted thos
 consumed once, at the first commit; a replay line is the same trajectory trained again only
 because that training was lost with the killed process.
 
+Stop (SIGINT/SIGTERM, :meth:`Trainer.request_stop`; ``slipstream run`` sends SIGTERM on Ctrl-C):
+rank 0 gives up the batch it waits for (its lease, if one was issued, goes back to the queue) or
+finishes the step it is in; every rank stops at that step boundary (rank 0 broadcasts "stop"
+instead of a batch), the publish in flight ends, and with ``trainer.checkpoint_every > 0`` the last
+step is checkpointed (``"at_exit": true``) and reported to the broker.  Exit code 128 + signal.  On
+resume, ``steps.jsonl``'s ``wall_time_s`` goes on from the checkpointed step's, each record's
+``interval_s`` is the time since this process's previous one, and engines a resumed run started
+paused are continued once they hold the checkpoint's weights and the broker has our hello.
+
 Order per step (η = 0 relies on it): train -> ``Commit`` (broker counts the groups consumed) ->
 publish weights to every engine -> ``Published`` (broker opens credits for the new version).
 With ``weights.async_publish`` the publish of version v runs in a background thread
@@ -33,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -113,7 +123,7 @@ class StepRecord:
     trajectories: int
     trajectories_dropped: int
     queue_depth: int
-    wall_time_s: float
+    wall_time_s: float  # trainer-loop seconds, carried on across a resume (from the checkpointed step's)
     wait_s: float
     train_s: float
     publish_s: float
@@ -121,6 +131,7 @@ class StepRecord:
     weights_checksum: str
     engine_checksums: list[str] = field(default_factory=list)
     engine_pause_s: float = 0.0
+    interval_s: float = 0.0  # seconds since this process's previous step record (its first: since its loop began)
     stale_engines: list[str] = field(default_factory=list)  # engines out of weight sync after this publish
     replay: bool = False  # the step re-trained a batch the broker retained (see the module doc)
     stats: dict[str, float] = field(default_factory=dict)
@@ -131,18 +142,22 @@ class StepRecord:
         return json.dumps(d)
 
 
-def broadcast_batch(batch: Batch | None, src: int = 0) -> Batch:
-    """Send the batch from ``src`` to every trainer rank over the default group (our codec, no pickle)."""
+def broadcast_batch(batch: Batch | None, src: int = 0, stop: bool = False) -> Batch | None:
+    """Send the batch from ``src`` to every trainer rank over the default group (our codec, no
+    pickle).  ``stop`` (on ``src``: it was asked to stop instead of fetching one): every rank gets
+    None, so all stop at the same step boundary."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        assert batch is not None
-        return batch
+        assert stop or batch is not None
+        return None if stop else batch
     if dist.get_rank() == src:
-        assert batch is not None
-        payload = msgpack.packb([bytes(f) for f in frames_of(batch)])  # the frames it arrived in: not encoded again
-        size = torch.tensor([len(payload)], dtype=torch.int64)
+        assert stop or batch is not None
+        payload = b"" if stop or batch is None else msgpack.packb([bytes(f) for f in frames_of(batch)])  # its own frames: not encoded again
+        size = torch.tensor([-1 if stop else len(payload)], dtype=torch.int64)
     else:
         payload, size = b"", torch.zeros(1, dtype=torch.int64)
     dist.broadcast(size, src)
+    if int(size.item()) < 0:
+        return None
     buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(int(size.item()), dtype=torch.uint8)
     dist.broadcast(buf, src)
     if dist.get_rank() == src:
@@ -192,7 +207,8 @@ class Trainer:
         self.on_idle: Any = None  # what rank 0 runs while it waits for a batch (see _idle_callback)
         self.start_step = 0
         self.version = 0
-        self._t_start = time.monotonic()
+        self.stop_signal: int | None = None  # SIGINT/SIGTERM received: stop at the next step boundary (request_stop)
+        self._t_start = self._t_last = time.monotonic()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -208,6 +224,7 @@ class Trainer:
         self.export = rank.export_hf_stage if self.per_stage else rank.export_hf_state
         # resume, or the [sft] stage (consumers/checkpoint.py)
         self.start_step, self.version = prepare_start(rank, cfg.trainer, cfg.sft, cfg.model.path, cfg.queue.max_staleness, self.run_dir)
+        wall_offset = 0.0
         if rank.is_publisher:
             self.metrics = TrainerMetrics()
             from pipeline.configbase import to_dict
@@ -220,14 +237,14 @@ class Trainer:
             if cfg.metrics.enabled:
                 _, port = serve_metrics(self.metrics.registry, cfg.metrics.host, 0)
                 write_json_atomic(port_file(self.run_dir, "trainer"), {"metrics_port": port})
-            if cfg.trainer.resume_from:
-                _supersede_steps(self.run_dir / "steps.jsonl", self.start_step)
+            if cfg.trainer.resume_from:  # steps.jsonl's wall_time_s goes on from the checkpointed step's
+                wall_offset = _supersede_steps(self.run_dir / "steps.jsonl", self.start_step)
         publisher = self._connect_publisher()
         if publisher is not None:
             on_done = self._finish_step if rank.is_publisher else _stage_done
             if cfg.weights.async_publish:
                 self.sender = AsyncPublisher(publisher, on_done, checksum=cfg.run.verify_weights,
-                                             timeout_s=cfg.weights.group_timeout_s * 4 + 60.0, snapshot=self._snapshot(publisher))
+                                             timeout_s=cfg.weights.group_timeout_s * 4 + 60.0, snapshot=_snapshot(cfg.weights, self.device, publisher, self.metrics))
             else:
                 self.sender = InlinePublisher(publisher, on_done, checksum=cfg.run.verify_weights)
         self.on_idle = self._idle_callback()
@@ -240,27 +257,18 @@ class Trainer:
             self.client.hello(self.version, timeout_s=cfg.run.startup_timeout_s, resume_step=self.start_step,
                               checkpoint_every=cfg.trainer.checkpoint_every)
             self.metrics.version.labels("trainer").set(self.version)
-        self._t_start = time.monotonic()
+            if cfg.trainer.resume_from and self.weights_pub is not None and cfg.weights.engine_kind == "embedded":
+                from consumers.engine_rejoin import EngineRejoin
+
+                # Engines a resumed run started paused hold the checkpoint's weights now, and the broker our version.
+                EngineRejoin(self.weights_pub, lambda: None, self.version).continue_paused()
+        self._t_last = time.monotonic()
+        self._t_start = self._t_last - wall_offset
 
     @property
     def device(self) -> torch.device:
         """Where this rank's weights (and its HF export) live."""
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-    def _snapshot(self, publisher: Publisher) -> WeightSnapshot:
-        """The publish snapshot: on the device unless every engine gets a gloo broadcast from a GPU
-        (or the user asks for host memory), shareable when an engine takes IPC, within its budget."""
-        w = self.cfg.weights
-        transports = getattr(publisher, "transports", {})
-        gloo_only = w.resolved_backend(torch.cuda.is_available()) == "gloo" and "ipc" not in transports.values()
-        host = w.snapshot_device == "host" or (self.device.type == "cuda" and gloo_only)
-        budget = int(w.snapshot_max_fraction * _memory_of(torch.device("cpu") if host else self.device))
-        if self.metrics is not None:
-            self.metrics.snapshot_limit.set(budget)
-        on_size = self.metrics.snapshot_bytes.set if self.metrics is not None else None
-        log.info("publish snapshot: %s memory, budget %.1f GiB (weights.snapshot_max_fraction = %g)",
-                 "host" if host else str(self.device), budget / 2**30, w.snapshot_max_fraction)
-        return WeightSnapshot(budget, host=host, allocate=getattr(publisher, "snapshot_allocator", None), on_size=on_size)
 
     def _connect_publisher(self) -> Publisher | None:
         """Build and connect this rank's weight publisher (collective with per-stage publishing);
@@ -315,18 +323,38 @@ class Trainer:
         return publisher
 
     # ------------------------------------------------------------------ steps
-    def step(self, step: int) -> None:
+    def request_stop(self, signum: int) -> None:
+        """SIGINT/SIGTERM (a signal handler may call this): rank 0 stops waiting for a batch and every
+        rank stops at the next step boundary; :meth:`run` then writes the final checkpoint."""
+        self.stop_signal = signum
+
+    def _idle(self) -> None:
+        """Rank 0's callback while it waits for a batch: give up the wait on a stop request."""
+        if self.stop_signal is not None:
+            raise StopRequested(self.stop_signal)
+        if self.on_idle is not None:
+            self.on_idle()
+
+    def step(self, step: int) -> bool:
         """One optimizer step: fetch (rank 0) and share the batch, train, commit it, publish the
-        new version."""
+        new version.  False (nothing trained) when rank 0 was asked to stop before it had the batch."""
         cfg, rank = self.cfg, self.rank
         t0 = time.monotonic()
         batch = None
+        stop = False
         if self.client is not None:
-            batch = self.client.request_batch(step, self.version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
-                                              on_idle=self.on_idle)
-            if self.recorder is not None:
+            try:
+                self._idle()
+                batch = self.client.request_batch(step, self.version, cfg.queue.groups_per_step, rank.dp_size, cfg.run.batch_timeout_s,
+                                                  on_idle=self._idle)
+            except StopRequested:  # its lease, if the broker issued one, returns to the queue (never committed)
+                stop = True
+            if self.recorder is not None and batch is not None:
                 self.recorder.write(step, batch, self.version)
-        batch = broadcast_batch(batch)
+        got = broadcast_batch(batch, stop=stop)
+        if got is None:
+            return False
+        batch = got
         if batch.replay and self.client is not None:
             log.warning("step %d replays the batch the previous trainer process trained here before it died (lease %s)", step, batch.lease_id)
         t1 = time.monotonic()
@@ -351,6 +379,7 @@ class Trainer:
         if self.sender is not None and cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
             self.sender.wait()  # a checkpoint is taken only once its version is published and its step recorded
         self._checkpoint(step, batch.lease_id)
+        return True
 
     def publish(self, named: dict[str, torch.Tensor], version: int, ctx: dict[str, Any]) -> None:
         """Hand ``version`` to the publisher (in the background with ``weights.async_publish``: the
@@ -405,11 +434,12 @@ class Trainer:
             step=step, policy_version=version, reward_mean=sum(rewards) / len(rewards),
             staleness_mean=sum(stale) / len(stale), staleness_max=max(stale),
             tokens_trained=int(stats.get("tokens_trained", 0)), trajectories=len(stale), trajectories_dropped=batch.dropped,
-            queue_depth=batch.queue_depth, wall_time_s=t3 - self._t_start, wait_s=ctx["wait_s"], train_s=ctx["train_s"],
+            queue_depth=batch.queue_depth, wall_time_s=t3 - self._t_start, interval_s=t3 - self._t_last, wait_s=ctx["wait_s"], train_s=ctx["train_s"],
             publish_s=pub.seconds, publish_bytes=pub.bytes, weights_checksum=pub.checksum, engine_checksums=checks,
             engine_pause_s=pub.pause_s, stale_engines=sorted(pub.stale), replay=batch.replay,
             stats={**{k: float(v) for k, v in stats.items()}, **publish_breakdown(pub, verify_s)},
         )
+        self._t_last = t3
         line = rec.to_json()
         with (self.run_dir / "steps.jsonl").open("a") as f:
             f.write(line + "\n")
@@ -423,23 +453,29 @@ class Trainer:
 
         self.setup()
         cfg = self.cfg
+        last = self.start_step
         for step in range(self.start_step + 1, cfg.run.steps + 1):
-            self.step(step)
+            if not self.step(step):
+                break
+            last = step
+        stopped = last < max(cfg.run.steps, self.start_step)
+        if stopped:
+            log.warning("stopping after step %d of %d (%s)%s", last, cfg.run.steps, _signal_name(self.stop_signal),
+                        ": writing the final checkpoint" if cfg.trainer.checkpoint_every else " (no checkpoint: trainer.checkpoint_every = 0)")
         if self.sender is not None:
             self.sender.wait()
-        last = max(cfg.run.steps, self.start_step)
-        finish_run(self.rank, cfg.trainer, cfg.model.path, self.run_dir, last)
+        finish_run(self.rank, cfg.trainer, cfg.model.path, self.run_dir, last, interrupted=stopped)
         if self.client is not None and cfg.trainer.checkpoint_every:
             self.client.checkpointed(last, self.version)  # finish_run saved the last step
         if self.tracker is not None:
             self.tracker.close()
         if self.client is not None:
             self.client.close()
-        log.info("trainer finished %d steps at policy version %d", cfg.run.steps, self.version)
+        log.info("trainer %s %d steps at policy version %d", "stopped after" if stopped else "finished", last, self.version)
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-        return 0
+        return 128 + (self.stop_signal or signal.SIGTERM) if stopped else 0
 
 
 def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engine_urls: list[str]) -> int:
@@ -448,6 +484,21 @@ def run_trainer(cfg: SlipstreamConfig, run_dir: Path, broker_endpoint: str, engi
     tracking) and the tracker logs all of them as the run's hyper-parameters.  What it calls gets
     its section (``prepare_start``, ``maybe_checkpoint``, ``finish_run``, ``TrainerRank``)."""
     return Trainer(cfg, run_dir, broker_endpoint, engine_urls).run()
+
+
+def _snapshot(w: Any, device: torch.device, publisher: Publisher, metrics: TrainerMetrics | None) -> WeightSnapshot:
+    """The publish snapshot: on the device unless every engine gets a gloo broadcast from a GPU
+    (or the user asks for host memory), shareable when an engine takes IPC, within its budget."""
+    transports = getattr(publisher, "transports", {})
+    gloo_only = w.resolved_backend(torch.cuda.is_available()) == "gloo" and "ipc" not in transports.values()
+    host = w.snapshot_device == "host" or (device.type == "cuda" and gloo_only)
+    budget = int(w.snapshot_max_fraction * _memory_of(torch.device("cpu") if host else device))
+    if metrics is not None:
+        metrics.snapshot_limit.set(budget)
+    on_size = metrics.snapshot_bytes.set if metrics is not None else None
+    log.info("publish snapshot: %s memory, budget %.1f GiB (weights.snapshot_max_fraction = %g)",
+             "host" if host else str(device), budget / 2**30, w.snapshot_max_fraction)
+    return WeightSnapshot(budget, host=host, allocate=getattr(publisher, "snapshot_allocator", None), on_size=on_size)
 
 
 def _memory_of(device: torch.device) -> int:
@@ -478,27 +529,42 @@ def _record_consumed(path: Path, batch: Batch, step: int, trained_from_version: 
                 }) + "\n")
 
 
-def _supersede_steps(steps_path: Path, start_step: int) -> None:
+def _supersede_steps(steps_path: Path, start_step: int) -> float:
     """On resume: lines of ``steps.jsonl`` after the checkpoint's step were written by a trainer that
     died before checkpointing them; the resumed trainer re-does those steps (on the broker's replays
     of the same batches when it retained them, else on new batches), so they move to
     ``steps.superseded.jsonl`` and ``steps.jsonl`` stays one line per step.  Their trajectories stay
     in ``consumed.jsonl``: the broker counted them consumed (exactly once); replays add lines marked
-    ``"replay": true``."""
+    ``"replay": true``.  Returns the ``wall_time_s`` of the last line kept (0.0 if none), from which
+    the resumed trainer's clock goes on."""
     if not steps_path.exists():
-        return
+        return 0.0
     keep, gone = [], []
     for line in steps_path.read_text().splitlines():
         if line.strip():
             (keep if json.loads(line)["step"] <= start_step else gone).append(line)
+    offset = float(json.loads(keep[-1]).get("wall_time_s", 0.0)) if keep else 0.0
     if not gone:
-        return
+        return offset
     with (steps_path.parent / "steps.superseded.jsonl").open("a") as f:
         f.writelines(line + "\n" for line in gone)
     tmp = steps_path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(steps_path)
     log.warning("resuming after step %d: %d later step line(s) of the previous trainer moved to steps.superseded.jsonl", start_step, len(gone))
+    return offset
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM reached rank 0 while it waited for a batch (raised from its idle callback)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(_signal_name(signum))
+        self.signum = signum
+
+
+def _signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "no signal"
 
 
 def _mask_spans(mask: Any, limit: int = 16) -> list[list[int]]:

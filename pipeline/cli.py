@@ -337,15 +337,23 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from consumers.loop import run_trainer
+    from consumers.loop import Trainer
     from pipeline.logs import setup_logging
 
     cfg = _load(args.config, args.set)
     rank = os.environ.get("RANK", "0")
     setup_logging(f"trainer-{rank}", cfg.run.log_level, cfg.run.log_format)
     torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    return run_trainer(cfg, args.run_dir, args.broker, args.engine_url)
+    trainer = Trainer(cfg, args.run_dir, args.broker, args.engine_url)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if trainer.stop_signal is not None:  # a second signal: do not wait for the step and the checkpoint
+            sys.exit(128 + signum)
+        trainer.request_stop(signum)  # stops at the next step boundary, then the final checkpoint
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    return trainer.run()
 
 
 def _cmd_bench_e2e(args: argparse.Namespace, command: str) -> int:

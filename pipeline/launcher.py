@@ -6,7 +6,13 @@ terminal Ctrl-C reaches only the launcher, which then stops the children in orde
 to ``cmds/NAME.sh`` so it can be re-run by hand, and ``processes.json`` lists role, pid, command,
 log and metrics URL of every process.  The console shows a progress bar and one line per step,
 read from ``steps.jsonl``.  The run ends when the trainer finishes its steps (exit 0), when any
-child fails for good (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130).
+child fails for good (exit 1, naming it and its log), or on Ctrl-C / SIGTERM (exit 130): the
+children get SIGTERM in order, and the trainer first writes a final checkpoint when checkpoints are
+on (``consumers/loop.py``).  Before anything starts, :func:`pipeline.resume.prepare_run_dir` decides
+between a fresh run (an earlier run's journal is moved aside) and a resume in the same run
+directory (``trainer.resume_from``: the journal is kept and replayed by the broker, the earlier
+part's stats kept, the embedded engines started paused until the trainer sent them the
+checkpoint's weights).
 
 Placement (``pipeline/placement.py``): before anything starts, the GPUs are detected and every
 trainer rank and engine is given its GPU(s) through ``CUDA_VISIBLE_DEVICES`` (the broker and the
@@ -54,6 +60,7 @@ from pipeline.config import SlipstreamConfig
 from pipeline.configbase import to_dict
 from pipeline.placement import Plan, plan_for
 from pipeline.preflight import log_tail
+from pipeline.resume import Resume, prepare_run_dir
 from pipeline.rundir import port_file, stats_file, wait_for_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -120,8 +127,9 @@ def child_env(cfg: SlipstreamConfig) -> dict[str, str]:
 
 
 class Launcher:
-    def __init__(self, cfg: SlipstreamConfig, run_dir: Path, plan: Plan | None = None) -> None:
+    def __init__(self, cfg: SlipstreamConfig, run_dir: Path, plan: Plan | None = None, resume: Resume | None = None) -> None:
         self.cfg = cfg
+        self.resume = resume  # pipeline/resume.py: the checkpoint a resumed run starts from (None: fresh)
         self.run_dir = run_dir
         self.children: list[Child] = []
         self.env = child_env(cfg)
@@ -212,11 +220,6 @@ class Launcher:
     # ------------------------------------------------------------------ start
     def start_all(self) -> None:
         cfg, rd, host = self.cfg, self.run_dir, self.cfg.metrics.host
-        journal = rd / "journal"
-        if journal.is_dir() and any(journal.iterdir()):
-            aside = rd / f"journal.previous-{time.strftime('%Y%m%d-%H%M%S')}"
-            log.warning("%s holds an earlier run's queue journal; a fresh run starts with an empty queue: moved it to %s", journal, aside)
-            journal.rename(aside)
         broker = self._spawn("broker", "broker", self._cli("broker", "--config", str(self.config_path), "--run-dir", str(rd)))
         ports = self._ready(broker, "broker")
         broker.metrics_url = f"http://{host}:{ports['metrics_port']}/metrics"
@@ -241,6 +244,8 @@ class Launcher:
                     if key == "mem_fraction":  # as the placement resolved it (0 = auto: per device and neighbours)
                         value = self.plan.engines[i].mem_fraction if i < len(self.plan.engines) else value
                     cmd += ["--set", f"{key}={json.dumps(value)}"]
+                # A resume: no sample with model.path's weights; the trainer sends the checkpoint's and continues it.
+                cmd += ["--start-paused"] if self.resume is not None else []
                 engines.append(self._spawn(f"engine-{i}", "engine", cmd))
             engine_urls = []
             for i, e in enumerate(engines):
@@ -394,44 +399,53 @@ class Launcher:
             c.close()
 
     def summary(self, exit_code: int, wall_s: float) -> dict[str, Any]:
-        rd = self.run_dir
-        broker = _read_json(stats_file(rd, "broker"))
-        producers = [_read_json(p) for p in sorted([*(rd / "stats").glob("producer-*.json"), *(rd / "stats").glob("replayer-*.json")])]
-        steps = [json.loads(line) for line in (rd / "steps.jsonl").read_text().splitlines()] if (rd / "steps.jsonl").exists() else []
-        dropped = broker.get("trajectories_dropped", {})
-        accepted = broker.get("trajectories_accepted")
-        out: dict[str, Any] = {
-            "exit_code": exit_code,
-            "wall_time_s": round(wall_s, 2),
-            "steps_completed": len(steps),
-            "final_policy_version": steps[-1]["policy_version"] if steps else 0,
-            "trajectories": {
-                "generated": sum(p.get("trajectories_generated", 0) for p in producers),
-                "accepted": accepted,
-                "consumed": broker.get("trajectories_consumed"),
-                "dropped": dropped,
-                "duplicates_rejected_groups": broker.get("groups_duplicate"),
-                "still_queued": broker.get("trajectories_still_queued"),
-                # Part of "consumed" (committed), kept for replay until a checkpoint covers their step:
-                "retained": broker.get("trajectories_retained", 0),
-                # Retained trajectories served again to a resumed trainer: not counted consumed again.
-                "replayed": broker.get("trajectories_replayed", 0),
-            },
-            "rejected_messages": broker.get("rejected_messages", {}),
-            "restarts": {role: self.restarts_by_role[role] for role in ("broker", "engine", "producer", "trainer")},
-        }
-        tracking = _read_json(stats_file(rd, "tracking"))  # tracking.backend's counts (pipeline/tracking.py)
-        if tracking:
-            out["tracking"] = tracking
-        if accepted is not None:
-            out["trajectories"]["balanced"] = accepted == broker["trajectories_consumed"] + sum(dropped.values()) + broker["trajectories_still_queued"]
-        if len(steps) >= 20:
-            first = [s["reward_mean"] for s in steps[:10]]
-            last = [s["reward_mean"] for s in steps[-10:]]
-            out["reward_first10_mean"] = sum(first) / 10
-            out["reward_last10_mean"] = sum(last) / 10
-        write_json_atomic(rd / "summary.json", out)
-        return out
+        return write_summary(self.run_dir, exit_code, wall_s, self.restarts_by_role, self.resume)
+
+
+def write_summary(rd: Path, exit_code: int, wall_s: float, restarts: collections.Counter[str], resume: Resume | None = None) -> dict[str, Any]:
+    """Write RUN_DIR/summary.json: the account of every trajectory (the broker's counts, which a
+    resumed broker recovered from the journal, so they cover every part of the run; ``generated``
+    sums every producer stats file, the earlier parts' and the dead incarnations' included), steps,
+    restarts per role and, for a resumed run, where it resumed from (``resume``)."""
+    broker = _read_json(stats_file(rd, "broker"))
+    producers = [_read_json(p) for p in sorted([*(rd / "stats").glob("producer-*.json"), *(rd / "stats").glob("replayer-*.json")])]
+    steps = [json.loads(line) for line in (rd / "steps.jsonl").read_text().splitlines()] if (rd / "steps.jsonl").exists() else []
+    dropped = broker.get("trajectories_dropped", {})
+    accepted = broker.get("trajectories_accepted")
+    out: dict[str, Any] = {
+        "exit_code": exit_code,
+        "wall_time_s": round(wall_s, 2),
+        "steps_completed": len(steps),
+        "final_policy_version": steps[-1]["policy_version"] if steps else 0,
+        "trajectories": {
+            "generated": sum(p.get("trajectories_generated", 0) for p in producers),
+            "accepted": accepted,
+            "consumed": broker.get("trajectories_consumed"),
+            "dropped": dropped,
+            "duplicates_rejected_groups": broker.get("groups_duplicate"),
+            "still_queued": broker.get("trajectories_still_queued"),
+            # Part of "consumed" (committed), kept for replay until a checkpoint covers their step:
+            "retained": broker.get("trajectories_retained", 0),
+            # Retained trajectories served again to a resumed trainer: not counted consumed again.
+            "replayed": broker.get("trajectories_replayed", 0),
+        },
+        "rejected_messages": broker.get("rejected_messages", {}),
+        "restarts": {role: restarts[role] for role in ("broker", "engine", "producer", "trainer")},
+    }
+    if resume is not None:
+        out["resume"] = resume.to_json()
+    tracking = _read_json(stats_file(rd, "tracking"))  # tracking.backend's counts (pipeline/tracking.py)
+    if tracking:
+        out["tracking"] = tracking
+    if accepted is not None:
+        out["trajectories"]["balanced"] = accepted == broker["trajectories_consumed"] + sum(dropped.values()) + broker["trajectories_still_queued"]
+    if len(steps) >= 20:
+        first = [s["reward_mean"] for s in steps[:10]]
+        last = [s["reward_mean"] for s in steps[-10:]]
+        out["reward_first10_mean"] = sum(first) / 10
+        out["reward_last10_mean"] = sum(last) / 10
+    write_json_atomic(rd / "summary.json", out)
+    return out
 
 
 def resolve_model_for_run(cfg: SlipstreamConfig) -> SlipstreamConfig:
@@ -465,7 +479,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 class Console:
-    """Progress bar + one line per step, from ``steps.jsonl`` as the trainer appends to it."""
+    """Progress bar + one line per step, from ``steps.jsonl`` as the trainer appends to it.
+
+    Only steps of this launch are shown: lines already in the file when it starts (an earlier part
+    of a resumed run) are skipped, also when the resumed trainer rewrites the file (it moves the
+    lines after its checkpoint to ``steps.superseded.jsonl``).  The bar stands at the step of the
+    newest line.  tokens/s is the step's tokens over its ``interval_s`` (the trainer's seconds since
+    its previous step, start-up excluded), never a difference of two processes' clocks."""
 
     def __init__(self, path: Path, total: int, max_staleness: int, enabled: bool = True) -> None:
         from tqdm import tqdm
@@ -474,6 +494,7 @@ class Console:
         self.max_staleness = max_staleness
         self.offset = 0
         self.last_wall = 0.0
+        self._earlier = set(path.read_text().splitlines()) if path.exists() else set()  # an earlier part's lines
         self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
         # While the bar is drawn, the launcher's log lines go through tqdm.write: each on a line of
         # its own above the bar, not glued onto it.
@@ -488,33 +509,45 @@ class Console:
             return
         if self.path.stat().st_size < self.offset:  # a resumed trainer moved superseded step lines aside
             self.offset = 0
-            self.bar.reset()
-        with self.path.open() as f:
+        with self.path.open("rb") as f:
             f.seek(self.offset)
             chunk = f.read()
-        lines = chunk.split("\n")
-        complete, rest = lines[:-1], lines[-1]
-        self.offset += len(chunk) - len(rest)
-        for line in complete:
-            if line.strip():
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # whole lines only: the trainer may be mid-write
+        self.offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            if line.strip() and line not in self._earlier:
+                self._earlier.add(line)  # shown once, also if the file is rewritten again
                 self._show(json.loads(line))
 
+    def line(self, s: dict[str, Any]) -> str:
+        """The console line of step record ``s`` (and the clock it leaves for the next one)."""
+        tps = tokens_per_second(s, self.last_wall)
+        self.last_wall = float(s["wall_time_s"])
+        return (f"step {s['step']:>4} | v{s['policy_version']:<4} | reward {s['reward_mean']:.3f} | "
+                f"tokens/s {'-' if tps is None else f'{tps:.0f}':>7} | queue {s['queue_depth']:>3} | "
+                f"staleness {s['staleness_mean']:.2f}/{s['staleness_max']} (max {self.max_staleness}) | "
+                f"dropped {s['trajectories_dropped']}")
+
     def _show(self, s: dict[str, Any]) -> None:
-        dt = max(s["wall_time_s"] - self.last_wall, 1e-9)
-        self.last_wall = s["wall_time_s"]
-        self.bar.write(
-            f"step {s['step']:>4} | v{s['policy_version']:<4} | reward {s['reward_mean']:.3f} | "
-            f"tokens/s {s['tokens_trained'] / dt:7.0f} | queue {s['queue_depth']:>3} | "
-            f"staleness {s['staleness_mean']:.2f}/{s['staleness_max']} (max {self.max_staleness}) | "
-            f"dropped {s['trajectories_dropped']}"
-        )
-        self.bar.update(1)
+        self.bar.write(self.line(s))
+        self.bar.n = int(s["step"])
+        self.bar.refresh()
 
     def close(self) -> None:
         for h, stream in self._swapped:
             h.setStream(stream)
         self._swapped.clear()
         self.bar.close()
+
+
+def tokens_per_second(s: dict[str, Any], previous_wall: float) -> float | None:
+    """Trained tokens per second of step record ``s``: over its ``interval_s`` (the trainer's own
+    measure); for records without it (the rollout_only recorder's), over the growth of
+    ``wall_time_s`` since the previous line shown, when it grew.  None when neither is known."""
+    dt = s.get("interval_s")
+    if dt is None:
+        dt = float(s["wall_time_s"]) - previous_wall
+    return s["tokens_trained"] / dt if dt > 0 else None
 
 
 class _BarStream:
@@ -552,7 +585,7 @@ def run(cfg: SlipstreamConfig, run_dir: Path, source: Path | None, plan: Plan | 
         ensure_model(cfg.model.path, preset, seed=cfg.run.seed)
     cfg = resolve_model_for_run(cfg)  # a hub id -> its local snapshot, before any child starts
     write_json_atomic(run_dir / "config.json", to_dict(cfg))
-    launcher = Launcher(cfg, run_dir, plan)
+    launcher = Launcher(cfg, run_dir, plan, prepare_run_dir(cfg, run_dir))  # keeps the journal of a resumed run
     previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty())
     t0 = time.monotonic()

@@ -6,7 +6,10 @@ Semantics (DESIGN §3, §5):
   ``consumed + queued + leased + in_flight < (η + v + 1) × groups_per_step`` (AReaL's bound), where
   ``v`` is the *published* policy version, and while the queue's trajectory/byte bounds leave room.
   All of these counters are derived from the queue's contents and the trainer's version, so a
-  restart can rebuild them (AReaL #1345 inflated a stored budget after recovery).
+  restart can rebuild them (AReaL #1345 inflated a stored budget after recovery); ``consumed``
+  counts at least ``v × groups_per_step`` for the committed version ``v``, so a queue that meets a
+  trainer resumed at version ``v`` without the run's history grants ``η + 1`` steps of credits, not
+  ``η + v + 1``.
 - **Exactly-once enqueue.** Groups are keyed by ``(producer_id, epoch, seq)``; a resend of an
   accepted group is acknowledged as a duplicate and not enqueued again.
 - **Group-atomic, staleness-checked batches.** A batch for a trainer at version ``v`` takes whole
@@ -409,10 +412,21 @@ class StalenessQueue(QueueState):
     def stale_reason(self) -> str:
         return "stale_requeued" if self.stale_policy == "requeue" else "stale_dropped"
 
+    @property
+    def consumed_for_admission(self) -> int:
+        """Groups the admission bound counts as consumed: those committed by distinct versions, but at
+        least ``v × groups_per_step`` for the committed version ``v``.  Every version consumed one
+        step's groups, so the two agree whenever this queue saw the whole run; a queue that learns a
+        version without that history (a broker without a journal meeting a trainer resumed at version
+        v, or a trainer after its ``[sft]`` stage) would otherwise grant ``η + v + 1`` steps of
+        credits at once, the budget inflation of AReaL #1345, and flood the queue with data that goes
+        stale before it is consumed.  Derived, like every admission counter: nothing to rebuild."""
+        return max(self.stats.groups_consumed - self.stats.groups_superseded, self.committed_policy_version * self.groups_per_step)
+
     def capacity(self, group_size: int) -> int:
         """How many more group starts may be granted now (admission control)."""
         budget = (self.max_staleness + self.published_policy_version + 1) * self.groups_per_step
-        used = self.stats.groups_consumed - self.stats.groups_superseded + len(self.groups) + self.leased_groups + self.in_flight_groups
+        used = self.consumed_for_admission + len(self.groups) + self.leased_groups + self.in_flight_groups
         # The trajectory bound: groups queued or in flight must fit.
         traj_room = self.max_trajectories - self.queued_trajectories - self.retained_trajectories - self.in_flight_groups * group_size
         return max(0, min(budget - used, traj_room // max(group_size, 1)))

@@ -57,6 +57,7 @@ from pipeline.launcher import Console, Launcher, _fatal_line, child_env, resolve
 from pipeline.placement import Plan, plan_for
 from pipeline.preflight import log_tail
 from pipeline.ray_actor import RoleProcess, read_state
+from pipeline.resume import Resume, prepare_run_dir
 from pipeline.rundir import port_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class RayLauncher:
     def __init__(self, cfg: SlipstreamConfig, run_dir: Path, plan: Plan) -> None:
         self.ray = _import_ray()
         self.cfg, self.run_dir, self.plan = cfg, run_dir, plan
+        self.resume: Resume | None = None  # set by run(): pipeline/resume.py
         self.config_path = run_dir / "config.json"
         self.names: list[str] = []  # every process, in start order
         self.roles: dict[str, str] = {}
@@ -154,12 +156,7 @@ class RayLauncher:
 
     # ------------------------------------------------------------------ start
     def start_all(self) -> None:
-        cfg, rd = self.cfg, self.run_dir
-        journal = rd / "journal"
-        if journal.is_dir() and any(journal.iterdir()):
-            aside = rd / f"journal.previous-{time.strftime('%Y%m%d-%H%M%S')}"
-            log.warning("%s holds an earlier run's queue journal; a fresh run starts with an empty queue: moved it to %s", journal, aside)
-            journal.rename(aside)
+        cfg, rd = self.cfg, self.run_dir  # run() kept (a resume in this run dir) or moved aside the journal: pipeline/resume.py
         here = ["--set", "queue.host='{node_ip}'", "--set", "metrics.host='{node_ip}'"]  # bind this node's address
         common = ["--config", str(self.config_path), "--run-dir", str(rd), *here]
         timeout = cfg.run.startup_timeout_s
@@ -179,6 +176,7 @@ class RayLauncher:
                           "--seed", str(cfg.run.seed + 1000 * i), "--log-level", cfg.run.log_level, "--log-format", cfg.run.log_format)
             for key, value in to_dict(cfg.engine).items():
                 cmd += ["--set", f"{key}={json.dumps(value)}"]
+            cmd += ["--start-paused"] if self.resume is not None else []  # a resume: the trainer sends the checkpoint's weights first
             self._call(name, "start", cmd, {}, 0, timeout_s=timeout)
         for name in engines:
             st = self._call(name, "wait_ready", timeout, timeout_s=timeout + STATUS_TIMEOUT_S)
@@ -495,7 +493,8 @@ def run_ray(cfg: SlipstreamConfig, run_dir: Path, source: Path | None, plan: Pla
     cfg = _absolute_paths(resolve_model_for_run(cfg))
     write_json_atomic(run_dir / "config.json", to_dict(cfg))
     launcher = RayLauncher(cfg, run_dir, plan)
-    accounts = Launcher(cfg, run_dir, plan)  # the local launcher's summary (same account, same file)
+    launcher.resume = prepare_run_dir(cfg, run_dir)  # keeps the journal of a run resumed in this directory
+    accounts = Launcher(cfg, run_dir, plan, launcher.resume)  # the local launcher's summary (same account, same file)
     previous = {s: signal.signal(s, lambda sig, _f: launcher.request_stop(f"received {signal.Signals(sig).name}")) for s in (signal.SIGINT, signal.SIGTERM)}
     console = Console(run_dir / "steps.jsonl", cfg.run.steps, cfg.queue.max_staleness, enabled=sys.stderr.isatty())
     t0 = time.monotonic()

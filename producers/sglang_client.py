@@ -9,7 +9,8 @@ Per-token policy versions: the embedded engine returns ``meta_info.output_token_
 is stamped with the *older* of the version known when the request was sent and the one reported at
 the end, which can only overstate staleness, never hide it — unless the response carries SGLang's
 ``meta_info.weight_versions`` spans (``[{version, start, end}]`` over output tokens, sglang >= 0.5.23),
-which give each token its exact version.
+which give each token its exact version.  A ``weight_version`` that is not an integer (SGLang's
+``"default"``: never updated) means model.path's weights, version 0.
 
 Engine faults are the engine's, never a plug-in's.  Every response is checked before a rollout
 sees it (:func:`check_response`): a non-JSON body, a missing ``meta_info``, or a sampled token's
@@ -144,7 +145,10 @@ def parse_generation(resp: dict[str, Any], version_at_submit: int) -> Generation
     try:
         final_version = int(meta.get("weight_version", version_at_submit))
     except (TypeError, ValueError):
-        final_version = version_at_submit  # SGLang's default version string is "default"
+        # SGLang's "default": the server never got an update from slipstream (every update sets an
+        # integer), so it serves model.path's weights, version 0 -- also after a resume, when the
+        # producer already knows a later version.  Never newer than the truth: at worst stale.
+        final_version = 0
     versions = meta.get("output_token_weight_versions")
     if versions is None:
         versions = span_versions(meta.get(SPANS_META_FIELD), len(output_ids))

@@ -150,6 +150,22 @@ def test_resumed_trainer_redoing_versions_is_not_counted_twice_in_admission() ->
     assert q.capacity(2) == 1, "a re-done version must leave the η = 0 budget at one step"
 
 
+def test_queue_without_history_meeting_a_resumed_trainer_grants_eta_plus_one_steps() -> None:
+    """A broker that starts empty (no journal) and learns version 40 from a resumed trainer's hello
+    grants η + 1 steps of credits, as at any point of a fresh run, not η + 40 + 1 (AReaL #1345)."""
+    fresh = StalenessQueue(max_staleness=1, groups_per_step=2, max_trajectories=1000, max_bytes=10**9)
+    resumed = StalenessQueue(max_staleness=1, groups_per_step=2, max_trajectories=1000, max_bytes=10**9)
+    resumed.publish(40)
+    assert resumed.capacity(2) == fresh.capacity(2) == (1 + 1) * 2
+    assert resumed.grant("p0", 100, 2) == 4
+    for s in range(4):
+        assert resumed.accept(group(s, 40)) == "accepted"
+    resumed.commit(resumed.take_batch(41, 40, 2, 1).lease.lease_id, 41)
+    assert resumed.capacity(2) == 0, "committed, not yet published: closed, as in a fresh run"
+    resumed.publish(41)
+    assert resumed.capacity(2) == 2, "one more step's credits per published version"
+
+
 def test_groups_from_a_newer_abandoned_policy_are_stale() -> None:
     """After a resume to version 1, tokens sampled at version 2 (the dead trainer's) are not on the
     resumed policy: never batched, handled by the stale policy."""
