@@ -223,13 +223,13 @@ class Broker:
         elif isinstance(msg, TrajectoryGroup):
             await self._on_group(identity, peer, msg, frames)
         else:
-            self._reject("unexpected")
-            await self._send(self.psock, identity, Error(code="unexpected", message=f"producers may not send '{msg.TYPE}'"))
+            self._reject("not_allowed")
+            await self._send(self.psock, identity, Error(code="not_allowed", message=f"producers may not send '{msg.TYPE}'"))
 
     async def _register_producer(self, identity: bytes, hello: Hello) -> None:
         if hello.role != "producer":
-            self._reject("unexpected")
-            await self._send(self.psock, identity, Error(code="unexpected", message=f"this is the producer socket; role {hello.role!r}"))
+            self._reject("not_allowed")
+            await self._send(self.psock, identity, Error(code="not_allowed", message=f"this is the producer socket; role {hello.role!r}"))
             return
         for other_id, other in list(self.producers.items()):
             if other.peer_id == hello.peer_id and other_id != identity:
@@ -345,8 +345,8 @@ class Broker:
             self.queue.publish(msg.policy_version)
             await self._announce()
         else:
-            self._reject("unexpected")
-            await self._send(self.tsock, identity, Error(code="unexpected", message=f"trainers may not send '{msg.TYPE}'"))
+            self._reject("not_allowed")
+            await self._send(self.tsock, identity, Error(code="not_allowed", message=f"trainers may not send '{msg.TYPE}'"))
 
     def _trainer_replaced(self, hello: Hello) -> None:
         """A new trainer process (another pid: the launcher restarted a crashed trainer, which resumed
@@ -605,7 +605,7 @@ class Broker:
                 await handler(frames[0].bytes, frames[1:])
             except Exception:  # a bug must not take the queue down; it is logged and counted
                 log.exception("unexpected error handling a message")
-                self._reject("unexpected")
+                self._reject("internal")
             self._journal_tick()
 
     async def serve(self) -> None:
@@ -678,7 +678,7 @@ def _peek_seq(frames: list[Any]) -> tuple[int, int]:
         header = msgpack.unpackb(memoryview(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]), raw=False)
         if isinstance(header, dict) and header.get("type") == "group":
             seq, epoch = header.get("seq", -1), header.get("epoch", -1)
-            if isinstance(seq, int) and isinstance(epoch, int):
+            if type(seq) is int and type(epoch) is int:  # not bools: the Error reply must decode
                 return seq, epoch
     except Exception:
         pass

@@ -17,6 +17,8 @@ short, bounded reason (used as a metric label) and whose message says exactly wh
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +36,8 @@ from schemas.messages import (
     TrajectoryGroup,
 )
 from schemas.validate import Limits, WireError, arrays_look_valid, validate_group
+
+log = logging.getLogger(__name__)
 
 FRAMES_PER_GROUP = len(ARRAY_DTYPES)
 _ARRAY_NAMES = tuple(ARRAY_DTYPES)
@@ -112,7 +116,9 @@ def _buffer(frame: Any) -> memoryview:
     return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
 
 
-def _need(header: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+def _need(header: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(header, dict):
+        raise WireError("bad_field", f"{where} must be a map, got {type(header).__name__}")
     if key not in header:
         raise WireError("bad_field", f"{where}: missing field '{key}'")
     value = header[key]
@@ -121,6 +127,21 @@ def _need(header: dict[str, Any], key: str, types: type | tuple[type, ...], wher
     if not isinstance(value, types):
         raise WireError("bad_field", f"{where}: field '{key}' must be {types}, got {type(value).__name__}")
     return value
+
+
+def _non_negative(header: dict[str, Any], key: str, where: str) -> int:
+    value = _need(header, key, int, where)
+    if value < 0:
+        raise WireError("bad_field", f"{where}: field '{key}' must be >= 0, got {value}")
+    return value
+
+
+def _timings(th: dict[str, Any], where: str) -> dict[str, float]:
+    timings = _need(th, "timings", dict, where)
+    for k, v in timings.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise WireError("bad_field", f"{where}: timings[{k!r}] must be a number of seconds, got {type(v).__name__}")
+    return timings
 
 
 def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits, where: str) -> TrajectoryGroup:
@@ -134,6 +155,9 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
         raise WireError("bad_field", f"{where}: a group needs at least one trajectory")
     if len(trajs_h) > limits.max_group_size:
         raise WireError("oversize", f"{where}: {len(trajs_h)} trajectories > limit {limits.max_group_size}")
+    for i, t in enumerate(trajs_h):
+        if not isinstance(t, dict):
+            raise WireError("bad_field", f"{where}.trajectories[{i}] must be a map, got {type(t).__name__}")
     arrays: dict[str, np.ndarray] = {}
     for (name, dtype), d, frame in zip(ARRAY_DTYPES.items(), desc, frames, strict=True):
         if not (isinstance(d, list) and len(d) == 3 and d[0] == name):
@@ -148,6 +172,13 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
     n_resp = [_need(t, "n_response", int, f"{where}.trajectories[{i}]") for i, t in enumerate(trajs_h)]
     if any(n < 0 for n in n_prompt + n_resp):
         raise WireError("length_mismatch", f"{where}: negative length")
+    if 0 in n_resp:
+        i = n_resp.index(0)
+        raise WireError("empty_response", f"{where}.trajectories[{i}]: the response is empty (a trajectory needs at least one response token)")
+    rewards = [float(_need(t, "reward", (int, float), f"{where}.trajectories[{i}]")) for i, t in enumerate(trajs_h)]
+    for i, r in enumerate(rewards):
+        if not math.isfinite(r):
+            raise WireError("nonfinite_reward", f"{where}.trajectories[{i}]: reward {r} is not finite")
     if sum(n_prompt) != len(arrays["prompt_tokens"]):
         raise WireError("length_mismatch", f"{where}: prompt lengths sum to {sum(n_prompt)}, frame has {len(arrays['prompt_tokens'])}")
     for name in ("response_tokens", "logprobs", "versions", "loss_mask"):
@@ -155,7 +186,7 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
             raise WireError("length_mismatch", f"{where}: response lengths sum to {sum(n_resp)}, frame '{name}' has {len(arrays[name])}")
     trajectories = []
     po = ro = 0
-    for i, (th, np_, nr) in enumerate(zip(trajs_h, n_prompt, n_resp, strict=True)):
+    for i, (th, np_, nr, reward) in enumerate(zip(trajs_h, n_prompt, n_resp, rewards, strict=True)):
         tw = f"{where}.trajectories[{i}]"
         trajectories.append(
             Trajectory(
@@ -165,9 +196,9 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
                 logprobs=arrays["logprobs"][ro : ro + nr],
                 versions=arrays["versions"][ro : ro + nr],
                 loss_mask=arrays["loss_mask"][ro : ro + nr],
-                reward=float(_need(th, "reward", (int, float), tw)),
+                reward=reward,
                 finish_reason=_need(th, "finish_reason", str, tw),
-                timings=_need(th, "timings", dict, tw),
+                timings=_timings(th, tw),
                 metadata=_need(th, "metadata", dict, tw),
             )
         )
@@ -177,8 +208,8 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
         group_id=_need(header, "group_id", str, where),
         prompt_id=_need(header, "prompt_id", str, where),
         producer_id=_need(header, "producer_id", str, where),
-        epoch=_need(header, "epoch", int, where),
-        seq=_need(header, "seq", int, where),
+        epoch=_non_negative(header, "epoch", where),
+        seq=_non_negative(header, "seq", where),
         trajectories=trajectories,
         metadata=_need(header, "metadata", dict, where),
     )
@@ -189,8 +220,25 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
 
 
 def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
-    """Frames -> message dataclass. Raises WireError with a precise reason on any defect."""
-    limits = limits or Limits()
+    """Frames -> message dataclass. Raises WireError with a precise reason on any defect.
+
+    Every check above names its reason. Should some input still slip past them and make the decoder
+    fail another way (a gap in the checks, i.e. a bug), the message is rejected all the same, as
+    ``malformed`` with ``WireError.gap`` set, and logged with its traceback: a hostile frame can
+    never surface as a ``TypeError``. The codec fuzz (tests/test_codec_fuzz.py) fails on any gap.
+    """
+    try:
+        return _decode(frames, limits or Limits())
+    except WireError:
+        raise
+    except Exception as e:
+        log.exception("codec gap: a message failed decoding outside the named checks (rejected as malformed)")
+        err = WireError("malformed", f"undecodable message ({type(e).__name__}: {e})")
+        err.gap = True
+        raise err from None
+
+
+def _decode(frames: Sequence[Any], limits: Limits) -> Message:
     if not frames:
         raise WireError("frame_count", "empty message")
     total = sum(_buffer(f).nbytes for f in frames)
@@ -206,7 +254,7 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
     if not isinstance(header, dict):
         raise WireError("malformed", f"header must be a map, got {type(header).__name__}")
     sv = header.get("schema_version")
-    if isinstance(sv, bool) or sv not in SUPPORTED_SCHEMA_VERSIONS:
+    if type(sv) is not int or sv not in SUPPORTED_SCHEMA_VERSIONS:  # 2.0 == 2 and True == 1 in Python: refuse both
         raise WireError("schema_version", f"schema_version {sv!r} is not supported (this peer speaks {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
     mtype = header.get("type")
     if mtype == "group":
