@@ -8,7 +8,12 @@ decoder can check everything before it slices.  Arrays are decoded with ``np.fro
 received frame: zero copies.
 
 Unknown types are refused, never pickled.  Every failure is a :class:`WireError` whose ``code`` is a
-short, bounded reason (used as a metric label) and whose message says exactly what was wrong.
+short, bounded reason (``schemas.validate.REJECT_REASONS``, used as a metric label) and whose message
+says exactly what was wrong; no other exception escapes :func:`decode`.  ``schema_version`` must be
+an int (``2.0`` and ``true`` are refused, though Python compares them equal to 2 and 1), header
+fields have their declared types (bools are not ints, control-message floats are finite), rewards
+are finite, ``seq``/``epoch`` are ≥ 0, and every trajectory has at least one response token: an
+empty response is invalid (reason ``empty_response``; why: ``schemas.validate``).
 
     frames = encode(msg)           # list of bytes / buffers for socket.send_multipart
     msg = decode(frames, limits)   # raises WireError
@@ -269,11 +274,15 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
                 raise WireError("bad_field", f"batch.groups[{i}] must be a map")
             lo = 1 + i * FRAMES_PER_GROUP
             groups.append(_decode_group(gh, frames[lo : lo + FRAMES_PER_GROUP], limits, f"batch.groups[{i}]"))
+        shards = _need(header, "shards", list, "batch")
+        for r, shard in enumerate(shards):
+            if not (isinstance(shard, list) and all(type(i) is int and 0 <= i < len(groups) for i in shard)):
+                raise WireError("bad_field", f"batch.shards[{r}] must list indexes of the batch's {len(groups)} groups")
         return Batch(
             step=_need(header, "step", int, "batch"),
             lease_id=_need(header, "lease_id", str, "batch"),
             groups=groups,
-            shards=_need(header, "shards", list, "batch"),
+            shards=shards,
             dropped=_need(header, "dropped", int, "batch"),
             queue_depth=_need(header, "queue_depth", int, "batch"),
             replay=_need(header, "replay", bool, "batch") if sv >= 2 else _refuse_newer(header, "replay", sv, "batch", False),
@@ -311,15 +320,24 @@ def _refuse_newer(header: dict[str, Any], key: str, sv: int, where: str, default
     return default
 
 
-_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+def _type_ok(type_name: str, value: Any) -> bool:
+    """Does ``value`` have the declared field type (bools are not numbers, floats are finite)?"""
+    if type_name == "int":
+        return type(value) is int
+    if type_name == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if type_name in ("str", "bool"):
+        return type(value) is (str if type_name == "str" else bool)
+    if type_name == "list[int]":
+        return isinstance(value, list) and all(type(v) is int for v in value)
+    if type_name.startswith("dict["):
+        return isinstance(value, dict)
+    return True
 
 
 def _check_control_types(msg: Any) -> None:
     for f in dataclasses.fields(msg):
-        want = _FIELD_TYPES.get(str(f.type))
         value = getattr(msg, f.name)
-        if want is None:
-            continue
-        bad = not isinstance(value, want) or (want in (int, (int, float)) and isinstance(value, bool))
-        if bad:
-            raise WireError("bad_field", f"{msg.TYPE}: field '{f.name}' must be {f.type}, got {type(value).__name__}")
+        if not _type_ok(str(f.type), value):
+            shown = f"{type(value).__name__} {value!r}" if isinstance(value, float) else type(value).__name__
+            raise WireError("bad_field", f"{msg.TYPE}: field '{f.name}' must be {f.type}, got {shown}")

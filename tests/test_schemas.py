@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgpack
 import numpy as np
 import pytest
@@ -157,6 +159,9 @@ def test_validate_group_refuses_nonfinite_rewards_built_in_process() -> None:
 
 def test_every_reason_is_documented_and_unknown_codes_are_refused() -> None:
     assert all(isinstance(v, str) and v for v in REJECT_REASONS.values())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for code, meaning in REJECT_REASONS.items():
+        assert f"| `{code}` | {meaning} |" in readme, code
     assert "unexpected" not in REJECT_REASONS  # every rejection names what was wrong
     with pytest.raises(ValueError, match="not one of REJECT_REASONS"):
         WireError("whatever", "x")
