@@ -133,7 +133,7 @@ class BrokerCore:
                 self.trainer.on_message(identity, frames)
         except Exception:  # a bug must not take the queue down; it is logged and counted
             log.exception("unexpected error handling a message")
-            self.reject("unexpected")
+            self.reject("internal")
         self._journal_tick()
         return self._take_out()
 
@@ -223,13 +223,13 @@ class BrokerCore:
         elif isinstance(msg, TrajectoryGroup):
             self._on_group(peer, msg, frames)
         else:
-            self.reject("unexpected")
-            self.send(me, Error(code="unexpected", message=f"producers may not send '{msg.TYPE}'"))
+            self.reject("not_allowed")
+            self.send(me, Error(code="not_allowed", message=f"producers may not send '{msg.TYPE}'"))
 
     def _register_producer(self, identity: bytes, hello: Hello) -> None:
         if hello.role != "producer":
-            self.reject("unexpected")
-            self.send((PRODUCER, identity), Error(code="unexpected", message=f"this is the producer socket; role {hello.role!r}"))
+            self.reject("not_allowed")
+            self.send((PRODUCER, identity), Error(code="not_allowed", message=f"this is the producer socket; role {hello.role!r}"))
             return
         for other_id, other in list(self.producers.items()):
             if other.peer_id == hello.peer_id and other_id != identity:
@@ -378,7 +378,7 @@ def _peek_seq(frames: list[Any]) -> tuple[int, int]:
         header = msgpack.unpackb(memoryview(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]), raw=False)
         if isinstance(header, dict) and header.get("type") == "group":
             seq, epoch = header.get("seq", -1), header.get("epoch", -1)
-            if isinstance(seq, int) and isinstance(epoch, int):
+            if type(seq) is int and type(epoch) is int:  # not bools: the Error reply must decode
                 return seq, epoch
     except Exception:
         pass

@@ -88,8 +88,8 @@ class TrainerSide:
             self.queue.publish(msg.policy_version)
             self.core.announce()
         else:
-            self.core.reject("unexpected")
-            self._send(identity, Error(code="unexpected", message=f"trainers may not send '{msg.TYPE}'"))
+            self.core.reject("not_allowed")
+            self._send(identity, Error(code="not_allowed", message=f"trainers may not send '{msg.TYPE}'"))
 
     def _hello(self, identity: bytes, msg: Hello) -> None:
         from pipeline.broker_core import Peer

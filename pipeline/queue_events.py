@@ -159,7 +159,7 @@ Event = Accepted | Leased | Returned | Consumed | Dropped | VersionPublished | R
 def _group_from_frames(frames: list[bytes]) -> TrajectoryGroup:
     msg = decode(frames, Limits(max_message_bytes=2**62))
     if not isinstance(msg, TrajectoryGroup):
-        raise WireError("unexpected", f"journal 'accepted' record holds a {type(msg).__name__}")
+        raise WireError("not_allowed", f"journal 'accepted' record holds a {type(msg).__name__}")
     return msg
 
 

@@ -5,7 +5,8 @@
 check of what it returned (:func:`producers.rollout.validate_samples`, which blames the plug-in),
 the reward plug-in, the group filter, and the conversion to wire :class:`~schemas.messages.Trajectory`
 records.  It raises what the scheduler decides on: :class:`~producers.sglang_client.EngineError`
-(the engine failed or answered garbage, e.g. NaN log-probs: retried, the engine blamed),
+(the engine failed or answered garbage, e.g. NaN log-probs, or aborted a request before its first
+token: retried, the engine blamed),
 :class:`~producers.rollout.GroupCut` (cut after the rollout returned: restart),
 :class:`~producers.plugins.PluginTimeout` (retried up to ``timeout_attempts``) and
 :class:`~producers.plugins.PluginError` (a broken plug-in: the producer stops).
@@ -96,6 +97,10 @@ class GroupMaker:
         if act.ctx.take_cut() is not None:  # cut after the rollout returned: its tokens are certain to be too stale
             raise GroupCut("cut after the rollout returned")
         rollouts = validate_samples(out, self.group_size, self.rollout_name)
+        empty = [i for i, r in enumerate(rollouts) if not len(r.response_tokens)]
+        if empty:  # the wire refuses empty responses (schemas.validate): retry the group, as for any engine failure
+            raise EngineError(f"samples[{empty[0]}] has no response tokens: the engine aborted its request before the first token "
+                              f"(engine request timeout or shutdown); {len(empty)} of {len(rollouts)} samples empty")
         samples = [
             Sample(prompt, tokens, list(r.response_tokens),
                    r.response_text if r.response_text is not None else self.tokenizer.decode(list(r.response_tokens), skip_special_tokens=True),

@@ -227,6 +227,8 @@ def validate_samples(samples: Any, group_size: int, plugin: str, key: str = "pro
         if not isinstance(s, RolloutSample):
             raise PluginError(key, plugin, f"{where} is {type(s).__name__}, expected RolloutSample")
         n = len(s.response_tokens)
+        if n == 0 and s.finish_reason != "abort":  # an engine abort before the first token is the engine's: producers.group retries it
+            raise PluginError(key, plugin, f"{where} has no response tokens (finish_reason {s.finish_reason!r}): every sample needs at least one")
         for name in ("logprobs", "versions", "loss_mask"):
             value = getattr(s, name)
             if not isinstance(value, list | tuple) and not hasattr(value, "__len__"):

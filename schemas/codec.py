@@ -8,7 +8,12 @@ decoder can check everything before it slices.  Arrays are decoded with ``np.fro
 received frame: zero copies.
 
 Unknown types are refused, never pickled.  Every failure is a :class:`WireError` whose ``code`` is a
-short, bounded reason (used as a metric label) and whose message says exactly what was wrong.
+short, bounded reason (``schemas.validate.REJECT_REASONS``, used as a metric label) and whose message
+says exactly what was wrong; no other exception escapes :func:`decode`.  ``schema_version`` must be
+an int (``2.0`` and ``true`` are refused, though Python compares them equal to 2 and 1), header
+fields have their declared types (bools are not ints, control-message floats are finite), rewards
+are finite, ``seq``/``epoch`` are ≥ 0, and every trajectory has at least one response token: an
+empty response is invalid (reason ``empty_response``; why: ``schemas.validate``).
 
     frames = encode(msg)           # list of bytes / buffers for socket.send_multipart
     msg = decode(frames, limits)   # raises WireError
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +48,8 @@ from schemas.messages import (
     TrajectoryGroup,
 )
 from schemas.validate import Limits, WireError, arrays_look_valid, validate_group
+
+log = logging.getLogger(__name__)
 
 FRAMES_PER_GROUP = len(ARRAY_DTYPES)
 _ARRAY_NAMES = tuple(ARRAY_DTYPES)
@@ -154,7 +163,9 @@ def _buffer(frame: Any) -> memoryview:
     return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
 
 
-def _need(header: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+def _need(header: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(header, dict):
+        raise WireError("bad_field", f"{where} must be a map, got {type(header).__name__}")
     if key not in header:
         raise WireError("bad_field", f"{where}: missing field '{key}'")
     value = header[key]
@@ -163,6 +174,21 @@ def _need(header: dict[str, Any], key: str, types: type | tuple[type, ...], wher
     if not isinstance(value, types):
         raise WireError("bad_field", f"{where}: field '{key}' must be {types}, got {type(value).__name__}")
     return value
+
+
+def _non_negative(header: dict[str, Any], key: str, where: str) -> int:
+    value = _need(header, key, int, where)
+    if value < 0:
+        raise WireError("bad_field", f"{where}: field '{key}' must be >= 0, got {value}")
+    return value
+
+
+def _timings(th: dict[str, Any], where: str) -> dict[str, float]:
+    timings = _need(th, "timings", dict, where)
+    for k, v in timings.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise WireError("bad_field", f"{where}: timings[{k!r}] must be a number of seconds, got {type(v).__name__}")
+    return timings
 
 
 def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits, where: str) -> TrajectoryGroup:
@@ -176,6 +202,9 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
         raise WireError("bad_field", f"{where}: a group needs at least one trajectory")
     if len(trajs_h) > limits.max_group_size:
         raise WireError("oversize", f"{where}: {len(trajs_h)} trajectories > limit {limits.max_group_size}")
+    for i, t in enumerate(trajs_h):
+        if not isinstance(t, dict):
+            raise WireError("bad_field", f"{where}.trajectories[{i}] must be a map, got {type(t).__name__}")
     arrays: dict[str, np.ndarray] = {}
     for (name, dtype), d, frame in zip(ARRAY_DTYPES.items(), desc, frames, strict=True):
         if not (isinstance(d, list) and len(d) == 3 and d[0] == name):
@@ -190,6 +219,13 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
     n_resp = [_need(t, "n_response", int, f"{where}.trajectories[{i}]") for i, t in enumerate(trajs_h)]
     if any(n < 0 for n in n_prompt + n_resp):
         raise WireError("length_mismatch", f"{where}: negative length")
+    if 0 in n_resp:
+        i = n_resp.index(0)
+        raise WireError("empty_response", f"{where}.trajectories[{i}]: the response is empty (a trajectory needs at least one response token)")
+    rewards = [float(_need(t, "reward", (int, float), f"{where}.trajectories[{i}]")) for i, t in enumerate(trajs_h)]
+    for i, r in enumerate(rewards):
+        if not math.isfinite(r):
+            raise WireError("nonfinite_reward", f"{where}.trajectories[{i}]: reward {r} is not finite")
     if sum(n_prompt) != len(arrays["prompt_tokens"]):
         raise WireError("length_mismatch", f"{where}: prompt lengths sum to {sum(n_prompt)}, frame has {len(arrays['prompt_tokens'])}")
     for name in ("response_tokens", "logprobs", "versions", "loss_mask"):
@@ -197,7 +233,7 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
             raise WireError("length_mismatch", f"{where}: response lengths sum to {sum(n_resp)}, frame '{name}' has {len(arrays[name])}")
     trajectories = []
     po = ro = 0
-    for i, (th, np_, nr) in enumerate(zip(trajs_h, n_prompt, n_resp, strict=True)):
+    for i, (th, np_, nr, reward) in enumerate(zip(trajs_h, n_prompt, n_resp, rewards, strict=True)):
         tw = f"{where}.trajectories[{i}]"
         trajectories.append(
             Trajectory(
@@ -207,9 +243,9 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
                 logprobs=arrays["logprobs"][ro : ro + nr],
                 versions=arrays["versions"][ro : ro + nr],
                 loss_mask=arrays["loss_mask"][ro : ro + nr],
-                reward=float(_need(th, "reward", (int, float), tw)),
+                reward=reward,
                 finish_reason=_need(th, "finish_reason", str, tw),
-                timings=_need(th, "timings", dict, tw),
+                timings=_timings(th, tw),
                 metadata=_need(th, "metadata", dict, tw),
             )
         )
@@ -219,8 +255,8 @@ def _decode_group(header: dict[str, Any], frames: Sequence[Any], limits: Limits,
         group_id=_need(header, "group_id", str, where),
         prompt_id=_need(header, "prompt_id", str, where),
         producer_id=_need(header, "producer_id", str, where),
-        epoch=_need(header, "epoch", int, where),
-        seq=_need(header, "seq", int, where),
+        epoch=_non_negative(header, "epoch", where),
+        seq=_non_negative(header, "seq", where),
         trajectories=trajectories,
         metadata=_need(header, "metadata", dict, where),
     )
@@ -248,8 +284,25 @@ def _fill_group_cache(group: TrajectoryGroup, arrays: dict[str, np.ndarray], n_p
 
 
 def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
-    """Frames -> message dataclass. Raises WireError with a precise reason on any defect."""
-    limits = limits or Limits()
+    """Frames -> message dataclass. Raises WireError with a precise reason on any defect.
+
+    Every check above names its reason. Should some input still slip past them and make the decoder
+    fail another way (a gap in the checks, i.e. a bug), the message is rejected all the same, as
+    ``malformed`` with ``WireError.gap`` set, and logged with its traceback: a hostile frame can
+    never surface as a ``TypeError``. The codec fuzz (tests/test_codec_fuzz.py) fails on any gap.
+    """
+    try:
+        return _decode(frames, limits or Limits())
+    except WireError:
+        raise
+    except Exception as e:
+        log.exception("codec gap: a message failed decoding outside the named checks (rejected as malformed)")
+        err = WireError("malformed", f"undecodable message ({type(e).__name__}: {e})")
+        err.gap = True
+        raise err from None
+
+
+def _decode(frames: Sequence[Any], limits: Limits) -> Message:
     if not frames:
         raise WireError("frame_count", "empty message")
     total = sum(_buffer(f).nbytes for f in frames)
@@ -265,7 +318,7 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
     if not isinstance(header, dict):
         raise WireError("malformed", f"header must be a map, got {type(header).__name__}")
     sv = header.get("schema_version")
-    if isinstance(sv, bool) or sv not in SUPPORTED_SCHEMA_VERSIONS:
+    if type(sv) is not int or sv not in SUPPORTED_SCHEMA_VERSIONS:  # 2.0 == 2 and True == 1 in Python: refuse both
         raise WireError("schema_version", f"schema_version {sv!r} is not supported (this peer speaks {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
     mtype = header.get("type")
     if mtype == "group":
@@ -282,11 +335,15 @@ def decode(frames: Sequence[Any], limits: Limits | None = None) -> Message:
                 raise WireError("bad_field", f"batch.groups[{i}] must be a map")
             lo = 1 + i * FRAMES_PER_GROUP
             groups.append(_decode_group(gh, frames[lo : lo + FRAMES_PER_GROUP], limits, f"batch.groups[{i}]"))
+        shards = _need(header, "shards", list, "batch")
+        for r, shard in enumerate(shards):
+            if not (isinstance(shard, list) and all(type(i) is int and 0 <= i < len(groups) for i in shard)):
+                raise WireError("bad_field", f"batch.shards[{r}] must list indexes of the batch's {len(groups)} groups")
         return Batch(
             step=_need(header, "step", int, "batch"),
             lease_id=_need(header, "lease_id", str, "batch"),
             groups=groups,
-            shards=_need(header, "shards", list, "batch"),
+            shards=shards,
             dropped=_need(header, "dropped", int, "batch"),
             queue_depth=_need(header, "queue_depth", int, "batch"),
             replay=_need(header, "replay", bool, "batch") if sv >= 2 else _refuse_newer(header, "replay", sv, "batch", False),
@@ -325,15 +382,24 @@ def _refuse_newer(header: dict[str, Any], key: str, sv: int, where: str, default
     return default
 
 
-_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+def _type_ok(type_name: str, value: Any) -> bool:
+    """Does ``value`` have the declared field type (bools are not numbers, floats are finite)?"""
+    if type_name == "int":
+        return type(value) is int
+    if type_name == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if type_name in ("str", "bool"):
+        return type(value) is (str if type_name == "str" else bool)
+    if type_name == "list[int]":
+        return isinstance(value, list) and all(type(v) is int for v in value)
+    if type_name.startswith("dict["):
+        return isinstance(value, dict)
+    return True
 
 
 def _check_control_types(msg: Any) -> None:
     for f in dataclasses.fields(msg):
-        want = _FIELD_TYPES.get(str(f.type))
         value = getattr(msg, f.name)
-        if want is None:
-            continue
-        bad = not isinstance(value, want) or (want in (int, (int, float)) and isinstance(value, bool))
-        if bad:
-            raise WireError("bad_field", f"{msg.TYPE}: field '{f.name}' must be {f.type}, got {type(value).__name__}")
+        if not _type_ok(str(f.type), value):
+            shown = f"{type(value).__name__} {value!r}" if isinstance(value, float) else type(value).__name__
+            raise WireError("bad_field", f"{msg.TYPE}: field '{f.name}' must be {f.type}, got {shown}")

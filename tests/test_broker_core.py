@@ -94,7 +94,7 @@ def test_credits_acks_dedup_and_rejections() -> None:
     err = only(send(core, P, bad), Error)
     assert (err.code, err.seq) == ("nonfinite_logprob", 9)
     assert only([m for _, m in core.handle(P, [b"\xc1"])], Error).code == "malformed"
-    assert only(send(core, P, BatchRequest(step=1, policy_version=0, num_groups=1)), Error).code == "unexpected"
+    assert only(send(core, P, BatchRequest(step=1, policy_version=0, num_groups=1)), Error).code == "not_allowed"
     m = core.metrics.registry.get_sample_value
     assert m("slipstream_broker_trajectories_accepted_total") == 12
     assert m("slipstream_broker_duplicate_groups_total") == 1

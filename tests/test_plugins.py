@@ -158,10 +158,33 @@ def test_validate_samples_names_the_field() -> None:
         ([RolloutSample([5, 6], [-0.1, 0.5], [0, 0], [1, 1])], r"samples\[0\].logprobs\[1\] = 0.5"),
         ([RolloutSample([5, 6], [-0.1, -0.2], [0, 0], [1, 2])], r"loss_mask must hold only 0 and 1"),
         ([RolloutSample([5, 6], [-0.1, -0.2], [0, -1], [1, 1])], "negative policy version"),
+        ([RolloutSample([], [], [], [], "stop")], r"samples\[0\] has no response tokens \(finish_reason 'stop'\)"),
     ]
     for out, match in cases:
         with pytest.raises(PluginError, match=match):
             validate_samples(out, 1, "x:y")
+    aborted = RolloutSample([], [], [], [], "abort")  # the engine's doing, not the plug-in's: GroupMaker retries it
+    assert validate_samples([aborted], 1, "x:y") == [aborted]
+
+
+def test_a_group_with_an_empty_aborted_sample_is_retried_as_an_engine_error_not_sent() -> None:
+    """Empty responses are invalid on the wire (schemas.validate): the producer never builds a group of one."""
+    from producers.feed import Job
+    from producers.group import Active, GroupMaker
+    from producers.sglang_client import EngineError
+    from producers.stats import ProducerAccount
+
+    def rollout(ctx: RolloutContext, prompt: Prompt, sampling: SamplingParams) -> list[RolloutSample]:
+        return [RolloutSample([D[3], EOS_ID], [-0.1, -0.2], [0, 0], [1, 1]), RolloutSample([], [], [], [], "abort")]
+
+    account = ProducerAccount(None)
+    maker = GroupMaker(rollout, "tests:rollout", 2, 10.0, Scorer("producers.tasks.maxdigit:reward"), SamplingParams(), None, "p-1", account)
+    job = Job(Prompt("p0", tokens=[1, D[1], EQUALS_ID], label="3"))
+    act = Active(job, RolloutContext(client=None, tokenizer=None, group_size=2, version_at_submit=0))  # type: ignore[arg-type]
+    with pytest.raises(EngineError, match=r"samples\[1\] has no response tokens: the engine aborted its request") as e:
+        asyncio.run(maker.make(job, act))
+    assert type(e.value) is EngineError  # scheduler: counted engine_error, prompt retried
+    assert account.metrics.registry.get_sample_value("slipstream_producer_groups_generated_total") == 0  # not counted as generated
 
 
 # ---------------------------------------------------------------- scripted engine

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgpack
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from schemas.messages import (
     Trajectory,
     TrajectoryGroup,
 )
-from schemas.validate import Limits, WireError
+from schemas.validate import REJECT_REASONS, Limits, WireError, validate_group
 
 
 def make_group(n: int = 3, resp: int = 4, seq: int = 0, version: int = 0) -> TrajectoryGroup:
@@ -99,6 +101,22 @@ def _set_array(frames: list[bytes], index: int, arr: np.ndarray) -> None:
         ("length_mismatch", lambda: _mutated(lambda h, f: h["trajectories"][0].update(n_response=99))),
         ("bad_field", lambda: _mutated(lambda h, f: h.pop("seq"))),
         ("bad_field", lambda: _mutated(lambda h, f: h.update(seq="seven"))),
+        # A trajectories entry that is not a map (this raised TypeError before).
+        ("bad_field", lambda: _mutated(lambda h, f: h["trajectories"].__setitem__(1, [1, 2, 3]))),
+        ("bad_field", lambda: _mutated(lambda h, f: h["trajectories"].__setitem__(0, 7))),
+        ("bad_field", lambda: _mutated(lambda h, f: h["trajectories"].__setitem__(2, None))),
+        ("bad_field", lambda: _mutated(lambda h, f: h.update(seq=-1))),
+        ("bad_field", lambda: _mutated(lambda h, f: h.update(epoch=True))),
+        ("bad_field", lambda: _mutated(lambda h, f: h["trajectories"][0].update(timings={"generate_s": "slow"}))),
+        ("bad_field", lambda: _mutated(lambda h, f: h["trajectories"][0].update(reward="1.0"))),
+        ("nonfinite_reward", lambda: _mutated(lambda h, f: h["trajectories"][1].update(reward=float("nan")))),
+        ("nonfinite_reward", lambda: _mutated(lambda h, f: h["trajectories"][0].update(reward=float("inf")))),
+        ("nonfinite_reward", lambda: _mutated(lambda h, f: h["trajectories"][2].update(reward=float("-inf")))),
+        # schema_version must be an int: 2.0 == 2 and True == 1 in Python, both refused.
+        ("schema_version", lambda: _mutated(lambda h, f: h.update(schema_version=float(SCHEMA_VERSION)))),
+        ("schema_version", lambda: _mutated(lambda h, f: h.update(schema_version=True))),
+        ("schema_version", lambda: _mutated(lambda h, f: h.update(schema_version=str(SCHEMA_VERSION)))),
+        ("schema_version", lambda: _mutated(lambda h, f: h.pop("schema_version"))),
     ],
 )
 def test_structural_defects_are_refused_with_their_reason(code: str, frames_fn) -> None:
@@ -112,6 +130,41 @@ def _group_with(**arrays: np.ndarray) -> list[bytes]:
     for k, v in arrays.items():
         setattr(g.trajectories[0], k, v)
     return [bytes(f) for f in encode(g)]
+
+
+def test_empty_response_is_refused() -> None:
+    """Decision (DESIGN §4, README "Wire protocol", schemas.validate): every trajectory has at least
+    one response token. An empty one is refused by reason, wherever it sits in the group."""
+    g = make_group(n=3, resp=2)
+    t = g.trajectories[1]
+    t.response_tokens, t.logprobs = t.response_tokens[:0], t.logprobs[:0]
+    t.versions, t.loss_mask = t.versions[:0], t.loss_mask[:0]
+    with pytest.raises(WireError, match=r"trajectories\[1\]: the response is empty") as e:
+        decode([bytes(f) for f in encode(g)])
+    assert e.value.code == "empty_response"
+    with pytest.raises(WireError) as e:
+        validate_group(g, Limits())
+    assert e.value.code == "empty_response"
+
+
+def test_validate_group_refuses_nonfinite_rewards_built_in_process() -> None:
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        g = make_group()
+        g.trajectories[2].reward = bad
+        with pytest.raises(WireError, match=r"trajectory\[2\]") as e:
+            validate_group(g, Limits())
+        assert e.value.code == "nonfinite_reward"
+    validate_group(make_group(), Limits())
+
+
+def test_every_reason_is_documented_and_unknown_codes_are_refused() -> None:
+    assert all(isinstance(v, str) and v for v in REJECT_REASONS.values())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for code, meaning in REJECT_REASONS.items():
+        assert f"| `{code}` | {meaning} |" in readme, code
+    assert "unexpected" not in REJECT_REASONS  # every rejection names what was wrong
+    with pytest.raises(ValueError, match="not one of REJECT_REASONS"):
+        WireError("whatever", "x")
 
 
 def test_nan_logprob_refused() -> None:
