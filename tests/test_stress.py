@@ -75,7 +75,7 @@ import json, os, pathlib
 def test_children():
     me = str(os.getpid())
     kids = [int(d) for d in os.listdir("/proc") if d.isdigit() and
-            pathlib.Path(f"/proc/{{d}}/stat").read_text().rsplit(")", 1)[1].split()[2] == me]
+            pathlib.Path(f"/proc/{{d}}/stat").read_text().rsplit(")", 1)[1].split()[1] == me]
     pathlib.Path({str(record)!r}).write_text(json.dumps(kids))
 """)
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "tests.conftest", "--hog=2",
