@@ -1,6 +1,6 @@
 """pytest options for the whole suite.
 
-``--hog[=N]``: run the session under a CPU hog, N busy-loop processes (default: one per core),
+``--hog``: run the session under a CPU hog, one busy-loop process per core (``--hog-procs N``: N),
 started before the first test and stopped by PID after the last (tests/stress.py).  CI runs the
 tests that used to fail only on a loaded machine this way once (``.ci/run``):
 
@@ -17,14 +17,14 @@ _HOG = pytest.StashKey[Hog]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--hog", nargs="?", const=0, default=None, type=int, metavar="N",
-                     help="run under a CPU hog: N busy-loop processes (default one per core), stopped at the end")
+    parser.addoption("--hog", action="store_true", default=False,
+                     help="run under a CPU hog: one busy-loop process per core for the session, stopped by PID at the end")
+    parser.addoption("--hog-procs", type=int, default=None, metavar="N", help="with --hog: N busy processes instead of one per core")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    n = config.getoption("--hog")
-    if n is not None and not hasattr(config, "workerinput"):
-        config.stash[_HOG] = Hog(n or None).start()
+    if config.getoption("--hog") and not hasattr(config, "workerinput"):
+        config.stash[_HOG] = Hog(config.getoption("--hog-procs")).start()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -5,7 +5,7 @@ Why: the tests that failed only on a loaded machine (issue 19, "Deterministic te
 every core busy, so CI runs them once under this hog (``.ci/run``), and anyone can do the same:
 
     pytest --hog tests/test_faults.py            # one busy process per core for the whole session
-    pytest --hog=4 -m slow                        # four of them
+    pytest --hog --hog-procs 4 -m slow            # four of them
     python -m tests.stress 30                     # hog every core for 30 s (to load a manual run)
 
 The pytest option lives in tests/conftest.py; this module only starts and stops the processes.

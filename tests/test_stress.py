@@ -2,7 +2,7 @@
 
 - a Hog's processes run (they accrue CPU time) and ``stop()`` ends and reaps exactly those PIDs;
 - a hog whose parent is SIGKILLed exits by itself (no busy process outlives a crashed pytest);
-- ``pytest --hog=N`` has N busy children of pytest while the tests run, and none after it exits.
+- ``pytest --hog --hog-procs N`` has N busy children of pytest while the tests run, and none after it exits.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_children():
             pathlib.Path(f"/proc/{{d}}/stat").read_text().rsplit(")", 1)[1].split()[1] == me]
     pathlib.Path({str(record)!r}).write_text(json.dumps(kids))
 """)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "tests.conftest", "--hog=2",
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "tests.conftest", "--hog", "--hog-procs", "2",
                         "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_inner.py")],
                        capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
