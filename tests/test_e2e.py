@@ -6,7 +6,8 @@
   how long it takes is measured by the benchmarks (bench/results/), not asserted here: a wall-clock
   bound ("within 5 minutes") failed on a loaded machine while everything it guarded was right;
   ``slipstream status`` on the finished run shows its last step, reward and summary;
-- η = 0 is on-policy: every consumed token was sampled by the version being trained;
+- η = 0 is on-policy: every consumed token was sampled by the version being trained (and a tracker
+  that raises on every record neither stops nor slows that run: summary.json counts each failure);
 - η = 2 completes and never consumes anything staler than 2;
 - Ctrl-C stops every process.
 """
@@ -118,8 +119,14 @@ def test_tiny_example_learns_within_bounds(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_synchronous_mode_is_on_policy(tmp_path: Path) -> None:
-    r, run_dir = _run(tmp_path, "queue.max_staleness=0", "run.steps=12")
+    """η = 0, with a tracker that raises on every record (tests/test_tracking.py's sink; the run it
+    needs is this one): the run finishes and summary.json counts every failed record."""
+    r, run_dir = _run(tmp_path, "queue.max_staleness=0", "run.steps=12", 'tracking.backend="tests.test_tracking:make_raising_sink"')
     assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_completed"] == 12
+    assert summary["tracking"]["failed"] == 12 and summary["tracking"]["errors_log"] == 12 and summary["tracking"]["logged"] == 0
+    assert "tracker service is down" in (run_dir / "logs" / "trainer.log").read_text()
     consumed = _consumed(run_dir)
     assert len(consumed) == 12 * 8 * 8
     for c in consumed:
