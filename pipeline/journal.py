@@ -154,14 +154,14 @@ def _stats_payload(stats: QueueStats) -> dict[str, Any]:
         "groups_dropped": dict(stats.groups_dropped), "trajectories_dropped": dict(stats.trajectories_dropped),
         "groups_superseded": stats.groups_superseded, "groups_replayed": stats.groups_replayed,
         "trajectories_replayed": stats.trajectories_replayed, "groups_not_retained": stats.groups_not_retained,
-        "leases_expired": stats.leases_expired,
+        "leases_expired": stats.leases_expired, "versions_without_commits": stats.versions_without_commits,
     }
 
 
 def _stats_from(p: dict[str, Any]) -> QueueStats:
     s = QueueStats()
     for k in ("groups_accepted", "trajectories_accepted", "groups_consumed", "trajectories_consumed", "groups_superseded",
-              "groups_replayed", "trajectories_replayed", "groups_not_retained", "leases_expired"):
+              "groups_replayed", "trajectories_replayed", "groups_not_retained", "leases_expired", "versions_without_commits"):
         setattr(s, k, int(p.get(k, 0)))
     for k in ("groups_dropped", "trajectories_dropped"):
         getattr(s, k).update({r: int(v) for r, v in p.get(k, {}).items()})

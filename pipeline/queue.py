@@ -165,6 +165,10 @@ class QueueStats:
     trajectories_replayed: int = 0
     #: committed groups that were not retained for replay because retention would leave no room for a step
     groups_not_retained: int = 0
+    #: versions the committed version moved on by without a commit here: announced by a trainer this
+    #: queue had no history of (a broker without a journal meeting a trainer resumed at v, or a
+    #: trainer after its [sft] stage). Admission counts ``groups_per_step`` consumed for each.
+    versions_without_commits: int = 0
 
 
 @dataclass
@@ -231,6 +235,7 @@ class QueueState:
             self.stats.trajectories_dropped[ev.reason] += sum(n for _, n in ev.groups)
         elif isinstance(ev, VersionPublished):
             self.published_policy_version = max(self.published_policy_version, ev.version)
+            self.stats.versions_without_commits += max(0, ev.version - self.committed_policy_version)
             self.committed_policy_version = max(self.committed_policy_version, ev.version)
         elif isinstance(ev, Released):
             for r in [self.retained.pop(s) for s in ev.steps if s in self.retained]:
@@ -414,14 +419,17 @@ class StalenessQueue(QueueState):
 
     @property
     def consumed_for_admission(self) -> int:
-        """Groups the admission bound counts as consumed: those committed by distinct versions, but at
-        least ``v × groups_per_step`` for the committed version ``v``.  Every version consumed one
-        step's groups, so the two agree whenever this queue saw the whole run; a queue that learns a
-        version without that history (a broker without a journal meeting a trainer resumed at version
-        v, or a trainer after its ``[sft]`` stage) would otherwise grant ``η + v + 1`` steps of
-        credits at once, the budget inflation of AReaL #1345, and flood the queue with data that goes
-        stale before it is consumed.  Derived, like every admission counter: nothing to rebuild."""
-        return max(self.stats.groups_consumed - self.stats.groups_superseded, self.committed_policy_version * self.groups_per_step)
+        """Groups the admission bound counts as consumed: those committed by distinct versions, plus
+        ``groups_per_step`` for each version the committed version moved on by without a commit here
+        (``QueueStats.versions_without_commits``).  A queue that learns version v without the run's
+        history (a broker without a journal meeting a trainer resumed at v, or a trainer after its
+        ``[sft]`` stage) would otherwise grant ``η + v + 1`` steps of credits at once, the budget
+        inflation of AReaL #1345, and flood the queue with data that goes stale before it is
+        consumed.  Only versions announced ahead of any commit count: a trainer that commits a new
+        version per batch, however small, is counted by its groups.  Derived from the stats, which
+        the journal restores: nothing else to rebuild."""
+        return (self.stats.groups_consumed - self.stats.groups_superseded
+                + self.stats.versions_without_commits * self.groups_per_step)
 
     def capacity(self, group_size: int) -> int:
         """How many more group starts may be granted now (admission control)."""

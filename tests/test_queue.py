@@ -309,3 +309,20 @@ def test_random_kills_replay_the_same_batches_and_always_balance(every: int, ops
         assert s.trajectories_accepted == s.trajectories_consumed + sum(s.trajectories_dropped.values()) + q.queued_trajectories + sum(
             len(g.trajectories) for lease in q.leases.values() for g in lease.groups)
         assert all(st_ > ckpt for st_ in q.retained)
+
+
+def test_commits_of_single_groups_are_counted_by_their_groups() -> None:
+    """A trainer that commits a new version per one-group batch (the producer tests' harness) is
+    counted by the groups it consumed, not groups_per_step per version: only versions announced
+    ahead of any commit here count a step's groups (the resumed-trainer floor above)."""
+    q = StalenessQueue(max_staleness=1, groups_per_step=4, max_trajectories=1000, max_bytes=10**9)
+    assert q.grant("p0", 100, 2) == (1 + 0 + 1) * 4
+    for s in range(3):
+        q.accept(group(s, 0))
+    for v in (1, 2, 3):
+        q.commit(q.take_batch(v, 0, 1, 1).lease.lease_id, v)
+    assert q.consumed_for_admission == 3 and q.stats.versions_without_commits == 0
+    q.publish(3)  # announced after its commits: no versions without commits
+    assert q.stats.versions_without_commits == 0
+    q.publish(10)  # a version this queue saw no commits for: 7 steps' worth
+    assert q.stats.versions_without_commits == 7 and q.consumed_for_admission == 3 + 7 * 4
