@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import random
 import select
 import socket
 import threading
@@ -54,9 +55,31 @@ def spawn(fn: Any, *args: Any, **kwargs: Any) -> Future:
     return fut
 
 
-def free_port(address: str) -> int:
-    """A TCP port that is free on ``address`` right now."""
-    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's ephemeral range (where bind(0) and outgoing connections draw)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(address: str, tries: int = 64) -> int:
+    """A TCP port that is free on ``address`` right now, for a rendezvous bound a moment later.
+
+    Drawn at random below the kernel's ephemeral range when it can be: a port from bind(0) is an
+    ephemeral one, which any outgoing connection on the host may take before the store binds it
+    (EADDRINUSE; seen on a Ray test cluster with hundreds of connections). Falls back to bind(0)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    low = _ephemeral_low()
+    for port in random.SystemRandom().sample(range(10000, low), min(tries, max(low - 10000, 0))):  # not the seeded global RNG
+        with socket.socket(family) as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family) as s:
         s.bind((address, 0))
         return s.getsockname()[1]
 

@@ -493,6 +493,7 @@ class Console:
         self.path = path
         self.max_staleness = max_staleness
         self.offset = 0
+        self._inode: int | None = None  # of the file last read (a rewrite replaces it)
         self.last_wall = 0.0
         self._earlier = set(path.read_text().splitlines()) if path.exists() else set()  # an earlier part's lines
         self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
@@ -505,10 +506,15 @@ class Console:
                     self._swapped.append((h, h.setStream(_BarStream(self.bar))))  # type: ignore[arg-type, func-returns-value]
 
     def poll(self) -> None:
-        if not self.path.exists():
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
             return
-        if self.path.stat().st_size < self.offset:  # a resumed trainer moved superseded step lines aside
-            self.offset = 0
+        # A resumed trainer rewrites the file (superseded step lines moved aside, atomically: a new
+        # inode) and then appends to it, so the size alone cannot tell: read it again from the start;
+        # lines already shown are skipped.
+        if st.st_ino != self._inode or st.st_size < self.offset:
+            self._inode, self.offset = st.st_ino, 0
         with self.path.open("rb") as f:
             f.seek(self.offset)
             chunk = f.read()
@@ -517,7 +523,13 @@ class Console:
         for line in complete.decode(errors="replace").splitlines():
             if line.strip() and line not in self._earlier:
                 self._earlier.add(line)  # shown once, also if the file is rewritten again
-                self._show(json.loads(line))
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the file was swapped between stat and open: next poll rereads it
+                    log.debug("console: skipped an unreadable line of %s: %.80s", self.path, line)
+                    self._earlier.discard(line)
+                    continue
+                self._show(record)
 
     def line(self, s: dict[str, Any]) -> str:
         """The console line of step record ``s`` (and the clock it leaves for the next one)."""

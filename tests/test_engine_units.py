@@ -141,3 +141,23 @@ def test_update_request_parses_sglang_fields() -> None:
     })
     assert spec.dtypes == [torch.bfloat16, torch.float32]
     assert spec.weight_version == 7 and spec.nbytes == 2 * 3 * 2 + 4
+
+
+def test_free_port_is_outside_the_ephemeral_range_and_bindable() -> None:
+    """Rendezvous ports are drawn below the kernel's ephemeral range, which outgoing connections
+    take ports from (a Ray test cluster's trainer once lost its picked port to one: EADDRINUSE);
+    each is free to bind, and two draws are not tied to the (seeded) global RNG."""
+    import random
+    import socket
+
+    from consumers.engine_http import _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    random.seed(0)
+    a = free_port("127.0.0.1")
+    random.seed(0)
+    b = free_port("127.0.0.1")
+    ports = {a, b, *(free_port("127.0.0.1") for _ in range(8))}
+    assert all(10000 <= p < low for p in ports) and len(ports) > 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", a))

@@ -104,6 +104,28 @@ def test_console_first_resumed_step_tokens_per_second_and_no_reprint(tmp_path: P
     assert re.search(r"tokens/s +300 \|", shown[0]), shown[0]
 
 
+def test_console_rereads_a_replaced_steps_file_that_grew_past_its_offset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The resumed trainer replaces steps.jsonl (a new file) and appends to it before the console's
+    next poll, so the new file is already longer than the console's offset: reading on from the old
+    offset would start mid-line (a JSONDecodeError killed a Ray run's launcher so). The console
+    sees the new inode, rereads from the start, shows only the new lines."""
+    from pipeline.launcher import Console
+
+    steps = tmp_path / "steps.jsonl"
+    earlier = [_step(s, 10.0 * s, 10.0) for s in range(1, 4)]
+    steps.write_text("".join(line + "\n" for line in earlier))
+    console = Console(tmp_path / "steps.jsonl", 10, 1, enabled=False)
+    console.poll()
+    tmp = tmp_path / "steps.tmp"
+    redone = [_step(s, 10.0 * s + 0.5, 0.5, tokens=50) for s in (2, 3, 4, 5)]
+    tmp.write_text("".join(line + "\n" for line in [earlier[0], *redone]))  # longer than before
+    tmp.replace(steps)
+    console.poll()
+    console.close()
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert [line.split("|")[0].strip() for line in shown] == ["step    2", "step    3", "step    4", "step    5"], shown
+
+
 def test_tokens_per_second_without_a_trainer_interval() -> None:
     """Records without interval_s (the rollout_only recorder's): the growth of wall_time_s, and '-'
     (None) rather than a huge number when the clock did not grow (another process's clock)."""
