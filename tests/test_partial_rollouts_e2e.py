@@ -72,7 +72,6 @@ def test_long_generations_are_cut_and_continued_within_eta(tmp_path: Path) -> No
     # here every continued trajectory that does reach the trainer is checked below.
     # Not asserted: that a cut happened at all. Since the faster engine (2026-12-02) long groups
     # often finish before two versions pass (0 cuts in 3 of 6 runs here): open, see the closing note.
-    assert cuts["continued"] >= 0 and cuts["restarted"] >= 0, stats
     consumed = [json.loads(line) for line in (run_dir / "consumed.jsonl").read_text().splitlines()]
     assert len(consumed) == STEPS * GROUPS_PER_STEP * 8
     continued = [c for c in consumed if c["masked_tokens"] > 0]
