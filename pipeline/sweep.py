@@ -269,7 +269,8 @@ class Sweep:
             self.progress.write(text + "\n")
         else:
             return
-        self._last_line = now
+        if not force:  # event lines (a run done, stopping) do not hold back the next progress line
+            self._last_line = now
         self.progress.flush()
 
 
