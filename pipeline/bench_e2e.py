@@ -259,6 +259,16 @@ def _from_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
             for k, v in vals.items():
                 if not k.split("{", 1)[0].endswith("_total"):
                     gauges[f"{eng}:{k}"] = max(gauges.get(f"{eng}:{k}", v), v)
+    # the same gauges averaged over the trainer loop: how full the engines ran (running and queued
+    # requests, KV in use) while the trainer waited or trained; the wait is explained from these
+    means: dict[str, list[float]] = {}
+    for s in loop:
+        for eng, vals in s["engines"].items():
+            for k, v in vals.items():
+                if not k.split("{", 1)[0].endswith("_total"):
+                    means.setdefault(f"{eng}:{k}", []).append(v)
+    idle = {eng: sum(1 for s in loop if s["engines"].get(eng, {}).get("slipstream_engine_running_requests", 1.0) == 0) / len(loop)
+            for eng in {k.split(":", 1)[0] for k in means}} if loop else {}
     within = {}
     for eng in {k.split(":", 1)[0] for k in gauges}:
         limit, peak_used = gauges.get(f"{eng}:slipstream_engine_memory_limit_bytes"), gauges.get(f"{eng}:slipstream_engine_memory_peak_bytes")
@@ -275,6 +285,8 @@ def _from_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_generated": gen[-1][1] if gen else None,
         "tokens_generated_per_s": (gen[-1][1] - gen[0][1]) / (gen[-1][0] - gen[0][0]) if len(gen) >= 2 and gen[-1][0] > gen[0][0] else None,
         "engine_gauges_peak": gauges,
+        "engine_gauges_mean_in_loop": {k: round(sum(v) / len(v), 3) for k, v in sorted(means.items())},
+        "engine_idle_share_in_loop": idle or None,  # share of loop samples with no request running
         "samples": len(samples), "samples_in_loop": len(loop),
     }
 
@@ -429,6 +441,10 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{'':28}" + "".join(f"{k:>26}" for k in keys)]
     for label, key in rows:
         lines.append(f"{label:28}" + "".join(f"{fmt(runs[k].get(key)):>26}" for k in keys))
+    running = lambda r: {k.split(":", 1)[0]: v for k, v in (r.get("engine_gauges_mean_in_loop") or {}).items()  # noqa: E731
+                         if k.endswith(":slipstream_engine_running_requests")}
+    lines.append(f"{'engine running reqs (mean)':28}" + "".join(f"{fmt(running(runs[k])):>26}" for k in keys))
+    lines.append(f"{'engine idle share':28}" + "".join(f"{fmt(runs[k].get('engine_idle_share_in_loop')):>26}" for k in keys))
     lines.append(f"{'GPU mem peak (GiB)':28}" + "".join(f"{fmt(gib(runs[k].get('gpu_mem_peak_bytes_by_process'))):>26}" for k in keys))
     lines.append(f"{'speedup vs ' + result['baseline']:28}" + "".join(f"{fmt(result['speedup_trainer_loop'][k]):>26}" for k in keys))
     return "\n".join(lines)

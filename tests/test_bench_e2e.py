@@ -86,5 +86,14 @@ def test_analyse_compares_the_steps_every_run_completed(tmp_path: Path) -> None:
     assert a["gpu_mem_peak_bytes_by_process"] == {"trainer": 11 << 29} and a["gpu_mem_peak_bytes_by_device"] == {"0": 11 << 30}
     assert a["tokens_generated_per_s"] == pytest.approx(100.0)  # from the first token to the last step's sample
     assert a["engine_memory_within_budget"] == {"engine-0": True, "engine-1": False}  # engine-1 peaked at 5.6e9 > 5e9
+    # gauges averaged over the loop samples (t = 2..11), and the share of them with nothing running
+    assert a["engine_gauges_mean_in_loop"]["engine-0:slipstream_engine_memory_peak_bytes"] == pytest.approx(4e9 + 6.5)
+    assert a["engine_idle_share_in_loop"] == {"engine-0": 0.0, "engine-1": 0.0}
+    for i, s in enumerate(samples):
+        s["engines"]["engine-0"]["slipstream_engine_running_requests"] = float(i % 2) * 8  # idle every other sample
+    b = analyse(rd, samples, 30.0, 130, steps_wanted=10, common=4)
+    assert b["engine_idle_share_in_loop"]["engine-0"] == 0.5
+    assert b["engine_gauges_mean_in_loop"]["engine-0:slipstream_engine_running_requests"] == 4.0
     result = {"runs": {"max_staleness_0": a}, "baseline": "max_staleness_0", "speedup_trainer_loop": {"max_staleness_0": 1.0}}
     assert "trainer loop (s)" in table(result)
+    assert "engine-0: 4" in table({**result, "runs": {"max_staleness_0": b}})  # the mean running requests

@@ -94,3 +94,13 @@ def test_nccl_update_keeps_decoding_while_the_bytes_are_awaited(tmp_path: Path, 
     finally:
         pub.close()
         assert engine.terminate() == 0, engine.log_tail()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_weights_checksum_is_the_same_on_cpu_and_cuda() -> None:
+    """Trainer and engine may hold the same bytes on different devices (gloo publishes from host
+    memory to a GPU engine): the checksum must not depend on where it is computed."""
+    g = torch.Generator().manual_seed(5)
+    named = {"a": torch.randn(3000, 1000, generator=g).to(torch.bfloat16), "b": torch.randn(17, generator=g),
+             "c": torch.randint(0, 255, (11,), generator=g).to(torch.uint8), "big": torch.randn(9_000_000, generator=g)}
+    assert weights_checksum(named) == weights_checksum({k: v.to("cuda") for k, v in named.items()})
