@@ -450,14 +450,19 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> int:
         from consumers.checkpoint import finish_run
+        from consumers.profiling import TrainerProfile
 
         self.setup()
         cfg = self.cfg
         last = self.start_step
+        profile = TrainerProfile(cfg.run.profile_steps, self.run_dir, dist.get_rank(), self.engine_urls)
         for step in range(self.start_step + 1, cfg.run.steps + 1):
+            profile.before_step(step)
             if not self.step(step):
                 break
+            profile.after_step(step)
             last = step
+        profile.close()
         stopped = last < max(cfg.run.steps, self.start_step)
         if stopped:
             log.warning("stopping after step %d of %d (%s)%s", last, cfg.run.steps, _signal_name(self.stop_signal),

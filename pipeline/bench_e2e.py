@@ -27,6 +27,11 @@ Each run's small files (logs, steps, summary, processes, placement) are kept und
 
     slipstream bench e2e examples/gpu/one_gpu.toml --steps 30 --staleness 0,2 [--out DIR] [--set k=v ...]
     slipstream bench e2e examples/tiny/config.toml --steps 10          # the CPU check of the same code
+    slipstream bench e2e CONFIG --set 'run.profile_steps=[10,12]'        # also profile steps 10..12 (pipeline/profiling.py)
+
+With ``run.profile_steps`` every run also records a torch.profiler window of those steps in the
+trainer and each engine; the summaries land in the JSON (``profile``: device busy time and share per
+process, top ops) and the traces in the kept run files.  The profiler slows the steps it records.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from pipeline.bench import machine
 
 log = logging.getLogger(__name__)
 
-KEEP = ("steps.jsonl", "summary.json", "processes.json", "placement.json", "config.json", "logs")
+KEEP = ("steps.jsonl", "summary.json", "processes.json", "placement.json", "config.json", "logs", "profile")
 ENGINE_METRIC = re.compile(r"^(slipstream_engine_\w+)(\{[^}]*\})? (\S+)$")
 HISTOGRAM_PARTS = ("_bucket", "_sum", "_count", "_created")
 
@@ -230,7 +235,20 @@ def analyse(run_dir: Path, samples: list[dict[str, Any]], process_wall_s: float,
         "trajectories": summary.get("trajectories"), "restarts": summary.get("restarts"),
     }
     out.update(_from_samples(samples))
+    out["profile"] = profiles(run_dir)
     return out
+
+
+def profiles(run_dir: Path, top: int = 8) -> dict[str, Any] | None:
+    """``run.profile_steps``' summaries (RUN_DIR/profile/*.summary.json), per process: the window's
+    wall time, the device time of its kernels (and share of the wall), and its top ops."""
+    found = sorted((run_dir / "profile").glob("*.summary.json")) if (run_dir / "profile").is_dir() else []
+    out = {}
+    for f in found:
+        s = json.loads(f.read_text())
+        out[s.get("name") or f.name.split(".")[0]] = {"wall_s": s["wall_s"], "steps": s["steps"], "device_busy_s": s["device_busy_s"],
+                                                       "device_busy_share": s["device_busy_share"], "top_ops": s["top_ops"][:top]}
+    return out or None
 
 
 def _send_rate(steps: list[dict[str, Any]]) -> float | None:
@@ -445,6 +463,9 @@ def table(result: dict[str, Any]) -> str:
                          if k.endswith(":slipstream_engine_running_requests")}
     lines.append(f"{'engine running reqs (mean)':28}" + "".join(f"{fmt(running(runs[k])):>26}" for k in keys))
     lines.append(f"{'engine idle share':28}" + "".join(f"{fmt(runs[k].get('engine_idle_share_in_loop')):>26}" for k in keys))
+    busy = lambda r: {k: v["device_busy_share"] for k, v in (r.get("profile") or {}).items()}  # noqa: E731
+    if any(runs[k].get("profile") for k in keys):
+        lines.append(f"{'profiled: device busy share':28}" + "".join(f"{fmt(busy(runs[k])):>26}" for k in keys))
     lines.append(f"{'GPU mem peak (GiB)':28}" + "".join(f"{fmt(gib(runs[k].get('gpu_mem_peak_bytes_by_process'))):>26}" for k in keys))
     lines.append(f"{'speedup vs ' + result['baseline']:28}" + "".join(f"{fmt(result['speedup_trainer_loop'][k]):>26}" for k in keys))
     return "\n".join(lines)

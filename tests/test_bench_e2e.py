@@ -86,6 +86,14 @@ def test_analyse_compares_the_steps_every_run_completed(tmp_path: Path) -> None:
     assert a["gpu_mem_peak_bytes_by_process"] == {"trainer": 11 << 29} and a["gpu_mem_peak_bytes_by_device"] == {"0": 11 << 30}
     assert a["tokens_generated_per_s"] == pytest.approx(100.0)  # from the first token to the last step's sample
     assert a["engine_memory_within_budget"] == {"engine-0": True, "engine-1": False}  # engine-1 peaked at 5.6e9 > 5e9
+    assert a["profile"] is None  # no run.profile_steps
+    (rd / "profile").mkdir()
+    (rd / "profile" / "engine-0.summary.json").write_text(json.dumps(
+        {"name": "engine-0", "wall_s": 2.0, "steps": 40, "device_busy_s": 1.5, "device_busy_share": 0.75,
+         "top_ops": [{"name": f"k{i}", "device_s": 0.1} for i in range(12)]}))
+    prof = analyse(rd, samples, 30.0, 130, steps_wanted=10, common=4)["profile"]
+    assert prof["engine-0"]["device_busy_share"] == 0.75 and len(prof["engine-0"]["top_ops"]) == 8
+    assert "engine-0: 0.75" in table({"runs": {"x": {"profile": prof}}, "baseline": "x", "speedup_trainer_loop": {"x": 1.0}})
     # gauges averaged over the loop samples (t = 2..11), and the share of them with nothing running
     assert a["engine_gauges_mean_in_loop"]["engine-0:slipstream_engine_memory_peak_bytes"] == pytest.approx(4e9 + 6.5)
     assert a["engine_idle_share_in_loop"] == {"engine-0": 0.0, "engine-1": 0.0}

@@ -286,6 +286,23 @@ def test_every_route_exists_with_its_method_and_body(wheel: zipfile.ZipFile) -> 
     assert routes[pub.ROUTE_FLUSH]["params"] == ["timeout"]
 
 
+def test_profiling_routes_and_body_exist(wheel: zipfile.ZipFile) -> None:
+    """run.profile_steps asks every engine, SGLang servers included, to profile over these routes."""
+    from pipeline import profiling
+
+    server = _source(wheel, HTTP_SERVER)
+    assert check_routes(parse_routes(server), profiling.ROUTES) == []
+    # the handler's body is Annotated[Optional[ProfileReq], Body()], which the route parser leaves as None
+    handler = next(n for n in ast.walk(ast.parse(server)) if isinstance(n, ast.AsyncFunctionDef) and n.name == "start_profile_async")
+    assert "ProfileReq]" in ast.unparse(handler.args)
+    structs = parse_structs(_source(wheel, IO_STRUCT))
+    assert check_body(structs, "ProfileReq", profiling.start_body("/tmp/profile", "engine-0")) == []
+    assert check_body(structs, "ProfileReq", {"profile_prefx": "x"}) != []  # the checker does refuse a wrong name
+    # the fields the embedded engine's parse_request reads are SGLang's
+    assert {"output_dir", "num_steps", "start_step", "activities", "record_shapes", "with_stack", "profile_by_stage", "merge_profiles",
+            "profile_prefix"} <= set(structs["ProfileReq"])
+
+
 def test_every_request_field_exists_with_a_compatible_type(wheel: zipfile.ZipFile) -> None:
     structs = parse_structs(_source(wheel, IO_STRUCT))
     problems = [f"{route}: {p}" for route, struct, body in _sent_bodies() for p in check_body(structs, struct, body)]

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import torch
 
 from pipeline.configbase import ConfigError
+from pipeline.profiling import StepProfiler
 from producers.engine.batch import GenRequest, RunningBatch, Seq
 from producers.engine.config import EngineConfig
 from producers.engine.graphs import DecodeRunner, use_compiled_kernels
@@ -133,6 +134,7 @@ class Scheduler:
         self._memory_checked = 0.0
         self._deadlines_checked = 0.0
         self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
+        self.profiler = StepProfiler()  # POST /start_profile windows over decode steps (scheduler thread only)
         metrics.version.set(self.version)
 
     @property
@@ -224,6 +226,7 @@ class Scheduler:
                 self._sampled(self.batch.decode(self.version))
                 self.metrics.decode_steps.inc()
                 self.metrics.step_seconds.observe(time.perf_counter() - t0)
+                self.profiler.after_step()
                 self._sweep()
         self._report()
 

@@ -9,7 +9,9 @@ What: loads a Hugging Face causal LM through transformers, starts the decode sch
   ``/abort_request``, ``/flush_cache`` (GET too; a no-op: there is no prefix cache);
 - ``POST /init_weights_update_group``, ``/destroy_weights_update_group``,
   ``/update_weights_from_distributed``, ``/update_weight_version``;
-- ``GET /slipstream/weights_checksum`` (slipstream extension, for tests and debugging).
+- ``GET /slipstream/weights_checksum`` (slipstream extension, for tests and debugging);
+- ``POST /start_profile``, ``/stop_profile`` (SGLang's: a torch.profiler window over decode steps,
+  ``profile_routes.py``).
 
 Why: the producer's HTTP client is the one used against real SGLang servers, so the embedded
 engine must speak the same fields (``docs/notes/sglang-0.5.23-api.md``).  The event loop only parses,
@@ -65,6 +67,7 @@ from producers.engine.config import EngineConfig
 from producers.engine.decode import GenRequest, Scheduler
 from producers.engine.kvcache import cuda_index
 from producers.engine.metrics import EngineMetrics
+from producers.engine.profile_routes import ProfileRoutes
 from producers.engine.sampling import RequestError, parse_generate_request
 from producers.engine.weights import WeightReceiver, WeightUpdateError, parse_update_request
 from producers.engine.weights_ipc import IPCReceiver
@@ -229,6 +232,7 @@ class EngineServer:
         r.add_post(wu.ROUTE_BEGIN_UPDATE, self.weight_session)
         r.add_post(wu.ROUTE_END_UPDATE, self.weight_session)
         r.add_get(wu.ROUTE_CHECKSUM, self.checksum)
+        ProfileRoutes(self.scheduler).add(r)  # SGLang's /start_profile, /stop_profile
         return app
 
     # ------------------------------------------------------------------ plumbing
