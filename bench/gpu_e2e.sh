@@ -11,18 +11,21 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 # Then, from the repository root:
 #   OUT=$OUT bash bench/gpu_e2e.sh                # ~5-8 minutes; hard stop at 9 (see MAX_RUN_S)
-# Knobs (environment): STEPS (30), BUDGET_S (525: the whole script's time), MAX_RUN_S (default: what
+# Knobs (environment): STEPS (30), STALENESS (0,2), BUDGET_S (525: the whole script's time), MAX_RUN_S (default: what
 # is left of the budget after the model is made, halved, less 30 s; a run still going then is
 # interrupted and the comparison uses the steps both runs completed; the JSON says so), CONFIG, PRESET, MODEL_DIR, and SETS
 # (space-separated key=value overrides for both runs). The multi-GPU runs of issue 20 use the same
 # script on a machine with more GPUs:
 #   CONFIG=examples/gpu/multi_gpu.toml bash bench/gpu_e2e.sh                        # 2 GPUs: trainer | engine
 #   CONFIG=examples/gpu/multi_gpu.toml SETS="trainer.tensor_parallel=2 producer.num_engines=2" bash bench/gpu_e2e.sh  # 4 GPUs
+# a profiled run (torch.profiler windows of steps 12..14 in the trainer and the engine, pipeline/profiling.py):
+#   STALENESS=2 STEPS=20 SETS="run.profile_steps=[12,14]" bash bench/gpu_e2e.sh
 # and a CPU smoke test of the script itself: CONFIG=examples/tiny/config.toml PRESET=tiny STEPS=3 OUT=/tmp/o bash bench/gpu_e2e.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 STEPS=${STEPS:-30}
+STALENESS=${STALENESS:-0,2}   # comma-separated; the first is the baseline
 BUDGET_S=${BUDGET_S:-525}   # the whole script stays under 9 minutes
 T_START=$(date +%s)
 CONFIG=${CONFIG:-examples/gpu/one_gpu.toml}
@@ -45,7 +48,7 @@ echo "model made in $(( $(date +%s) - t0 )) s"
 left=$(( BUDGET_S - ($(date +%s) - T_START) ))
 MAX_RUN_S=${MAX_RUN_S:-$(( left / 2 - 30 ))}   # room for each run to stop cleanly
 echo "$left s left: at most $MAX_RUN_S s per run"
-timeout "$left" python3 -m pipeline.cli bench e2e "$CONFIG" --steps "$STEPS" --staleness 0,2 --max-run-seconds "$MAX_RUN_S" \
+timeout "$left" python3 -m pipeline.cli bench e2e "$CONFIG" --steps "$STEPS" --staleness "$STALENESS" --max-run-seconds "$MAX_RUN_S" \
     --out "$OUT" "${ARGS[@]}"
 rc=$?
 echo "== bench e2e exit code $rc after $(( $(date +%s) - t0 )) s"
