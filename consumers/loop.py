@@ -53,6 +53,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 from prometheus_client import Counter, Gauge, Histogram
+from torch.profiler import record_function
 
 from consumers.engine_links import WeightSyncMetrics
 from consumers.publish_async import AsyncPublisher, InlinePublisher, Publisher
@@ -361,7 +362,8 @@ class Trainer:
         from consumers.trainer import NonFiniteStepError
 
         try:
-            stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
+            with record_function("slipstream.train_step"):  # named spans in run.profile_steps' traces
+                stats = rank.train_step([batch.groups[i] for i in batch.shards[rank.dp_rank]])
         except NonFiniteStepError as e:  # a restart would replay these batches and fail the same way
             log.error("%s", e)
             raise SystemExit(2) from e
@@ -375,7 +377,8 @@ class Trainer:
             # killed while the publish runs must not leave them out of consumed.jsonl.
             _record_consumed(self.run_dir / "consumed.jsonl", batch, step, trained_from_version)
             ctx = {"step": step, "batch": batch, "stats": stats, "trained_from_version": trained_from_version, "wait_s": t1 - t0, "train_s": t2 - t1}
-        self.publish(self.export(), self.version, ctx)
+        with record_function("slipstream.export_and_publish"):
+            self.publish(self.export(), self.version, ctx)
         if self.sender is not None and cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
             self.sender.wait()  # a checkpoint is taken only once its version is published and its step recorded
         self._checkpoint(step, batch.lease_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -72,11 +73,19 @@ class TrainerProfile:
             self.close()
 
     def close(self) -> None:
-        """Stop whatever is running (the last step, or a run that ended inside the window)."""
-        if self.window is not None and self.window.active:
-            self.window.stop()
-        for url in self.engines_started:
+        """Stop whatever is running (the last step, or a run that ended inside the window).  The
+        engines are asked to stop at the same moment as this rank (each writes its trace meanwhile),
+        so every window ends together rather than after this rank's trace export."""
+        def stop_engine(url: str) -> None:
             err = _post(url.rstrip("/") + STOP_ROUTE, None, ENGINE_TIMEOUT_S)
             if err is not None:
                 log.warning("profile: engine %s did not stop profiling (%s)", url, err)
+
+        threads = [threading.Thread(target=stop_engine, args=(u,), name="profile-stop", daemon=True) for u in self.engines_started]
+        for t in threads:
+            t.start()
+        if self.window is not None and self.window.active:
+            self.window.stop()
+        for t in threads:
+            t.join(ENGINE_TIMEOUT_S + 5)
         self.engines_started = []

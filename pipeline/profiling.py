@@ -138,20 +138,31 @@ def _device_us(avg: Any) -> float:
     return 0.0
 
 
+def _on_device(avg: Any) -> bool:
+    """Whether a ``key_averages`` row is a device activity (a kernel, copy or memset) rather than a
+    host op: an op's row repeats the device time of the kernels it launched, so only these are summed."""
+    return "CPU" not in str(getattr(avg, "device_type", "DeviceType.CPU"))
+
+
 def summarize(averages: Any, wall_s: float, steps: int, name: str = "", trace: str = "") -> dict[str, Any]:
-    """The summary of a window from ``prof.key_averages()`` rows (``key``, ``count``,
-    ``self_cpu_time_total`` and the self device time, in us): the device busy time is the sum of the
-    rows' self device time (kernels and copies), the top ops are ranked by device time, then host time."""
-    rows = []
+    """The summary of a window from ``prof.key_averages()`` rows (``key``, ``count``, ``device_type``,
+    ``self_cpu_time_total`` and the self device time, in us).  ``device_busy_s`` sums the device
+    rows (kernels, copies, memsets; overlapping streams count twice, so the share can pass 1 only
+    when streams overlap); ``top_kernels`` ranks those, ``top_ops`` ranks host ops by the device
+    time of the kernels they launched, then by their own host time."""
+    kernels, ops = [], []
     for a in averages:
-        rows.append({"name": str(a.key), "calls": int(a.count), "device_s": _device_us(a) / 1e6, "host_s": float(a.self_cpu_time_total) / 1e6})
-    busy = sum(r["device_s"] for r in rows)
-    rows.sort(key=lambda r: (r["device_s"], r["host_s"]), reverse=True)
+        row = {"name": str(a.key), "calls": int(a.count), "device_s": _device_us(a) / 1e6, "host_s": float(a.self_cpu_time_total) / 1e6}
+        (kernels if _on_device(a) else ops).append(row)
+    busy = sum(r["device_s"] for r in kernels)
+    kernels.sort(key=lambda r: r["device_s"], reverse=True)
+    ops.sort(key=lambda r: (r["device_s"], r["host_s"]), reverse=True)
+    rounded = lambda rows: [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows[:TOP_OPS]]  # noqa: E731
     return {
         "name": name, "trace": trace, "wall_s": round(wall_s, 6), "steps": steps,
         "device_busy_s": round(busy, 6), "device_busy_share": round(busy / wall_s, 4) if wall_s > 0 else 0.0,
-        "host_self_s": round(sum(r["host_s"] for r in rows), 6),
-        "top_ops": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows[:TOP_OPS]],
+        "host_self_s": round(sum(r["host_s"] for r in ops), 6),
+        "top_kernels": rounded(kernels), "top_ops": rounded(ops),
     }
 
 

@@ -237,7 +237,8 @@ def tensor_digests(named: Mapping[str, torch.Tensor]) -> dict[str, str]:
         by_device.setdefault(t.device, []).append(name)
     out: dict[str, str] = {}
     for names in by_device.values():
-        values = torch.stack([_fingerprint(named[n]) for n in names]).tolist()
+        with torch.profiler.record_function("slipstream.weights_fingerprint"):  # a named span in profiles
+            values = torch.stack([_fingerprint(named[n]) for n in names]).tolist()
         out.update({n: _digest(n, named[n], int(v)) for n, v in zip(names, values, strict=True)})
     return {name: out[name] for name in named}
 

@@ -50,12 +50,17 @@ def test_window_writes_a_trace_and_a_summary_of_what_ran(tmp_path: Path) -> None
 
 
 def test_summarize_sums_device_time_and_ranks_ops() -> None:
-    rows = [SimpleNamespace(key="gemm", count=4, self_cpu_time_total=10.0, self_device_time_total=3_000_000.0),
-            SimpleNamespace(key="copy", count=1, self_cpu_time_total=5.0, self_device_time_total=1_000_000.0),
-            SimpleNamespace(key="launch", count=9, self_cpu_time_total=2_000_000.0, self_device_time_total=0.0)]
+    cuda, cpu = "DeviceType.CUDA", "DeviceType.CPU"
+    rows = [SimpleNamespace(key="gemm_kernel", count=4, device_type=cuda, self_cpu_time_total=0.0, self_device_time_total=3_000_000.0),
+            SimpleNamespace(key="Memcpy DtoD", count=1, device_type=cuda, self_cpu_time_total=0.0, self_device_time_total=1_000_000.0),
+            # the host ops that launched them repeat their device time: not counted again
+            SimpleNamespace(key="aten::mm", count=4, device_type=cpu, self_cpu_time_total=10.0, self_device_time_total=3_000_000.0),
+            SimpleNamespace(key="aten::copy_", count=1, device_type=cpu, self_cpu_time_total=5.0, self_device_time_total=1_000_000.0),
+            SimpleNamespace(key="launch", count=9, device_type=cpu, self_cpu_time_total=2_000_000.0, self_device_time_total=0.0)]
     s = summarize(rows, wall_s=8.0, steps=2)
     assert s["device_busy_s"] == 4.0 and s["device_busy_share"] == 0.5
-    assert [op["name"] for op in s["top_ops"]] == ["gemm", "copy", "launch"]
+    assert [k["name"] for k in s["top_kernels"]] == ["gemm_kernel", "Memcpy DtoD"]
+    assert [op["name"] for op in s["top_ops"]] == ["aten::mm", "aten::copy_", "launch"]
     assert s["host_self_s"] == pytest.approx(2.000015)
 
 
@@ -154,3 +159,29 @@ def test_trainer_profile_covers_its_steps_and_the_engines(engine: Engine, tmp_pa
     off.after_step(1)
     off.close()
     assert not (tmp_path / "off").exists()
+
+
+def _trace(path: Path, events: list[dict[str, object]]) -> None:
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+
+
+def test_profile_overlap_splits_the_device_time_between_processes(tmp_path: Path) -> None:
+    from bench.profile_overlap import Busy, analyse, merged
+
+    assert merged([(5, 7), (0, 2), (1, 3)]) == [(0, 3), (5, 7)]
+    b = Busy([(0, 10), (20, 30), (5, 12)])
+    assert (b.within(0, 100), b.within(8, 25), b.within(12, 20), b.within(25, 26)) == (22, 9, 0, 1)
+    k = lambda ts, dur: {"cat": "kernel", "name": "k", "ts": ts, "dur": dur}  # noqa: E731
+    # trainer: busy 0-400 and 600-1000 (two overlapping streams count once); engine: 100 us decode steps
+    _trace(tmp_path / "trainer-rank0.trace.json.gz", [k(0, 400), k(100, 200), k(600, 400)])
+    steps = [{"cat": "user_annotation", "name": "slipstream.decode_step", "ts": t, "dur": 100} for t in (0, 450, 500, 700)]
+    swap = {"cat": "user_annotation", "name": "slipstream.swap_weights", "ts": 400, "dur": 200}
+    _trace(tmp_path / "engine-0.trace.json.gz", [k(0, 50), k(450, 100), k(700, 300), *steps, swap])
+    r = analyse(tmp_path)
+    assert r["window_s"] == 0.001 and r["processes"]["trainer-rank0"]["busy_share"] == 0.8
+    assert r["processes"]["engine-0"]["busy_share"] == 0.45
+    assert r["device_busy_share"] == 0.9 and r["overlap_s"] == 0.00035  # 0-50 and 700-1000 ran together
+    e = r["engines"]["engine-0"]
+    assert e["decode_steps"] == 4 and e["decode_step_trainer_busy"]["n"] == 2 and e["decode_step_trainer_idle"]["n"] == 2
+    assert e["swaps"] == [{"ms": 0.2, "trainer_busy_share": 0.0}]
+    assert r["spans"]["engine-0"]["slipstream.decode_step"]["n"] == 4

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+from torch.profiler import record_function
 
 from pipeline.configbase import ConfigError
 from pipeline.profiling import StepProfiler
@@ -223,7 +224,8 @@ class Scheduler:
                 self._sweep()
             if self.batch.rows:
                 t0 = time.perf_counter()
-                self._sampled(self.batch.decode(self.version))
+                with record_function("slipstream.decode_step"):  # a named span in run.profile_steps' traces
+                    self._sampled(self.batch.decode(self.version))
                 self.metrics.decode_steps.inc()
                 self.metrics.step_seconds.observe(time.perf_counter() - t0)
                 self.profiler.after_step()
@@ -241,11 +243,7 @@ class Scheduler:
             self.memory()
 
     def decode_info(self) -> dict[str, Any]:
-        runner = self.batch.runner
-        return {"cuda_graphs": runner.graphs_enabled, "graphs_captured": runner.num_graphs,
-                "graph_capture_s": runner.capture_seconds, "compiled_kernels": self.batch.decoder.kernels.compiled,
-                "fused_weights": self.batch.decoder.fused, "attention": self.batch.decoder.attention,
-                "adopts_weight_updates": self.adopts}
+        return decode_info(self)
 
     def memory(self) -> dict[str, int]:
         """The engine's memory figures now (bytes), also set as metrics."""
@@ -325,7 +323,8 @@ class Scheduler:
     def _swap(self, staged: dict[str, torch.Tensor], version: int, adopt: bool = False) -> float:
         t0 = time.perf_counter()
         adopted = adopt and self.adopts
-        _put_weights(self._params, staged, adopted, self.device)
+        with record_function("slipstream.swap_weights"):
+            _put_weights(self._params, staged, adopted, self.device)
         old, self.version = self.version, version
         if self.cfg.recompute_kv_on_update and len(self.batch):
             self.batch.recompute()
@@ -406,6 +405,14 @@ class Scheduler:
     def _sweep(self) -> None:
         self.batch.retire()
         self._retracted = [s for s in self._retracted if s.finish_reason is None]
+
+
+def decode_info(s: Scheduler) -> dict[str, Any]:
+    """How decode runs (for /get_server_info): CUDA graphs, compiled kernels, fused weights, attention."""
+    runner, decoder = s.batch.runner, s.batch.decoder
+    return {"cuda_graphs": runner.graphs_enabled, "graphs_captured": runner.num_graphs, "graph_capture_s": runner.capture_seconds,
+            "compiled_kernels": decoder.kernels.compiled, "fused_weights": decoder.fused, "attention": decoder.attention,
+            "adopts_weight_updates": s.adopts}
 
 
 def _resolve(fut: cf.Future[T], fn: Callable[[], T]) -> None:
