@@ -15,6 +15,7 @@ over the window where all of them recorded (the intersection of their kernel tim
 * the engine's decode steps split by what the trainer did meanwhile: steps during which the
   trainer's kernels ran less than 5 % of the time against more than 50 %: their count and median
   duration, which measures how much the colocated trainer slows decoding;
+* how much of the engine's decode-step time its own kernels ran (the rest is host work or waiting);
 * each weight swap's duration and the trainer's busy share during it.
 
 Why: ``slipstream bench e2e`` says how long the trainer waited for data or an engine paused; this
@@ -34,31 +35,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
-Interval = tuple[float, float]
+from pipeline.profiling import DEVICE_CATS, Interval, length, merged
 
 
 def load(path: Path) -> list[dict[str, Any]]:
     return json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
 
 
-def merged(intervals: list[Interval]) -> list[Interval]:
-    """Sorted, non-overlapping union of the intervals."""
-    out: list[list[float]] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
-
-
 def clip(intervals: list[Interval], lo: float, hi: float) -> list[Interval]:
     return [(max(a, lo), min(b, hi)) for a, b in intervals if b > lo and a < hi]
-
-
-def length(intervals: list[Interval]) -> float:
-    return sum(b - a for a, b in intervals)
 
 
 class Busy:
@@ -125,8 +110,13 @@ def analyse(profile_dir: Path) -> dict[str, Any]:
             idle = [d for d, f in share if f < 0.05]
             loaded = [d for d, f in share if f > 0.5]
             swaps = [e for e in spans[n] if e["name"] == "slipstream.swap_weights" and lo <= e["ts"] <= hi]
+            eb = busy[n]
+            span_s = sum(e["dur"] for e in steps)
             out.setdefault("engines", {})[n] = {
                 "decode_steps": len(steps),
+                # how much of its decode steps' time the engine's own kernels ran: the rest is host work
+                # (scheduling, sampling bookkeeping, Python) or waiting for the device
+                "decode_step_own_device_share": round(sum(eb.within(e["ts"], e["ts"] + e["dur"]) for e in steps) / span_s, 4) if span_s else None,
                 "decode_step_trainer_idle": quantiles(idle), "decode_step_trainer_busy": quantiles(loaded),
                 "slowdown_when_trainer_busy": round(statistics.median(loaded) / statistics.median(idle), 3) if idle and loaded else None,
                 "swaps": [{"ms": round(e["dur"] / 1e3, 3), "trainer_busy_share": round(tb.within(e["ts"], e["ts"] + e["dur"]) / e["dur"], 3)}

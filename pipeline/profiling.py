@@ -4,9 +4,9 @@ What: :class:`ProfileWindow` records one window of a process with ``torch.profil
 CUDA kernels where there is a GPU) and, when it stops, writes two files into its output folder:
 
 * ``<name>.trace.json.gz``: the Chrome/Perfetto trace (open it at https://ui.perfetto.dev);
-* ``<name>.summary.json``: the window's wall time and step count, the device time of every kernel
-  summed (``device_busy_s``) and as a share of the wall time (``device_busy_share``), and the ops
-  that took the most device (or, on CPU, host) time.
+* ``<name>.summary.json``: the window's wall time and step count, the time the device ran at least
+  one of this process's kernels, copies or memsets (``device_busy_s``) and its share of the wall
+  time (``device_busy_share``), and the kernels and host ops that took the most time.
 
 Why: the whole-job benchmark (``slipstream bench e2e``) says how long each step waited, trained and
 published; a profile says *why*.  With the trainer and an engine on one GPU, the two summaries of
@@ -117,10 +117,11 @@ class ProfileWindow:
         trace = self.out_dir / f"{self.name}.trace.json.gz"
         raw = self.out_dir / f".{self.name}.trace.json"
         prof.export_chrome_trace(str(raw))
+        events = json.loads(raw.read_text()).get("traceEvents", [])
         with raw.open("rb") as src, gzip.open(trace, "wb") as dst:
             shutil.copyfileobj(src, dst)
         raw.unlink()
-        self.summary = summarize(prof.key_averages(), wall, self.steps, self.name, trace.name)
+        self.summary = summarize(events, wall, self.steps, self.name, trace.name)
         path = self.out_dir / f"{self.name}.summary.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
@@ -130,39 +131,54 @@ class ProfileWindow:
         return self.summary
 
 
-def _device_us(avg: Any) -> float:
-    """Self device time of one ``key_averages`` row in us (the attribute's name changed in torch 2.4)."""
-    for attr in ("self_device_time_total", "self_cuda_time_total"):
-        if hasattr(avg, attr):
-            return float(getattr(avg, attr))
-    return 0.0
+DEVICE_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})  # trace events that occupy the device
+Interval = tuple[float, float]
 
 
-def _on_device(avg: Any) -> bool:
-    """Whether a ``key_averages`` row is a device activity (a kernel, copy or memset) rather than a
-    host op: an op's row repeats the device time of the kernels it launched, so only these are summed."""
-    return "CPU" not in str(getattr(avg, "device_type", "DeviceType.CPU"))
+def merged(intervals: list[Interval]) -> list[Interval]:
+    """Sorted, non-overlapping union of the intervals."""
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
 
 
-def summarize(averages: Any, wall_s: float, steps: int, name: str = "", trace: str = "") -> dict[str, Any]:
-    """The summary of a window from ``prof.key_averages()`` rows (``key``, ``count``, ``device_type``,
-    ``self_cpu_time_total`` and the self device time, in us).  ``device_busy_s`` sums the device
-    rows (kernels, copies, memsets; overlapping streams count twice, so the share can pass 1 only
-    when streams overlap); ``top_kernels`` ranks those, ``top_ops`` ranks host ops by the device
-    time of the kernels they launched, then by their own host time."""
-    kernels, ops = [], []
-    for a in averages:
-        row = {"name": str(a.key), "calls": int(a.count), "device_s": _device_us(a) / 1e6, "host_s": float(a.self_cpu_time_total) / 1e6}
-        (kernels if _on_device(a) else ops).append(row)
-    busy = sum(r["device_s"] for r in kernels)
-    kernels.sort(key=lambda r: r["device_s"], reverse=True)
-    ops.sort(key=lambda r: (r["device_s"], r["host_s"]), reverse=True)
-    rounded = lambda rows: [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows[:TOP_OPS]]  # noqa: E731
+def length(intervals: list[Interval]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def summarize(events: list[dict[str, Any]], wall_s: float, steps: int, name: str = "", trace: str = "") -> dict[str, Any]:
+    """The summary of a window from its trace events (Chrome trace format, times in us):
+    ``device_busy_s`` is the time at least one kernel, copy or memset of this process ran (the union
+    of their intervals: overlapping streams count once); ``top_kernels`` ranks device events by
+    their summed duration, ``top_ops`` host ops (``cpu_op``) by their summed duration (inclusive).
+    Named spans (``record_function``) are left out of both: they repeat the time of what they hold."""
+    device: list[Interval] = []
+    kernels: dict[str, list[float]] = {}
+    ops: dict[str, list[float]] = {}
+    for e in events:
+        cat, dur = e.get("cat"), e.get("dur")
+        if dur is None:
+            continue
+        if cat in DEVICE_CATS:
+            device.append((e["ts"], e["ts"] + dur))
+            row = kernels.setdefault(str(e.get("name")), [0, 0.0])
+        elif cat == "cpu_op":
+            row = ops.setdefault(str(e.get("name")), [0, 0.0])
+        else:
+            continue
+        row[0] += 1
+        row[1] += dur
+    busy = length(merged(device)) / 1e6
+    top = lambda rows: [{"name": k, "calls": int(n), "total_s": round(t / 1e6, 6)}  # noqa: E731
+                        for k, (n, t) in sorted(rows.items(), key=lambda kv: kv[1][1], reverse=True)[:TOP_OPS]]
     return {
         "name": name, "trace": trace, "wall_s": round(wall_s, 6), "steps": steps,
         "device_busy_s": round(busy, 6), "device_busy_share": round(busy / wall_s, 4) if wall_s > 0 else 0.0,
-        "host_self_s": round(sum(r["host_s"] for r in ops), 6),
-        "top_kernels": rounded(kernels), "top_ops": rounded(ops),
+        "top_kernels": top(kernels), "top_ops": top(ops),
     }
 
 

@@ -10,7 +10,6 @@ import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,7 +40,7 @@ def test_window_writes_a_trace_and_a_summary_of_what_ran(tmp_path: Path) -> None
     names = {op["name"] for op in summary["top_ops"]}
     assert "aten::mm" in names and "aten::tanh" in names  # the ops that ran, and no others made up
     mm = next(op for op in summary["top_ops"] if op["name"] == "aten::mm")
-    assert mm["calls"] == 6
+    assert mm["calls"] == 6 and summary["device_busy_s"] == 0.0  # CPU only: no device events
     trace = json.loads(gzip.decompress((tmp_path / "p" / "unit.trace.json.gz").read_bytes()))
     assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
     assert not list((tmp_path / "p").glob(".*"))  # the uncompressed trace was removed
@@ -49,19 +48,16 @@ def test_window_writes_a_trace_and_a_summary_of_what_ran(tmp_path: Path) -> None
         w.stop()
 
 
-def test_summarize_sums_device_time_and_ranks_ops() -> None:
-    cuda, cpu = "DeviceType.CUDA", "DeviceType.CPU"
-    rows = [SimpleNamespace(key="gemm_kernel", count=4, device_type=cuda, self_cpu_time_total=0.0, self_device_time_total=3_000_000.0),
-            SimpleNamespace(key="Memcpy DtoD", count=1, device_type=cuda, self_cpu_time_total=0.0, self_device_time_total=1_000_000.0),
-            # the host ops that launched them repeat their device time: not counted again
-            SimpleNamespace(key="aten::mm", count=4, device_type=cpu, self_cpu_time_total=10.0, self_device_time_total=3_000_000.0),
-            SimpleNamespace(key="aten::copy_", count=1, device_type=cpu, self_cpu_time_total=5.0, self_device_time_total=1_000_000.0),
-            SimpleNamespace(key="launch", count=9, device_type=cpu, self_cpu_time_total=2_000_000.0, self_device_time_total=0.0)]
-    s = summarize(rows, wall_s=8.0, steps=2)
-    assert s["device_busy_s"] == 4.0 and s["device_busy_share"] == 0.5
-    assert [k["name"] for k in s["top_kernels"]] == ["gemm_kernel", "Memcpy DtoD"]
-    assert [op["name"] for op in s["top_ops"]] == ["aten::mm", "aten::copy_", "launch"]
-    assert s["host_self_s"] == pytest.approx(2.000015)
+def test_summarize_counts_device_time_once_and_ranks_kernels_and_ops() -> None:
+    ev = [{"cat": "kernel", "name": "gemm", "ts": 0, "dur": 3_000_000}, {"cat": "kernel", "name": "gemm", "ts": 1_000_000, "dur": 1_000_000},
+          {"cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 5_000_000, "dur": 1_000_000},  # on another stream, later
+          {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 20}, {"cat": "cpu_op", "name": "aten::copy_", "ts": 5, "dur": 50},
+          {"cat": "user_annotation", "name": "slipstream.decode_step", "ts": 0, "dur": 6_000_000},  # a span: not counted
+          {"cat": "gpu_user_annotation", "name": "slipstream.decode_step", "ts": 0, "dur": 6_000_000}, {"ph": "M", "name": "meta"}]
+    s = summarize(ev, wall_s=8.0, steps=2)
+    assert s["device_busy_s"] == 4.0 and s["device_busy_share"] == 0.5  # 0-3 s (the second gemm inside it) and 5-6 s
+    assert s["top_kernels"] == [{"name": "gemm", "calls": 2, "total_s": 4.0}, {"name": "Memcpy DtoD", "calls": 1, "total_s": 1.0}]
+    assert [op["name"] for op in s["top_ops"]] == ["aten::copy_", "aten::mm"]
 
 
 def test_step_profiler_starts_at_the_step_asked_and_refuses_a_second_window(tmp_path: Path) -> None:
@@ -184,4 +180,5 @@ def test_profile_overlap_splits_the_device_time_between_processes(tmp_path: Path
     e = r["engines"]["engine-0"]
     assert e["decode_steps"] == 4 and e["decode_step_trainer_busy"]["n"] == 2 and e["decode_step_trainer_idle"]["n"] == 2
     assert e["swaps"] == [{"ms": 0.2, "trainer_busy_share": 0.0}]
+    assert e["decode_step_own_device_share"] == 0.75  # of 4 x 100 us of steps, its kernels ran 50 + 100 + 50 + 100
     assert r["spans"]["engine-0"]["slipstream.decode_step"]["n"] == 4
