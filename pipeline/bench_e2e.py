@@ -162,6 +162,7 @@ class Sampler(threading.Thread):
         self.interval_s = interval_s
         self.gpus = _Gpus()
         self.samples: list[dict[str, Any]] = []
+        self.known: dict[int, str] = {}  # pid -> process name, as processes.json has told so far
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -178,6 +179,14 @@ class Sampler(threading.Thread):
     def _sample(self) -> dict[str, Any]:
         procs = json.loads((self.run_dir / "processes.json").read_text()) if (self.run_dir / "processes.json").exists() else []
         names = _tree({int(p["pid"]): p["name"] for p in procs if p.get("pid")})
+        new = {pid: n for pid, n in names.items() if self.known.get(pid) != n}
+        if new:  # a process the GPU listed before processes.json named it: give its earlier samples its name
+            self.known.update(new)
+            for old in self.samples:
+                for pid, n in new.items():
+                    if f"other (pid {pid})" in old["gpu_mem"]:
+                        used = old["gpu_mem"].pop(f"other (pid {pid})")
+                        old["gpu_mem"][n] = old["gpu_mem"].get(n, 0) + used
         rss: dict[str, int] = {}
         for pid, name in names.items():
             rss[name] = rss.get(name, 0) + _rss_bytes(pid)

@@ -105,3 +105,20 @@ def test_analyse_compares_the_steps_every_run_completed(tmp_path: Path) -> None:
     result = {"runs": {"max_staleness_0": a}, "baseline": "max_staleness_0", "speedup_trainer_loop": {"max_staleness_0": 1.0}}
     assert "trainer loop (s)" in table(result)
     assert "engine-0: 4" in table({**result, "runs": {"max_staleness_0": b}})  # the mean running requests
+
+
+def test_gpu_memory_seen_before_processes_json_named_it_is_given_its_name(tmp_path: Path) -> None:
+    """NVML lists a process as soon as it holds GPU memory; processes.json names it only once the
+    launcher has started it: the earlier samples' "other (pid N)" becomes its name."""
+    import os
+
+    from pipeline.bench_e2e import Sampler
+
+    me = os.getpid()
+    sampler = Sampler(tmp_path)
+    sampler.gpus = type("G", (), {"sample": lambda self: ([], {me: 5 << 30})})()
+    sampler.samples.append(sampler._sample())
+    assert sampler.samples[0]["gpu_mem"] == {f"other (pid {me})": 5 << 30}
+    (tmp_path / "processes.json").write_text(json.dumps([{"name": "engine-0", "role": "engine", "pid": me}]))
+    sampler.samples.append(sampler._sample())
+    assert [s["gpu_mem"] for s in sampler.samples] == [{"engine-0": 5 << 30}, {"engine-0": 5 << 30}]
