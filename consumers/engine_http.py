@@ -137,11 +137,12 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
 
 
 def post_json(url: str, payload: dict[str, Any] | bytes | None, timeout_s: float, what: str,
-              connections: Connections | None = None) -> dict[str, Any]:
+              connections: Connections | None = None, text_reply: bool = False) -> dict[str, Any]:
     """POST JSON (GET when ``payload`` is None; ``bytes`` are sent as already-encoded JSON), return
     the decoded JSON reply, or raise PublishError naming url and ``what``.  A plain-text reply from
-    a route in ``TEXT_REPLY_ROUTES`` becomes ``{"success": True, "message": text}`` (HTTP errors
-    still raise).  With ``connections``, the request goes over a kept-alive connection."""
+    a route in ``TEXT_REPLY_ROUTES`` (or any route with ``text_reply``) becomes ``{"success": True,
+    "message": text}`` (HTTP errors still raise).  With ``connections``, the request goes over a
+    kept-alive connection."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise PublishError(f"{url}: only http:// engine URLs are supported (while waiting for {what})")
@@ -171,7 +172,7 @@ def post_json(url: str, payload: dict[str, Any] | bytes | None, timeout_s: float
     try:
         reply = json.loads(raw) if raw else {}
     except ValueError as e:
-        if parts.path.endswith(TEXT_REPLY_ROUTES):
+        if text_reply or parts.path.endswith(TEXT_REPLY_ROUTES):
             return {"success": True, "message": raw[:500].decode(errors="replace")}
         raise PublishError(f"{url}: reply to {what} is not JSON: {raw[:200]!r}") from e
     if not isinstance(reply, dict):

@@ -14,13 +14,11 @@ that refuses or cannot be reached is logged and left out: a profile never fails 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from consumers.engine_http import PublishError, post_json
 from pipeline.profiling import START_ROUTE, STOP_ROUTE, ProfileError, ProfileWindow, start_body
 
 log = logging.getLogger(__name__)
@@ -28,16 +26,11 @@ ENGINE_TIMEOUT_S = 120.0  # /stop_profile returns once the engine has written it
 
 
 def _post(url: str, body: dict[str, object] | None, timeout_s: float) -> str | None:
-    """POST ``body`` as JSON; the error text, or None on success."""
-    data = json.dumps(body or {}).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    """POST ``body`` as JSON (SGLang answers these routes in plain text); the error, or None on success."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            resp.read()
+        post_json(url, body if body is not None else {}, timeout_s, url.rsplit("/", 1)[-1], text_reply=True)
         return None
-    except urllib.error.HTTPError as e:
-        return f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
-    except OSError as e:
+    except PublishError as e:
         return str(e)
 
 
