@@ -87,6 +87,9 @@ def analyse(profile_dir: Path) -> dict[str, Any]:
     spans = {n: [e for e in ev if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("slipstream.")]
              for n, ev in traces.items()}
     ranges = [(min(a for a, _ in iv), max(b for _, b in iv)) for iv in device.values() if iv]
+    if not ranges:
+        raise SystemExit(f"no kernel, copy or memset events in the traces of {profile_dir}: a CPU run records none "
+                         "(this splits a GPU's time; on CPU read the summaries' top_ops)")
     lo, hi = max(r[0] for r in ranges), min(r[1] for r in ranges)
     window = hi - lo
     busy = {n: Busy(clip(iv, lo, hi)) for n, iv in device.items()}

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 from collections.abc import Iterator
@@ -62,6 +63,7 @@ def test_summarize_counts_device_time_once_and_ranks_kernels_and_ops() -> None:
 
 def test_step_profiler_starts_at_the_step_asked_and_refuses_a_second_window(tmp_path: Path) -> None:
     sp = StepProfiler()
+    assert isinstance(sp.span("slipstream.x"), contextlib.nullcontext)  # no window: the decode loop pays nothing
     sp.after_step()
     sp.after_step()
     w = ProfileWindow(tmp_path, "armed", ["CPU"], num_steps=2)
@@ -72,7 +74,7 @@ def test_step_profiler_starts_at_the_step_asked_and_refuses_a_second_window(tmp_
     sp.after_step()
     assert not w.active
     sp.after_step()  # the 4th step: the window begins
-    assert w.active
+    assert w.active and not isinstance(sp.span("slipstream.x"), contextlib.nullcontext)
     _work()
     sp.after_step()
     sp.after_step()  # two steps recorded: done
@@ -127,7 +129,8 @@ def test_engine_profiles_decode_steps_over_sglangs_routes(engine: Engine, tmp_pa
     assert (status, text) == (200, "Stop profiling. This will take some time.\n")
     s = json.loads((tmp_path / "engine-0.summary.json").read_text())
     assert s["steps"] == 11  # 12 tokens: one from the prefill, 11 decode steps
-    assert s["top_ops"] and (tmp_path / "engine-0.trace.json.gz").stat().st_size > 0
+    trace = json.loads(gzip.decompress((tmp_path / "engine-0.trace.json.gz").read_bytes()))["traceEvents"]
+    assert sum(e.get("name") == "slipstream.decode_step" for e in trace) == 11 and s["top_ops"]  # the named spans, inside the window
     # num_steps: the window ends by itself after that many decode steps
     status, _ = engine.post("/start_profile", {"output_dir": str(tmp_path), "profile_prefix": "short", "num_steps": 3, "activities": ["CPU"]})
     assert status == 200
@@ -182,3 +185,8 @@ def test_profile_overlap_splits_the_device_time_between_processes(tmp_path: Path
     assert e["swaps"] == [{"ms": 0.2, "trainer_busy_share": 0.0}]
     assert e["decode_step_own_device_share"] == 0.75  # of 4 x 100 us of steps, its kernels ran 50 + 100 + 50 + 100
     assert r["spans"]["engine-0"]["slipstream.decode_step"]["n"] == 4
+    cpu = tmp_path / "cpu"
+    cpu.mkdir()
+    _trace(cpu / "trainer-rank0.trace.json.gz", [{"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5}])
+    with pytest.raises(SystemExit, match="a CPU run records none"):
+        analyse(cpu)

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from torch.profiler import record_function
 
 from pipeline.configbase import ConfigError
 from pipeline.profiling import StepProfiler
@@ -224,7 +223,7 @@ class Scheduler:
                 self._sweep()
             if self.batch.rows:
                 t0 = time.perf_counter()
-                with record_function("slipstream.decode_step"):  # a named span in run.profile_steps' traces
+                with self.profiler.span("slipstream.decode_step"):  # a named span in run.profile_steps' traces
                     self._sampled(self.batch.decode(self.version))
                 self.metrics.decode_steps.inc()
                 self.metrics.step_seconds.observe(time.perf_counter() - t0)
@@ -323,7 +322,7 @@ class Scheduler:
     def _swap(self, staged: dict[str, torch.Tensor], version: int, adopt: bool = False) -> float:
         t0 = time.perf_counter()
         adopted = adopt and self.adopts
-        with record_function("slipstream.swap_weights"):
+        with self.profiler.span("slipstream.swap_weights"):
             _put_weights(self._params, staged, adopted, self.device)
         old, self.version = self.version, version
         if self.cfg.recompute_kv_on_update and len(self.batch):
