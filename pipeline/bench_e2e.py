@@ -280,20 +280,17 @@ def _from_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     gen = [(s["t"], sum(e.get("slipstream_engine_generated_tokens_total", 0.0) for e in s["engines"].values()))
            for s in samples[: end + 1] if s["engines"]]
     gen = [g for g in gen if g[1] > 0]
+    # the engines' gauges: their peak over the run, and their mean over the trainer loop (how full
+    # the engines ran while the trainer waited or trained; the wait is explained from these)
     gauges: dict[str, float] = {}
+    means: dict[str, list[float]] = {}
     for s in samples:
         for eng, vals in s["engines"].items():
             for k, v in vals.items():
                 if not k.split("{", 1)[0].endswith("_total"):
                     gauges[f"{eng}:{k}"] = max(gauges.get(f"{eng}:{k}", v), v)
-    # the same gauges averaged over the trainer loop: how full the engines ran (running and queued
-    # requests, KV in use) while the trainer waited or trained; the wait is explained from these
-    means: dict[str, list[float]] = {}
-    for s in loop:
-        for eng, vals in s["engines"].items():
-            for k, v in vals.items():
-                if not k.split("{", 1)[0].endswith("_total"):
-                    means.setdefault(f"{eng}:{k}", []).append(v)
+                    if s["steps"] >= 1:  # in the loop (as ``loop`` above)
+                        means.setdefault(f"{eng}:{k}", []).append(v)
     idle = {eng: sum(1 for s in loop if s["engines"].get(eng, {}).get("slipstream_engine_running_requests", 1.0) == 0) / len(loop)
             for eng in {k.split(":", 1)[0] for k in means}} if loop else {}
     within = {}
