@@ -139,6 +139,8 @@ def test_engine_profiles_decode_steps_over_sglangs_routes(engine: Engine, tmp_pa
     assert engine.post("/stop_profile")[0] == 400  # already over
     status, bad = engine.post("/start_profile", {"merge_profiles": True})
     assert status == 400 and "merge_profiles" in bad["message"]
+    status, bad = engine.post("/start_profile", b"{not json")  # the server's own body check
+    assert status == 400 and "invalid JSON" in bad["error"]["message"]
 
 
 def test_trainer_profile_covers_its_steps_and_the_engines(engine: Engine, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """SGLang's profiling routes on the embedded engine: ``POST /start_profile`` and ``POST /stop_profile``.
 
-What: ``/start_profile`` takes SGLang's ``ProfileReqInput`` fields (``output_dir``, ``num_steps``,
+What: ``/start_profile`` takes the fields of SGLang's ``ProfileReq`` (sglang 0.5.23) (``output_dir``, ``num_steps``,
 ``start_step``, ``activities`` of "CPU"/"GPU", ``record_shapes``, ``with_stack``, ``profile_prefix``;
 see :func:`pipeline.profiling.parse_request`) and starts a ``torch.profiler`` window over the
 engine's decode steps; it ends after ``num_steps`` decode steps, or at ``/stop_profile``.  The
@@ -18,8 +18,8 @@ decode steps), where the model runs; ``/stop_profile`` waits while the trace is 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -29,10 +29,12 @@ from producers.engine.decode import Scheduler
 
 
 class ProfileRoutes:
-    """The two handlers, bound to one engine's scheduler."""
+    """The two handlers, bound to one engine's scheduler.  ``read_json(request, allow_empty)`` is
+    the server's own body reader (a malformed body is its 400, as on every other route)."""
 
-    def __init__(self, scheduler: Scheduler, default_dir: str = "/tmp") -> None:
+    def __init__(self, scheduler: Scheduler, read_json: Callable[..., Awaitable[dict[str, Any]]], default_dir: str = "/tmp") -> None:
         self.scheduler = scheduler
+        self.read_json = read_json
         self.default_dir = default_dir
 
     def add(self, router: web.UrlDispatcher) -> None:
@@ -40,13 +42,7 @@ class ProfileRoutes:
         router.add_post(STOP_ROUTE, self.stop)
 
     async def start(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        try:
-            body: Any = json.loads(raw) if raw.strip() else {}
-        except (ValueError, UnicodeDecodeError) as e:
-            return _refused(f"body: invalid JSON ({e})")
-        if not isinstance(body, dict):
-            return _refused(f"body: expected a JSON object, got {type(body).__name__}")
+        body = await self.read_json(request, allow_empty=True)
         try:
             req = parse_request(body, self.default_dir)
             window = ProfileWindow(req["output_dir"], req["prefix"] or f"engine-{os.getpid()}", req["activities"],

@@ -232,7 +232,7 @@ class EngineServer:
         r.add_post(wu.ROUTE_BEGIN_UPDATE, self.weight_session)
         r.add_post(wu.ROUTE_END_UPDATE, self.weight_session)
         r.add_get(wu.ROUTE_CHECKSUM, self.checksum)
-        ProfileRoutes(self.scheduler).add(r)  # SGLang's /start_profile, /stop_profile
+        ProfileRoutes(self.scheduler, _json).add(r)  # SGLang's /start_profile, /stop_profile
         return app
 
     # ------------------------------------------------------------------ plumbing
